@@ -1,0 +1,1 @@
+"""The FastAPI steering server (OpenAI-compatible)."""

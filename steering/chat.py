@@ -1,0 +1,45 @@
+"""Chat-template formatting and the post-instruction positions (Arditi et al. 2024, §2.1).
+
+The post-instruction tokens are the template tokens between the end of the user's message and the
+start of the answer (for Qwen: `<|im_end|>\\n<|im_start|>assistant\\n`). Directions are read there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+Message = dict[str, str]
+_PLACEHOLDER = "\u2063PLACEHOLDER\u2063"
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def as_messages(prompt: str | Sequence[Message]) -> list[Message]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def format_chat(tokenizer, prompt: str | Sequence[Message]) -> str:
+    """The model's own chat template with the generation prompt appended."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+    return tokenizer.apply_chat_template(
+        as_messages(prompt), tokenize=False, add_generation_prompt=True
+    )
+
+
+def post_instruction_length(tokenizer) -> int:
+    """How many tokens the template puts after the user's message (≥ 1)."""
+    text = format_chat(tokenizer, _PLACEHOLDER)
+    suffix = text.split(_PLACEHOLDER, 1)[1]
+    n = len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    return max(n, 1)
+
+
+def template_hash(tokenizer) -> str:
+    format_chat(tokenizer, "x")  # installs the fallback where the tokenizer has none
+    return hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16]

@@ -1,0 +1,32 @@
+"""The packaged prompt sets (copied unchanged from Arditi et al.'s splits; see data/SOURCES.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+SPLITS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+
+
+def load_instructions(source: str | Path) -> list[str]:
+    """A split name (e.g. "harmful_val") or a JSON file of strings or {"instruction": …} rows."""
+    if isinstance(source, str) and source in SPLITS:
+        text = resources.files("steering.data").joinpath(f"{source}.json").read_text()
+    else:
+        text = Path(source).read_text()
+    rows = json.loads(text)
+    return [r["instruction"] if isinstance(r, dict) else str(r) for r in rows]
+
+
+def load_general_text(limit: int | None = None) -> list[str]:
+    """WikiText-2 test paragraphs (spacing cleaned) for perplexity on general text."""
+    lines = resources.files("steering.data").joinpath(
+        "wikitext2_test_paragraphs500.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    return texts[:limit] if limit else texts
+
+
+def prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
