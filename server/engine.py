@@ -58,6 +58,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
+    ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's extension)
     logprobs: bool = False
     top_logprobs: int = 0
 
@@ -328,7 +329,7 @@ class Engine:
                 event.queue_wait_s = time.monotonic() - slot.submitted
                 slot.first_event = False
             finish = None
-            if token in self._eos or token in sp.stop_token_ids:
+            if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
                 finish = "stop"
                 event.text = slot.detok.finish()
             else:
