@@ -34,8 +34,8 @@ class ExtractConfig:
     n_train: int = 64  # per class
     n_val: int = 16  # per class, after filtering
     candidate_positions: int = 1  # how many of the last post-instruction positions to try
-    layer_stride: int = 2
-    min_layer_fraction: float = 0.2
+    layer_stride: int = 1
+    min_layer_fraction: float = 0.5
     max_layer_fraction: float = 0.8  # Arditi et al. drop the last 20% of layers
     kl_threshold: float = 0.1
     inlp: InlpConfig = field(default_factory=InlpConfig)
@@ -60,10 +60,11 @@ def _kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def _filtered(prompts: list[str], scores: torch.Tensor, refusing: bool, n: int) -> list[str]:
-    keep = [p for p, s in zip(prompts, scores.tolist()) if (s > 0) == refusing]
-    if len(keep) < max(2, n // 2):  # too few pass the filter: fall back to the unfiltered set
-        keep = prompts
-    return keep[:n]
+    """Arditi et al.'s filter — harmful prompts the model refuses (score > 0), harmless ones it
+    answers (score < 0) — topped up with the next most (or least) refused prompts when too few
+    pass, so the validation set always has `n` prompts."""
+    order = torch.argsort(scores, descending=refusing).tolist()
+    return [prompts[i] for i in order[:n]]
 
 
 def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
@@ -123,10 +124,15 @@ def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
             "induce_score": float(refusal_score(induce_logits, tok_ids).mean()),
             "kl": _kl(base_l, kl_logits),
         })
-    passing = [s for s in scores if s["kl"] < config.kl_threshold and s["induce_score"] > 0]
-    chosen = min(passing or scores, key=lambda s: s["bypass_score"])
-    if not passing:
-        log.warning("no candidate passed the KL/induce filters; taking the lowest bypass score")
+    # Arditi et al.: keep candidates with KL < threshold and induce score > 0, then take the
+    # lowest bypass score. Where no candidate induces refusal by the first-token score, fall back
+    # to the KL filter alone, then to no filter (recorded in the sidecar).
+    low_kl = [s for s in scores if s["kl"] < config.kl_threshold]
+    passing = [s for s in low_kl if s["induce_score"] > 0]
+    filters = "kl+induce" if passing else ("kl" if low_kl else "none")
+    chosen = min(passing or low_kl or scores, key=lambda s: s["bypass_score"])
+    if filters != "kl+induce":
+        log.warning("no candidate passed the KL and induce filters; selected with %s", filters)
     layer, position = chosen["layer"], chosen["position"]
 
     # 4. INLP at the selected layer and position.
@@ -138,7 +144,7 @@ def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
         "fingerprint": fingerprint(lm.model),
         "chat_template_hash": template_hash(lm.tokenizer),
         "refusal_token_ids": tok_ids,
-        "selection": {"chosen": chosen, "passed_filters": bool(passing),
+        "selection": {"chosen": chosen, "filters": filters,
                       "candidates": scores, "baseline": baseline,
                       "kl_threshold": config.kl_threshold},
         "data": {
