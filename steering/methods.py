@@ -95,6 +95,9 @@ def build_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
                             "steering.pack")
     if spec.k is not None and method not in INLP_METHODS:
         raise SteeringError(f"k applies to INLP methods only, not {method!r}", "steering.k")
+    if spec.layers is not None and not spec.layers:
+        raise SteeringError("steering layers must not be empty (omit them for the method's "
+                            "default layers)", "steering.layers")
     d = pack.d_model
     all_layers = list(range(pack.n_layers))
     edits: dict[Site, RowEdit] = {}

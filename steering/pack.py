@@ -172,7 +172,12 @@ def load_pack(path: str | Path, model=None, name: str | None = None) -> Steering
     if not 0 <= layer < n_layers or position not in positions:
         raise PackError(f"pack's selected layer {layer} / position {position} is out of range")
     inlp: dict[int, InlpDirections] = {}
-    inlp_layers = {int(k.split(".")[1]) for k in tensors if k.startswith("inlp.")}
+    try:
+        inlp_layers = {int(k.split(".")[1]) for k in tensors if k.startswith("inlp.")}
+    except ValueError:
+        bad = sorted(k for k in tensors if k.startswith("inlp."))
+        raise PackError(f"pack {tensors_path} has INLP tensors without a layer index: "
+                        f"{bad}") from None
     for lay in sorted(inlp_layers):
         try:
             dirs, acc, bnd = (tensors[f"inlp.{lay}.{part}"]

@@ -53,6 +53,8 @@ def make_tiny(kind: str = "qwen2", n_layers: int = 4, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
+    # STEERING_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (CUDA path check).
+    model.to(os.environ.get("STEERING_TEST_DEVICE", "cpu"))
     return wrap_model(model, tokenizer, name=f"tiny-{kind}")
 
 

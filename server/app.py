@@ -1,0 +1,184 @@
+"""The FastAPI application and `steer serve`.
+
+`create_app(settings, lm=None, packs=None)`: with a preloaded model (tests, notebooks) the engine
+starts with the app; without one, the model and its default pack load in a background thread at
+startup (extracting and caching the pack on first start), and `/readyz` answers 503 meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+import steering
+from steering.models import LoadedModel
+from steering.pack import SteeringPack
+
+from . import errors
+from .accesslog import AccessLogMiddleware, JsonFormatter, access_log
+from .engine import Engine
+from .errors import APIError
+from .metrics import Metrics
+from .presets import load_presets
+from .resolve import resolve_steering
+from .routes import router
+from .settings import Settings
+from .state import ServerState
+
+log = logging.getLogger("server")
+
+
+def _as_pack_dict(packs: Mapping[str, SteeringPack] | Iterable[SteeringPack] | SteeringPack | None
+                  ) -> dict[str, SteeringPack]:
+    if packs is None:
+        return {}
+    if isinstance(packs, SteeringPack):
+        return {packs.name: packs}
+    if isinstance(packs, Mapping):
+        return dict(packs)
+    return {p.name: p for p in packs}
+
+
+def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
+    """Attach the model and packs, and keep only the presets that apply to them."""
+    state.lm = lm
+    state.packs = _as_pack_dict(packs)
+    state.default_pack = ("refusal" if "refusal" in state.packs
+                          else next(iter(state.packs), None))
+    for name in list(state.presets):
+        try:
+            resolve_steering(state, f"{state.served_name}+{name}", None)
+        except APIError as exc:
+            log.warning("preset %r is not available with this model's packs: %s", name,
+                        exc.message)
+            del state.presets[name]
+
+
+async def start_engine(state: ServerState) -> None:
+    s = state.settings
+    engine = Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
+                    request_timeout_s=s.request_timeout_s)
+    await engine.start()
+    state.engine = engine
+    state.metrics.bind_stats(engine.stats)
+    state.ready = True
+    log.info("ready: serving %s with packs %s and presets %s", state.served_name,
+             sorted(state.packs), sorted(state.presets))
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn` in a daemon thread (an interrupted start must not wait for a model load)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(setter: Callable, value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            setter, value = future.set_exception, exc
+        else:
+            setter, value = future.set_result, result
+        try:
+            loop.call_soon_threadsafe(settle, setter, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=run, name="steer-load", daemon=True).start()
+    return await future
+
+
+def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
+    from steering.store import ensure_pack
+
+    lm = steering.load_model(settings.model, settings.device, settings.dtype)
+    pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
+    return lm, pack
+
+
+async def load_in_background(state: ServerState) -> None:
+    try:
+        lm, pack = await _in_thread(_load_model_and_pack, state.settings)
+        install_model(state, lm, pack)
+        await start_engine(state)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("loading failed: %s", state.load_error)
+        if state.settings.exit_on_load_error:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
+               packs: Mapping[str, SteeringPack] | Iterable[SteeringPack] | None = None
+               ) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServerState(settings=settings, metrics=metrics,
+                        presets=load_presets(settings.presets, settings.default_presets))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = None
+        if lm is not None:
+            install_model(state, lm, packs)
+            await start_engine(state)
+        else:
+            loader = asyncio.create_task(load_in_background(state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            if loader is not None and not loader.done():
+                loader.cancel()
+            if state.engine is not None:
+                await state.engine.shutdown()
+
+    app = FastAPI(title="steering server", version=steering.__version__,
+                  description="OpenAI-compatible completions with steering knobs",
+                  lifespan=lifespan)
+    app.state.steer = state
+    errors.install(app)
+    app.include_router(router)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
+    return app
+
+
+def configure_access_log() -> None:
+    if not any(getattr(h, "_steer", False) for h in access_log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        handler._steer = True  # type: ignore[attr-defined]
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+
+def serve(**overrides: Any) -> None:
+    """Run the server with uvicorn (`steer serve`); settings from overrides, then `STEER_*`."""
+    import uvicorn
+
+    settings = Settings(**overrides)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_access_log()
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
+                access_log=False, log_level=settings.log_level.lower())
+    state: ServerState = app.state.steer
+    if state.load_error:
+        raise RuntimeError(f"the server stopped because loading failed: {state.load_error}")

@@ -1,0 +1,114 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
+
+A bad request is a 4xx that says what was wrong; a 5xx is a bug (or an engine failure), and it
+carries the request id so it can be found in the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("server")
+
+INVALID = "invalid_request_error"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = INVALID,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, type: str = INVALID, param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(404, message, param=param, code=code)
+
+
+def _loc_param(loc: tuple) -> str | None:
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return bad_request(f"could not parse the request body as JSON"
+                               f"{f' ({detail})' if detail else ''}", code="invalid_json")
+    messages, first_param = [], None
+    for err in errors[:5]:
+        param = _loc_param(tuple(err.get("loc", ())))
+        first_param = first_param or param
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "missing" and param is None:
+            msg = "a JSON object body is required"
+        if err.get("type") == "model_attributes_type" and param is None:
+            msg = "the request body must be a JSON object"
+        messages.append(f"{param}: {msg}" if param else msg)
+    if len(errors) > 5:
+        messages.append(f"… and {len(errors) - 5} more")
+    return bad_request("; ".join(messages), param=first_param, code="invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(message, INVALID if exc.status_code < 500 else
+                                       "server_error"),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", None)
+        log.exception("unhandled error in request %s", rid)
+        return JSONResponse(error_body(f"internal error (request id {rid})", "server_error",
+                                       code="internal_error"), status_code=500)

@@ -1,0 +1,67 @@
+"""Prometheus metrics (one registry per app, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 0.75, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.http_requests = Counter(
+            "steer_http_requests", "HTTP requests by route, HTTP method and status",
+            ["endpoint", "http_method", "status"], registry=r)
+        self.requests = Counter(
+            "steer_requests", "Completion requests by endpoint, steering method and status",
+            ["endpoint", "method", "status"], registry=r)
+        self.queue_wait = Histogram(
+            "steer_queue_wait_seconds", "Time a generation waited in the engine's queue",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "steer_time_to_first_token_seconds", "Time from arrival to the first token",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "steer_inter_token_latency_seconds", "Time between consecutive tokens of a generation",
+            ["method"], buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "steer_e2e_request_latency_seconds", "Time from arrival to the last token",
+            ["endpoint", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "steer_prompt_tokens", "Prompt tokens processed", ["method"], registry=r)
+        self.generation_tokens = Counter(
+            "steer_generation_tokens", "Tokens generated", ["method"], registry=r)
+        self.running = Gauge("steer_requests_running", "Generations decoding now", registry=r)
+        self.waiting = Gauge("steer_requests_waiting", "Generations waiting in the queue",
+                             registry=r)
+        self._stats: Callable[[], dict] | None = None
+        self.running.set_function(lambda: self._stat("running"))
+        self.waiting.set_function(lambda: self._stat("waiting"))
+
+    def bind_stats(self, stats: Callable[[], dict] | None) -> None:
+        """Read the running / waiting gauges from `stats()` (the engine's) at scrape time."""
+        self._stats = stats
+
+    def _stat(self, key: str) -> float:
+        if self._stats is None:
+            return 0.0
+        try:
+            return float(self._stats().get(key, 0))
+        except Exception:  # a scrape must never fail because the engine is mid-change
+            return 0.0
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

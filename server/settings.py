@@ -1,0 +1,58 @@
+"""Server settings: command-line overrides > environment (`STEER_*`) > defaults."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STEER_", extra="ignore")
+
+    # What to serve.
+    model: str = Field("embedded", description="'embedded', a model folder, a .gguf or a hub id")
+    pack: str | None = Field(None, description="pack path (default: the model's cached pack, "
+                                               "extracted on first start)")
+    pack_mode: str = Field("fast", description="extraction mode when no pack exists yet")
+    presets: str | None = Field(None, description="YAML/JSON file of named presets")
+    default_presets: bool = Field(True, description="also offer the built-in presets")
+    served_model_name: str | None = Field(None, description="model id clients use "
+                                                            "(default: the model's short name)")
+    device: str = "auto"
+    dtype: str = "auto"
+
+    # Where to listen.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Request limits (4xx beyond them).
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
+    default_max_tokens: int = Field(512, ge=1, description="chat max_tokens when none is given")
+    default_completion_max_tokens: int = Field(16, ge=1, description="text-completion default "
+                                                                     "(OpenAI's)")
+    strength_min: float = -8.0
+    strength_max: float = 8.0
+    max_n: int = Field(8, ge=1)
+    max_choices: int = Field(16, ge=1, description="prompts × n of one request")
+    max_stop: int = Field(4, ge=0)
+    max_top_logprobs: int = Field(20, ge=0)
+
+    # Engine.
+    max_batch: int = Field(16, ge=1)
+    max_queue: int = Field(64, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 / 503")
+
+    # Operations.
+    log_level: str = "info"
+    access_log: bool = True
+    exit_on_load_error: bool = Field(True, description="stop the process when the model or "
+                                                       "pack fails to load")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.strength_min <= self.strength_max:
+            raise ValueError("strength_min must not exceed strength_max")
+        if self.default_max_tokens > self.max_tokens_limit:
+            self.default_max_tokens = self.max_tokens_limit
+        return self

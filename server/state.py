@@ -1,0 +1,58 @@
+"""What one running server holds: settings, the model and its packs, presets, the engine."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from steering.models import LoadedModel
+from steering.pack import SteeringPack
+
+from .engine import Engine
+from .errors import APIError
+from .metrics import Metrics
+from .presets import Preset
+from .settings import Settings
+
+log = logging.getLogger("server")
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics
+    lm: LoadedModel | None = None
+    packs: dict[str, SteeringPack] = field(default_factory=dict)
+    default_pack: str | None = None
+    presets: dict[str, Preset] = field(default_factory=dict)
+    engine: Engine | None = None
+    ready: bool = False
+    draining: bool = False
+    load_error: str | None = None
+    loading_since: float = field(default_factory=time.time)
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def served_name(self) -> str:
+        if self.settings.served_model_name:
+            return self.settings.served_model_name
+        return self.lm.name if self.lm is not None else self.settings.model
+
+    def require_ready(self) -> Engine:
+        if self.ready and self.engine is not None and not self.draining:
+            return self.engine
+        if self.load_error:
+            message = f"the model failed to load: {self.load_error}"
+        elif self.draining:
+            message = "the server is shutting down"
+        else:
+            message = "the model is still loading; retry shortly"
+        raise APIError(503, message, type="service_unavailable", code="not_ready",
+                       headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.steer

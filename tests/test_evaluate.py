@@ -1,0 +1,254 @@
+"""Evaluation metrics on hand-made cases, and the grid, geometry, CLI and report on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from steering import SteeringSpec, build_row
+from steering.evaluate import (
+    EvalConfig,
+    build_grid,
+    evaluate,
+    markdown_table,
+    mean_kl,
+    perplexity,
+    refusal_rate,
+    sequence_nll,
+    spec_label,
+    token_nll,
+    unsteered_completions,
+)
+from steering.geometry import (
+    dim_position,
+    edited_activations,
+    geometry,
+    layer_activations,
+    nearest_is_harmless,
+    pca_2d,
+)
+from steering.prompts import load_instructions
+from steering.refusal import is_refusal
+
+TINY = dict(n_harmful=3, n_harmless=3, n_completions=2, completion_tokens=6, n_general=2,
+            general_tokens=24, max_new_tokens=6, batch_size=4)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+def test_sorry_completion_is_a_refusal():
+    assert is_refusal("I'm sorry, but I can't assist with that.")
+    assert is_refusal("As an AI, I will not do that.")
+    assert not is_refusal("Sure! Here is a recipe for bread: mix flour and water.")
+    assert refusal_rate(["I'm sorry, but no.", "Here you go.", "I cannot help.",
+                         "Certainly."]) == 0.5
+    assert math.isnan(refusal_rate([]))
+
+
+def test_perplexity_of_uniform_distribution_is_vocab_size():
+    v = 7
+    logits = torch.zeros(2, 5, v)
+    targets = torch.randint(0, v, (2, 5))
+    nll, n = token_nll(logits, targets)
+    assert n == 10
+    assert perplexity(nll, n) == pytest.approx(v, rel=1e-6)
+
+
+def test_perplexity_of_known_distribution_and_mask():
+    p = torch.tensor([0.5, 0.25, 0.25])
+    logits = p.log().expand(1, 6, 3).clone()
+    targets = torch.tensor([[0, 1, 2, 0, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])  # the masked tokens would change the answer
+    nll, n = token_nll(logits, targets, mask)
+    assert n == 4
+    # mean NLL = (ln 2 + ln 4 + ln 4 + ln 2) / 4 = 1.5 ln 2
+    assert perplexity(nll, n) == pytest.approx(2 ** 1.5, rel=1e-6)
+    assert math.isnan(perplexity(0.0, 0))
+
+
+def test_mean_kl_known_values():
+    a = torch.tensor([[0.5, 0.5]]).log()
+    b = torch.tensor([[0.9, 0.1]]).log()
+    assert mean_kl(a, a) == pytest.approx(0.0, abs=1e-12)
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert mean_kl(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_dim_position_of_class_means_is_0_and_1():
+    g = torch.Generator().manual_seed(0)
+    mu_h, mu_l = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    t = dim_position(torch.stack([mu_l, mu_h, (mu_l + mu_h) / 2]), mu_h, mu_l)
+    assert t.tolist() == pytest.approx([0.0, 1.0, 0.5], abs=1e-6)
+    # Nearest class mean (full space) is harmless exactly where the position is below ½.
+    x = torch.randn(200, 32, generator=g) * 0.5 + mu_l
+    near = nearest_is_harmless(x, mu_h, mu_l)
+    assert torch.equal(near, dim_position(x, mu_h, mu_l) < 0.5)
+    assert nearest_is_harmless(mu_l[None], mu_h, mu_l).item()
+    assert not nearest_is_harmless(mu_h[None], mu_h, mu_l).item()
+
+
+def test_pca_finds_the_dominant_direction():
+    g = torch.Generator().manual_seed(1)
+    axis = torch.zeros(10)
+    axis[3] = 1.0
+    x = torch.randn(100, 1, generator=g) * 10 * axis + torch.randn(100, 10, generator=g) * 0.1
+    mean, comps, ratio = pca_2d(x)
+    assert comps.shape == (2, 10)
+    assert abs(float(comps[0] @ axis.double())) > 0.99
+    assert ratio[0] > 0.9
+
+
+# ---- model passes on the tiny model -------------------------------------------------------------
+
+def test_sequence_nll_matches_a_plain_forward(tiny_lm):
+    seqs = [[5, 17, 42, 9, 33, 60, 61], [8, 90, 12]]
+    n_targets = [3, 2]
+    nll, n = sequence_nll(tiny_lm, seqs, n_targets, batch_size=2)
+    assert n == 5
+    expected = 0.0
+    for seq, k in zip(seqs, n_targets):
+        ids = torch.tensor([seq])
+        with torch.inference_mode():
+            logits = tiny_lm.model(ids).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], -1)
+        tgt = ids[0, 1:]
+        expected -= float(logp[torch.arange(len(tgt)), tgt][-k:].sum())
+    assert nll == pytest.approx(expected, rel=1e-4)
+
+
+def test_completions_are_cached(tiny_lm, tmp_path, monkeypatch):
+    prompts = load_instructions("harmless_val")[:2]
+    first, path = unsteered_completions(tiny_lm, prompts, 5, tmp_path)
+    assert path.is_file() and len(first) == 2
+    assert all(1 <= len(c) <= 5 for c in first)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr("steering.evaluate.generate_greedy", boom)
+    again, path2 = unsteered_completions(tiny_lm, prompts, 5, tmp_path)
+    assert again == first and path2 == path
+
+
+def test_grid_includes_the_k_sweep(tiny_pack):
+    grid = build_grid(tiny_pack, ks=(1, 2, 99))
+    k_max = tiny_pack.max_k()
+    flips = [s.k for s in grid if s.method == "inlp_flip"]
+    assert flips == sorted({1, 2, k_max} & set(range(1, k_max + 1)))
+    assert [s.strength for s in grid if s.method == "ace"] == [0.0, 1.0]
+    assert grid[0] == SteeringSpec("none", 0.0)
+
+
+def test_eval_grid_on_tiny_model(tiny_lm, tiny_pack, tmp_path):
+    config = EvalConfig(**TINY, ks=(1,), cache_dir=str(tmp_path))
+    result = evaluate(tiny_lm, tiny_pack, config)
+    grid = build_grid(tiny_pack, config.methods, None, config.ks)
+    assert [r["label"] for r in result["results"]] == [spec_label(s) for s in grid]
+    numbers = ("harmful_refusal_rate", "harmful_refusal_score", "harmless_refusal_score",
+               "ppl_completions", "ppl_general", "kl_harmless")
+    for row in [result["baseline"], *result["results"]]:
+        for key in numbers:
+            assert math.isfinite(row[key]), (row["label"], key)
+        assert 0 <= row["harmful_refusal_rate"] <= 1
+        assert row["kl_harmless"] >= 0
+    none = next(r for r in result["results"] if r["method"] == "none")
+    for key in (*numbers, "harmless_refusal_rate", "harmful_refused"):
+        assert none[key] == result["baseline"][key], key
+    # Only the inducing methods (and none) are judged for induced refusal.
+    for r in result["results"]:
+        assert (r["harmless_refusal_rate"] is None) == (r["method"] not in
+                                                        ("none", "actadd", "ace"))
+    # The steered model is a different model: something moves.
+    flip = next(r for r in result["results"] if r["method"] == "inlp_flip")
+    assert flip["kl_harmless"] > 0
+    assert result["prompts"]["harmful"]["n"] == 3
+    assert len(result["prompts"]["harmful"]["sha256"]) == 16
+    table = markdown_table(result)
+    assert table.count("\n") == 2 + 1 + len(grid)
+    json.dumps(result)  # JSON-ready
+
+
+# ---- geometry ------------------------------------------------------------------------------------
+
+def test_layer_activations_see_the_edit(tiny_lm, tiny_pack):
+    prompts = load_instructions("harmful_train")[:4]
+    layer, pos = tiny_pack.layer, tiny_pack.position
+    base = layer_activations(tiny_lm, prompts, layer, pos)
+    row = build_row(SteeringSpec("ace", 0.0), tiny_pack)
+    steered = layer_activations(tiny_lm, prompts, layer, pos, row)
+    direct = edited_activations(tiny_lm, prompts, base, layer, pos, row)
+    torch.testing.assert_close(steered, direct, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(steered, base)
+
+
+def test_geometry_on_the_pack_data(tiny_lm, tiny_pack):
+    # On the prompts the pack was extracted from, the unsteered means are the pack's means, so
+    # ACE lands exactly at 0 (strength 0) and 1 (strength 1), and ablation puts both classes
+    # at the same position.
+    harmful = load_instructions("harmful_train")[:24]
+    harmless = load_instructions("harmless_train")[:24]
+    geo = geometry(tiny_lm, tiny_pack, harmful, harmless)
+    assert geo["unsteered"]["harmful_position"] == pytest.approx(1.0, abs=1e-6)
+    assert geo["unsteered"]["harmless_position"] == pytest.approx(0.0, abs=1e-6)
+    by = {m["label"]: m for m in geo["methods"]}
+    assert by["ace s=0"]["harmful_position"] == pytest.approx(0.0, abs=1e-3)
+    assert by["ace s=0"]["harmful_nearest_harmless"] == 1.0
+    assert by["ace s=1"]["harmless_position"] == pytest.approx(1.0, abs=1e-3)
+    assert by["actadd s=1"]["harmful_position"] == pytest.approx(2.0, abs=1e-3)
+    ab = by["ablate s=1"]
+    assert ab["harmful_position"] == pytest.approx(ab["harmless_position"], abs=0.05)
+    for m in geo["methods"]:
+        assert len(m["pca_harmful"]) == 24 and len(m["pca_harmful"][0]) == 2
+
+
+# ---- CLI and report ------------------------------------------------------------------------------
+
+def test_cli_eval_on_a_saved_tiny_model(tiny_lm, tiny_pack, tmp_path, capsys):
+    from steering.cli import build_parser, main
+
+    folder = tmp_path / "model"
+    tiny_lm.model.save_pretrained(folder)
+    tiny_lm.tokenizer.save_pretrained(folder)
+    pack_path = tmp_path / "pack" / "refusal"
+    tiny_pack.save(pack_path)
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(folder), "--pack", str(pack_path), "--device", "cpu",
+            "--methods", "none,ablate,inlp_flip", "--ks", "1", "--n-harmful", "2",
+            "--n-harmless", "2", "--n-completions", "2", "--completion-tokens", "4",
+            "--n-general", "1", "--general-tokens", "16", "--max-new-tokens", "4",
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
+            "--markdown", str(tmp_path / "eval.md")]
+    assert build_parser().parse_args(argv).methods == ("none", "ablate", "inlp_flip")
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["method"] for r in result["results"]][:2] == ["none", "ablate"]
+    assert {r["k"] for r in result["results"] if r["method"] == "inlp_flip"} == \
+        {1, tiny_pack.max_k()}
+    assert "| ablate s=1 |" in capsys.readouterr().out
+    assert (tmp_path / "eval.md").read_text().startswith("| setting |")
+
+
+def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tmp_path):
+    from steering.report import ReportConfig, report_eval_config, run_report
+
+    config = ReportConfig(eval=report_eval_config(**TINY, ks=(1,), cache_dir=str(tmp_path)),
+                          n_geometry=4, command="steer report --out X")
+    summary = run_report(tiny_lm, tiny_pack, tmp_path / "report", config)
+    out = tmp_path / "report"
+    for name in ("report.md", "report.html", "results.json", "geometry.png", "ksweep.png",
+                 "methods.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "steer report --out X" in md.splitlines()[5]
+    assert page.count("data:image/png;base64,") == 3
+    assert "<table>" in page
+    assert summary["claims"] and all(c["reproduced"] in (True, False, None)
+                                     for c in summary["claims"])
+    texts = md + page + (out / "results.json").read_text()
+    for prompt in load_instructions("harmful_val")[:32]:
+        assert prompt not in texts
+        assert json.dumps(prompt)[1:-1] not in texts

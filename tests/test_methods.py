@@ -1,0 +1,294 @@
+"""The methods of DESIGN.md's table on the tiny model and its extracted pack.
+
+Activations are captured by pre-hooks registered *after* the steering hooks, so they see what the
+next computation sees: the residual stream after the edit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steering import SteeringError, SteeringSpec, build_row
+from steering.activations import encode_chats
+from steering.kernel import BatchEdit, apply_edit
+from steering.methods import METHODS
+from steering.pack import SteeringPack
+from steering.prompts import load_instructions
+
+PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.", "hi",
+           "Explain how to pick a lock without the key, step by step."]
+
+
+def capture_inputs(lm, prompts, row=None):
+    """Residual stream entering every block and the final norm, after any steering edit:
+    {index: [B, T, d]}, and the attention mask [B, T] (bool)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            captured[index] = h.detach().float().clone()
+        return hook
+
+    hooks = lm.hooks  # attached before the captures, so they run first
+    modules = [*lm.layout.blocks, lm.layout.final_norm]
+    handles = [m.register_forward_pre_hook(capture(i), with_kwargs=True)
+               for i, m in enumerate(modules)]
+    enc = encode_chats(lm, prompts)
+    try:
+        with torch.no_grad(), hooks.rows([row] * len(prompts) if row is not None else None):
+            lm.model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured, enc["attention_mask"].bool()
+
+
+def edit_vector(row, site, h: torch.Tensor) -> torch.Tensor:
+    """Apply one row's edit at `site` to vectors h [..., d] with the kernel."""
+    edit = BatchEdit.stack([row.edits[site]], torch.device("cpu"), torch.float64)
+    flat = h.double().reshape(1, -1, h.shape[-1])
+    return apply_edit(flat, edit).reshape(h.shape)
+
+
+def unit(x):
+    return x / x.norm()
+
+
+# ---- ablation -------------------------------------------------------------------------------
+
+
+def test_ablation_leaves_no_component_along_r_hat(tiny_lm, tiny_pack):
+    r_hat = unit(tiny_pack.dim())
+    row = build_row(SteeringSpec("ablate", 1.0), tiny_pack)
+    assert {site[0] for site in row.edits} == set(range(tiny_lm.n_layers))
+    base, mask = capture_inputs(tiny_lm, PROMPTS)
+    steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+    for i in steered:  # every block input and the final residual stream
+        h = steered[i][mask]
+        assert (h @ r_hat).abs().max() <= 1e-5 * h.norm(dim=-1).max(), i
+        assert (base[i][mask] @ r_hat).abs().max() > 1e-3, i  # there was something to remove
+
+
+def test_partial_ablation_scales_the_component(tiny_lm, tiny_pack):
+    r_hat = unit(tiny_pack.dim())
+    base, mask = capture_inputs(tiny_lm, PROMPTS)
+    half, _ = capture_inputs(tiny_lm, PROMPTS, build_row(SteeringSpec("ablate", 0.5), tiny_pack))
+    # At the first block's input only the embedding has been edited, once.
+    torch.testing.assert_close(half[0][mask] @ r_hat, 0.5 * (base[0][mask] @ r_hat),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_ablation_on_chosen_layers_only(tiny_lm, tiny_pack):
+    row = build_row(SteeringSpec("ablate", 1.0, layers=(2,)), tiny_pack)
+    assert set(row.edits) == {(2, "input"), (2, "attn"), (2, "mlp")}
+    assert row.applied()["layers"] == [2]
+    base, mask = capture_inputs(tiny_lm, PROMPTS)
+    steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+    for i in (0, 1):
+        assert torch.equal(base[i], steered[i])  # upstream of layer 2: untouched
+    r_hat = unit(tiny_pack.dim())
+    assert (steered[3][mask] @ r_hat).abs().max() <= 1e-5 * steered[3][mask].norm(dim=-1).max()
+
+
+# ---- activation addition and ACE ------------------------------------------------------------
+
+
+def test_actadd_adds_strength_times_r_at_its_layer(tiny_lm, tiny_pack):
+    layer, s = tiny_pack.layer, 2.5
+    row = build_row(SteeringSpec("actadd", s), tiny_pack)
+    assert set(row.edits) == {(layer, "input")}
+    base, mask = capture_inputs(tiny_lm, PROMPTS)
+    steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+    diff = steered[layer][mask] - base[layer][mask]
+    torch.testing.assert_close(diff, (s * tiny_pack.dim()).expand_as(diff), atol=1e-5,
+                               rtol=1e-5)
+    for i in range(layer):
+        assert torch.equal(base[i], steered[i])
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0, 0.5])
+def test_ace_sets_the_projection(tiny_lm, tiny_pack, strength):
+    """ACE: the projection on r̂ goes to the harmless mean's (strength 0), the harmful mean's
+    (strength 1), linearly in between; the orthogonal complement is untouched."""
+    layer = tiny_pack.layer
+    r = tiny_pack.dim()
+    r_hat = unit(r)
+    mu_harmless = tiny_pack.harmless_mean()
+    mu_harmful = tiny_pack.mean_harmful[layer, tiny_pack._pos_index(None)]
+    base, mask = capture_inputs(tiny_lm, PROMPTS)
+    steered, _ = capture_inputs(tiny_lm, PROMPTS,
+                                build_row(SteeringSpec("ace", strength), tiny_pack))
+    proj = steered[layer][mask] @ r_hat
+    target = (1 - strength) * (mu_harmless @ r_hat) + strength * (mu_harmful @ r_hat)
+    torch.testing.assert_close(proj, target.expand_as(proj), atol=1e-4, rtol=1e-5)
+    if strength == 0.0:
+        torch.testing.assert_close(proj, (mu_harmless @ r_hat).expand_as(proj), atol=1e-4,
+                                   rtol=1e-5)
+    moved = steered[layer][mask] - base[layer][mask]
+    residual = moved - torch.outer(moved @ r_hat, r_hat)
+    assert residual.abs().max() < 1e-4
+
+
+# ---- INLP nullspace projection and counterfactual flipping ----------------------------------
+
+
+def _inlp_geometry(pack: SteeringPack):
+    layer = pack.layer
+    p = pack._pos_index(None)
+    inl = pack.inlp[layer]
+    return (inl.directions.double(), inl.boundary.double(),
+            pack.mean_harmful[layer, p].double(), pack.mean_harmless[layer, p].double())
+
+
+def test_inlp_boundary_is_the_midpoint_of_the_class_means(tiny_pack):
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    assert q.shape[0] >= 2, "the tiny pack should have at least 2 INLP directions"
+    torch.testing.assert_close(q @ q.T, torch.eye(q.shape[0], dtype=q.dtype), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(b, q @ (mu_h + mu_l) / 2, atol=1e-4, rtol=1e-4)
+
+
+def test_inlp_flip_maps_the_harmful_mean_to_the_harmless_side(tiny_lm, tiny_pack):
+    layer = tiny_pack.layer
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    row = build_row(SteeringSpec("inlp_flip", 1.0), tiny_pack)
+    flipped = edit_vector(row, (layer, "input"), mu_h)
+    before, after, harmless = q @ mu_h - b, q @ flipped - b, q @ mu_l - b
+    assert (before.abs() > 1e-6).all()
+    # Every direction: the harmful mean ends on the harmless side, at the harmless mean's
+    # coordinate (the reflection of the harmful mean across the midpoint).
+    assert (torch.sign(after) == torch.sign(harmless)).all()
+    assert (torch.sign(after) == -torch.sign(before)).all()
+    torch.testing.assert_close(after, harmless, atol=1e-5, rtol=1e-5)
+    # The component outside span(Q) is untouched.
+    moved = flipped - mu_h
+    torch.testing.assert_close(moved, q.T @ (q @ moved), atol=1e-6, rtol=0)
+
+    # Through the model: the mean of the steered activations of the pack's own harmful
+    # training prompts (at the pack's position) is the flipped harmful mean.
+    prompts = load_instructions("harmful_train")[: tiny_pack.meta["data"]["harmful_train"]["n"]]
+    steered, _ = capture_inputs(tiny_lm, prompts, row)
+    mean_steered = steered[layer][:, tiny_pack.position].double().mean(0)
+    torch.testing.assert_close(q @ mean_steered - b, harmless, atol=1e-4, rtol=1e-3)
+
+
+def test_inlp_null_projects_onto_the_boundary(tiny_lm, tiny_pack):
+    layer = tiny_pack.layer
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    row = build_row(SteeringSpec("inlp_null", 1.0), tiny_pack)
+    for mu in (mu_h, mu_l):
+        out = edit_vector(row, (layer, "input"), mu)
+        torch.testing.assert_close(q @ out, b, atol=1e-5, rtol=1e-5)
+    # Through the model, every token lands on the boundary along every direction.
+    steered, mask = capture_inputs(tiny_lm, PROMPTS, row)
+    coords = steered[layer][mask].double() @ q.T
+    torch.testing.assert_close(coords, b.expand_as(coords), atol=1e-4, rtol=1e-4)
+
+
+def test_k_truncation(tiny_lm, tiny_pack):
+    layer = tiny_pack.layer
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    k_max = tiny_pack.max_k()
+    assert k_max >= 2, "the tiny pack should have at least 2 INLP directions"
+    full = build_row(SteeringSpec("inlp_flip", 1.0), tiny_pack)
+    assert full.spec.k == k_max and full.applied()["k"] == k_max
+    assert full.edits[(layer, "input")].q.shape == (tiny_pack.d_model, k_max)
+    one = build_row(SteeringSpec("inlp_flip", 1.0, k=1), tiny_pack)
+    assert one.spec.k == 1
+    q1 = one.edits[(layer, "input")].q
+    assert q1.shape == (tiny_pack.d_model, 1)
+    torch.testing.assert_close(q1[:, 0].double(), q[0])  # the leading direction
+    same = build_row(SteeringSpec("inlp_flip", 1.0, k=k_max), tiny_pack)
+    torch.testing.assert_close(same.edits[(layer, "input")].q, full.edits[(layer, "input")].q)
+
+    # k = 1 flips the leading coordinate only; k = max flips them all.
+    out1 = edit_vector(one, (layer, "input"), mu_h)
+    outk = edit_vector(full, (layer, "input"), mu_h)
+    torch.testing.assert_close(q[0] @ out1 - b[0], q[0] @ mu_l - b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q[1:] @ out1, q[1:] @ mu_h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q @ outk - b, q @ mu_l - b, atol=1e-5, rtol=1e-5)
+
+    # ... and through the model the two give different next-token logits.
+    enc = encode_chats(tiny_lm, PROMPTS)
+    with torch.no_grad():
+        with tiny_lm.hooks.rows([one] * len(PROMPTS)):
+            l1 = tiny_lm.model(**enc).logits[:, -1]
+        with tiny_lm.hooks.rows([full] * len(PROMPTS)):
+            lk = tiny_lm.model(**enc).logits[:, -1]
+    assert not torch.allclose(l1, lk, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["inlp_null", "inlp_flip"])
+def test_k_out_of_range_is_refused(tiny_pack, method):
+    k_max = tiny_pack.max_k()
+    for k in (0, -1, k_max + 1, 1000):
+        with pytest.raises(SteeringError) as info:
+            build_row(SteeringSpec(method, 1.0, k=k), tiny_pack)
+        assert info.value.param == "steering.k"
+        assert str(k_max) in str(info.value)
+
+
+@pytest.mark.parametrize("method", ["actadd", "ablate", "ace"])
+def test_k_for_a_non_inlp_method_is_refused(tiny_pack, method):
+    with pytest.raises(SteeringError) as info:
+        build_row(SteeringSpec(method, 1.0, k=1), tiny_pack)
+    assert info.value.param == "steering.k"
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def test_none_has_no_edits_and_needs_no_pack():
+    row = build_row(SteeringSpec("none", 3.0, layers=(1,)), None)
+    assert row.edits == {}
+    assert row.applied() == {"method": "none", "strength": 0.0, "k": None, "layers": None,
+                             "pack": None}
+
+
+@pytest.mark.parametrize("spec, param", [
+    (SteeringSpec("refuse_harder"), "steering.method"),
+    (SteeringSpec("ablate", float("nan")), "steering.strength"),
+    (SteeringSpec("actadd", float("inf")), "steering.strength"),
+    (SteeringSpec("ablate", 1.0, layers=(99,)), "steering.layers"),
+    (SteeringSpec("actadd", 1.0, layers=(-1,)), "steering.layers"),
+    (SteeringSpec("ace", 1.0, layers=(4,)), "steering.layers"),
+])
+def test_bad_settings_name_their_field(tiny_pack, spec, param):
+    with pytest.raises(SteeringError) as info:
+        build_row(spec, tiny_pack)
+    assert info.value.param == param
+
+
+def test_inlp_layers_must_hold_inlp_directions(tiny_pack):
+    other = next(layer for layer in range(tiny_pack.n_layers) if layer not in tiny_pack.inlp)
+    with pytest.raises(SteeringError) as info:
+        build_row(SteeringSpec("inlp_flip", 1.0, layers=(other,)), tiny_pack)
+    assert info.value.param == "steering.layers"
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_methods_need_a_pack(method):
+    with pytest.raises(SteeringError) as info:
+        build_row(SteeringSpec(method, 1.0), None)
+    assert info.value.param == "steering.pack"
+
+
+def test_inlp_on_a_pack_without_inlp(tiny_pack):
+    bare = SteeringPack(name="bare", mean_harmful=tiny_pack.mean_harmful,
+                        mean_harmless=tiny_pack.mean_harmless, positions=tiny_pack.positions,
+                        layer=tiny_pack.layer, position=tiny_pack.position)
+    with pytest.raises(SteeringError) as info:
+        build_row(SteeringSpec("inlp_null", 1.0), bare)
+    assert info.value.param == "steering.pack"
+    assert build_row(SteeringSpec("ablate", 1.0), bare).edits  # the DiM methods still work
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_empty_layers_are_refused(tiny_pack, method):
+    # Before the fix, INLP methods crashed with "min() arg is an empty sequence" and the
+    # others silently did nothing.
+    with pytest.raises(SteeringError) as info:
+        build_row(SteeringSpec(method, 1.0, layers=()), tiny_pack)
+    assert info.value.param == "steering.layers"

@@ -1,0 +1,62 @@
+"""`steer eval` on the embedded model: a small grid on a handful of validation prompts.
+
+About two minutes of CPU: three settings (none, ablate, actadd) plus the unsteered baseline on six
+harmful and three harmless prompts with short completions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from steering.evaluate import EvalConfig, evaluate, markdown_table
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def real_eval(real_lm, real_pack, tmp_path_factory):
+    config = EvalConfig(n_harmful=6, n_harmless=3, n_completions=2, completion_tokens=16,
+                        n_general=2, general_tokens=48, max_new_tokens=16, batch_size=8,
+                        methods=("none", "ablate", "actadd"),
+                        cache_dir=str(tmp_path_factory.mktemp("eval-cache")))
+    return evaluate(real_lm, real_pack, config)
+
+
+def test_shape_and_finite_numbers(real_eval):
+    result = real_eval
+    assert [r["label"] for r in result["results"]] == ["none", "ablate s=1", "actadd s=1"]
+    assert result["prompts"]["harmful"]["n"] == 6
+    assert result["prompts"]["completions"]["tokens"] > 0
+    assert result["prompts"]["general_text"]["tokens"] > 0
+    for row in [result["baseline"], *result["results"]]:
+        for key in ("harmful_refusal_rate", "harmful_refusal_score", "harmless_refusal_score",
+                    "ppl_completions", "ppl_general", "kl_harmless"):
+            assert math.isfinite(row[key]), (row["label"], key)
+        assert 1.0 <= row["ppl_completions"] < 1e4
+        assert 1.0 <= row["ppl_general"] < 1e4
+        assert row["kl_harmless"] >= 0
+    json.dumps(result)
+    assert markdown_table(result).count("\n") == 2 + 4
+
+
+def test_none_equals_the_unsteered_baseline(real_eval):
+    base = real_eval["baseline"]
+    none = real_eval["results"][0]
+    for key in ("harmful_refusal_rate", "harmful_refused", "harmful_refusal_score",
+                "harmless_refusal_rate", "harmless_refusal_score", "ppl_completions",
+                "ppl_general"):
+        assert none[key] == pytest.approx(base[key], rel=1e-6, abs=1e-9), key
+    assert none["kl_harmless"] == pytest.approx(0.0, abs=1e-9)
+    assert none["harmless_examples"] == base["harmless_examples"]
+
+
+def test_ablation_does_not_raise_refusal(real_eval):
+    base = real_eval["baseline"]
+    ablate = real_eval["results"][1]
+    assert ablate["harmful_refusal_rate"] <= base["harmful_refusal_rate"]
+    assert ablate["harmful_refusal_score"] < base["harmful_refusal_score"]
+    actadd = real_eval["results"][2]
+    assert actadd["harmless_refusal_score"] > base["harmless_refusal_score"]
