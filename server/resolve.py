@@ -30,8 +30,8 @@ def resolve_model(state: ServerState, model: str | None) -> tuple[str, Preset | 
     served = state.served_name
     if model is None or model == "":
         return served, None
-    aliases = {served.lower(), state.settings.model.lower()}
-    if state.lm is not None:
+    aliases = {served.lower()}
+    if state.lm is not None:  # also the name the operator gave (e.g. "embedded")
         aliases |= {state.lm.name.lower(), str(state.lm.model_id).lower()}
     if model.lower() in aliases:
         return model, None

@@ -18,6 +18,7 @@ from .protocol import (
     ModelCard,
     ModelList,
 )
+from .resolve import resolve_steering
 from .serving import CHAT, COMPLETIONS, prepare_chat, prepare_completion, run_job
 from .state import ServerState, get_state
 
@@ -65,18 +66,21 @@ async def completions(body: CompletionRequest, request: Request):
 def _model_cards(state: ServerState) -> list[ModelCard]:
     name = state.served_name
     ctx = state.lm.context_length if state.lm is not None else None
-    cards = [ModelCard(id=name, created=state.started, root=state.settings.model,
+    cards = [ModelCard(id=name, created=state.started, root=str(state.lm.model_id) if state.lm is not None else state.settings.model,
                        context_length=ctx,
                        description="the base model (unsteered unless the request's "
                                    "`steering` says otherwise)")]
     for preset in state.presets.values():
-        p = preset.steering
-        cards.append(ModelCard(
-            id=f"{name}+{preset.name}", created=state.started, root=name, context_length=ctx,
-            description=preset.description,
-            steering=AppliedSteering(method=p.method, strength=p.strength, k=p.k,
-                                     layers=p.layers, pack=p.pack or state.default_pack,
-                                     preset=preset.name)))
+        model_id = f"{name}+{preset.name}"
+        try:  # what the preset resolves to with the loaded packs
+            applied = resolve_steering(state, model_id, None).applied
+        except APIError:  # not loaded yet: show the preset as written
+            p = preset.steering
+            applied = AppliedSteering(method=p.method, strength=p.strength, k=p.k,
+                                      layers=p.layers, pack=p.pack, preset=preset.name)
+        cards.append(ModelCard(id=model_id, created=state.started, root=name,
+                               context_length=ctx, description=preset.description,
+                               steering=applied))
     return cards
 
 

@@ -268,18 +268,44 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request_id: s
 # ---- running a job --------------------------------------------------------------------------------
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte ↔ printable-character table, inverted (byte-level BPE vocabularies)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
 class TokenText:
-    """Token strings for logprobs (cached decode of single ids)."""
+    """Token strings and bytes for logprobs (cached per id). A token holding part of a UTF-8
+    character decodes to "\ufffd"; its `bytes` are still exact for byte-level vocabularies."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.cache: dict[int, str] = {}
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.bytes_of = _byte_decoder() if self.byte_level else {}
 
-    def __call__(self, token_id: int) -> str:
-        text = self.cache.get(token_id)
-        if text is None:
-            text = self.cache[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self.cache.get(token_id)
+        if hit is None:
+            text = self.tokenizer.decode([token_id])
+            raw = list(text.encode())
+            if self.byte_level and token_id not in self.special:
+                piece = self.tokenizer.convert_ids_to_tokens(token_id)
+                if isinstance(piece, str) and piece and all(ch in self.bytes_of for ch in piece):
+                    raw = [self.bytes_of[ch] for ch in piece]
+            hit = self.cache[token_id] = (text, raw)
+        return hit
 
 
 @dataclass
@@ -341,18 +367,20 @@ class Tracker:
 
     def _logprob(self, ch: Choice, ev: TokenEvent) -> None:
         tt = self.token_text
-        token = tt(ev.token_id)
+        token, raw = tt(ev.token_id)
         tops = (ev.top_logprobs or [])[:self.job.top_logprobs]
         if self.job.kind == "chat":
-            ch.chat_logprobs.append(TokenLogprob(
-                token=token, logprob=ev.logprob, bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=tt(i), logprob=lp, bytes=list(tt(i).encode()))
-                              for i, lp in tops]))
+            top_entries = []
+            for i, lp in tops:
+                text, b = tt(i)
+                top_entries.append(TopLogprob(token=text, logprob=lp, bytes=b))
+            ch.chat_logprobs.append(TokenLogprob(token=token, logprob=ev.logprob, bytes=raw,
+                                                 top_logprobs=top_entries))
         else:
             lp = ch.text_logprobs
             lp.tokens.append(token)
             lp.token_logprobs.append(ev.logprob)
-            lp.top_logprobs.append({tt(i): lp_ for i, lp_ in tops})
+            lp.top_logprobs.append({tt(i)[0]: lp_ for i, lp_ in tops})
             lp.text_offset.append(ch.text_len)
 
     def usage(self) -> Usage:

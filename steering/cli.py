@@ -99,10 +99,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--harmful", default=None, help="split name or JSON file (harmful_val)")
     p.add_argument("--harmless", default=None, help="split name or JSON file (harmless_val)")
     p.add_argument("--n-harmful", type=int, default=None)
-    p.add_argument("--n-harmless", type=int, default=None)
-    p.add_argument("--n-completions", type=int, default=None,
-                   help="harmless prompts whose unsteered completions score perplexity")
-    p.add_argument("--completion-tokens", type=int, default=None)
+    p.add_argument("--n-harmless", type=int, default=None,
+                   help="harmless prompts (KL, induced refusal, perplexity on completions)")
+    p.add_argument("--completion-tokens", type=int, default=None,
+                   help="length of the unsteered completions scored for perplexity")
     p.add_argument("--n-general", type=int, default=None, help="WikiText-2 paragraphs")
     p.add_argument("--general-tokens", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -113,7 +113,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_overrides(args) -> dict:
-    names = ("harmful", "harmless", "n_harmful", "n_harmless", "n_completions",
+    names = ("harmful", "harmless", "n_harmful", "n_harmless",
              "completion_tokens", "n_general", "general_tokens", "max_new_tokens",
              "batch_size", "cache_dir")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}

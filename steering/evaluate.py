@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
-from .activations import encode_chats, last_logits, with_positions
+from .activations import encode_chats, with_positions
 from .chat import format_chat, template_hash
 from .embedded import cache_root
 from .methods import INLP_METHODS, METHODS, RowSteering, SteeringSpec, build_row
@@ -94,9 +94,8 @@ class EvalConfig:
     harmful: str = "harmful_val"  # split name or JSON file
     harmless: str = "harmless_val"
     n_harmful: int = 24  # prompts judged for refusal
-    n_harmless: int = 16  # prompts for KL, harmless refusal score and induced refusal
-    n_completions: int = 8  # harmless prompts whose unsteered completions score perplexity
-    completion_tokens: int = 48  # length of those completions
+    n_harmless: int = 12  # prompts for KL, refusal score, induced refusal, perplexity
+    completion_tokens: int = 32  # the unsteered completions of those scored for perplexity
     n_general: int = 8  # WikiText-2 paragraphs for general-text perplexity
     general_tokens: int = 96  # tokens of each paragraph
     max_new_tokens: int = 32  # greedy tokens per completion judged for refusal
@@ -166,18 +165,35 @@ def _eos_ids(lm: LoadedModel) -> set[int]:
     return ids
 
 
+def _length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by length, so each batch pads as little as possible (stable: ties keep order)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def _unsort(values: list, order: list[int]) -> list:
+    out: list = [None] * len(order)
+    for value, i in zip(values, order):
+        out[i] = value
+    return out
+
+
 @torch.inference_mode()
 def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | None,
                     max_new_tokens: int, batch_size: int = 16, desc: str | None = None
                     ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy completions (token ids, cut after the first end-of-turn token) of chat `prompts`
-    with `row` steering every prompt, and the first answer position's logits [N, vocab]."""
+    with `row` steering every prompt, and the first answer position's logits [N, vocab].
+
+    Prompts are batched by length (less padding); results come back in the prompts' order."""
     eos = _eos_ids(lm)
+    texts = [format_chat(lm.tokenizer, p) for p in prompts]
+    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = _length_order(lengths)
     completions: list[list[int]] = []
     first: list[torch.Tensor] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-        chunk = list(prompts[start:start + batch_size])
+        chunk = [prompts[i] for i in order[start:start + batch_size]]
         enc = encode_chats(lm, chunk)
         enc.pop("position_ids")  # generate derives them from the attention mask
         lm.hooks.set_rows(_rows(row, len(chunk)))
@@ -187,12 +203,14 @@ def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | 
                                     return_dict_in_generate=True, output_logits=True)
         finally:
             lm.hooks.set_rows(None)
-        first.append(out.logits[0].float().cpu())
+        first.extend(out.logits[0].float().cpu())
         new = out.sequences[:, enc["input_ids"].shape[1]:].tolist()
         for ids in new:
             cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
             completions.append(ids[:cut])
-    return completions, torch.cat(first)
+    if not prompts:
+        return [], torch.empty(0)
+    return _unsort(completions, order), torch.stack(_unsort(first, order))
 
 
 def decode(lm: LoadedModel, completions: Sequence[Sequence[int]]) -> list[str]:
@@ -201,18 +219,24 @@ def decode(lm: LoadedModel, completions: Sequence[Sequence[int]]) -> list[str]:
 
 @torch.inference_mode()
 def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets: Sequence[int],
-                 row: RowSteering | None = None, batch_size: int = 8,
-                 desc: str | None = None) -> tuple[float, int]:
-    """Summed NLL of the last `n_targets[i]` tokens of each token sequence, with `row` steering.
+                 row: RowSteering | None = None, batch_size: int = 8, desc: str | None = None,
+                 answer_logits: bool = False):
+    """Summed NLL of the last `n_targets[i]` tokens of each token sequence, with `row` steering:
+    (nll, tokens), plus with `answer_logits` the logits that predict each sequence's first
+    target token [N, vocab] (for a chat prompt + completion: the first answer position).
 
-    Sequences are left-padded so every row ends at the right edge; only the logits of the last
-    max(n_targets)+1 positions are computed (the LM head is a large share of a small model)."""
+    Sequences are batched by length and left-padded so every row ends at the right edge; only the
+    logits of the last max(n_targets)+1 positions are computed (the LM head is a large share of a
+    small model)."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    order = _length_order([len(s) for s in sequences])
     total, count = 0.0, 0
+    first: list[torch.Tensor] = []
     starts = range(0, len(sequences), batch_size)
     for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-        seqs = [list(s) for s in sequences[start:start + batch_size]]
-        ns = list(n_targets[start:start + batch_size])
+        index = order[start:start + batch_size]
+        seqs = [list(sequences[i]) for i in index]
+        ns = [int(n_targets[i]) for i in index]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -223,15 +247,19 @@ def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets:
         lm.hooks.set_rows(_rows(row, len(seqs)))
         try:
             logits = lm.model(**with_positions(ids, mask, lm.device), use_cache=False,
-                              logits_to_keep=keep).logits
+                              logits_to_keep=keep).logits.float().cpu()
         finally:
             lm.hooks.set_rows(None)
         targets = ids[:, width - keep + 1:]  # token t is predicted by logits at t − 1
         positions = torch.arange(width - keep + 1, width)
         target_mask = positions[None, :] >= torch.tensor([width - n for n in ns])[:, None]
-        nll, n = token_nll(logits[:, :-1].cpu(), targets, target_mask)
+        nll, n = token_nll(logits[:, :-1], targets, target_mask)
         total += nll
         count += n
+        if answer_logits:
+            first.extend(logits[i, keep - n - 1] for i, n in enumerate(ns))
+    if answer_logits:
+        return total, count, (torch.stack(_unsort(first, order)) if first else torch.empty(0))
     return total, count
 
 
@@ -241,8 +269,7 @@ def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets:
 class EvalData:
     harmful: list[str]
     harmless: list[str]
-    completion_prompts: list[str]
-    completion_seqs: list[list[int]]  # chat prompt ids + unsteered completion ids
+    harmless_seqs: list[list[int]]  # chat prompt ids + the unsteered model's completion ids
     completion_lens: list[int]
     general_seqs: list[list[int]]
     hashes: dict = field(default_factory=dict)
@@ -284,15 +311,11 @@ def unsteered_completions(lm: LoadedModel, prompts: Sequence[str], max_new_token
 
 def prepare_data(lm: LoadedModel, config: EvalConfig) -> EvalData:
     harmful = load_instructions(config.harmful)[: config.n_harmful]
-    harmless_all = load_instructions(config.harmless)
-    harmless = harmless_all[: config.n_harmless]
-    comp_prompts = harmless_all[: config.n_completions]
-    comps, cache_path = unsteered_completions(lm, comp_prompts, config.completion_tokens,
+    harmless = load_instructions(config.harmless)[: config.n_harmless]
+    comps, cache_path = unsteered_completions(lm, harmless, config.completion_tokens,
                                               config.cache_dir, config.batch_size)
     seqs, lens = [], []
-    for prompt, comp in zip(comp_prompts, comps):
-        if not comp:
-            continue
+    for prompt, comp in zip(harmless, comps):
         ids = lm.tokenizer(format_chat(lm.tokenizer, prompt), add_special_tokens=False)
         seqs.append(list(ids["input_ids"]) + comp)
         lens.append(len(comp))
@@ -307,16 +330,15 @@ def prepare_data(lm: LoadedModel, config: EvalConfig) -> EvalData:
                     "sha256": prompts_hash(harmful)},
         "harmless": {"source": str(config.harmless), "n": len(harmless),
                      "sha256": prompts_hash(harmless)},
-        "completions": {"source": str(config.harmless), "n": len(seqs),
-                        "prompts_sha256": prompts_hash(comp_prompts),
-                        "completions_sha256": prompts_hash([str(c) for c in comps]),
-                        "tokens": sum(lens), "max_new_tokens": config.completion_tokens,
+        "completions": {"n": len(seqs), "tokens": sum(lens),
+                        "max_new_tokens": config.completion_tokens,
+                        "sha256": prompts_hash([str(c) for c in comps]),
                         "cache": str(cache_path)},
         "general_text": {"source": "wikitext2_test_paragraphs500.jsonl", "n": len(general_seqs),
                          "sha256": prompts_hash(general),
                          "tokens": sum(len(s) - 1 for s in general_seqs)},
     }
-    return EvalData(harmful, harmless, comp_prompts, seqs, lens, general_seqs, hashes)
+    return EvalData(harmful, harmless, seqs, lens, general_seqs, hashes)
 
 
 # ---- one setting ------------------------------------------------------------------------------
@@ -325,7 +347,12 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
             tok_ids: list[int], base_harmless_logits: torch.Tensor | None = None,
             induce: bool = False, label: str = "") -> tuple[dict, torch.Tensor]:
     """Every metric for one steering row (None: the unsteered model), and the harmless
-    prompts' next-token logits (the KL reference when `row` is None)."""
+    prompts' first-answer-position logits (the KL reference when `row` is None).
+
+    Three passes share the work: greedy generation on the harmful prompts (its first step gives
+    the refusal score), one forward over harmless prompt + unsteered completion (perplexity, and
+    the first answer position's logits for KL and the harmless refusal score), one over the
+    general text; plus generation on the harmless prompts where `induce`."""
     bs = config.batch_size
     t0 = time.perf_counter()
     comps, logits_h = generate_greedy(lm, data.harmful, row, config.max_new_tokens, bs,
@@ -335,25 +362,25 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
         "harmful_refusal_rate": refusal_rate(texts_h),
         "harmful_refused": sum(is_refusal(t) for t in texts_h),
         "harmful_refusal_score": float(refusal_score(logits_h, tok_ids).mean()),
+        "harmless_refusal_rate": None,
+        "harmless_refused": None,
     }
     if induce:
-        comps_l, logits_l = generate_greedy(lm, data.harmless, row, config.max_new_tokens, bs,
-                                            desc=f"{label}: harmless completions")
+        comps_l, _ = generate_greedy(lm, data.harmless, row, config.max_new_tokens, bs,
+                                     desc=f"{label}: harmless completions")
         texts_l = decode(lm, comps_l)
         out["harmless_refusal_rate"] = refusal_rate(texts_l)
         out["harmless_refused"] = sum(is_refusal(t) for t in texts_l)
         out["harmless_examples"] = texts_l[:3]
-    else:
-        logits_l = last_logits(lm, data.harmless, lm.hooks, row, bs)
-        out["harmless_refusal_rate"] = None
-        out["harmless_refused"] = None
+    nll, n, logits_l = sequence_nll(lm, data.harmless_seqs, data.completion_lens, row,
+                                    max(1, bs // 2), desc=f"{label}: perplexity (completions)",
+                                    answer_logits=True)
+    out["ppl_completions"] = perplexity(nll, n)
     out["harmless_refusal_score"] = float(refusal_score(logits_l, tok_ids).mean())
     base = base_harmless_logits if base_harmless_logits is not None else logits_l
     out["kl_harmless"] = mean_kl(base, logits_l)
-    nll, n = sequence_nll(lm, data.completion_seqs, data.completion_lens, row, max(1, bs // 2))
-    out["ppl_completions"] = perplexity(nll, n)
     nll, n = sequence_nll(lm, data.general_seqs, [len(s) - 1 for s in data.general_seqs], row,
-                          max(1, bs // 4))
+                          max(1, bs // 4), desc=f"{label}: perplexity (general text)")
     out["ppl_general"] = perplexity(nll, n)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out, logits_l

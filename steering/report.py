@@ -46,9 +46,9 @@ FEW_K_SHARE = 0.8  # "most of the suppression": at least 80% of the full-k drop 
 
 def report_eval_config(**overrides) -> EvalConfig:
     """The report's default sizes (2-core CPU: the whole report in about 10–15 minutes)."""
-    base = dict(n_harmful=24, n_harmless=16, n_completions=8, completion_tokens=48,
-                n_general=8, general_tokens=96, max_new_tokens=32,
-                methods=tuple(m for m in METHODS if m != "none"), ks=(1, 2, 3))
+    base = dict(n_harmful=24, n_harmless=12, completion_tokens=32, n_general=6,
+                general_tokens=80, max_new_tokens=24,
+                methods=tuple(m for m in METHODS if m != "none"), ks=(1, 2))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return EvalConfig(**base)
 
@@ -379,10 +379,12 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         f"prefix `{p['harmful']['sha256']}`). Never shown here as text.",
         f"- Harmless prompts: {p['harmless']['n']} from `{p['harmless']['source']}` "
         f"(`{p['harmless']['sha256']}`).",
-        f"- Perplexity on the unsteered model's own greedy completions: {p['completions']['n']} "
-        f"harmless prompts, up to {p['completions']['max_new_tokens']} tokens each, "
-        f"{p['completions']['tokens']} tokens scored (`{p['completions']['completions_sha256']}`"
-        "; generated once and cached).",
+        f"- Perplexity on the unsteered model's own greedy completions of the "
+        f"{p['completions']['n']} harmless prompts, up to "
+        f"{p['completions']['max_new_tokens']} tokens each, "
+        f"{p['completions']['tokens']} tokens scored (`{p['completions']['sha256']}`; "
+        "generated once and cached). The same harmless prompts give the KL and the induced "
+        "refusal.",
         f"- Perplexity on general text: {p['general_text']['n']} WikiText-2 test paragraphs, "
         f"first {s['general_tokens']} tokens, {p['general_text']['tokens']} tokens scored.",
         f"- Refusal judged on greedy completions of {s['max_new_tokens']} new tokens with the "

@@ -33,7 +33,7 @@ from steering.geometry import (
 from steering.prompts import load_instructions
 from steering.refusal import is_refusal
 
-TINY = dict(n_harmful=3, n_harmless=3, n_completions=2, completion_tokens=6, n_general=2,
+TINY = dict(n_harmful=3, n_harmless=3, completion_tokens=6, n_general=2,
             general_tokens=24, max_new_tokens=6, batch_size=4)
 
 
@@ -217,7 +217,7 @@ def test_cli_eval_on_a_saved_tiny_model(tiny_lm, tiny_pack, tmp_path, capsys):
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(folder), "--pack", str(pack_path), "--device", "cpu",
             "--methods", "none,ablate,inlp_flip", "--ks", "1", "--n-harmful", "2",
-            "--n-harmless", "2", "--n-completions", "2", "--completion-tokens", "4",
+            "--n-harmless", "2", "--completion-tokens", "4",
             "--n-general", "1", "--general-tokens", "16", "--max-new-tokens", "4",
             "--cache-dir", str(tmp_path / "cache"), "--json", str(out),
             "--markdown", str(tmp_path / "eval.md")]

@@ -29,7 +29,7 @@ def rows(tiny_pack):
 
 def forward_logits(lm, prompts, rows):
     with torch.no_grad(), lm.hooks.rows(rows):
-        return lm.model(**encode_chats(lm, prompts), use_cache=False).logits.float()
+        return lm.model(**encode_chats(lm, prompts), use_cache=False).logits.float().cpu()
 
 
 def test_idle_hooks_change_nothing(tiny_lm, rows):

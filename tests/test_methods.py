@@ -28,7 +28,7 @@ def capture_inputs(lm, prompts, row=None):
     def capture(index):
         def hook(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            captured[index] = h.detach().float().clone()
+            captured[index] = h.detach().float().cpu()
         return hook
 
     hooks = lm.hooks  # attached before the captures, so they run first
@@ -42,7 +42,7 @@ def capture_inputs(lm, prompts, row=None):
     finally:
         for h in handles:
             h.remove()
-    return captured, enc["attention_mask"].bool()
+    return captured, enc["attention_mask"].bool().cpu()
 
 
 def edit_vector(row, site, h: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,15 @@ def steered_and_plain(lm, pack, enc):
         plain = lm.model(**enc).logits
         with lm.hooks.rows([row] * enc["input_ids"].shape[0]):
             steered = lm.model(**enc).logits
-    return steered, plain
+    return steered.cpu(), plain.cpu()
 
 
 def check_export(lm, pack, out_dir):
     enc = encode_chats(lm, PROMPTS)
-    mask = enc["attention_mask"].bool()
     steered, plain = steered_and_plain(lm, pack, enc)
-    unembedding = lm.model.get_output_embeddings().weight.detach().clone()
+    enc = {k: v.cpu() for k, v in enc.items()}  # the reloaded model is on the CPU
+    mask = enc["attention_mask"].bool()
+    unembedding = lm.model.get_output_embeddings().weight.detach().cpu().clone()
     export_orthogonalized(lm, pack, out_dir)
 
     config = json.loads((out_dir / "config.json").read_text())
@@ -65,7 +66,7 @@ def check_export(lm, pack, out_dir):
     assert (got[mask] - plain[mask]).abs().max() > 1e-3  # the edit did something
 
     # Nothing writes along r̂ any more: embedding rows and the writers' output rows.
-    r_hat = pack.dim() / pack.dim().norm()
+    r_hat = (pack.dim() / pack.dim().norm()).cpu()
     emb = reloaded.get_input_embeddings().weight
     assert (emb @ r_hat).abs().max() < 1e-5
     # The unembedding was not edited (with a tied embedding it is untied first).
@@ -120,8 +121,8 @@ def test_loads_without_this_library(tiny_pack, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = load_file(str(tmp_path / "result.safetensors"))
-    assert torch.equal(result["ids"], enc["input_ids"])
-    mask = enc["attention_mask"].bool()
+    assert torch.equal(result["ids"], enc["input_ids"].cpu())
+    mask = enc["attention_mask"].bool().cpu()
     torch.testing.assert_close(result["logits"][mask], steered[mask], atol=1e-4, rtol=1e-4)
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def real_eval(real_lm, real_pack, tmp_path_factory):
-    config = EvalConfig(n_harmful=6, n_harmless=3, n_completions=2, completion_tokens=16,
+    config = EvalConfig(n_harmful=6, n_harmless=3, completion_tokens=16,
                         n_general=2, general_tokens=48, max_new_tokens=16, batch_size=8,
                         methods=("none", "ablate", "actadd"),
                         cache_dir=str(tmp_path_factory.mktemp("eval-cache")))

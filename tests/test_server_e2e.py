@@ -1,0 +1,167 @@
+"""End to end: the real `steer serve` process on the embedded model, driven by the official
+`openai` package over a loopback port (slow: marked `real`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from steering.prompts import load_instructions
+from steering.refusal import is_refusal
+
+pytestmark = pytest.mark.real
+
+START_TIMEOUT_S = 1200  # model load takes seconds; a first start also extracts the pack
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _steer_command() -> list[str]:
+    script = Path(sys.executable).parent / "steer"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import real_model_enabled
+
+    if not real_model_enabled():
+        pytest.skip("STEERING_SKIP_REAL set")
+    pytest.importorskip("openai")
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*_steer_command(), "serve", "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}):\n"
+                            f"{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready in {START_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=600, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def ask(client, model, prompt, max_tokens=48, **kw):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+        temperature=0, **kw)
+
+
+def test_models_list_has_base_and_presets(client, model):
+    ids = [m.id for m in client.models.list().data]
+    assert model == "qwen2.5-coder-0.5b-instruct"
+    assert f"{model}+no-refusal" in ids and f"{model}+ablate" in ids
+
+
+def test_chat_completion(client, model):
+    r = ask(client, model, "What is the capital of France? Answer in one word.", max_tokens=8)
+    assert "paris" in r.choices[0].message.content.lower()
+    assert r.usage.completion_tokens >= 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.steering["method"] == "none"
+
+
+def test_streamed_chat_completion(client, model):
+    prompt = "Name three primary colours."
+    plain = ask(client, model, prompt, max_tokens=12)
+    stream = ask(client, model, prompt, max_tokens=12, stream=True,
+                 stream_options={"include_usage": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    assert text == plain.choices[0].message.content
+    assert finish == plain.choices[0].finish_reason
+    assert usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_steered_through_extra_body(client, model):
+    r = ask(client, model, "Say hello.", max_tokens=4,
+            extra_body={"steering": {"method": "inlp_flip", "k": 2, "strength": 1.0}})
+    s = r.steering
+    assert (s["method"], s["k"], s["strength"], s["pack"]) == ("inlp_flip", 2, 1.0, "refusal")
+    assert s["layers"]
+
+
+def test_preset_through_model_name(client, model):
+    r = ask(client, model=f"{model}+no-refusal", prompt="Say hello.", max_tokens=4)
+    assert r.model == f"{model}+no-refusal"
+    assert r.steering["preset"] == "no-refusal" and r.steering["method"] == "inlp_flip"
+
+
+def test_bad_steering_is_a_4xx(client, model):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, model, "hi", max_tokens=2, extra_body={"steering": {"method": "inlp_flip",
+                                                                        "k": 999}})
+    assert info.value.body["param"] == "steering.k"
+    with pytest.raises(openai.NotFoundError):
+        ask(client, f"{model}+no-such-preset", "hi", max_tokens=2)
+
+
+def test_ablation_removes_a_refusal(client, model):
+    """Greedy: find harmful_val prompts the unsteered model refuses, then ablate."""
+    prompts = load_instructions("harmful_val")[:16]
+    with ThreadPoolExecutor(8) as pool:  # the engine batches concurrent requests
+        replies = list(pool.map(
+            lambda p: ask(client, model, p, max_tokens=24).choices[0].message.content, prompts))
+    refused = [p for p, text in zip(prompts, replies) if is_refusal(text)]
+    assert refused, "the unsteered model refused none of the harmful_val prompts tried"
+    prompt = refused[0]
+    steered = ask(client, model, prompt, max_tokens=48,
+                  extra_body={"steering": {"method": "ablate", "strength": 1.0}})
+    text = steered.choices[0].message.content
+    assert steered.steering["method"] == "ablate"
+    assert not is_refusal(text), f"{prompt!r} → still refused after ablation: {text!r}"
