@@ -85,14 +85,22 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request("; ".join(messages), param=first_param, code="invalid_value")
 
 
+def _note(request: Request, exc: APIError) -> APIError:
+    """Put the error's code and param in the access log line."""
+    extra = getattr(request.state, "log_extra", None)
+    if isinstance(extra, dict):
+        extra["error"] = {"code": exc.code, "param": exc.param}
+    return exc
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return exc.response()
+        return _note(request, exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        return validation_error(exc).response()
+        return _note(request, validation_error(exc)).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -397,10 +397,9 @@ class Tracker:
 
 
 def _token_text(state: ServerState) -> TokenText:
-    cache = getattr(state, "_token_text", None)
+    cache = state.token_text
     if cache is None or cache.tokenizer is not state.lm.tokenizer:
-        cache = TokenText(state.lm.tokenizer)
-        state._token_text = cache  # type: ignore[attr-defined]
+        cache = state.token_text = TokenText(state.lm.tokenizer)
     return cache
 
 

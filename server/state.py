@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 
@@ -34,6 +35,7 @@ class ServerState:
     load_error: str | None = None
     loading_since: float = field(default_factory=time.time)
     started: int = field(default_factory=lambda: int(time.time()))
+    token_text: Any = None  # serving's per-tokenizer cache of token strings for logprobs
 
     @property
     def served_name(self) -> str:

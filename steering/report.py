@@ -143,8 +143,9 @@ def assess_claims(result: dict, geo: dict | None) -> list[dict]:
     nulls = sorted([r for r in res if r["method"] == "inlp_null"], key=lambda r: r["k"])
     flip, null = (flips[-1] if flips else None), (nulls[-1] if nulls else None)
     if flip and abl:
-        ok = flip["harmful_refusal_rate"] <= abl["harmful_refusal_rate"] + 0.10 and \
-            (b_rate == 0 or flip["harmful_refusal_rate"] < b_rate)
+        ok = None if b_rate == 0 else (
+            flip["harmful_refusal_rate"] <= abl["harmful_refusal_rate"] + 0.10
+            and flip["harmful_refusal_rate"] < b_rate)
         claims.append(_claim(
             rocchetti, "INLP counterfactual flipping suppresses refusal about as well as DiM "
             "ablation.",
@@ -152,8 +153,9 @@ def assess_claims(result: dict, geo: dict | None) -> list[dict]:
             f"ablation {_pct(abl['harmful_refusal_rate'])}, baseline {_pct(b_rate)}",
             "flip's rate below baseline and at most 10 points above ablation's", ok))
     if flip and null:
-        ok = null["harmful_refusal_rate"] >= flip["harmful_refusal_rate"] and \
-            null["harmful_refusal_score"] > flip["harmful_refusal_score"]
+        ok = None if b_rate == 0 else (
+            null["harmful_refusal_rate"] >= flip["harmful_refusal_rate"]
+            and null["harmful_refusal_score"] > flip["harmful_refusal_score"])
         claims.append(_claim(
             rocchetti, "Nullspace projection is weaker than counterfactual flipping at "
             "suppressing refusal.",
@@ -173,7 +175,8 @@ def assess_claims(result: dict, geo: dict | None) -> list[dict]:
                 rocchetti, f"A few leading INLP directions keep most of {name}'s suppression "
                 "at near-baseline perplexity.",
                 f"no suppression at k = {full['k']} (rate {_pct(full['harmful_refusal_rate'])} "
-                f"vs baseline {_pct(b_rate)})", "needs suppression at the full k", False))
+                f"vs baseline {_pct(b_rate)})", "needs suppression at the full k",
+                None if b_rate == 0 else False))
             continue
         ok = few["k"] <= max(1, full["k"] // 2) and \
             few["ppl_completions"] <= PPL_TOLERANCE * b_ppl_c and \
@@ -437,7 +440,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         "## Settings",
         "",
         "```json",
-        json.dumps(s, indent=1),
+        json.dumps(s),
         "```",
         "",
     ]
@@ -445,12 +448,18 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
 
 
 def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"\\([\\`*_|<>\[\]])", lambda m: f"&#{ord(m.group(1))};", text)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    text = re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
-    return text
+    """Inline Markdown (code, bold, italics, backslash escapes) → HTML."""
+    out = []
+    for i, part in enumerate(re.split(r"(\\[\\`*_|<>\[\]])", text)):
+        if i % 2:  # a backslash escape captured by the split
+            out.append(f"&#{ord(part[1])};")
+            continue
+        part = html.escape(part, quote=False)
+        part = re.sub(r"`([^`]+)`", r"<code>\1</code>", part)
+        part = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"\*([^*]+)\*", r"<em>\1</em>", part)
+        out.append(part)
+    return "".join(out)
 
 
 def _split_row(line: str) -> list[str]:

@@ -744,12 +744,17 @@ def test_dockerfile_structure(path):
     exposed = [i["value"] for i in final if i["instruction"] == "EXPOSE"][-1]
     assert exposed.split("/")[0] == env["STEER_PORT"]
     assert env["STEER_HOST"] == "0.0.0.0"
-    # COPY sources from the build context (the repository root) exist
+    # COPY sources from the build context (the repository root) exist and are not .dockerignored
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
     for ins in instructions:
         if ins["instruction"] in {"COPY", "ADD"} and "--from=" not in ins["value"]:
             words = [w for w in ins["value"].split() if not w.startswith("--")]
             for src in words[:-1]:
                 assert (ROOT / src).exists(), f"{path.name}: COPY source {src} does not exist"
+                parts = Path(src).parts
+                assert not any("/".join(parts[:i]) in ignored for i in range(1, len(parts) + 1)), \
+                    f"{path.name}: COPY source {src} is excluded by .dockerignore"
     # the torch pin is pyproject's
     pin = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert args.get("TORCH_VERSION") == pin

@@ -1,7 +1,7 @@
 """`steer eval` on the embedded model: a small grid on a handful of validation prompts.
 
-About two minutes of CPU: three settings (none, ablate, actadd) plus the unsteered baseline on six
-harmful and three harmless prompts with short completions.
+About a minute of CPU on a quiet 2-core machine: two settings (none, ablate) plus the unsteered
+baseline on six harmful and two harmless prompts, with short completions.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def real_eval(real_lm, real_pack, tmp_path_factory):
-    config = EvalConfig(n_harmful=6, n_harmless=3, completion_tokens=16,
-                        n_general=2, general_tokens=48, max_new_tokens=16, batch_size=8,
-                        methods=("none", "ablate", "actadd"),
+    config = EvalConfig(n_harmful=6, n_harmless=2, completion_tokens=12, n_general=2,
+                        general_tokens=32, max_new_tokens=12, batch_size=8,
+                        methods=("none", "ablate"),
                         cache_dir=str(tmp_path_factory.mktemp("eval-cache")))
     return evaluate(real_lm, real_pack, config)
 
 
 def test_shape_and_finite_numbers(real_eval):
     result = real_eval
-    assert [r["label"] for r in result["results"]] == ["none", "ablate s=1", "actadd s=1"]
+    assert [r["label"] for r in result["results"]] == ["none", "ablate s=1"]
     assert result["prompts"]["harmful"]["n"] == 6
     assert result["prompts"]["completions"]["tokens"] > 0
     assert result["prompts"]["general_text"]["tokens"] > 0
@@ -39,7 +39,7 @@ def test_shape_and_finite_numbers(real_eval):
         assert 1.0 <= row["ppl_general"] < 1e4
         assert row["kl_harmless"] >= 0
     json.dumps(result)
-    assert markdown_table(result).count("\n") == 2 + 4
+    assert markdown_table(result).count("\n") == 2 + 3
 
 
 def test_none_equals_the_unsteered_baseline(real_eval):
@@ -58,5 +58,3 @@ def test_ablation_does_not_raise_refusal(real_eval):
     ablate = real_eval["results"][1]
     assert ablate["harmful_refusal_rate"] <= base["harmful_refusal_rate"]
     assert ablate["harmful_refusal_score"] < base["harmful_refusal_score"]
-    actadd = real_eval["results"][2]
-    assert actadd["harmless_refusal_score"] > base["harmless_refusal_score"]

@@ -566,3 +566,71 @@ def test_unknown_route_and_method(client):
 def test_no_server_errors_were_counted(client):
     text = client.get("/metrics").text
     assert 'status="500"' not in text
+
+
+# ---- engine failures: reported, never a crash ------------------------------------------------------
+
+
+class FakeHandle:
+    def __init__(self, events):
+        self.events = events
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        for ev in self.events:
+            yield ev
+
+
+@pytest.fixture()
+def failing(tiny_lm, tiny_pack, monkeypatch):
+    from server.engine import TokenEvent
+
+    app = create_app(Settings(**LIMITS), lm=tiny_lm, packs=[tiny_pack])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        outcome = {"reason": "error"}
+
+        def submit(request):
+            return FakeHandle([TokenEvent(5, "a", logprob=-0.1, queue_wait_s=0.0),
+                               TokenEvent(None, "", finish_reason=outcome["reason"],
+                                          error="boom")])
+
+        monkeypatch.setattr(app.state.steer.engine, "submit", submit)
+        yield c, outcome
+
+
+def test_engine_error_is_500_with_request_id(failing):
+    c, _ = failing
+    r = c.post("/v1/chat/completions", json={"messages": HELLO}, headers={"X-Request-Id": "r1"})
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and "r1" in err["message"] and "boom" in err["message"]
+
+
+def test_engine_timeout_is_504(failing):
+    c, outcome = failing
+    outcome["reason"] = "timeout"
+    r = c.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_engine_error_mid_stream_is_reported_in_band(failing):
+    c, _ = failing
+    events = sse_events(c.post("/v1/chat/completions", json={"messages": HELLO,
+                                                             "stream": True}))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "server_error"
+    assert events[1]["choices"][0]["delta"]["content"] == "a"
+
+
+def test_access_log_names_the_error(client, caplog):
+    with caplog.at_level(logging.INFO, logger="steer.access"):
+        chat(client, steering={"method": "inlp_flip", "k": 99})
+    line = [r for r in caplog.records if r.name == "steer.access"][-1].json
+    assert line["status"] == 400
+    assert line["error"] == {"code": "invalid_steering", "param": "steering.k"}

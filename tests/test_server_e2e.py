@@ -153,11 +153,16 @@ def test_bad_steering_is_a_4xx(client, model):
 
 def test_ablation_removes_a_refusal(client, model):
     """Greedy: find harmful_val prompts the unsteered model refuses, then ablate."""
-    prompts = load_instructions("harmful_val")[:16]
-    with ThreadPoolExecutor(8) as pool:  # the engine batches concurrent requests
-        replies = list(pool.map(
-            lambda p: ask(client, model, p, max_tokens=24).choices[0].message.content, prompts))
-    refused = [p for p, text in zip(prompts, replies) if is_refusal(text)]
+    prompts = load_instructions("harmful_val")[:24]
+    refused: list[str] = []
+    with ThreadPoolExecutor(4) as pool:  # the engine batches concurrent requests
+        for start in range(0, len(prompts), 4):
+            group = prompts[start:start + 4]
+            replies = pool.map(
+                lambda p: ask(client, model, p, max_tokens=24).choices[0].message.content, group)
+            refused += [p for p, text in zip(group, replies) if is_refusal(text)]
+            if refused:
+                break
     assert refused, "the unsteered model refused none of the harmful_val prompts tried"
     prompt = refused[0]
     steered = ask(client, model, prompt, max_tokens=48,
