@@ -157,6 +157,36 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     return app
 
 
+class _DrainingServer:
+    """uvicorn's server with a graceful first SIGTERM/SIGINT: readiness goes 503 and new
+    completions get 503 at once, running requests finish, then uvicorn shuts down. A second
+    signal stops at once."""
+
+    def __new__(cls, config, state: ServerState):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            draining_task: bool | None = None
+
+            def handle_exit(self, sig, frame) -> None:
+                if self.draining_task is not None or state.engine is None:
+                    return super().handle_exit(sig, frame)
+                log.info("signal %s: draining (readiness 503, finishing running requests)", sig)
+                state.draining = True
+                loop = asyncio.get_event_loop()
+                self.draining_task = True  # type: ignore[assignment]
+                loop.call_soon_threadsafe(loop.create_task, self._drain(sig, frame))
+
+            async def _drain(self, sig, frame) -> None:
+                engine = state.engine
+                timeout = state.settings.request_timeout_s
+                if engine is not None:
+                    await engine.shutdown(timeout_s=timeout)
+                super().handle_exit(sig, frame)
+
+        return Server(config)
+
+
 def configure_access_log() -> None:
     if not any(getattr(h, "_steer", False) for h in access_log.handlers):
         handler = logging.StreamHandler(sys.stdout)
@@ -177,8 +207,9 @@ def serve(**overrides: Any) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_access_log()
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
-                access_log=False, log_level=settings.log_level.lower())
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, log_level=settings.log_level.lower())
+    _DrainingServer(config, app.state.steer).run()
     state: ServerState = app.state.steer
     if state.load_error:
         raise RuntimeError(f"the server stopped because loading failed: {state.load_error}")

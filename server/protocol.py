@@ -65,6 +65,8 @@ class _SamplingFields(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     steering: SteeringParams | None = None
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token "
+                                                "(vLLM's extension; for benchmarks)")
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -128,7 +128,8 @@ def _sampling(req, max_tokens: int, stops: list[str], choice: int, logprobs: boo
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else float(req.temperature),
         top_p=1.0 if req.top_p is None else float(req.top_p),
-        seed=seed, stop=list(stops), logprobs=logprobs, top_logprobs=top_logprobs)
+        seed=seed, stop=list(stops), logprobs=logprobs, top_logprobs=top_logprobs,
+        ignore_eos=req.ignore_eos)
 
 
 def _new_job(state: ServerState, req, kind, endpoint: str, request_id: str, resolved: Resolved,

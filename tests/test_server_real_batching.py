@@ -1,0 +1,95 @@
+"""The real server process on the embedded model: concurrent clients with different methods each
+get exactly their solo greedy output; SIGTERM drains a running request, then the process exits."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from bench._server import ServerProcess
+
+pytestmark = pytest.mark.real
+
+VARIANTS = [
+    ("none", {}),
+    ("ablate", {"method": "ablate"}),
+    ("inlp_flip", {"method": "inlp_flip", "k": 2}),
+    ("actadd", {"method": "actadd", "strength": 1.0}),
+    ("ace", {"method": "ace", "strength": 0.0}),
+]
+PROMPTS = ["Name three prime numbers.", "What is a linked list?", "Say hello in French.",
+           "Give me a synonym for quick.", "What colour is the sky?"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from conftest import real_model_enabled
+
+    if not real_model_enabled():
+        pytest.skip("STEERING_SKIP_REAL set")
+    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _ask(url: str, prompt: str, steering: dict, max_tokens: int = 12) -> dict:
+    body = {"model": "default", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0}
+    if steering:
+        body["steering"] = steering
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=900)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_concurrent_mixed_methods_equal_solo_runs(server):
+    solo = [_ask(server.url, p, s)["choices"][0]["message"]["content"]
+            for p, (_, s) in zip(PROMPTS, VARIANTS, strict=True)]
+    results: list[str | None] = [None] * len(VARIANTS)
+
+    def worker(i: int) -> None:
+        results[i] = _ask(server.url, PROMPTS[i], VARIANTS[i][1])["choices"][0]["message"][
+            "content"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(VARIANTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (name, _), alone, together in zip(VARIANTS, solo, results, strict=True):
+        assert together == alone, name
+
+
+def test_sigterm_drains_the_running_request_then_exits(server):
+    outcome: dict = {}
+
+    def long_request() -> None:
+        outcome["reply"] = _ask(server.url, PROMPTS[0], {}, max_tokens=24)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(2.0)  # let it get admitted
+    server.proc.send_signal(signal.SIGTERM)
+    # While draining, readiness is 503 and new completions are refused with 503.
+    deadline = time.monotonic() + 30
+    ready_status = None
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            ready_status = httpx.get(f"{server.url}/readyz", timeout=5).status_code
+            if ready_status == 503:
+                break
+        except httpx.HTTPError:
+            break
+        time.sleep(0.2)
+    t.join(timeout=900)
+    assert outcome["reply"]["choices"][0]["finish_reason"] in {"length", "stop"}
+    assert outcome["reply"]["usage"]["completion_tokens"] > 0
+    assert server.proc.wait(timeout=120) == 0
+    assert ready_status in (503, None)
