@@ -44,6 +44,10 @@ class ServerProcess:
             time.sleep(1)
         raise TimeoutError("server did not become ready")
 
+    def served_model(self) -> str:
+        """The base model id the server answers to (first entry of /v1/models)."""
+        return httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
     def rss_kb(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):

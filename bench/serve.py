@@ -63,9 +63,12 @@ def plain_generate(tokens: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+MODEL = {"id": "qwen2.5-coder-0.5b-instruct"}
+
+
 async def stream_one(client: httpx.AsyncClient, url: str, method: str, prompt: str,
                      tokens: int) -> dict:
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}],
+    body = {"model": MODEL["id"], "messages": [{"role": "user", "content": prompt}],
             "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     if method != "none":
@@ -132,6 +135,7 @@ def main() -> int:
     print(f"plain transformers generate, 1 greedy stream: {reference:.2f} tokens/s")
     with ServerProcess(log_path="/tmp/bench-serve.log") as server:
         server.wait_ready()
+        MODEL["id"] = server.served_model()
         rss_start = server.rss_kb()
         singles = asyncio.run(single_streams(server.url, args.tokens, args.repeats))
         base = singles["none"]["itl_median_ms"]

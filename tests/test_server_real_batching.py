@@ -39,8 +39,13 @@ def server():
         proc.stop()
 
 
+_MODEL: dict[str, str] = {}
+
+
 def _ask(url: str, prompt: str, steering: dict, max_tokens: int = 12) -> dict:
-    body = {"model": "default", "messages": [{"role": "user", "content": prompt}],
+    if url not in _MODEL:
+        _MODEL[url] = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    body = {"model": _MODEL[url], "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0}
     if steering:
         body["steering"] = steering
