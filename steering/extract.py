@@ -32,7 +32,7 @@ class ExtractConfig:
 
     mode: str = "fast"
     n_train: int = 64  # per class
-    n_val: int = 16  # per class, after filtering
+    n_val: int = 12  # per class, after filtering
     candidate_positions: int = 1  # how many of the last post-instruction positions to try
     layer_stride: int = 1
     min_layer_fraction: float = 0.5
@@ -76,7 +76,7 @@ def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
     harmful_train = (harmful_train or load_instructions("harmful_train"))[: config.n_train]
     harmless_train = (harmless_train or load_instructions("harmless_train"))[: config.n_train]
     harmful_val = harmful_val or load_instructions("harmful_val")
-    harmless_val = (harmless_val or load_instructions("harmless_val"))[: config.n_val * 4]
+    harmless_val = (harmless_val or load_instructions("harmless_val"))[: config.n_val * 2]
     tok_ids = refusal_token_ids(lm.tokenizer)
     n_pos = post_instruction_length(lm.tokenizer)
     positions = list(range(-n_pos, 0))
