@@ -965,7 +965,8 @@ def test_docs_exist():
     deploy = (ROOT / "docs" / "deploy.md").read_text()
     for heading in ("Scaling", "Environment variables", "device_map"):
         assert heading in deploy
-    section = (ROOT / "docs" / "README-deploy-section.md").read_text()
-    assert section.startswith("## Deploy")
+    readme = (ROOT / "README.md").read_text()
+    assert "\n## Deploy\n" in readme
+    section = readme.split("\n## Deploy\n", 1)[1]
     for path in re.findall(r"`((?:docker|deploy|docs)/[^`\s]+)`", deploy + section):
         assert (ROOT / path).exists(), f"the docs name {path}, which does not exist"
