@@ -96,5 +96,7 @@ def test_sigterm_drains_the_running_request_then_exits(server):
     t.join(timeout=900)
     assert outcome["reply"]["choices"][0]["finish_reason"] in {"length", "stop"}
     assert outcome["reply"]["usage"]["completion_tokens"] > 0
-    assert server.proc.wait(timeout=120) == 0
+    # uvicorn re-raises the captured SIGTERM once shut down: "terminated by SIGTERM" is the
+    # clean exit here, as is 0.
+    assert server.proc.wait(timeout=120) in (0, -signal.SIGTERM)
     assert ready_status in (503, None)
