@@ -32,32 +32,28 @@ def _count_rejection(state: ServerState, endpoint: str, exc: APIError) -> None:
     state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
 
 
-@router.post(CHAT, response_model=ChatCompletionResponse,
-             responses={**ERRORS, 200: {"content": SSE}})
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def _complete(body, request: Request, endpoint: str, prepare):
     state = get_state(request)
     try:
         state.require_ready()
-        job = prepare_chat(state, body, request.state.request_id)
+        job = prepare(state, body, request.state.request_id)
     except APIError as exc:
-        _count_rejection(state, CHAT, exc)
+        _count_rejection(state, endpoint, exc)
         raise
     request.state.log_extra["user"] = body.user
     return await run_job(state, job, request)
+
+
+@router.post(CHAT, response_model=ChatCompletionResponse,
+             responses={**ERRORS, 200: {"content": SSE}})
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _complete(body, request, CHAT, prepare_chat)
 
 
 @router.post(COMPLETIONS, response_model=CompletionResponse,
              responses={**ERRORS, 200: {"content": SSE}})
 async def completions(body: CompletionRequest, request: Request):
-    state = get_state(request)
-    try:
-        state.require_ready()
-        job = prepare_completion(state, body, request.state.request_id)
-    except APIError as exc:
-        _count_rejection(state, COMPLETIONS, exc)
-        raise
-    request.state.log_extra["user"] = body.user
-    return await run_job(state, job, request)
+    return await _complete(body, request, COMPLETIONS, prepare_completion)
 
 
 # ---- models -------------------------------------------------------------------------------------

@@ -58,15 +58,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
-    "phi3": Architecture(
-        blocks="model.layers",
-        final_norm="model.norm",
-        embedding="model.embed_tokens",
-        attn_writer="self_attn",
-        mlp_writer="mlp",
-        attn_out_proj="self_attn.o_proj",
-        mlp_out_proj="mlp.down_proj",
-    ),
+    "phi3": _LLAMA_LIKE,
     "gpt2": Architecture(
         blocks="transformer.h",
         final_norm="transformer.ln_f",
