@@ -15,6 +15,7 @@ serve: $(STAMP)
 	$(VENV)/bin/steer serve
 
 test: $(STAMP)
+	sh scripts/ensure-browser.sh
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

@@ -25,9 +25,14 @@ from steering.pack import SteeringPack
 
 from . import errors
 from .accesslog import AccessLogMiddleware, JsonFormatter, access_log
+from .audit import AuditMiddleware
+from .auth import AuthMiddleware, load_keys
+from .compare import router as compare_router
 from .engine import Engine
 from .errors import APIError
+from .hardening import BodyLimitMiddleware
 from .metrics import Metrics
+from .packs import load_extra_packs
 from .presets import load_presets
 from .resolve import resolve_steering
 from .routes import router
@@ -52,6 +57,8 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
     """Attach the model and packs, and keep only the presets that apply to them."""
     state.lm = lm
     state.packs = _as_pack_dict(packs)
+    extra, state.failed_packs = load_extra_packs(state.settings, lm.model, set(state.packs))
+    state.packs.update(extra)
     state.default_pack = ("refusal" if "refusal" in state.packs
                           else next(iter(state.packs), None))
     for name in list(state.presets):
@@ -153,6 +160,13 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.state.steer = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(compare_router)  # /v1/steering/compare, /playground
+    keys = load_keys(settings)
+    if settings.auth and not len(keys):
+        log.warning("authentication is on but no API keys are configured: /v1/* answers 401")
+    app.add_middleware(AuditMiddleware, path=settings.audit_log)  # innermost of these
+    app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
     return app
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from steering.cli import build_parser, run
 
+from .cli_client import add_client_commands
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -17,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=cmd_serve)
+    h = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
+                                        "(for the keys file)")
+    h.set_defaults(func=cmd_hash_key)
+    add_client_commands(sub)  # chat, compare (server/cli_client.py)
     return run(parser, argv)
 
 
@@ -27,4 +33,13 @@ def cmd_serve(args) -> int:
                  if k in {"model", "pack", "host", "port", "presets", "device", "dtype"}
                  and v is not None}
     serve(**overrides)
+    return 0
+
+
+def cmd_hash_key(args) -> int:
+    import sys
+
+    from .auth import hash_key
+
+    print(hash_key(sys.stdin.readline().rstrip("\r\n")))
     return 0

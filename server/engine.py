@@ -23,6 +23,7 @@ The serving layer uses only:
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import threading
@@ -160,6 +161,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
+        self._failing: bool | None = None  # set once a decode step is past its forward
         eos = lm.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self._eos = {int(e) for e in [*eos, lm.tokenizer.eos_token_id] if e is not None}
@@ -233,6 +235,7 @@ class Engine:
             except Exception as exc:  # a broken step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {type(exc).__name__}: {exc}")
+            self._failing = None
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -242,9 +245,24 @@ class Engine:
                 if self._waiting and len(self._rows) < self.max_batch:
                     self._prefilling = self._waiting.popleft()
         if self._prefilling is not None:
-            self._prefill_chunk()
+            slot = self._prefilling
+            try:
+                self._prefill_chunk()
+            except Exception as exc:  # one request's prefill: it fails alone
+                self._prefilling = None
+                if slot not in self._rows:
+                    self._fail_one(slot, exc)
+                if slot.prefill_cache is None:  # failed while joining the batch cache: all
+                    raise
         if self._rows:
-            self._decode()
+            width = self._mask.shape[1] if self._mask is not None else 0
+            try:
+                self._decode()
+            except Exception as exc:
+                if self._failing is not True:  # the batched forward failed, nothing was emitted
+                    self._isolate(width, exc)
+                else:
+                    raise
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -296,6 +314,7 @@ class Engine:
         self.lm.hooks.set_rows([s.request.steering for s in self._rows])
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
                             position_ids=positions, past_key_values=self._cache, use_cache=True)
+        self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
         tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :])
@@ -347,6 +366,45 @@ class Engine:
 
     def _finish_slot(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         slot.handle._push(TokenEvent(token_id=None, text="", finish_reason=reason, error=error))
+
+    def _fail_one(self, slot: _Slot, exc: Exception) -> None:
+        log.error("request %s failed in the engine: %s: %s", slot.request.request_id,
+                  type(exc).__name__, exc)
+        self._finish_slot(slot, "error", f"internal error in the engine: "
+                                         f"{type(exc).__name__}: {exc}")
+        self.lm.hooks.set_rows(None)  # forget edits half-built for the failed rows
+
+    def _isolate(self, width: int, exc: Exception) -> None:
+        """The batched decode raised: undo its partial cache growth, retry each row alone on a
+        copy of its cache to find the failing ones, and fail only those. The others decode on
+        in the next step, unchanged (nothing was emitted for this step)."""
+        log.warning("batched decode failed (%s: %s); retrying its %d rows one at a time",
+                    type(exc).__name__, exc, len(self._rows))
+        self.lm.hooks.set_rows(None)
+        self._mask = self._mask[:, :width]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        device = self.lm.device
+        bad: list[int] = []
+        for i, slot in enumerate(self._rows):
+            solo = copy.copy(self._cache)
+            solo.layers = [copy.copy(layer) for layer in self._cache.layers]
+            for layer in solo.layers:
+                layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            mask = torch.cat([self._mask[i:i + 1],
+                              torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
+            try:
+                self.lm.hooks.set_rows([slot.request.steering])
+                self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
+                              position_ids=torch.tensor([[slot.position]], device=device),
+                              past_key_values=solo, use_cache=True)
+            except Exception as row_exc:
+                bad.append(i)
+                self._fail_one(slot, row_exc)
+        self.lm.hooks.set_rows(None)
+        if not bad:  # only the batch as a whole fails: nothing to single out
+            raise exc
+        self._drop_rows(bad)
 
     def _fail_all(self, message: str) -> None:
         slots = list(self._rows) + ([self._prefilling] if self._prefilling else [])
@@ -414,11 +472,13 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float,
             generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # A tiny temperature would overflow the logits to inf (then NaN): floor it (≈ greedy).
+    probs = torch.softmax(logits / max(temperature, 1e-4), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
-        keep = cumulative - sorted_probs < top_p  # always keeps the most likely token
+        keep = cumulative - sorted_probs < top_p
+        keep[0] = True  # always the most likely token (a subnormal top_p rounds to 0 in fp32)
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])

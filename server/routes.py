@@ -24,8 +24,12 @@ from .state import ServerState, get_state
 
 router = APIRouter()
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503, 504)}
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+ERRORS = {code: {"model": ErrorResponse}
+          for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
+# Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                     "id": {"type": "string"}}}}}
 
 
 def _count_rejection(state: ServerState, endpoint: str, exc: APIError) -> None:
@@ -36,7 +40,7 @@ async def _complete(body, request: Request, endpoint: str, prepare):
     state = get_state(request)
     try:
         state.require_ready()
-        job = prepare(state, body, request.state.request_id)
+        job = prepare(state, body, request.state.request_id, request)
     except APIError as exc:
         _count_rejection(state, endpoint, exc)
         raise
@@ -104,8 +108,12 @@ async def list_packs(request: Request):
     data = []
     for name, pack in state.packs.items():
         data.append({"id": name, "object": "steering.pack", "default": name == state.default_pack,
-                     **pack.describe()})
-    return {"object": "list", "data": data}
+                     "status": "loaded", **pack.describe()})
+    for name, error in state.failed_packs.items():  # refused at load (server/packs.py)
+        data.append({"id": name, "object": "steering.pack", "default": False,
+                     "status": "failed", "error": error})
+    failed = [{"id": name, "error": error} for name, error in state.failed_packs.items()]
+    return {"object": "list", "data": data, "failed": failed}
 
 
 @router.get("/v1/steering/methods")

@@ -23,6 +23,8 @@ from steering.chat import format_chat
 
 from .engine import EngineStopped, GenerationRequest, QueueFull, SamplingParams, TokenEvent
 from .errors import APIError, bad_request
+from .hardening import check_prompt_tokens, check_request
+from .policy import enforce_job
 from .protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -78,6 +80,7 @@ class Job:
 
 def _check_common(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
     s = state.settings
+    check_request(state, req)
     if req.logit_bias:
         raise bad_request("logit_bias is not supported by this server", "logit_bias",
                           "unsupported_parameter")
@@ -104,6 +107,7 @@ def _stops(state: ServerState, stop: str | list[str] | None) -> list[str]:
 def _max_tokens(state: ServerState, requested: int | None, default: int, prompt_len: int,
                 prompt_param: str, param: str = "max_tokens") -> int:
     ctx = state.lm.context_length
+    check_prompt_tokens(state, prompt_len, prompt_param)
     if prompt_len >= ctx:
         raise bad_request(f"this model's maximum context length is {ctx} tokens, but the "
                           f"prompt has {prompt_len} tokens", prompt_param,
@@ -169,7 +173,8 @@ def _message_text(i: int, content) -> str:
     return "".join(texts)
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str) -> Job:
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str,
+                 request: Request | None = None) -> Job:
     _check_common(state, req)
     s = state.settings
     if req.tools:
@@ -202,8 +207,10 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str
     requested = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = _max_tokens(state, requested, s.default_max_tokens, len(ids), "messages", param)
-    return _new_job(state, req, "chat", CHAT, request_id, resolved, [ids], [text], [max_tokens],
-                    req.logprobs, top)
+    job = _new_job(state, req, "chat", CHAT, request_id, resolved, [ids], [text], [max_tokens],
+                   req.logprobs, top)
+    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
+    return job
 
 
 # ---- text completions ----------------------------------------------------------------------------
@@ -219,7 +226,8 @@ def _prompt_list(prompt) -> list[str | list[int]]:
     return list(prompt)
 
 
-def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str) -> Job:
+def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str,
+                       request: Request | None = None) -> Job:
     _check_common(state, req)
     s = state.settings
     if req.suffix:
@@ -262,8 +270,10 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request_id: s
         texts.append(text)
         max_tokens.append(_max_tokens(state, req.max_tokens, s.default_completion_max_tokens,
                                       len(ids), param))
-    return _new_job(state, req, "completion", COMPLETIONS, request_id, resolved, ids_list,
-                    texts, max_tokens, top is not None, top or 0, echo=req.echo)
+    job = _new_job(state, req, "completion", COMPLETIONS, request_id, resolved, ids_list,
+                   texts, max_tokens, top is not None, top or 0, echo=req.echo)
+    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
+    return job
 
 
 # ---- running a job --------------------------------------------------------------------------------

@@ -1,0 +1,14 @@
+"""Python clients for the steering server (see `clients.steering_client`)."""
+
+from .steering_client import (
+    AsyncSteeringClient,
+    ChatResult,
+    CompareResult,
+    Steering,
+    SteeringClient,
+    SteeringServerError,
+    VariantResult,
+)
+
+__all__ = ["AsyncSteeringClient", "ChatResult", "CompareResult", "Steering", "SteeringClient",
+           "SteeringServerError", "VariantResult"]

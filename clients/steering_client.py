@@ -1,0 +1,347 @@
+"""A small typed client for the steering server: chat (plain and streamed), compare, models.
+
+    from clients import Steering, SteeringClient
+
+    with SteeringClient("http://127.0.0.1:8000") as c:
+        print(c.chat("How do I pick a lock?", steering=Steering("actadd", strength=2)).text)
+        for delta in c.stream_chat("Hello", preset="no-refusal"):
+            print(delta, end="", flush=True)
+        for v in c.compare("How do I pick a lock?", ["none", Steering("ablate"), "no-refusal"]):
+            print(v.index, v.is_refusal, v.completion)
+
+`AsyncSteeringClient` has the same methods as coroutines (`stream_chat` is an async iterator).
+Only `httpx` is needed. A preset is chosen with `preset=` (the request's model becomes
+`<model>+<preset>`); a `Steering` object overrides the preset field by field, as on the server.
+Errors come back as `SteeringServerError` with the server's OpenAI-style `message`/`param`/`code`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import httpx
+
+Messages = str | Sequence[dict[str, Any]]
+
+
+@dataclass
+class Steering:
+    """The `steering` object of a request; fields left as None take the server's defaults."""
+
+    method: str = "none"
+    strength: float | None = None
+    k: int | None = None
+    layers: list[int] | None = None
+    pack: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+Variant = str | Steering | dict[str, Any]
+
+
+class SteeringServerError(RuntimeError):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(f"{status}: {message}" + (f" (param {param})" if param else ""))
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str | None
+    steering: dict[str, Any]
+    usage: dict[str, int]
+    model: str
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class VariantResult:
+    index: int
+    completion: str
+    is_refusal: bool
+    refusal_score: float | None
+    refusal_score_exact: bool
+    completion_tokens: int
+    time_s: float
+    steering: dict[str, Any]
+    finish_reason: str | None = None
+    label: str | None = None
+    model: str | None = None
+    ttft_s: float | None = None
+
+
+@dataclass
+class CompareResult:
+    model: str
+    seed: int
+    prompt_tokens: int
+    time_s: float
+    variants: list[VariantResult]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def __iter__(self) -> Iterator[VariantResult]:
+        return iter(self.variants)
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+
+# ---- request building and parsing (shared by both clients) --------------------------------------
+
+
+def _messages(messages: Messages) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    return [dict(m) for m in messages]
+
+
+def _steering(steering: Steering | dict[str, Any] | None) -> dict[str, Any] | None:
+    if steering is None:
+        return None
+    return steering.to_dict() if isinstance(steering, Steering) else dict(steering)
+
+
+def _sampling(max_tokens, temperature, top_p, seed) -> dict[str, Any]:
+    out = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _chat_body(model: str | None, messages: Messages, steering, preset: str | None,
+               stream: bool, sampling: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    name = model
+    if preset:
+        name = f"{model}+{preset}" if model else None
+    body: dict[str, Any] = {"messages": _messages(messages), **sampling, **extra}
+    if name:
+        body["model"] = name
+    elif preset:  # model unknown yet: the caller resolves it first
+        raise ValueError("a preset needs the model name")
+    s = _steering(steering)
+    if s is not None:
+        body["steering"] = s
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def _variant(v: Variant) -> str | dict[str, Any]:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Steering):
+        return v.to_dict()
+    return dict(v)
+
+
+def _compare_body(model: str | None, messages: Messages, variants: Sequence[Variant],
+                  sampling: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": _messages(messages),
+                            "variants": [_variant(v) for v in variants], **sampling, **extra}
+    if model:
+        body["model"] = model
+    return body
+
+
+def _raise_for(r: httpx.Response) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        err = r.json()["error"]
+        raise SteeringServerError(r.status_code, err.get("message", r.text), err.get("param"),
+                                  err.get("code"))
+    except (ValueError, KeyError, TypeError):
+        raise SteeringServerError(r.status_code, r.text or r.reason_phrase) from None
+
+
+def _chat_result(data: dict[str, Any]) -> ChatResult:
+    choice = data["choices"][0]
+    return ChatResult(text=choice["message"]["content"] or "",
+                      finish_reason=choice.get("finish_reason"), steering=data.get("steering", {}),
+                      usage=data.get("usage", {}), model=data.get("model", ""), raw=data)
+
+
+def _compare_result(data: dict[str, Any]) -> CompareResult:
+    names = VariantResult.__dataclass_fields__
+    variants = [VariantResult(**{k: v for k, v in item.items() if k in names})
+                for item in data["variants"]]
+    return CompareResult(model=data["model"], seed=data["seed"],
+                         prompt_tokens=data["prompt_tokens"], time_s=data["time_s"],
+                         variants=variants, raw=data)
+
+
+def _sse_delta(line: str) -> tuple[bool, str | None]:
+    """(done, text delta) from one server-sent-event line."""
+    if not line.startswith("data:"):
+        return False, None
+    payload = line[5:].strip()
+    if payload == "[DONE]":
+        return True, None
+    data = json.loads(payload)
+    if "error" in data:
+        err = data["error"]
+        raise SteeringServerError(500, err.get("message", "stream failed"), err.get("param"),
+                                  err.get("code"))
+    choices = data.get("choices") or []
+    if not choices:
+        return False, None
+    return False, (choices[0].get("delta") or {}).get("content") or None
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+# ---- the clients --------------------------------------------------------------------------------
+
+
+class SteeringClient:
+    """Synchronous client. `model` defaults to the server's first model (GET /v1/models)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 model: str | None = None, timeout: float = 600.0,
+                 http: httpx.Client | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._model = model
+        self._http = http or httpx.Client(base_url=self.base_url, timeout=timeout,
+                                          headers=_headers(api_key))
+
+    def __enter__(self) -> SteeringClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = self._http.post(path, json=body)
+        _raise_for(r)
+        return r.json()
+
+    def models(self) -> list[dict[str, Any]]:
+        """The served model and its presets (`<model>+<preset>` ids)."""
+        r = self._http.get("/v1/models")
+        _raise_for(r)
+        return r.json()["data"]
+
+    def model(self) -> str:
+        if self._model is None:
+            self._model = self.models()[0]["id"]
+        return self._model
+
+    def presets(self) -> list[str]:
+        return [m["id"].split("+", 1)[1] for m in self.models() if "+" in m["id"]]
+
+    def chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+             preset: str | None = None, max_tokens: int | None = None,
+             temperature: float | None = None, top_p: float | None = None,
+             seed: int | None = None, **extra: Any) -> ChatResult:
+        body = _chat_body(self.model(), messages, steering, preset, False,
+                          _sampling(max_tokens, temperature, top_p, seed), extra)
+        return _chat_result(self._post("/v1/chat/completions", body))
+
+    def stream_chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+                    preset: str | None = None, max_tokens: int | None = None,
+                    temperature: float | None = None, top_p: float | None = None,
+                    seed: int | None = None, **extra: Any) -> Iterator[str]:
+        """Yields the completion's text deltas as they are generated."""
+        body = _chat_body(self.model(), messages, steering, preset, True,
+                          _sampling(max_tokens, temperature, top_p, seed), extra)
+        with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for(r)
+            for line in r.iter_lines():
+                done, delta = _sse_delta(line)
+                if done:
+                    return
+                if delta:
+                    yield delta
+
+    def compare(self, messages: Messages, variants: Sequence[Variant], *,
+                max_tokens: int | None = None, temperature: float | None = None,
+                top_p: float | None = None, seed: int | None = None,
+                **extra: Any) -> CompareResult:
+        """POST /v1/steering/compare: each variant is a preset name, a `Steering` or a dict."""
+        body = _compare_body(self._model, messages, variants,
+                             _sampling(max_tokens, temperature, top_p, seed), extra)
+        return _compare_result(self._post("/v1/steering/compare", body))
+
+
+class AsyncSteeringClient:
+    """The same API as `SteeringClient`, with coroutines (and an async `stream_chat`)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 model: str | None = None, timeout: float = 600.0,
+                 http: httpx.AsyncClient | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._model = model
+        self._http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
+                                               headers=_headers(api_key))
+
+    async def __aenter__(self) -> AsyncSteeringClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        r = await self._http.post(path, json=body)
+        _raise_for(r)
+        return r.json()
+
+    async def models(self) -> list[dict[str, Any]]:
+        r = await self._http.get("/v1/models")
+        _raise_for(r)
+        return r.json()["data"]
+
+    async def model(self) -> str:
+        if self._model is None:
+            self._model = (await self.models())[0]["id"]
+        return self._model
+
+    async def presets(self) -> list[str]:
+        return [m["id"].split("+", 1)[1] for m in await self.models() if "+" in m["id"]]
+
+    async def chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+                   preset: str | None = None, max_tokens: int | None = None,
+                   temperature: float | None = None, top_p: float | None = None,
+                   seed: int | None = None, **extra: Any) -> ChatResult:
+        body = _chat_body(await self.model(), messages, steering, preset, False,
+                          _sampling(max_tokens, temperature, top_p, seed), extra)
+        return _chat_result(await self._post("/v1/chat/completions", body))
+
+    async def stream_chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+                          preset: str | None = None, max_tokens: int | None = None,
+                          temperature: float | None = None, top_p: float | None = None,
+                          seed: int | None = None, **extra: Any) -> AsyncIterator[str]:
+        body = _chat_body(await self.model(), messages, steering, preset, True,
+                          _sampling(max_tokens, temperature, top_p, seed), extra)
+        async with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _raise_for(r)
+            async for line in r.aiter_lines():
+                done, delta = _sse_delta(line)
+                if done:
+                    return
+                if delta:
+                    yield delta
+
+    async def compare(self, messages: Messages, variants: Sequence[Variant], *,
+                      max_tokens: int | None = None, temperature: float | None = None,
+                      top_p: float | None = None, seed: int | None = None,
+                      **extra: Any) -> CompareResult:
+        body = _compare_body(self._model, messages, variants,
+                             _sampling(max_tokens, temperature, top_p, seed), extra)
+        return _compare_result(await self._post("/v1/steering/compare", body))

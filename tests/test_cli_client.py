@@ -1,0 +1,89 @@
+"""`steer chat` and `steer compare` against the tiny-model server on a loopback port."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import httpx
+import pytest
+
+from bench._server import free_port
+from server.app import create_app
+from server.cli import main
+from server.cli_client import parse_variant, render_table
+from server.settings import Settings
+
+Q = "Write a short poem about the sea."
+
+
+@pytest.fixture(scope="module")
+def url(tiny_lm, tiny_pack):
+    import uvicorn
+
+    port = free_port()
+    app = create_app(Settings(max_tokens_limit=64, access_log=False), lm=tiny_lm,
+                     packs=[tiny_pack])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    yield base
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_parse_variant():
+    assert parse_variant("no-refusal") == "no-refusal"
+    assert parse_variant("inlp_flip:0.5:2") == {"method": "inlp_flip", "strength": 0.5, "k": 2,
+                                                "label": "inlp_flip:0.5:2"}
+    assert parse_variant("ablate") == {"method": "ablate", "label": "ablate"}
+    with pytest.raises(ValueError):
+        parse_variant("bogus:1")
+
+
+def test_render_table_fits_width():
+    table = render_table([(["[0] a"], "x " * 50), (["[1] b"], "short")], 60)
+    assert all(len(line) <= 60 for line in table.splitlines())
+    assert "[1] b" in table and "short" in table
+
+
+def test_compare_prints_side_by_side(url, capsys):
+    rc = main(["compare", "--url", url, "--max-tokens", "5", "--width", "100",
+               "-v", "none", "-v", "actadd:2", "-v", "no-refusal", Q])
+    out = capsys.readouterr().out
+    assert rc == 0
+    head = next(line for line in out.splitlines() if "[0]" in line)
+    assert "[1] actadd:2" in head and "[2] no-refusal" in head  # one row, three columns
+    assert "seed" in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+def test_compare_bad_variant_exit_code(url, capsys):
+    rc = main(["compare", "--url", url, "--max-tokens", "4", "-v", "none", "-v", "actadd:99", Q])
+    assert rc == 1
+    assert "variants[1]" in capsys.readouterr().err
+
+
+def test_chat_piped_lines(url, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{Q}\n\nSecond question?\n"))
+    rc = main(["chat", "--url", url, "--max-tokens", "4", "--method", "ablate"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert len([line for line in out.splitlines() if line.strip()]) >= 1
+
+
+def test_chat_error_exit_code(url, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{Q}\n"))
+    rc = main(["chat", "--url", url, "--preset", "no-such-preset", "--max-tokens", "4"])
+    assert rc == 1
+    assert "no-such-preset" in capsys.readouterr().err

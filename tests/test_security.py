@@ -1,0 +1,413 @@
+"""Issue 7 on the tiny model: API keys and per-key policy (401 / 403 per rule / 429), the audit
+log, input hardening, pack and preset names, refused packs, and engine fault isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server import serving
+from server.app import create_app
+from server.auth import hash_key
+from server.engine import Engine, GenerationRequest, SamplingParams
+from server.hardening import valid_name
+from server.settings import Settings
+from steering import SteeringSpec, build_row
+from steering.chat import format_chat
+
+MODEL = "tiny-qwen2"
+HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
+SECRET_PROMPT = "my secret prompt: the launch code is 0000"
+KEYS = {
+    "keys": [
+        {"id": "basic", "sha256": hash_key("k-basic")},
+        {"id": "power", "sha256": hash_key("k-power"), "methods": "*", "packs": ["refusal"],
+         "presets": ["ablate", "more-refusal"], "max_strength": 2, "max_k": 2},
+        {"id": "slow", "sha256": hash_key("k-slow"), "requests_per_minute": 2},
+        {"id": "thrifty", "sha256": hash_key("k-thrifty"), "tokens_per_minute": 200},
+    ],
+}
+
+
+def _auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def packs_dir(tmp_path_factory, tiny_pack):
+    """Good and broken extra packs: corrupt, truncated, pickled, another model's."""
+    d = tmp_path_factory.mktemp("packs")
+    tiny_pack.save(d / "good")
+    tiny_pack.save(d / "corrupt")
+    (d / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    tiny_pack.save(d / "truncated")
+    raw = (d / "truncated.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    shutil.copy(d / "good.json", d / "pickled.json")
+    (d / "pickled.safetensors").write_bytes(pickle.dumps({"mean_harmful": [1.0]}))
+    tiny_pack.save(d / "other")
+    meta = json.loads((d / "other.json").read_text())
+    meta["fingerprint"]["probe"] = [p + 1.0 for p in meta["fingerprint"]["probe"]]
+    (d / "other.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.fixture(scope="module")
+def audit_file(tmp_path_factory):
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def client(tiny_lm, tiny_pack, packs_dir, audit_file):
+    extra = ",".join(str(packs_dir / f"{n}.safetensors")
+                     for n in ("good", "corrupt", "truncated", "pickled", "other"))
+    settings = Settings(keys=json.dumps(KEYS), audit_log=str(audit_file), extra_packs=extra,
+                        max_tokens_limit=64, max_messages=8, max_body_bytes=4096, max_stop=2,
+                        max_stop_chars=16, max_prompt_tokens=200)
+    app = create_app(settings, lm=tiny_lm, packs=[tiny_pack])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def chat(client, key="k-basic", headers=None, **body):
+    body.setdefault("model", MODEL)
+    body.setdefault("messages", HELLO)
+    body.setdefault("max_tokens", 4)
+    body.setdefault("temperature", 0)
+    return client.post("/v1/chat/completions", json=body,
+                       headers=headers if headers is not None else _auth(key))
+
+
+def _error(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    return err
+
+
+# ---- keys ------------------------------------------------------------------------------------------
+
+
+def test_missing_and_wrong_keys_get_401(client):
+    for headers in ({}, _auth("nope"), {"Authorization": "Basic abc"}, _auth("")):
+        r = chat(client, headers=headers)
+        _error(r, 401)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert client.get("/v1/models").status_code == 401
+
+
+def test_open_endpoints_stay_open(client):
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_default_policy_allows_more_refusal(client):
+    for method in ("none", "actadd", "ace"):
+        r = chat(client, steering={"method": method, "strength": 1.0})
+        assert r.status_code == 200, r.text
+        assert r.json()["steering"]["method"] == method
+
+
+def test_default_policy_refuses_refusal_removal(client):
+    for method in ("ablate", "inlp_null", "inlp_flip"):
+        err = _error(chat(client, steering={"method": method}), 403)
+        assert err["code"] == "policy_methods" and "'methods'" in err["message"]
+        assert err["type"] == "permission_error"
+
+
+def test_named_key_may_remove_refusal(client):
+    r = chat(client, "k-power", steering={"method": "ablate", "strength": 1.0})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("steering,rule", [
+    ({"method": "actadd", "strength": 3.0}, "max_strength"),
+    ({"method": "actadd", "strength": -3.0}, "max_strength"),
+    ({"method": "inlp_null", "k": 3}, "max_k"),
+])
+def test_policy_limits_name_the_rule(client, steering, rule):
+    err = _error(chat(client, "k-power", steering=steering), 403)
+    assert err["code"] == f"policy_{rule}" and rule in err["message"]
+
+
+def test_policy_packs(client):
+    err = _error(chat(client, "k-power", steering={"method": "actadd", "pack": "good"}), 403)
+    assert err["code"] == "policy_packs"
+    assert chat(client, steering={"method": "actadd", "pack": "good"}).status_code == 200
+
+
+def test_presets_obey_the_policy(client):
+    # basic: the preset expands to ablate, which basic may not use
+    err = _error(chat(client, model=f"{MODEL}+ablate"), 403)
+    assert err["code"] == "policy_methods"
+    assert chat(client, "k-power", model=f"{MODEL}+ablate").status_code == 200
+    err = _error(chat(client, "k-power", model=f"{MODEL}+ace-refuse"), 403)
+    assert err["code"] == "policy_presets"
+    # overriding the preset's strength past the key's maximum is refused too
+    err = _error(chat(client, "k-power", model=f"{MODEL}+more-refusal",
+                      steering={"strength": 5.0}), 403)
+    assert err["code"] == "policy_max_strength"
+
+
+def test_completions_are_policed_too(client):
+    r = client.post("/v1/completions", headers=_auth("k-basic"),
+                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                          "steering": {"method": "inlp_flip"}})
+    assert _error(r, 403)["code"] == "policy_methods"
+
+
+def test_compare_variants_are_policed(client):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2, "variants": ["more-refusal"]}
+    r = client.post("/v1/steering/compare", json=body, headers=_auth("k-basic"))
+    assert r.status_code == 200, r.text
+    body["variants"] = ["more-refusal", {"method": "ablate"}]
+    r = client.post("/v1/steering/compare", json=body, headers=_auth("k-basic"))
+    assert _error(r, 403)["code"] == "policy_methods"
+    body["variants"] = ["more-refusal"] * 9
+    r = client.post("/v1/steering/compare", json=body, headers=_auth("k-basic"))
+    assert _error(r, 400)["code"] == "too_many_variants"
+    assert client.post("/v1/steering/compare", json=body).status_code == 401
+
+
+def test_requests_per_minute(client):
+    assert chat(client, "k-slow").status_code == 200
+    assert chat(client, "k-slow").status_code == 200
+    r = chat(client, "k-slow")
+    err = _error(r, 429)
+    assert err["code"] == "rate_limit_requests"
+    assert int(r.headers["retry-after"]) >= 1
+    assert chat(client).status_code == 200  # other keys are not affected
+
+
+def test_tokens_per_minute(client):
+    # prompt + 4 × 60 > 200: admitted on a full bucket (never starved), which it empties
+    assert chat(client, "k-thrifty", max_tokens=60, n=4).status_code == 200
+    r = chat(client, "k-thrifty", max_tokens=2)
+    err = _error(r, 429)
+    assert err["code"] == "rate_limit_tokens" and "retry-after" in r.headers
+
+
+# ---- audit -------------------------------------------------------------------------------------------
+
+
+def test_audit_line_fields_and_no_prompt_text(client, caplog, audit_file):
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    messages = [{"role": "user", "content": SECRET_PROMPT}]
+    r = chat(client, "k-power", messages=messages,
+             steering={"method": "inlp_null", "k": 2, "strength": 1.5},
+             headers={**_auth("k-power"), "X-Request-ID": "audit-test-1"})
+    assert r.status_code == 200, r.text
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records
+             if rec.name == "steer.audit"]
+    line = next(x for x in lines if x["request_id"] == "audit-test-1")
+    for field in ("time", "key_id", "endpoint", "method", "strength", "k", "pack", "preset",
+                  "status", "prompt_tokens", "completion_tokens", "request_id",
+                  "prompt_sha256"):
+        assert field in line, field
+    assert line["key_id"] == "power" and line["endpoint"] == "/v1/chat/completions"
+    assert (line["method"], line["k"], line["strength"], line["status"]) == \
+        ("inlp_null", 2, 1.5, 200)
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] > 0
+    assert len(line["prompt_sha256"]) == 64
+    text = audit_file.read_text()
+    assert "audit-test-1" in text
+    for blob in (text, json.dumps(lines)):
+        assert "launch code" not in blob and "k-power" not in blob
+
+
+def test_audit_records_denials(client, caplog):
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    chat(client, steering={"method": "ablate"}, headers={**_auth("k-basic"),
+                                                         "X-Request-ID": "audit-denied"})
+    line = next(json.loads(r.getMessage()) for r in caplog.records
+                if r.name == "steer.audit" and "audit-denied" in r.getMessage())
+    assert line["status"] == 403 and line["key_id"] == "basic"
+    assert line["denied"] == "policy_methods"
+
+
+# ---- input hardening ------------------------------------------------------------------------------
+
+
+def _raw(client, body: bytes | str, path="/v1/chat/completions"):
+    return client.post(path, content=body, headers={**_auth("k-basic"),
+                                                    "Content-Type": "application/json"})
+
+
+def test_body_size_limit(client):
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]})
+    assert _error(_raw(client, big), 413)["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize("body", [
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], '
+    '"temperature": NaN}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], '
+    '"top_p": Infinity}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], '
+    '"steering": {"method": "actadd", "strength": -Infinity}}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], '
+    '"max_tokens": 1e400}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], '
+    '"max_tokens": 99999999999999999999999999}',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}], "n": "two"}',
+    '{"model": "tiny-qwen2", "messages": "hi"}',
+    '{"model": 5, "messages": []}',
+    '[1, 2, 3]',
+    '{"model": "tiny-qwen2", "messages": [{"role": "user", "content": "hi"}]',
+    '\xff\xfe garbage',
+    '[' * 200 + ']' * 200,
+])
+def test_bad_bodies_are_4xx(client, body):
+    r = _raw(client, body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body)
+    assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+    assert r.json()["error"]["message"]
+
+
+def test_odd_but_valid_unicode_passes(client):
+    text = "\u202eright-to-left \u200b zero-width 🐳 e\u0301 \ufeff"
+    r = chat(client, messages=[{"role": "user", "content": text}])
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body,code", [
+    ({"messages": HELLO * 9}, "too_many_messages"),
+    ({"stop": ["a", "b", "c"]}, None),
+    ({"stop": ["x" * 17]}, "stop_too_long"),
+    ({"max_tokens": 65}, "max_tokens_too_large"),
+    ({"n": 100}, None),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "prompt_too_long"),
+])
+def test_input_limits(client, body, code):
+    err = _error(chat(client, **body), 400)
+    if code:
+        assert err["code"] == code
+
+
+def test_completion_limits(client):
+    r = client.post("/v1/completions", headers=_auth("k-basic"),
+                    json={"model": MODEL, "prompt": ["a"] * 40, "max_tokens": 1})
+    assert _error(r, 400)["code"] == "too_many_prompts"
+
+
+@pytest.mark.parametrize("name", ["../refusal", "..", "a/b", "/etc/passwd", "..\\x", ".hidden",
+                                  "a..b", "x" * 65, "%2e%2e", "pack\x00", "ré"])
+def test_pack_names_cannot_traverse(client, name):
+    assert not valid_name(name)
+    r = chat(client, steering={"method": "actadd", "pack": name})
+    assert r.status_code in (400, 404), r.text
+    r = chat(client, model=f"{MODEL}+{name}")
+    assert r.status_code in (400, 404), r.text
+
+
+# ---- packs refused at load -------------------------------------------------------------------------
+
+
+def test_bad_packs_are_refused_and_listed(client):
+    r = client.get("/v1/steering/packs", headers=_auth("k-basic"))
+    assert r.status_code == 200
+    body = r.json()
+    loaded = {p["id"] for p in body["data"] if p["status"] == "loaded"}
+    failed = {p["id"]: p["error"] for p in body["failed"]}
+    assert {"refusal", "good"} <= loaded
+    assert set(failed) == {"corrupt", "truncated", "pickled", "other"}
+    assert "pickle" in failed["pickled"]
+    assert "other weights" in failed["other"] or "another model" in failed["other"]
+    for reason in failed.values():
+        assert reason
+    # the server still serves the good packs
+    assert chat(client, steering={"method": "actadd", "pack": "good"}).status_code == 200
+    assert _error(chat(client, steering={"method": "actadd", "pack": "corrupt"}),
+                  404)["code"] == "pack_not_found"
+
+
+def test_bad_pack_is_logged(tiny_lm, tiny_pack, packs_dir, caplog):
+    caplog.set_level(logging.ERROR, logger="server")
+    app = create_app(Settings(extra_packs=str(packs_dir / "pickled.safetensors")), lm=tiny_lm,
+                     packs=[tiny_pack])
+    with TestClient(app) as c:
+        assert c.get("/readyz").status_code == 200
+    assert any("pickled" in r.getMessage() and "refused" in r.getMessage()
+               for r in caplog.records)
+
+
+# ---- engine faults ------------------------------------------------------------------------------------
+
+
+class _Boom(dict):
+    """A row's edits that break after `ok` lookups (prefill: one per site)."""
+
+    def __init__(self, edits, ok: int):
+        super().__init__(edits)
+        self.ok = ok
+
+    def get(self, *args):
+        self.ok -= 1
+        if self.ok < 0:
+            raise RuntimeError("injected fault")
+        return super().get(*args)
+
+
+def _request(lm, pack, prompt, edits_ok=None, max_tokens=8):
+    ids = lm.tokenizer(format_chat(lm.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    row = build_row(SteeringSpec("actadd", 1.5), pack)
+    if edits_ok is not None:
+        row.edits = _Boom(row.edits, edits_ok(len(row.edits)))
+    return GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0), row)
+
+
+async def _collect(handle):
+    tokens, last = [], None
+    async for event in handle:
+        if event.token_id is not None:
+            tokens.append(event.token_id)
+        last = event
+    return tokens, last.finish_reason
+
+
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_engine_fault_fails_one_request(tiny_lm, tiny_pack, where):
+    prompts = ["hello there", "write a poem about the sea", "tell me a story"]
+    ok = (lambda n: 0) if where == "prefill" else (lambda n: n)
+
+    async def main():
+        engine = Engine(tiny_lm, max_batch=8)
+        await engine.start()
+        solo = [await _collect(engine.submit(_request(tiny_lm, tiny_pack, p)))
+                for p in prompts]
+        handles = [engine.submit(_request(tiny_lm, tiny_pack, p,
+                                          edits_ok=ok if i == 1 else None))
+                   for i, p in enumerate(prompts)]
+        mixed = await asyncio.gather(*[_collect(h) for h in handles])
+        after = await _collect(engine.submit(_request(tiny_lm, tiny_pack, prompts[1])))
+        await engine.shutdown()
+        return solo, mixed, after
+
+    solo, mixed, after = asyncio.run(main())
+    assert mixed[1][1] == "error"
+    assert mixed[0] == solo[0] and mixed[2] == solo[2]
+    assert after == solo[1]  # the engine keeps serving
+
+
+def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
+    real = serving.resolve_steering
+
+    def faulty(state, model, steering):
+        resolved = real(state, model, steering)
+        if steering is not None and steering.strength == 0.125:
+            resolved.row.edits = _Boom(resolved.row.edits, 0)
+        return resolved
+
+    monkeypatch.setattr(serving, "resolve_steering", faulty)
+    r = chat(client, steering={"method": "actadd", "strength": 0.125},
+             headers={**_auth("k-basic"), "X-Request-ID": "fault-1"})
+    err = _error(r, 500)
+    assert "fault-1" in err["message"] and err["type"] == "server_error"
+    assert chat(client, steering={"method": "actadd", "strength": 0.5}).status_code == 200
