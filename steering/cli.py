@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=_csv(int), default=None,
                    help="INLP leading-k sweep (default 1,2,3; the pack's maximum is added)")
     p.add_argument("--n-geometry", type=int, default=None,
-                   help="prompts per class for the geometry (default 32)")
+                   help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
     p.set_defaults(func=cmd_report)
     return parser

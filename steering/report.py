@@ -45,9 +45,10 @@ FEW_K_SHARE = 0.8  # "most of the suppression": at least 80% of the full-k drop 
 
 
 def report_eval_config(**overrides) -> EvalConfig:
-    """The report's default sizes (2-core CPU: the whole report in about 10–15 minutes)."""
-    base = dict(n_harmful=24, n_harmless=12, completion_tokens=32, n_general=6,
-                general_tokens=80, max_new_tokens=24,
+    """The report's default sizes: about 10 minutes on a quiet 2-core CPU (fp32), leaving room
+    under 20 minutes for a machine shared with other jobs. Each prompt set fits one batch."""
+    base = dict(n_harmful=20, n_harmless=10, completion_tokens=24, n_general=4,
+                general_tokens=80, max_new_tokens=20, batch_size=20,
                 methods=tuple(m for m in METHODS if m != "none"), ks=(1, 2))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return EvalConfig(**base)
@@ -56,7 +57,7 @@ def report_eval_config(**overrides) -> EvalConfig:
 @dataclass
 class ReportConfig:
     eval: EvalConfig = field(default_factory=report_eval_config)
-    n_geometry: int = 32  # harmful and harmless validation prompts each, for the geometry
+    n_geometry: int = 24  # harmful and harmless validation prompts each, for the geometry
     command: str = "steer report"
 
 
@@ -547,7 +548,8 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
     result = evaluate(lm, pack, config.eval)
     harmful = load_instructions(config.eval.harmful)[: config.n_geometry]
     harmless = load_instructions(config.eval.harmless)[: config.n_geometry]
-    geo = geometry(lm, pack, harmful, harmless, batch_size=config.eval.batch_size)
+    geo = geometry(lm, pack, harmful, harmless,
+                   batch_size=min(32, max(config.eval.batch_size, config.n_geometry)))
     geo["prompts"] = {"harmful_sha256": prompts_hash(harmful),
                       "harmless_sha256": prompts_hash(harmless)}
     claims = assess_claims(result, geo)

@@ -262,8 +262,9 @@ function showResults(data) {
     meta.replaceChildren(
       v.is_refusal ? badge("refusal", "refusal", "the evaluation's refusal matcher fired")
         : badge("answered", "ok", "no refusal phrase found"),
-      badge(`score ${v.refusal_score === null ? "n/a" : v.refusal_score.toFixed(2)}${v.refusal_score_exact ? "" : " ≥"}`,
-        "neutral", "log-odds of a refusal opener at the first answer position"),
+      badge(`score ${v.refusal_score === null ? "n/a" : `${v.refusal_score_exact ? "" : "≥ "}${v.refusal_score.toFixed(2)}`}`,
+        "neutral", "log-odds of a refusal opener at the first answer position" +
+        (v.refusal_score_exact ? "" : " (a lower bound: the refusal tokens were outside the top 50)")),
       badge(`${v.completion_tokens} tok`, "neutral", `finish: ${v.finish_reason}`),
       badge(`${v.time_s.toFixed(2)} s`, "neutral", "time to the variant's last token"),
     );
