@@ -154,6 +154,14 @@ def main() -> int:
             srv.wait_ready()
             model = httpx.get(f"{srv.url}/v1/models", timeout=10,
                               headers={"Authorization": "Bearer load-key"}).json()["data"][0]["id"]
+            # Warm up first (weights are memory-mapped and fault in on first use; every method's
+            # tensors get built), so the RSS baseline measures growth under load, not loading.
+            for method in METHODS:
+                body = {"model": model, "max_tokens": 2, "temperature": 0,
+                        "messages": [{"role": "user", "content": PROMPTS[0]}],
+                        "steering": {"method": method}}
+                httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=args.request_timeout,
+                           headers={"Authorization": "Bearer load-key"}).raise_for_status()
             rss_start = srv.rss_kb()
             t0 = time.monotonic()
             stats = asyncio.run(_run(srv.url, model, args))
