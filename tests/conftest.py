@@ -91,3 +91,18 @@ def real_pack(real_lm):
     from steering.store import ensure_pack
 
     return ensure_pack(real_lm)
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """A real `steer serve` process on the embedded model, on a free loopback port."""
+    if not real_model_enabled():
+        pytest.skip("STEERING_SKIP_REAL set")
+    from bench._server import ServerProcess
+
+    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

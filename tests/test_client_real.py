@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from bench._server import ServerProcess
 from clients import AsyncSteeringClient, Steering, SteeringClient, SteeringServerError
 from steering.refusal import is_refusal
 
@@ -23,17 +22,8 @@ HARMLESS = "Give me a synonym for quick."
 
 
 @pytest.fixture(scope="module")
-def server():
-    from conftest import real_model_enabled
-
-    if not real_model_enabled():
-        pytest.skip("STEERING_SKIP_REAL set")
-    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"})
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+def server(real_server):
+    return real_server
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ import time
 import httpx
 import pytest
 
-from bench._server import ServerProcess
-
 pytestmark = pytest.mark.real
 
 VARIANTS = [
@@ -26,17 +24,8 @@ PROMPTS = ["Name three prime numbers.", "What is a linked list?", "Say hello in 
 
 
 @pytest.fixture(scope="module")
-def server():
-    from conftest import real_model_enabled
-
-    if not real_model_enabled():
-        pytest.skip("STEERING_SKIP_REAL set")
-    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"})
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+def server(real_server):
+    return real_server
 
 
 _MODEL: dict[str, str] = {}
