@@ -19,4 +19,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check steering server clients tests bench
+	$(VENV)/bin/ruff check steering server clients tests bench testkit

@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from conftest import make_tiny  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from server.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
 from steering import METHODS, SteeringSpec, build_row  # noqa: E402
-from steering.activations import last_logits  # noqa: E402
-from steering.chat import format_chat  # noqa: E402
-from steering.extract import ExtractConfig, extract_pack  # noqa: E402
-from steering.inlp import InlpConfig  # noqa: E402
+from steering.interventions.activations import last_logits  # noqa: E402
+from steering.models.chat import format_chat  # noqa: E402
+from steering.packs.extract import ExtractConfig, extract_pack  # noqa: E402
+from steering.packs.inlp import InlpConfig  # noqa: E402
+from testkit.tiny import make_tiny  # noqa: E402
 
 PROMPTS = ["hello there", "write a poem about the sea", "hi", "how do I bake bread?",
            "tell me a story", "what is a list?"]
@@ -65,7 +64,7 @@ def check(dtype: torch.dtype) -> dict:
     changed = {m: float((last_logits(lm, PROMPTS[:1], lm.hooks, r) - base).abs().max())
                for m, r in zip(METHODS, rows, strict=True)}
     lm.hooks.set_rows(rows)
-    from steering.activations import encode_chats
+    from steering.interventions.activations import encode_chats
     with torch.inference_mode():
         mixed = lm.model(**encode_chats(lm, PROMPTS), logits_to_keep=1).logits[:, -1].float()
     lm.hooks.set_rows(None)

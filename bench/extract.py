@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from steering import SteeringSpec, build_row, load_model, load_pack
-    from steering.activations import last_logits
-    from steering.extract import ExtractConfig, extract_pack
-    from steering.prompts import load_instructions
-    from steering.refusal import refusal_score, refusal_token_ids
+    from steering.data.prompts import load_instructions
+    from steering.evaluation.refusal import refusal_score, refusal_token_ids
+    from steering.interventions.activations import last_logits
+    from steering.packs.extract import ExtractConfig, extract_pack
 
     t0 = time.perf_counter()
     lm = load_model(args.model, device=args.device, dtype=args.dtype)

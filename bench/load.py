@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._server import ServerProcess  # noqa: E402
-from server.auth import hash_key  # noqa: E402
+from server.security.auth import hash_key  # noqa: E402
+from testkit.server import ServerProcess  # noqa: E402
 
 METHODS = ["none", "actadd", "ace", "ablate", "inlp_null", "inlp_flip"]
 PROMPTS = ["Write a haiku about the sea.", "How do I bake bread?", "Tell me a short story.",

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._server import ServerProcess  # noqa: E402
+from testkit.server import ServerProcess  # noqa: E402
 
 METHODS = ["none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip"]
 PROMPTS = [
@@ -46,7 +46,7 @@ def plain_generate(tokens: int, repeats: int) -> float:
     import torch
 
     from steering import load_model
-    from steering.activations import encode_chats
+    from steering.interventions.activations import encode_chats
 
     lm = load_model("embedded", device="cpu")
     enc = encode_chats(lm, [PROMPTS[0]])

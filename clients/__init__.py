@@ -1,6 +1,6 @@
 """Python clients for the steering server (see `clients.steering_client`)."""
 
-from .steering_client import (
+from clients.steering_client import (
     AsyncSteeringClient,
     ChatResult,
     CompareResult,

@@ -20,24 +20,23 @@ from typing import Any
 from fastapi import FastAPI
 
 import steering
-from steering.models import LoadedModel
-from steering.pack import SteeringPack
-
-from . import errors
-from .accesslog import AccessLogMiddleware, JsonFormatter, access_log
-from .audit import AuditMiddleware
-from .auth import AuthMiddleware, load_keys
-from .compare import router as compare_router
-from .engine import Engine
-from .errors import APIError
-from .hardening import BodyLimitMiddleware
-from .metrics import Metrics
-from .packs import load_extra_packs
-from .presets import load_presets
-from .resolve import resolve_steering
-from .routes import router
-from .settings import Settings
-from .state import ServerState
+from server.api import errors
+from server.api.compare import router as compare_router
+from server.api.errors import APIError
+from server.api.presets import load_presets
+from server.api.resolve import resolve_steering
+from server.api.routes import router
+from server.engine import Engine
+from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
+from server.observability.metrics import Metrics
+from server.packs import load_extra_packs
+from server.security.audit import AuditMiddleware
+from server.security.auth import AuthMiddleware, load_keys
+from server.security.hardening import BodyLimitMiddleware
+from server.settings import Settings
+from server.state import ServerState
+from steering.models.loading import LoadedModel
+from steering.packs.format import SteeringPack
 
 log = logging.getLogger("server")
 
@@ -108,7 +107,7 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
-    from steering.store import ensure_pack
+    from steering.packs.store import ensure_pack
 
     lm = steering.load_model(settings.model, settings.device, settings.dtype)
     pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)

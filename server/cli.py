@@ -1,15 +1,136 @@
-"""`steer`: the library's commands plus `serve`."""
+"""`steer`: the one command line. Library verbs, the server, and HTTP client verbs.
+
+The parser is built here and only here, without importing torch: `steer --help` answers at once.
+Each verb names its handler as "module:function"; the module is imported when the verb runs.
+
+    library   extract, generate, orthogonalize, eval, report   (steering.commands)
+    server    serve, hash-key                                  (server.app, server.security.auth)
+    client    chat, compare                                    (clients.cli, over HTTP)
+"""
 
 from __future__ import annotations
 
-from steering.cli import build_parser, run
+import argparse
+import importlib
+import logging
+import os
+import sys
 
-from .cli_client import add_client_commands
+from steering.interventions.catalog import METHODS
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
+def _handler(args: argparse.Namespace):
+    module, _, name = args.handler.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _csv(kind):
+    def parse(text: str) -> tuple:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    return parse
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded",
+                   help="'embedded' (default), a model folder, a .gguf file or a hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+
+
+def _steering_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="none", choices=METHODS)
+    p.add_argument("--strength", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=None, help="leading INLP directions to use")
+    p.add_argument("--layers", type=_csv(int), default=None, help="comma-separated layer indices")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
+    p.add_argument("--harmful", default=None, help="split name or JSON file (harmful_val)")
+    p.add_argument("--harmless", default=None, help="split name or JSON file (harmless_val)")
+    p.add_argument("--n-harmful", type=int, default=None)
+    p.add_argument("--n-harmless", type=int, default=None,
+                   help="harmless prompts (KL, induced refusal, perplexity on completions)")
+    p.add_argument("--completion-tokens", type=int, default=None,
+                   help="length of the unsteered completions scored for perplexity")
+    p.add_argument("--n-general", type=int, default=None, help="WikiText-2 paragraphs")
+    p.add_argument("--general-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy tokens per completion judged for refusal")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--cache-dir", default=None,
+                   help="where the unsteered completions are cached (default: cache root)")
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("STEER_URL", "http://127.0.0.1:8000"),
+                   help="server address (default: $STEER_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                   help="API key (default: $STEER_API_KEY)")
+    p.add_argument("--model", default=None, help="served model id (default: the server's)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens to generate (default: the server's)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+
+
+def _library_verbs(sub) -> None:
+    p = sub.add_parser("extract", help="extract DiM / ACE / INLP directions into a pack")
+    _model_args(p)
+    p.add_argument("--harmful", default="harmful_train", help="split name or JSON file")
+    p.add_argument("--harmless", default="harmless_train", help="split name or JSON file")
+    p.add_argument("--harmful-val", default="harmful_val")
+    p.add_argument("--harmless-val", default="harmless_val")
+    p.add_argument("--mode", default="fast", choices=("fast", "full"))
+    p.add_argument("--name", default="refusal")
+    p.add_argument("--out", default=None, help="pack path (default: the model's cached pack)")
+    p.set_defaults(handler="steering.commands:cmd_extract")
+
+    p = sub.add_parser("generate", help="one steered completion")
+    _model_args(p)
+    _steering_args(p)
+    p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("prompt")
+    p.set_defaults(handler="steering.commands:cmd_generate")
+
+    p = sub.add_parser("orthogonalize",
+                       help="export a model with the DiM direction ablated in its weights")
+    _model_args(p)
+    p.add_argument("--pack", default=None)
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(handler="steering.commands:cmd_orthogonalize")
+
+    p = sub.add_parser("eval", help="refusal, perplexity and KL over a grid of steering "
+                                    "settings (JSON + Markdown table)")
+    _model_args(p)
+    _eval_args(p)
+    p.add_argument("--methods", type=_csv(str), default=None,
+                   help=f"comma-separated, from {','.join(METHODS)} (default: all)")
+    p.add_argument("--strengths", type=_csv(float), default=None,
+                   help="strengths for every steering method (default: 1, and 0,1 for ace)")
+    p.add_argument("--ks", type=_csv(int), default=None,
+                   help="INLP leading-k sweep (default 1,2,4; the pack's maximum is added)")
+    p.add_argument("--json", default=None, help="write every number here (JSON)")
+    p.add_argument("--markdown", default=None, help="write the table here (Markdown)")
+    p.set_defaults(handler="steering.commands:cmd_eval")
+
+    p = sub.add_parser("report", help="the papers' comparison on one model: self-contained "
+                                      "HTML + Markdown with plots")
+    _model_args(p)
+    _eval_args(p)
+    p.add_argument("--ks", type=_csv(int), default=None,
+                   help="INLP leading-k sweep (default 1,2,3; the pack's maximum is added)")
+    p.add_argument("--n-geometry", type=int, default=None,
+                   help="prompts per class for the geometry (default 24)")
+    p.add_argument("--out", default="docs/report", help="output folder")
+    p.set_defaults(handler="steering.commands:cmd_report")
+
+
+def _server_verbs(sub) -> None:
     p = sub.add_parser("serve", help="start the OpenAI-compatible steering server")
     p.add_argument("--model", default=None)
     p.add_argument("--pack", default=None)
@@ -18,16 +139,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
-    p.set_defaults(func=cmd_serve)
-    h = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
+    p.set_defaults(handler="server.cli:cmd_serve")
+
+    p = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
                                         "(for the keys file)")
-    h.set_defaults(func=cmd_hash_key)
-    add_client_commands(sub)  # chat, compare (server/cli_client.py)
-    return run(parser, argv)
+    p.set_defaults(handler="server.cli:cmd_hash_key")
+
+
+def _client_verbs(sub) -> None:
+    c = sub.add_parser("chat", help="chat with a running server (streamed; reads stdin lines "
+                                    "when piped)")
+    _connection_args(c)
+    c.add_argument("--method", choices=METHODS, default=None, help="steering method")
+    c.add_argument("--strength", type=float, default=None)
+    c.add_argument("--k", type=int, default=None, help="INLP directions (INLP methods)")
+    c.add_argument("--layers", default=None, help="comma-separated layers")
+    c.add_argument("--preset", default=None, help="preset name (model '<model>+<preset>')")
+    c.add_argument("--no-history", action="store_true",
+                   help="send each line on its own (no conversation memory)")
+    c.add_argument("--no-stream", action="store_true", help="print whole answers")
+    c.set_defaults(handler="clients.cli:cmd_chat")
+
+    m = sub.add_parser("compare", help="run one prompt under several steering variants on a "
+                                       "running server and print the answers side by side")
+    _connection_args(m)
+    m.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or none: stdin)")
+    m.add_argument("--variant", "-v", action="append", default=None,
+                   help="method, method:strength[:k], or preset name (repeat; default: none "
+                        "and every preset)")
+    m.add_argument("--json", action="store_true", help="print the raw JSON response")
+    m.add_argument("--width", type=int, default=None, help="table width (default: terminal)")
+    m.set_defaults(handler="clients.cli:cmd_compare")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _library_verbs(sub)
+    _server_verbs(sub)
+    _client_verbs(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _handler(args)(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"steer: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_serve(args) -> int:
-    from .app import serve
+    from server.app import serve
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in {"model", "pack", "host", "port", "presets", "device", "dtype"}
@@ -37,9 +204,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_hash_key(args) -> int:
-    import sys
-
-    from .auth import hash_key
+    from server.security.auth import hash_key
 
     print(hash_key(sys.stdin.readline().rstrip("\r\n")))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from steering.pack import PackError, SteeringPack, load_pack
-
-from .hardening import valid_name
+from server.security.hardening import valid_name
+from steering.packs.format import PackError, SteeringPack, load_pack
 
 log = logging.getLogger("server")
 

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0)
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 / 503")
 
-    # Input hardening (4xx beyond these; see server/hardening.py).
+    # Input hardening (4xx beyond these; see server/security/hardening.py).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (413)")
     max_messages: int = Field(256, ge=1, description="most chat messages in one request")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt in tokens "
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     max_stop_chars: int = Field(256, ge=1, description="longest stop sequence in characters")
     max_compare_variants: int = Field(8, ge=1, description="most variants of one compare")
 
-    # Security (server/auth.py, server/policy.py, server/audit.py).
+    # Security (server/security/: auth.py, policy.py, audit.py).
     auth: bool = Field(False, description="require API keys (Bearer) on /v1/*")
     keys_file: str | None = Field(None, description="YAML/JSON file of hashed API keys and "
                                                     "their policies")

@@ -9,14 +9,13 @@ from typing import Any
 
 from fastapi import Request
 
-from steering.models import LoadedModel
-from steering.pack import SteeringPack
-
-from .engine import Engine
-from .errors import APIError
-from .metrics import Metrics
-from .presets import Preset
-from .settings import Settings
+from server.api.errors import APIError
+from server.api.presets import Preset
+from server.engine import Engine
+from server.observability.metrics import Metrics
+from server.settings import Settings
+from steering.models.loading import LoadedModel
+from steering.packs.format import SteeringPack
 
 log = logging.getLogger("server")
 

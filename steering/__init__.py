@@ -1,16 +1,62 @@
 """Inference-time steering of chat models along refusal directions.
 
 A small public API: load a model, extract (or load) a steering pack, build a steering row for a
-method, and generate with it.
+method, and generate with it. Names are imported on first use, so `import steering` (and the
+`steer` command's parser) does not pay for torch.
+
+    models/         loading a model (hub id, folder, GGUF, the embedded default), its layer table
+    interventions/  the one kernel, the method table, hooks, steered forwards and generation
+    packs/          the pack format, the cache, extraction (DiM, ACE, INLP) and selection
+    evaluation/     refusal judging, the evaluation grid, geometry, the report
+    data/           the shipped prompt sets and their loader
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .methods import METHODS, RowSteering, SteeringError, SteeringSpec, build_row  # noqa: E402
-from .models import LoadedModel, load_model, wrap_model  # noqa: E402
-from .pack import PackError, SteeringPack, load_pack  # noqa: E402
+_EXPORTS = {
+    "METHODS": "steering.interventions.catalog",
+    "RowSteering": "steering.interventions.methods",
+    "SteeringError": "steering.interventions.methods",
+    "SteeringSpec": "steering.interventions.methods",
+    "build_row": "steering.interventions.methods",
+    "generate": "steering.interventions.generate",
+    "LoadedModel": "steering.models.loading",
+    "load_model": "steering.models.loading",
+    "wrap_model": "steering.models.loading",
+    "PackError": "steering.packs.format",
+    "SteeringPack": "steering.packs.format",
+    "load_pack": "steering.packs.format",
+    "ensure_pack": "steering.packs.store",
+}
 
 __all__ = [
     "METHODS", "LoadedModel", "PackError", "RowSteering", "SteeringError", "SteeringPack",
-    "SteeringSpec", "build_row", "load_model", "load_pack", "wrap_model", "__version__",
+    "SteeringSpec", "build_row", "ensure_pack", "generate", "load_model", "load_pack",
+    "wrap_model", "__version__",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from steering.interventions.catalog import METHODS
+    from steering.interventions.generate import generate
+    from steering.interventions.methods import RowSteering, SteeringError, SteeringSpec, build_row
+    from steering.models.loading import LoadedModel, load_model, wrap_model
+    from steering.packs.format import PackError, SteeringPack, load_pack
+    from steering.packs.store import ensure_pack
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'steering' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,11 +9,11 @@ import time
 import httpx
 import pytest
 
-from bench._server import free_port
+from clients.cli import parse_variant, render_table
 from server.app import create_app
 from server.cli import main
-from server.cli_client import parse_variant, render_table
 from server.settings import Settings
+from testkit.server import free_port
 
 Q = "Write a short poem about the sea."
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from live import serve_in_thread
 
 from clients import (
     AsyncSteeringClient,
@@ -17,6 +16,7 @@ from clients import (
 )
 from server.app import create_app
 from server.settings import Settings
+from testkit.live import serve_in_thread
 
 MODEL = "tiny-qwen2"
 PROMPT = "Write a short poem about the sea."
@@ -131,7 +131,7 @@ def test_litellm_config_routes_to_presets():
 
     import yaml
 
-    from server.presets import DEFAULT_PRESETS
+    from server.api.presets import DEFAULT_PRESETS
 
     path = Path(__file__).resolve().parents[1] / "clients" / "examples" / "litellm.yaml"
     config = yaml.safe_load(path.read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients import AsyncSteeringClient, Steering, SteeringClient, SteeringServerError
-from steering.refusal import is_refusal
+from steering.evaluation.refusal import is_refusal
 
 pytestmark = pytest.mark.real
 

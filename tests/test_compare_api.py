@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-from steering.refusal import is_refusal
+from steering.evaluation.refusal import is_refusal
 
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -110,8 +110,8 @@ def test_refusal_score_and_timing_fields(client, tiny_lm):
 
 def test_refusal_score_matches_forward_when_exact(client, tiny_lm):
     """With the score's tokens in the first position's top list it is the exact log-odds."""
-    from steering.activations import last_logits
-    from steering.refusal import refusal_score, refusal_token_ids
+    from steering.evaluation.refusal import refusal_score, refusal_token_ids
+    from steering.interventions.activations import last_logits
 
     r = compare(client, variants=[{"method": "none"}])
     v = r.json()["variants"][0]

@@ -18,7 +18,7 @@
   at its services.
 - Gateway, presets, dashboard: every model name the LiteLLM config routes is one the server accepts
   with the shipped presets; every metric the dashboard, the HPA and prometheus-adapter use is one
-  server/metrics.py exports, with the labels they group by.
+  server/observability/metrics.py exports, with the labels they group by.
 
 The kustomize subset (anything else in a kustomization.yaml fails the test, so the renderer never
 silently ignores a feature): `resources` (files, and folders with a kustomization.yaml),
@@ -573,10 +573,10 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
 # ---- metrics: HPA, prometheus-adapter, dashboard -----------------------------------------------
 
 def _exported_metrics() -> dict[str, set[str]]:
-    """Sample names server/metrics.py exports → their label names."""
+    """Sample names server/observability/metrics.py exports → their label names."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    from server.metrics import Metrics
+    from server.observability.metrics import Metrics
 
     suffixes = {"counter": ["_total", "_created"], "gauge": [""],
                 "histogram": ["_bucket", "_sum", "_count", "_created"],
@@ -589,7 +589,7 @@ def _exported_metrics() -> dict[str, set[str]]:
         for family in collector.describe():
             for suffix in suffixes[family.type]:
                 out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    assert out, "server/metrics.py exported nothing"
+    assert out, "server/observability/metrics.py exported nothing"
     return out
 
 
@@ -602,7 +602,7 @@ SCRAPE_LABELS = {"job", "instance", "pod", "namespace", "service", "container", 
 def _check_promql(expr: str, exported: dict[str, set[str]], where: str) -> None:
     names = set(re.findall(r"\b(steer_[a-z0-9_]+)\b", expr))
     for n in names:
-        assert n in exported, f"{where}: {n} is not a metric server/metrics.py exports ({expr})"
+        assert n in exported, f"{where}: {n} is not a metric server/observability/metrics.py exports ({expr})"
     labels = set().union(*(exported[n] for n in names)) if names else set()
     for group in re.findall(r"\bby \(([^)]*)\)", expr):
         for label in filter(None, (x.strip() for x in group.split(","))):
@@ -844,7 +844,7 @@ def test_every_env_var_is_a_setting_or_documented():
 def test_server_settings_accept_the_deployed_values(monkeypatch):
     """Each server's whole environment (image + compose, or image + manifest) parses."""
     from server.settings import Settings
-    from steering.models import DTYPES
+    from steering.models.loading import DTYPES
 
     images = {p.suffix: _image_env(p) for p in DOCKERFILES}
     contexts = []
@@ -939,8 +939,8 @@ def test_compose_stack():
 
 def test_gateway_routes_resolve():
     """Every model name the gateway routes is one the server serves with the shipped presets."""
-    from server.presets import load_presets, split_model_name
-    from steering.embedded import EMBEDDED_ID
+    from server.api.presets import load_presets, split_model_name
+    from steering.models.embedded import EMBEDDED_ID
 
     assert (DOCKER / "litellm.yaml").read_text() == (DEPLOY / "base" / "litellm.yaml").read_text()
     assert (DOCKER / "presets.yaml").read_text() == (DEPLOY / "base" / "presets.yaml").read_text()

@@ -8,7 +8,7 @@ import pytest
 
 from server.engine import Engine, EngineStopped, GenerationRequest, QueueFull, SamplingParams
 from steering import SteeringSpec, build_row
-from steering.chat import format_chat
+from steering.models.chat import format_chat
 
 METHODS = ["none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip"]
 PROMPTS = ["hello there", "write a poem about the sea and the sky", "hi",

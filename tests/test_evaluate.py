@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from steering import SteeringSpec, build_row
-from steering.evaluate import (
+from steering.data.prompts import load_instructions
+from steering.evaluation.evaluate import (
     EvalConfig,
     build_grid,
     evaluate,
@@ -22,7 +23,7 @@ from steering.evaluate import (
     token_nll,
     unsteered_completions,
 )
-from steering.geometry import (
+from steering.evaluation.geometry import (
     dim_position,
     edited_activations,
     geometry,
@@ -30,8 +31,7 @@ from steering.geometry import (
     nearest_is_harmless,
     pca_2d,
 )
-from steering.prompts import load_instructions
-from steering.refusal import is_refusal
+from steering.evaluation.refusal import is_refusal
 
 TINY = dict(n_harmful=3, n_harmless=3, completion_tokens=6, n_general=2,
             general_tokens=24, max_new_tokens=6, batch_size=4)
@@ -128,7 +128,7 @@ def test_completions_are_cached(tiny_lm, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr("steering.evaluate.generate_greedy", boom)
+    monkeypatch.setattr("steering.evaluation.evaluate.generate_greedy", boom)
     again, path2 = unsteered_completions(tiny_lm, prompts, 5, tmp_path)
     assert again == first and path2 == path
 
@@ -207,7 +207,7 @@ def test_geometry_on_the_pack_data(tiny_lm, tiny_pack):
 # ---- CLI and report ------------------------------------------------------------------------------
 
 def test_cli_eval_on_a_saved_tiny_model(tiny_lm, tiny_pack, tmp_path, capsys):
-    from steering.cli import build_parser, main
+    from server.cli import build_parser, main
 
     folder = tmp_path / "model"
     tiny_lm.model.save_pretrained(folder)
@@ -232,7 +232,7 @@ def test_cli_eval_on_a_saved_tiny_model(tiny_lm, tiny_pack, tmp_path, capsys):
 
 
 def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tmp_path):
-    from steering.report import ReportConfig, report_eval_config, run_report
+    from steering.evaluation.report import ReportConfig, report_eval_config, run_report
 
     config = ReportConfig(eval=report_eval_config(**TINY, ks=(1,), cache_dir=str(tmp_path)),
                           n_geometry=4, command="steer report --out X")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from steering import SteeringSpec, build_row
-from steering.activations import encode_chats, last_logits
-from steering.generate import generate
-from steering.methods import METHODS
-from steering.pack import SteeringPack
+from steering.interventions.activations import encode_chats, last_logits
+from steering.interventions.generate import generate
+from steering.interventions.methods import METHODS
+from steering.packs.format import SteeringPack
 
 PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.", "hi",
            "Explain how to pick a lock without the key, step by step, in detail please.",
@@ -108,7 +108,7 @@ def test_row_count_must_match_the_batch(tiny_lm, rows):
 
 
 def test_remove_detaches_every_hook():
-    from conftest import make_tiny
+    from testkit.tiny import make_tiny
 
     lm = make_tiny("qwen2", n_layers=2)
     g = torch.Generator().manual_seed(3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steering.inlp import InlpConfig, fit_logistic, inlp
+from steering.packs.inlp import InlpConfig, fit_logistic, inlp
 
 D = 24
 MEANS = (1.5, 1.2, 1.0)  # class-mean offsets along three planted directions ...

@@ -1,6 +1,6 @@
 import torch
 
-from steering.kernel import BatchEdit, RowEdit, apply_edit
+from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit
 
 
 def _orthonormal(d, k, seed=0):

@@ -11,13 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from archs import ARCH_KINDS, build_tiny
-from conftest import make_tokenizer
 from torch import nn
 
 from steering import SteeringSpec, build_row
-from steering.activations import encode_chats
-from steering.layers import (
+from steering.interventions.activations import encode_chats
+from steering.models.fingerprint import fingerprint
+from steering.models.layers import (
     ARCHITECTURES,
     UnsupportedArchitecture,
     architecture_of,
@@ -25,8 +24,9 @@ from steering.layers import (
     get_path,
     hidden_size,
 )
-from steering.models import fingerprint
-from steering.pack import SteeringPack
+from steering.packs.format import SteeringPack
+from testkit.archs import ARCH_KINDS, build_tiny
+from testkit.tiny import make_tokenizer
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea and the stars at night."]
 

@@ -1,4 +1,4 @@
-"""The methods of DESIGN.md's table on the tiny model and its extracted pack.
+"""The methods of method table (steering/interventions/methods.py) on the tiny model and its extracted pack.
 
 Activations are captured by pre-hooks registered *after* the steering hooks, so they see what the
 next computation sees: the residual stream after the edit.
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from steering import SteeringError, SteeringSpec, build_row
-from steering.activations import encode_chats
-from steering.kernel import BatchEdit, apply_edit
-from steering.methods import METHODS
-from steering.pack import SteeringPack
-from steering.prompts import load_instructions
+from steering.data.prompts import load_instructions
+from steering.interventions.activations import encode_chats
+from steering.interventions.kernel import BatchEdit, apply_edit
+from steering.interventions.methods import METHODS
+from steering.packs.format import SteeringPack
 
 PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.", "hi",
            "Explain how to pick a lock without the key, step by step."]

@@ -10,15 +10,15 @@ import textwrap
 
 import pytest
 import torch
-from archs import build_tiny
-from conftest import make_tiny, make_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steering import SteeringSpec, build_row
-from steering.activations import encode_chats
-from steering.orthogonalize import export_orthogonalized, orthogonalize
-from steering.pack import SteeringPack
+from steering.interventions.activations import encode_chats
+from steering.interventions.orthogonalize import export_orthogonalized, orthogonalize
+from steering.packs.format import SteeringPack
+from testkit.archs import build_tiny
+from testkit.tiny import make_tiny, make_tokenizer
 
 PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.", "hi",
            "Explain how to pick a lock without the key, step by step."]

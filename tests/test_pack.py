@@ -8,12 +8,12 @@ import pickle
 
 import pytest
 import torch
-from archs import build_tiny
-from conftest import make_tiny
 from safetensors.torch import load_file, save_file
 
 from steering import PackError, SteeringSpec, build_row, load_pack
-from steering.pack import FORMAT_VERSION, pack_paths
+from steering.packs.format import FORMAT_VERSION, pack_paths
+from testkit.archs import build_tiny
+from testkit.tiny import make_tiny
 
 
 @pytest.fixture()

@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from live import serve_in_thread
 
 from server.app import create_app
 from server.settings import Settings
+from testkit.live import serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from steering import SteeringSpec, build_row
-from steering.activations import last_logits
-from steering.prompts import load_instructions
-from steering.refusal import refusal_score, refusal_token_ids
+from steering.data.prompts import load_instructions
+from steering.evaluation.refusal import refusal_score, refusal_token_ids
+from steering.interventions.activations import last_logits
 
 pytestmark = pytest.mark.real
 

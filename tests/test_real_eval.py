@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from steering.evaluate import EvalConfig, evaluate, markdown_table
+from steering.evaluation.evaluate import EvalConfig, evaluate, markdown_table
 
 pytestmark = pytest.mark.real
 

@@ -12,14 +12,14 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from server import serving
+from server.api import serving
 from server.app import create_app
-from server.auth import hash_key
 from server.engine import Engine, GenerationRequest, SamplingParams
-from server.hardening import valid_name
+from server.security.auth import hash_key
+from server.security.hardening import valid_name
 from server.settings import Settings
 from steering import SteeringSpec, build_row
-from steering.chat import format_chat
+from steering.models.chat import format_chat
 
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]

@@ -14,8 +14,8 @@ from server import app as app_module
 from server.app import create_app
 from server.engine import QueueFull
 from server.settings import Settings
-from steering.chat import format_chat
-from steering.methods import METHODS
+from steering.interventions.methods import METHODS
+from steering.models.chat import format_chat
 
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -290,7 +290,7 @@ def test_presets_file(tmp_path, tiny_lm, tiny_pack):
 
 
 def test_bad_presets_file_is_refused(tmp_path):
-    from server.presets import PresetError
+    from server.api.presets import PresetError
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"x": {"method": "ablate", "strenght": 1}}))
@@ -359,7 +359,7 @@ def test_access_log_is_json(client, caplog):
     assert line["status"] == 200 and line["path"] == "/v1/chat/completions"
     assert line["steering"]["method"] == "ablate" and line["user"] == "bob"
     assert line["completion_tokens"] >= 1 and line["request_id"]
-    from server.accesslog import JsonFormatter
+    from server.observability.accesslog import JsonFormatter
 
     formatted = json.loads(JsonFormatter().format(records[-1]))
     assert formatted["status"] == 200 and "secret prompt text" not in json.dumps(formatted)

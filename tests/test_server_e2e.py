@@ -3,37 +3,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import httpx
 import pytest
 
-from steering.prompts import load_instructions
-from steering.refusal import is_refusal
+from steering.data.prompts import load_instructions
+from steering.evaluation.refusal import is_refusal
+from testkit.server import ServerProcess
 
 pytestmark = pytest.mark.real
 
 START_TIMEOUT_S = 1200  # model load takes seconds; a first start also extracts the pack
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _steer_command() -> list[str]:
-    script = Path(sys.executable).parent / "steer"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from server.cli import main; sys.exit(main())"]
 
 
 @pytest.fixture(scope="module")
@@ -43,37 +23,17 @@ def server(tmp_path_factory):
     if not real_model_enabled():
         pytest.skip("STEERING_SKIP_REAL set")
     pytest.importorskip("openai")
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*_steer_command(), "serve", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
-    base = f"http://127.0.0.1:{port}"
+    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"},
+                         log_path=str(log_path))
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}):\n"
-                            f"{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready in {START_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            proc.wait_ready(START_TIMEOUT_S)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield proc.url
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

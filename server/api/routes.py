@@ -1,0 +1,171 @@
+"""HTTP routes: completions, models, steering discovery, probes, metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.errors import APIError, not_found
+from server.api.protocol import (
+    AppliedSteering,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from server.api.resolve import resolve_steering
+from server.api.serving import CHAT, COMPLETIONS, prepare_chat, prepare_completion, run_job
+from server.state import ServerState, get_state
+from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS
+
+router = APIRouter()
+
+ERRORS = {code: {"model": ErrorResponse}
+          for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
+# Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
+SSE = {"text/event-stream": {"schema": {
+    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                                     "id": {"type": "string"}}}}}
+
+
+def _count_rejection(state: ServerState, endpoint: str, exc: APIError) -> None:
+    state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
+
+
+async def _complete(body, request: Request, endpoint: str, prepare):
+    state = get_state(request)
+    try:
+        state.require_ready()
+        job = prepare(state, body, request.state.request_id, request)
+    except APIError as exc:
+        _count_rejection(state, endpoint, exc)
+        raise
+    request.state.log_extra["user"] = body.user
+    return await run_job(state, job, request)
+
+
+@router.post(CHAT, response_model=ChatCompletionResponse,
+             responses={**ERRORS, 200: {"content": SSE}})
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    return await _complete(body, request, CHAT, prepare_chat)
+
+
+@router.post(COMPLETIONS, response_model=CompletionResponse,
+             responses={**ERRORS, 200: {"content": SSE}})
+async def completions(body: CompletionRequest, request: Request):
+    return await _complete(body, request, COMPLETIONS, prepare_completion)
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def _model_cards(state: ServerState) -> list[ModelCard]:
+    name = state.served_name
+    ctx = state.lm.context_length if state.lm is not None else None
+    cards = [ModelCard(id=name, created=state.started, root=str(state.lm.model_id) if state.lm is not None else state.settings.model,
+                       context_length=ctx,
+                       description="the base model (unsteered unless the request's "
+                                   "`steering` says otherwise)")]
+    for preset in state.presets.values():
+        model_id = f"{name}+{preset.name}"
+        try:  # what the preset resolves to with the loaded packs
+            applied = resolve_steering(state, model_id, None).applied
+        except APIError:  # not loaded yet: show the preset as written
+            p = preset.steering
+            applied = AppliedSteering(method=p.method, strength=p.strength, k=p.k,
+                                      layers=p.layers, pack=p.pack, preset=preset.name)
+        cards.append(ModelCard(id=model_id, created=state.started, root=name,
+                               context_length=ctx, description=preset.description,
+                               steering=applied))
+    return cards
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request):
+    return ModelList(data=_model_cards(get_state(request)))
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+            responses={404: {"model": ErrorResponse}})
+async def get_model(model_id: str, request: Request):
+    for card in _model_cards(get_state(request)):
+        if card.id == model_id:
+            return card
+    raise not_found(f"the model {model_id!r} does not exist", "model", "model_not_found")
+
+
+# ---- steering discovery -------------------------------------------------------------------------
+
+
+@router.get("/v1/steering/packs")
+async def list_packs(request: Request):
+    state = get_state(request)
+    state.require_ready()
+    data = []
+    for name, pack in state.packs.items():
+        data.append({"id": name, "object": "steering.pack", "default": name == state.default_pack,
+                     "status": "loaded", **pack.describe()})
+    for name, error in state.failed_packs.items():  # refused at load (server/packs.py)
+        data.append({"id": name, "object": "steering.pack", "default": False,
+                     "status": "failed", "error": error})
+    failed = [{"id": name, "error": error} for name, error in state.failed_packs.items()]
+    return {"object": "list", "data": data, "failed": failed}
+
+
+@router.get("/v1/steering/methods")
+async def list_methods(request: Request):
+    state = get_state(request)
+    s = state.settings
+    packs = state.packs
+    data = []
+    for method in METHODS:
+        entry = {"id": method, "object": "steering.method", "description": DESCRIPTIONS[method],
+                 "strength": None if method == "none" else
+                 {"min": s.strength_min, "max": s.strength_max, "default": 1.0},
+                 "uses_k": method in INLP_METHODS, "packs": {}}
+        if method != "none":
+            for name, pack in packs.items():
+                if method in INLP_METHODS:
+                    if not pack.inlp:
+                        continue
+                    info = {"k": {"min": 1, "max": pack.max_k()},
+                            "allowed_layers": pack.inlp_layers,
+                            "default_layers": pack.inlp_layers}
+                else:
+                    every = list(range(pack.n_layers))
+                    info = {"allowed_layers": every,
+                            "default_layers": every if method == "ablate" else [pack.layer]}
+                entry["packs"][name] = info
+        data.append(entry)
+    return {"object": "list", "data": data}
+
+
+# ---- probes and metrics -------------------------------------------------------------------------
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    state = get_state(request)
+    if state.ready and not state.draining:
+        return {"status": "ready", "model": state.served_name,
+                "packs": sorted(state.packs)}
+    status = "failed" if state.load_error else "draining" if state.draining else "loading"
+    body = {"status": status}
+    if state.load_error:
+        body["error"] = state.load_error
+    return JSONResponse(body, status_code=503,
+                        headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    data, content_type = get_state(request).metrics.render()
+    return Response(data, media_type=content_type)

@@ -1,0 +1,484 @@
+"""The batching engine: owns the model and decodes many requests together (continuous batching).
+
+One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
+(2) advances the prefill of at most one newly admitted request by one chunk — so a long prompt
+never stalls the running ones for more than a chunk — and merges it into the batch when done,
+(3) runs one batched forward for every running request, each row with its own steering through
+the kernel's per-row path, and samples each row with its own generator. Every request keeps its
+own slot in the batch KV cache: rows are left-padded to a common length with masked positions,
+so a row computes what it would compute alone.
+
+The serving layer uses only:
+
+    engine = Engine(lm, max_batch=16, max_queue=64, request_timeout_s=600.0)
+    await engine.start()                       # starts the background decode loop
+    handle = engine.submit(GenerationRequest(...))   # raises QueueFull when the queue is full
+    async for event in handle:                 # TokenEvent per generated token
+        ...
+    handle.cancel()                            # frees the slot at the next step
+    await engine.shutdown()                    # stop admitting, finish running, stop the loop
+    engine.stats()                             # {"running": int, "waiting": int}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from server.engine.detok import Detokenizer
+from steering.interventions.methods import RowSteering
+from steering.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; answer 429 with Retry-After."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and admits nothing new; answer 503."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
+    ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's extension)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    steering: RowSteering
+    request_id: str = ""
+
+
+@dataclass
+class TokenEvent:
+    """One step of one request. `text` is the new text this token adds (may be "" while a
+    multi-byte character or a possible stop string is pending). `finish_reason` is set on the
+    last event: "stop" (EOS or stop string), "length" (max_tokens or context), "cancelled",
+    "timeout" or "error" (then `error` holds the message)."""
+
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    queue_wait_s: float | None = None  # set on the first event of a request
+
+
+class _Handle:
+    """What `submit` returns: an async iterator of TokenEvents, and cancel()."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.cancelled = False
+        self.done = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._engine._wake()
+
+    def _push(self, event: TokenEvent) -> None:  # called from the engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while True:
+                event = await self._queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    self.done = True
+                    return
+        finally:
+            if not self.done:  # the consumer went away (client disconnected)
+                self.cancel()
+
+
+@dataclass
+class _Slot:
+    """A request inside the engine."""
+
+    handle: _Handle
+    submitted: float
+    deadline: float
+    generator: torch.Generator | None
+    detok: Detokenizer
+    prefill_cache: DynamicCache | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    position: int = 0  # position id of the next input token
+    generated: int = 0
+    first_event: bool = True
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
+                 request_timeout_s: float = 600.0, prefill_chunk: int = 512):
+        self.lm = lm
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.prefill_chunk = prefill_chunk
+        self._waiting: deque[_Slot] = deque()
+        self._prefilling: _Slot | None = None
+        self._rows: list[_Slot] = []  # running requests, in batch order
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [B, S] 1 = real token
+        self._next_tokens: torch.Tensor | None = None  # [B] the token each row feeds next
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
+        self._failing: bool | None = None  # set once a decode step is past its forward
+        eos = lm.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self._eos = {int(e) for e in [*eos, lm.tokenizer.eos_token_id] if e is not None}
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> _Handle:
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down and admits no new requests")
+        handle = _Handle(self, request, asyncio.get_running_loop())
+        now = time.monotonic()
+        seed = request.sampling.seed
+        generator = None
+        if request.sampling.temperature > 0:
+            generator = torch.Generator(device=self.lm.device)
+            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(6)))
+        slot = _Slot(handle, now, now + self.request_timeout_s, generator,
+                     Detokenizer(self.lm.tokenizer, request.sampling.stop))
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
+            self._waiting.append(slot)
+        self._wake()
+        return handle
+
+    async def shutdown(self, timeout_s: float | None = None) -> None:
+        """Stop admitting, let waiting and running requests finish, then stop the loop."""
+        self._accepting = False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.stats()["running"] + self.stats()["waiting"] > 0:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            waiting = len(self._waiting)
+        running = len(self._rows) + (1 if self._prefilling is not None else 0)
+        return {"running": running, "waiting": waiting}
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping:
+            if not (self._rows or self._prefilling or self._waiting):
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a broken step fails its requests, not the server
+                log.exception("engine step failed")
+                self._fail_all(f"internal error in the engine: {type(exc).__name__}: {exc}")
+            self._failing = None
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self._reap()
+        if self._prefilling is None:
+            with self._lock:
+                if self._waiting and len(self._rows) < self.max_batch:
+                    self._prefilling = self._waiting.popleft()
+        if self._prefilling is not None:
+            slot = self._prefilling
+            try:
+                self._prefill_chunk()
+            except Exception as exc:  # one request's prefill: it fails alone
+                self._prefilling = None
+                if slot not in self._rows:
+                    self._fail_one(slot, exc)
+                if slot.prefill_cache is None:  # failed while joining the batch cache: all
+                    raise
+        if self._rows:
+            width = self._mask.shape[1] if self._mask is not None else 0
+            try:
+                self._decode()
+            except Exception as exc:
+                if self._failing is not True:  # the batched forward failed, nothing was emitted
+                    self._isolate(width, exc)
+                else:
+                    raise
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for slot in list(self._waiting):
+                if slot.handle.cancelled or now > slot.deadline:
+                    self._waiting.remove(slot)
+                    self._finish_slot(slot, "cancelled" if slot.handle.cancelled else "timeout")
+        if self._prefilling is not None and (self._prefilling.handle.cancelled
+                                             or now > self._prefilling.deadline):
+            slot, self._prefilling = self._prefilling, None
+            self._finish_slot(slot, "cancelled" if slot.handle.cancelled else "timeout")
+        gone = [i for i, s in enumerate(self._rows) if s.handle.cancelled or now > s.deadline]
+        for i in gone:
+            s = self._rows[i]
+            self._finish_slot(s, "cancelled" if s.handle.cancelled else "timeout")
+        self._drop_rows(gone)
+
+    def _prefill_chunk(self) -> None:
+        slot = self._prefilling
+        assert slot is not None
+        ids = slot.request.prompt_ids
+        if slot.prefill_cache is None:
+            slot.prefill_cache = DynamicCache()
+        start, end = slot.prefilled, min(len(ids), slot.prefilled + self.prefill_chunk)
+        device = self.lm.device
+        input_ids = torch.tensor([ids[start:end]], device=device)
+        self.lm.hooks.set_rows([slot.request.steering])
+        out = self.lm.model(
+            input_ids=input_ids,
+            attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+            position_ids=torch.arange(start, end, device=device)[None],
+            past_key_values=slot.prefill_cache, use_cache=True, logits_to_keep=1)
+        slot.prefilled = end
+        if end < len(ids):
+            return
+        self._prefilling = None
+        slot.position = len(ids)
+        token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
+        if token is not None:
+            self._merge(slot, token)
+
+    def _decode(self) -> None:
+        device = self.lm.device
+        assert self._cache is not None and self._mask is not None
+        self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long,
+                                                       device=device)], dim=1)
+        positions = torch.tensor([[s.position] for s in self._rows], device=device)
+        self.lm.hooks.set_rows([s.request.steering for s in self._rows])
+        out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
+                            position_ids=positions, past_key_values=self._cache, use_cache=True)
+        self._failing = True  # past the forward: a failure now is not one row's
+        for s in self._rows:
+            s.position += 1
+        tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :])
+        finished = [i for i, t in enumerate(tokens) if t is None]
+        self._next_tokens = torch.tensor([t if t is not None else 0 for t in tokens],
+                                         device=device)
+        self._drop_rows(finished)
+
+    # ---- sampling and events --------------------------------------------------------------------
+
+    def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
+        """Sample one token per row and send its event; None where the request finished."""
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        result: list[int | None] = []
+        for i, slot in enumerate(slots):
+            sp = slot.request.sampling
+            if sp.temperature <= 0:
+                token = int(torch.argmax(logits[i]))
+            else:
+                token = _sample(logits[i], sp.temperature, sp.top_p, slot.generator)
+            slot.generated += 1
+            event = TokenEvent(token_id=token, text="")
+            if sp.logprobs:
+                event.logprob = float(logprobs[i, token])
+                if sp.top_logprobs:
+                    top = torch.topk(logprobs[i], sp.top_logprobs)
+                    event.top_logprobs = [(int(t), float(v))
+                                          for v, t in zip(top.values, top.indices)]
+            if slot.first_event:
+                event.queue_wait_s = time.monotonic() - slot.submitted
+                slot.first_event = False
+            finish = None
+            if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+                finish = "stop"
+                event.text = slot.detok.finish()
+            else:
+                event.text, hit_stop = slot.detok.add(token)
+                if hit_stop:
+                    finish = "stop"
+                elif (slot.generated >= sp.max_tokens
+                      or slot.position + 1 >= self.lm.context_length):
+                    finish = "length"
+                    event.text += slot.detok.finish()
+            event.finish_reason = finish
+            slot.handle._push(event)
+            result.append(None if finish else token)
+        return result
+
+    def _finish_slot(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+        slot.handle._push(TokenEvent(token_id=None, text="", finish_reason=reason, error=error))
+
+    def _fail_one(self, slot: _Slot, exc: Exception) -> None:
+        log.error("request %s failed in the engine: %s: %s", slot.request.request_id,
+                  type(exc).__name__, exc)
+        self._finish_slot(slot, "error", f"internal error in the engine: "
+                                         f"{type(exc).__name__}: {exc}")
+        self.lm.hooks.set_rows(None)  # forget edits half-built for the failed rows
+
+    def _isolate(self, width: int, exc: Exception) -> None:
+        """The batched decode raised: undo its partial cache growth, retry each row alone on a
+        copy of its cache to find the failing ones, and fail only those. The others decode on
+        in the next step, unchanged (nothing was emitted for this step)."""
+        log.warning("batched decode failed (%s: %s); retrying its %d rows one at a time",
+                    type(exc).__name__, exc, len(self._rows))
+        self.lm.hooks.set_rows(None)
+        self._mask = self._mask[:, :width]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        device = self.lm.device
+        bad: list[int] = []
+        for i, slot in enumerate(self._rows):
+            solo = copy.copy(self._cache)
+            solo.layers = [copy.copy(layer) for layer in self._cache.layers]
+            for layer in solo.layers:
+                layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            mask = torch.cat([self._mask[i:i + 1],
+                              torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
+            try:
+                self.lm.hooks.set_rows([slot.request.steering])
+                self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
+                              position_ids=torch.tensor([[slot.position]], device=device),
+                              past_key_values=solo, use_cache=True)
+            except Exception as row_exc:
+                bad.append(i)
+                self._fail_one(slot, row_exc)
+        self.lm.hooks.set_rows(None)
+        if not bad:  # only the batch as a whole fails: nothing to single out
+            raise exc
+        self._drop_rows(bad)
+
+    def _fail_all(self, message: str) -> None:
+        slots = list(self._rows) + ([self._prefilling] if self._prefilling else [])
+        for slot in slots:
+            self._finish_slot(slot, "error", message)
+        self._rows, self._prefilling = [], None
+        self._cache = self._mask = self._next_tokens = None
+        self.lm.hooks.set_rows(None)
+
+    # ---- the batch KV cache ---------------------------------------------------------------------
+
+    def _merge(self, slot: _Slot, token: int) -> None:
+        """Add a prefilled request to the batch: left-pad the shorter side's cache."""
+        new = slot.prefill_cache
+        slot.prefill_cache = None
+        device = self.lm.device
+        n_new = new.layers[0].keys.shape[-2]
+        new_mask = torch.ones(1, n_new, dtype=torch.long, device=device)
+        tok = torch.tensor([token], device=device)
+        if self._cache is None:
+            self._cache, self._mask, self._next_tokens = new, new_mask, tok
+            self._rows = [slot]
+            return
+        n_old = self._mask.shape[1]
+        width = max(n_old, n_new)
+        for old_layer, new_layer in zip(self._cache.layers, new.layers):
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width),
+                                        _left_pad(new_layer.keys, width)])
+            old_layer.values = torch.cat([_left_pad(old_layer.values, width),
+                                          _left_pad(new_layer.values, width)])
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(new_mask, width)])
+        self._next_tokens = torch.cat([self._next_tokens, tok])
+        self._rows.append(slot)
+
+    def _drop_rows(self, indices: list[int]) -> None:
+        if not indices:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in set(indices)]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._next_tokens = None
+            self.lm.hooks.set_rows(None)
+            return
+        index = torch.tensor(keep, device=self.lm.device)
+        # Columns that are padding in every remaining row can go.
+        mask = self._mask[index]
+        first = int(mask.any(dim=0).nonzero()[0])
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self._mask = mask[:, first:]
+        self._next_tokens = self._next_tokens[index]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence axis (dim 2 for [B, H, S, D] caches, dim 1 for [B, S] masks)."""
+    axis = 2 if t.ndim == 4 else 1
+    missing = width - t.shape[axis]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> int:
+    # A tiny temperature would overflow the logits to inf (then NaN): floor it (≈ greedy).
+    probs = torch.softmax(logits / max(temperature, 1e-4), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        keep = cumulative - sorted_probs < top_p
+        keep[0] = True  # always the most likely token (a subnormal top_p rounds to 0 in fp32)
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

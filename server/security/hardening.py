@@ -1,0 +1,183 @@
+"""Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, limits
+the protocol models do not express, and names that must stay inside their folder.
+
+`BodyLimitMiddleware` reads each /v1/* request body once (413 past `max_body_bytes`, whatever
+Content-Length says) and refuses, with 400 and a clear message: `NaN`/`Infinity` anywhere, nesting
+deeper than 64, lone UTF-16 surrogates and NUL characters in any string. Right-to-left marks and
+other printable unicode pass. `check_request` / `check_prompt_tokens` are called by serving.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import APIError, bad_request
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
+MAX_DEPTH = 64
+
+
+def valid_name(name: str) -> bool:
+    """A pack or preset name: letters, digits, '.', '_', '-', not starting with a dot."""
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+def check_name(name: str, what: str, param: str) -> None:
+    if not valid_name(name):
+        raise bad_request(f"invalid {what} name {name[:80]!r}: use 1–64 letters, digits, '.', "
+                          "'_' or '-' (no paths)", param, f"invalid_{what}_name")
+
+
+# ---- request bodies ----------------------------------------------------------------------------
+
+
+class _NonFinite(str):
+    """What `NaN`, `Infinity` and `-Infinity` parse to here, so the walk can name where."""
+
+
+def _param(path: list) -> str | None:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else ("." if out else "") + str(p)
+    return out or None
+
+
+def _walk(value) -> tuple[str, str | None] | None:
+    """The first problem (message, param) in the parsed body's values or depth, iteratively."""
+    stack = [(value, [])]
+    while stack:
+        v, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            return f"the JSON body is nested deeper than {MAX_DEPTH} levels", None
+        if isinstance(v, _NonFinite):
+            return (f"{str(v)} is not valid JSON; numbers must be finite",
+                    _param(path))
+        if isinstance(v, float) and not math.isfinite(v):
+            return "numbers must be finite (this one overflows)", _param(path)
+        if isinstance(v, str):
+            items = [v]
+        elif isinstance(v, dict):
+            items = list(v.keys())
+            stack.extend((x, [*path, k]) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((x, [*path, i]) for i, x in enumerate(v))
+            continue
+        else:
+            continue
+        for s in items:
+            if "\x00" in s:
+                return "strings must not contain NUL (U+0000) characters", _param(path)
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                return ("strings must not contain lone UTF-16 surrogates (invalid unicode)",
+                        _param(path))
+    return None
+
+
+def check_json(body: bytes) -> None:
+    if not body.strip():
+        return
+    try:
+        data = json.loads(body, parse_constant=_NonFinite)
+    except ValueError:  # JSONDecodeError, bad UTF-8: FastAPI's own parser reports it
+        return
+    except RecursionError:
+        raise bad_request(f"the JSON body is nested deeper than {MAX_DEPTH} levels", None,
+                          "invalid_json") from None
+    problem = _walk(data)
+    if problem:
+        message, param = problem
+        raise bad_request(f"{param}: {message}" if param else message, param, "invalid_value")
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int, prefix: str = "/v1/"):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"} \
+                or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        too_big = APIError(413, f"the request body exceeds {self.max_bytes} bytes",
+                           code="request_too_large")
+        for k, v in scope.get("headers", []):
+            if k.lower() == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await too_big.response()(scope, receive, send)
+                    return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await too_big.response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            check_json(body)
+        except APIError as err:
+            await err.response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# ---- limits serving checks ---------------------------------------------------------------------
+
+
+def check_request(state, req) -> None:
+    """Limits on messages, stop sequences and names (before any tokenization)."""
+    s = state.settings
+    messages = getattr(req, "messages", None)
+    if messages is not None and len(messages) > s.max_messages:
+        raise bad_request(f"at most {s.max_messages} messages are allowed, got "
+                          f"{len(messages)}", "messages", "too_many_messages")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    for i, stop in enumerate(stops):
+        if len(stop) > s.max_stop_chars:
+            raise bad_request(f"stop sequences may be at most {s.max_stop_chars} characters, "
+                              f"stop[{i}] has {len(stop)}", "stop", "stop_too_long")
+    prompt = getattr(req, "prompt", None)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
+            and len(prompt) > s.max_choices:
+        raise bad_request(f"at most {s.max_choices} prompts are allowed, got {len(prompt)}",
+                          "prompt", "too_many_prompts")
+    steering = getattr(req, "steering", None)
+    if steering is not None and steering.pack is not None:
+        check_name(steering.pack, "pack", "steering.pack")
+    model = getattr(req, "model", None)
+    if model and "+" in model:
+        check_name(model.rpartition("+")[2], "preset", "model")
+
+
+def check_prompt_tokens(state, n_tokens: int, param: str) -> None:
+    limit = state.settings.max_prompt_tokens
+    if limit is not None and n_tokens > limit:
+        raise bad_request(f"the prompt has {n_tokens} tokens; this server accepts at most "
+                          f"{limit}", param, "prompt_too_long")

@@ -1,0 +1,199 @@
+"""Per-key steering policy: which methods, packs and presets a key may use, how hard, how often.
+
+A policy is checked against the *resolved* steering (after a preset is expanded and the body's
+`steering` merged in), so a preset cannot lend a key a method it may not use. The typical default
+lets everyone add refusal (`none`, `actadd`, `ace`) and keeps refusal removal (`ablate`,
+`inlp_null`, `inlp_flip`) to keys that name those methods.
+
+    enforce(state, request, applied, prompt=..., tokens=...)   # 403 / 429, or the caller's key
+
+With authentication off (`STEER_AUTH` unset, local use) there is no key and no policy.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from fastapi import Request
+
+from server.api.errors import APIError
+from server.api.protocol import AppliedSteering
+
+DEFAULT_METHODS = ("none", "actadd", "ace")
+FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
+          "tokens_per_minute")
+
+
+class PolicyError(ValueError):
+    """A keys file whose policy cannot be used."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    methods: frozenset[str] | None = frozenset(DEFAULT_METHODS)  # None: every method
+    packs: frozenset[str] | None = None  # None: every loaded pack
+    presets: frozenset[str] | None = None  # None: every preset
+    max_strength: float | None = None  # largest |strength|
+    max_k: int | None = None
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
+
+    @classmethod
+    def parse(cls, data: dict | None, base: Policy | None = None, where: str = "policy"
+              ) -> Policy:
+        base = base or cls()
+        if data is None:
+            return base
+        if not isinstance(data, dict):
+            raise PolicyError(f"{where}: expected a mapping")
+        updates = {}
+        for name in FIELDS:
+            if name not in data:
+                continue
+            value = data[name]
+            if name in ("methods", "packs", "presets"):
+                if value is None or value == "*":
+                    updates[name] = None
+                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                    updates[name] = frozenset(value)
+                else:
+                    raise PolicyError(f"{where}.{name}: expected a list of names or '*'")
+            elif value is None:
+                updates[name] = None
+            else:
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value) or value < 0:
+                    raise PolicyError(f"{where}.{name}: expected a non-negative number")
+                updates[name] = int(value) if name == "max_k" else float(value)
+        return replace(base, **updates)
+
+
+def _forbidden(key_id: str, rule: str, message: str) -> APIError:
+    return APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
+                         f"'{rule}': {message}", type="permission_error",
+                    param="steering", code=f"policy_{rule}")
+
+
+def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
+    """403 naming the first rule `applied` breaks."""
+    if policy.methods is not None and applied.method not in policy.methods:
+        raise _forbidden(key_id, "methods", f"method {applied.method!r} is not allowed "
+                         f"(allowed: {', '.join(sorted(policy.methods)) or 'none'})")
+    if applied.preset is not None and policy.presets is not None \
+            and applied.preset not in policy.presets:
+        raise _forbidden(key_id, "presets", f"preset {applied.preset!r} is not allowed "
+                         f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
+    if applied.method == "none":
+        return
+    if policy.packs is not None and applied.pack not in policy.packs:
+        raise _forbidden(key_id, "packs", f"pack {applied.pack!r} is not allowed "
+                         f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
+    if policy.max_strength is not None and abs(applied.strength) > policy.max_strength:
+        raise _forbidden(key_id, "max_strength", f"|strength| {abs(applied.strength):g} "
+                         f"exceeds {policy.max_strength:g}")
+    if policy.max_k is not None and applied.k is not None and applied.k > policy.max_k:
+        raise _forbidden(key_id, "max_k", f"k {applied.k} exceeds {policy.max_k}")
+
+
+# ---- rate limits ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Bucket:
+    rate: float  # per minute; also the capacity
+    level: float
+    stamp: float = field(default_factory=time.monotonic)
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.rate, self.level + (now - self.stamp) * self.rate / 60.0)
+        self.stamp = now
+
+    def wait_s(self, cost: float) -> float:
+        """Seconds until `cost` fits (0: now). A cost above capacity waits for a full bucket."""
+        need = min(cost, self.rate) - self.level
+        return 0.0 if need <= 0 else need * 60.0 / self.rate if self.rate > 0 else math.inf
+
+
+class RateLimiter:
+    """In-memory token buckets per key: requests per minute and tokens per minute."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
+
+    def _bucket(self, key_id: str, kind: str, rate: float, now: float) -> _Bucket:
+        b = self._buckets.get((key_id, kind))
+        if b is None or b.rate != rate:
+            b = self._buckets[(key_id, kind)] = _Bucket(rate, rate, now)
+        b.refill(now)
+        return b
+
+    def take(self, key_id: str, policy: Policy, tokens: int) -> None:
+        """Charge one request and `tokens`, or raise 429 with Retry-After (charging nothing)."""
+        limits = [("requests", policy.requests_per_minute, 1.0),
+                  ("tokens", policy.tokens_per_minute, float(tokens))]
+        now = time.monotonic()
+        with self._lock:
+            buckets = [(kind, self._bucket(key_id, kind, rate, now), cost)
+                       for kind, rate, cost in limits if rate is not None]
+            for kind, b, cost in buckets:
+                wait = b.wait_s(cost)
+                if wait > 0:
+                    retry = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
+                    raise APIError(429, f"rate limit reached for key {key_id!r}: "
+                                        f"{b.rate:g} {kind} per minute; retry in {retry} s",
+                                   type="rate_limit_error", code=f"rate_limit_{kind}",
+                                   headers={"Retry-After": str(retry)})
+            for _, b, cost in buckets:
+                b.level -= min(cost, b.rate)
+
+
+# ---- the hook ----------------------------------------------------------------------------------
+
+
+def enforce(state, request: Request, applied: AppliedSteering | Sequence[AppliedSteering],
+            *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
+            = None) -> str | None:
+    """Check the caller's key against every resolved steering of a request (403), charge its rate
+    limits (429) and note the request for the audit log. Returns the key id (None: auth off)."""
+    from server.security import (
+        audit,  # local: audit imports nothing from here, keeps the graph flat
+    )
+
+    variants = [applied] if isinstance(applied, AppliedSteering) else list(applied)
+    key = getattr(request.state, "api_key", None)
+    key_id = key.id if key is not None else None
+    notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
+                        endpoint=endpoint) for a in variants]
+    if key is None:
+        return None
+    try:
+        for a in variants:
+            check(key.id, key.policy, a)
+        limiter: RateLimiter = getattr(state, "rate_limiter", None) or _limiter(state)
+        limiter.take(key.id, key.policy, tokens)
+    except APIError as exc:
+        for n in notes:
+            n["denied"] = exc.code
+        raise
+    return key_id
+
+
+def _limiter(state) -> RateLimiter:
+    limiter = RateLimiter()
+    state.rate_limiter = limiter
+    return limiter
+
+
+def enforce_job(state, request: Request | None, job) -> None:
+    """`enforce` for a serving Job (chat or text completion)."""
+    if request is None:
+        return
+    tokens = job.prompt_tokens + sum(sp.max_tokens for sp in job.sampling)
+    texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
+    enforce(state, request, job.resolved.applied, prompt=texts, tokens=tokens,
+            endpoint=job.endpoint)

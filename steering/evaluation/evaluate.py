@@ -1,0 +1,493 @@
+"""Evaluation of steering settings: refusal, perplexity and KL over a grid (issue 5).
+
+For each setting (method × strength × k) on a model and pack:
+
+- **refusal rate** on harmful prompts: share of greedy completions that the JailbreakBench
+  substring matcher (`refusal.is_refusal`, the list Arditi et al. 2024 use) calls a refusal;
+- **refusal score**: mean log-odds of the refusal tokens at the first answer position
+  (Arditi et al. 2024, App. B), on harmful and on harmless prompts;
+- **induced refusal** on harmless prompts (for the methods that add refusal: `actadd`, `ace`);
+- **perplexity** of the steered model on the *unsteered* model's own greedy completions of
+  harmless prompts (generated once and cached on disk, keyed by model, template and prompts), and
+  on general text (WikiText-2 test paragraphs);
+- **KL**: mean KL(unsteered ‖ steered) of the next-token distribution at the first answer
+  position of harmless prompts.
+
+Every setting is measured with the same batches as the unsteered baseline, so `none` reproduces
+the baseline exactly. `evaluate` returns a JSON-ready dict (every number, with the prompts' hashes
+and the settings); `markdown_table` renders its table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from steering import __version__
+from steering.data.prompts import load_general_text, load_instructions, prompts_hash
+from steering.evaluation.refusal import is_refusal, refusal_score, refusal_token_ids
+from steering.interventions.activations import encode_chats, with_positions
+from steering.interventions.methods import (
+    INLP_METHODS,
+    METHODS,
+    RowSteering,
+    SteeringSpec,
+    build_row,
+)
+from steering.models.chat import format_chat, template_hash
+from steering.models.embedded import cache_root
+from steering.models.fingerprint import fingerprint
+from steering.models.loading import LoadedModel
+from steering.packs.format import SteeringPack
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
+    "actadd": (1.0,), "ablate": (1.0,), "ace": (0.0, 1.0), "inlp_null": (1.0,),
+    "inlp_flip": (1.0,),
+}
+INDUCE_METHODS = ("actadd", "ace")
+
+
+# ---- metrics on plain tensors and strings ----------------------------------------------------
+
+def refusal_rate(completions: Sequence[str]) -> float:
+    """Share of completions the refusal-substring matcher flags (nan for none)."""
+    if not completions:
+        return math.nan
+    return sum(is_refusal(c) for c in completions) / len(completions)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of `targets` [B, T] under `logits` [B, T, V]
+    (logits[b, t] predicts targets[b, t]), over the positions where `mask` is true."""
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          reduction="none").view(targets.shape)
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    mask = mask.bool()
+    return float(nll[mask].double().sum()), int(mask.sum())
+
+
+def perplexity(nll_sum: float, n_tokens: int) -> float:
+    """exp(mean NLL per token): the corpus perplexity (token-weighted)."""
+    return math.exp(nll_sum / n_tokens) if n_tokens else math.nan
+
+
+def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
+    p = torch.log_softmax(base_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
+
+
+# ---- configuration and the grid -------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """What to measure and on how much data. Defaults are sized for a CPU in minutes."""
+
+    harmful: str = "harmful_val"  # split name or JSON file
+    harmless: str = "harmless_val"
+    n_harmful: int = 24  # prompts judged for refusal
+    n_harmless: int = 12  # prompts for KL, refusal score, induced refusal, perplexity
+    completion_tokens: int = 32  # the unsteered completions of those scored for perplexity
+    n_general: int = 8  # WikiText-2 paragraphs for general-text perplexity
+    general_tokens: int = 96  # tokens of each paragraph
+    max_new_tokens: int = 32  # greedy tokens per completion judged for refusal
+    methods: tuple[str, ...] = METHODS
+    strengths: dict[str, tuple[float, ...]] | None = None  # per method; None: DEFAULT_STRENGTHS
+    ks: tuple[int, ...] = (1, 2, 4)  # INLP leading-k sweep (the pack's maximum is always added)
+    induce_methods: tuple[str, ...] = INDUCE_METHODS
+    batch_size: int = 16
+    cache_dir: str | None = None  # unsteered completions; None: <cache root>/eval
+
+    def settings(self) -> dict:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        d["ks"] = list(self.ks)
+        d["strengths"] = {m: list(s) for m, s in (self.strengths or DEFAULT_STRENGTHS).items()}
+        return d
+
+
+def build_grid(pack: SteeringPack | None, methods: Sequence[str] = METHODS,
+               strengths: dict[str, Sequence[float]] | None = None,
+               ks: Sequence[int] = (1, 2, 4)) -> list[SteeringSpec]:
+    """methods × strengths × k (k for INLP only, clipped to the pack's directions, plus k_max)."""
+    strengths = strengths or DEFAULT_STRENGTHS
+    grid: list[SteeringSpec] = []
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method == "none":
+            grid.append(SteeringSpec("none", 0.0))
+            continue
+        if pack is None:
+            raise ValueError(f"method {method!r} needs a steering pack")
+        values = strengths.get(method) or DEFAULT_STRENGTHS.get(method, (1.0,))
+        if method in INLP_METHODS:
+            k_max = pack.max_k()
+            if k_max == 0:
+                log.warning("pack %r has no INLP directions: skipping %s", pack.name, method)
+                continue
+            k_values = sorted({k for k in ks if 1 <= k <= k_max} | {k_max})
+            grid.extend(SteeringSpec(method, float(s), k) for s in values for k in k_values)
+        else:
+            grid.extend(SteeringSpec(method, float(s)) for s in values)
+    return grid
+
+
+def spec_label(spec: SteeringSpec) -> str:
+    if spec.method == "none":
+        return "none"
+    label = f"{spec.method} s={spec.strength:g}"
+    return label + (f" k={spec.k}" if spec.k is not None else "")
+
+
+# ---- model passes ---------------------------------------------------------------------------
+
+def _rows(row: RowSteering | None, n: int) -> list[RowSteering] | None:
+    return [row] * n if row is not None else None
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(lm.model, "generation_config", None), lm.tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(x) for x in eos)
+    return ids
+
+
+def _length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by length, so each batch pads as little as possible (stable: ties keep order)."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
+
+
+def _unsort(values: list, order: list[int]) -> list:
+    out: list = [None] * len(order)
+    for value, i in zip(values, order):
+        out[i] = value
+    return out
+
+
+@torch.inference_mode()
+def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | None,
+                    max_new_tokens: int, batch_size: int = 16, desc: str | None = None
+                    ) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy completions (token ids, cut after the first end-of-turn token) of chat `prompts`
+    with `row` steering every prompt, and the first answer position's logits [N, vocab].
+
+    Prompts are batched by length (less padding); results come back in the prompts' order."""
+    eos = _eos_ids(lm)
+    texts = [format_chat(lm.tokenizer, p) for p in prompts]
+    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = _length_order(lengths)
+    completions: list[list[int]] = []
+    first: list[torch.Tensor] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
+        chunk = [prompts[i] for i in order[start:start + batch_size]]
+        enc = encode_chats(lm, chunk)
+        enc.pop("position_ids")  # generate derives them from the attention mask
+        lm.hooks.set_rows(_rows(row, len(chunk)))
+        try:
+            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=lm.tokenizer.pad_token_id,
+                                    return_dict_in_generate=True, output_logits=True)
+        finally:
+            lm.hooks.set_rows(None)
+        first.extend(out.logits[0].float().cpu())
+        new = out.sequences[:, enc["input_ids"].shape[1]:].tolist()
+        for ids in new:
+            cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+            completions.append(ids[:cut])
+    if not prompts:
+        return [], torch.empty(0)
+    return _unsort(completions, order), torch.stack(_unsort(first, order))
+
+
+def decode(lm: LoadedModel, completions: Sequence[Sequence[int]]) -> list[str]:
+    return lm.tokenizer.batch_decode(completions, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets: Sequence[int],
+                 row: RowSteering | None = None, batch_size: int = 8, desc: str | None = None,
+                 answer_logits: bool = False):
+    """Summed NLL of the last `n_targets[i]` tokens of each token sequence, with `row` steering:
+    (nll, tokens), plus with `answer_logits` the logits that predict each sequence's first
+    target token [N, vocab] (for a chat prompt + completion: the first answer position).
+
+    Sequences are batched by length and left-padded so every row ends at the right edge; only the
+    logits of the last max(n_targets)+1 positions are computed (the LM head is a large share of a
+    small model)."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    order = _length_order([len(s) for s in sequences])
+    total, count = 0.0, 0
+    first: list[torch.Tensor] = []
+    starts = range(0, len(sequences), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
+        index = order[start:start + batch_size]
+        seqs = [list(sequences[i]) for i in index]
+        ns = [int(n_targets[i]) for i in index]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        keep = min(max(ns) + 1, width)
+        lm.hooks.set_rows(_rows(row, len(seqs)))
+        try:
+            logits = lm.model(**with_positions(ids, mask, lm.device), use_cache=False,
+                              logits_to_keep=keep).logits.float().cpu()
+        finally:
+            lm.hooks.set_rows(None)
+        targets = ids[:, width - keep + 1:]  # token t is predicted by logits at t − 1
+        positions = torch.arange(width - keep + 1, width)
+        target_mask = positions[None, :] >= torch.tensor([width - n for n in ns])[:, None]
+        nll, n = token_nll(logits[:, :-1], targets, target_mask)
+        total += nll
+        count += n
+        if answer_logits:
+            first.extend(logits[i, keep - n - 1] for i, n in enumerate(ns))
+    if answer_logits:
+        return total, count, (torch.stack(_unsort(first, order)) if first else torch.empty(0))
+    return total, count
+
+
+# ---- the data: prompts, cached unsteered completions, general text ---------------------------
+
+@dataclass
+class EvalData:
+    harmful: list[str]
+    harmless: list[str]
+    harmless_seqs: list[list[int]]  # chat prompt ids + the unsteered model's completion ids
+    completion_lens: list[int]
+    general_seqs: list[list[int]]
+    hashes: dict = field(default_factory=dict)
+
+
+def _model_key(lm: LoadedModel) -> str:
+    fp = fingerprint(lm.model)
+    probe = hashlib.sha256(json.dumps(fp["probe"]).encode()).hexdigest()[:8]
+    safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in lm.name)
+    return f"{safe}-{fp['arch']}-{probe}-{template_hash(lm.tokenizer)}"
+
+
+def unsteered_completions(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int,
+                          cache_dir: str | Path | None = None, batch_size: int = 16
+                          ) -> tuple[list[list[int]], Path]:
+    """The unsteered model's greedy completion ids of `prompts`, generated once and cached
+    (JSON, keyed by model fingerprint + chat template + prompts hash + length)."""
+    folder = Path(cache_dir) if cache_dir else cache_root() / "eval"
+    key = f"{_model_key(lm)}-{prompts_hash(list(prompts))}-{max_new_tokens}"
+    path = folder / f"completions-{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("prompts_sha256") == prompts_hash(list(prompts)) and \
+                    len(cached.get("completions", [])) == len(prompts):
+                return [list(map(int, c)) for c in cached["completions"]], path
+        except (json.JSONDecodeError, TypeError, ValueError):
+            log.warning("ignoring unreadable completions cache %s", path)
+    completions, _ = generate_greedy(lm, prompts, None, max_new_tokens, batch_size,
+                                     desc="unsteered completions (cached once)")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps({"model": lm.name, "prompts_sha256": prompts_hash(list(prompts)),
+                               "max_new_tokens": max_new_tokens, "completions": completions,
+                               "texts": decode(lm, completions)}))
+    tmp.replace(path)
+    return completions, path
+
+
+def prepare_data(lm: LoadedModel, config: EvalConfig) -> EvalData:
+    harmful = load_instructions(config.harmful)[: config.n_harmful]
+    harmless = load_instructions(config.harmless)[: config.n_harmless]
+    comps, cache_path = unsteered_completions(lm, harmless, config.completion_tokens,
+                                              config.cache_dir, config.batch_size)
+    seqs, lens = [], []
+    for prompt, comp in zip(harmless, comps):
+        ids = lm.tokenizer(format_chat(lm.tokenizer, prompt), add_special_tokens=False)
+        seqs.append(list(ids["input_ids"]) + comp)
+        lens.append(len(comp))
+    general = load_general_text(config.n_general)
+    general_seqs = []
+    for text in general:
+        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"][: config.general_tokens]
+        if len(ids) >= 2:
+            general_seqs.append(list(ids))
+    hashes = {
+        "harmful": {"source": str(config.harmful), "n": len(harmful),
+                    "sha256": prompts_hash(harmful)},
+        "harmless": {"source": str(config.harmless), "n": len(harmless),
+                     "sha256": prompts_hash(harmless)},
+        "completions": {"n": len(seqs), "tokens": sum(lens),
+                        "max_new_tokens": config.completion_tokens,
+                        "sha256": prompts_hash([str(c) for c in comps]),
+                        "cache": str(cache_path)},
+        "general_text": {"source": "wikitext2_test_paragraphs500.jsonl", "n": len(general_seqs),
+                         "sha256": prompts_hash(general),
+                         "tokens": sum(len(s) - 1 for s in general_seqs)},
+    }
+    return EvalData(harmful, harmless, seqs, lens, general_seqs, hashes)
+
+
+# ---- one setting ------------------------------------------------------------------------------
+
+def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: EvalConfig,
+            tok_ids: list[int], base_harmless_logits: torch.Tensor | None = None,
+            induce: bool = False, label: str = "") -> tuple[dict, torch.Tensor]:
+    """Every metric for one steering row (None: the unsteered model), and the harmless
+    prompts' first-answer-position logits (the KL reference when `row` is None).
+
+    Three passes share the work: greedy generation on the harmful prompts (its first step gives
+    the refusal score), one forward over harmless prompt + unsteered completion (perplexity, and
+    the first answer position's logits for KL and the harmless refusal score), one over the
+    general text; plus generation on the harmless prompts where `induce`."""
+    bs = config.batch_size
+    t0 = time.perf_counter()
+    comps, logits_h = generate_greedy(lm, data.harmful, row, config.max_new_tokens, bs,
+                                      desc=f"{label}: harmful completions")
+    texts_h = decode(lm, comps)
+    out: dict = {
+        "harmful_refusal_rate": refusal_rate(texts_h),
+        "harmful_refused": sum(is_refusal(t) for t in texts_h),
+        "harmful_refusal_score": float(refusal_score(logits_h, tok_ids).mean()),
+        "harmless_refusal_rate": None,
+        "harmless_refused": None,
+    }
+    if induce:
+        comps_l, _ = generate_greedy(lm, data.harmless, row, config.max_new_tokens, bs,
+                                     desc=f"{label}: harmless completions")
+        texts_l = decode(lm, comps_l)
+        out["harmless_refusal_rate"] = refusal_rate(texts_l)
+        out["harmless_refused"] = sum(is_refusal(t) for t in texts_l)
+        out["harmless_examples"] = texts_l[:3]
+    nll, n, logits_l = sequence_nll(lm, data.harmless_seqs, data.completion_lens, row,
+                                    max(1, bs // 2), desc=f"{label}: perplexity (completions)",
+                                    answer_logits=True)
+    out["ppl_completions"] = perplexity(nll, n)
+    out["harmless_refusal_score"] = float(refusal_score(logits_l, tok_ids).mean())
+    base = base_harmless_logits if base_harmless_logits is not None else logits_l
+    out["kl_harmless"] = mean_kl(base, logits_l)
+    nll, n = sequence_nll(lm, data.general_seqs, [len(s) - 1 for s in data.general_seqs], row,
+                          max(1, bs // 4), desc=f"{label}: perplexity (general text)")
+    out["ppl_general"] = perplexity(nll, n)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out, logits_l
+
+
+def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | None = None,
+             grid: Sequence[SteeringSpec] | None = None) -> dict:
+    """Measure the unsteered baseline and every setting of the grid; a JSON-ready dict."""
+    config = config or EvalConfig()
+    t0 = time.perf_counter()
+    grid = list(grid) if grid is not None else build_grid(pack, config.methods,
+                                                          config.strengths, config.ks)
+    rows = [build_row(spec, pack) for spec in grid]  # validate everything before the long run
+    tok_ids = refusal_token_ids(lm.tokenizer)
+    data = prepare_data(lm, config)
+    baseline, base_logits = measure(lm, data, None, config, tok_ids, induce=True,
+                                    label="unsteered")
+    baseline["kl_harmless"] = 0.0
+    results = []
+    for spec, row in zip(tqdm(grid, desc="steering settings"), rows):
+        label = spec_label(spec)
+        induce = spec.method in config.induce_methods or spec.method == "none"
+        metrics, _ = measure(lm, data, row, config, tok_ids, base_logits, induce, label)
+        results.append({"label": label, **row.applied(), **metrics})
+        log.info("%s: %s", label, {k: v for k, v in metrics.items() if k != "harmless_examples"})
+    return {
+        "tool_version": __version__,
+        "model": {"id": lm.model_id, "name": lm.name, "fingerprint": fingerprint(lm.model)["arch"],
+                  "chat_template_hash": template_hash(lm.tokenizer),
+                  "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", "")},
+        "pack": _pack_summary(pack),
+        "settings": config.settings(),
+        "refusal_token_ids": tok_ids,
+        "prompts": data.hashes,
+        "baseline": {"label": "unsteered", **baseline},
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _pack_summary(pack: SteeringPack | None) -> dict | None:
+    if pack is None:
+        return None
+    d = pack.describe()
+    meta = d.pop("meta", {})
+    d["selection"] = (meta.get("selection") or {}).get("chosen")
+    d["data"] = meta.get("data")
+    d["created"] = meta.get("created")
+    return d
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def _rate(rate, refused, n) -> str:
+    if rate is None:
+        return "–"
+    return f"{rate:.2f} ({refused}/{n})"
+
+
+def markdown_table(result: dict) -> str:
+    """The results as one Markdown table, the unsteered baseline first."""
+    n_h = result["prompts"]["harmful"]["n"]
+    n_l = result["prompts"]["harmless"]["n"]
+    head = ("| setting | harmful refusal rate | harmful refusal score | harmless refusal rate "
+            "(induced) | harmless refusal score | PPL (own completions) | PPL (WikiText) "
+            "| KL harmless |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in [result["baseline"], *result["results"]]:
+        lines.append(
+            f"| {r['label']} | {_rate(r['harmful_refusal_rate'], r['harmful_refused'], n_h)} "
+            f"| {_fmt(r['harmful_refusal_score'], 2)} "
+            f"| {_rate(r.get('harmless_refusal_rate'), r.get('harmless_refused'), n_l)} "
+            f"| {_fmt(r['harmless_refusal_score'], 2)} | {_fmt(r['ppl_completions'], 2)} "
+            f"| {_fmt(r['ppl_general'], 2)} | {_fmt(r['kl_harmless'], 4)} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, json_path: str | Path | None = None,
+                  markdown_path: str | Path | None = None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2, default=_json_default))
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(markdown_table(result))
+
+
+def _json_default(x):
+    if isinstance(x, float | int):
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,45 @@
+"""Steered generation with transformers' `generate` (library use, CLI, evaluation).
+
+The server uses its own batching engine; this is the simple path: one batch, each prompt with its
+own steering row, greedy unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from steering.interventions.activations import encode_chats
+from steering.interventions.methods import RowSteering
+from steering.models.loading import LoadedModel
+
+
+@torch.inference_mode()
+def generate(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering] | None = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, batch_size: int = 8,
+             desc: str | None = None) -> list[str]:
+    """Completions of chat `prompts`; `rows[i]` steers prompt i (None: unsteered)."""
+    if rows is not None and len(rows) != len(prompts):
+        raise ValueError("need one steering row per prompt")
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"do_sample": False} if temperature <= 0 else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p}
+    texts: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
+        chunk = list(prompts[start:start + batch_size])
+        enc = encode_chats(lm, chunk)
+        enc.pop("position_ids")  # generate derives them from the attention mask
+        lm.hooks.set_rows(list(rows[start:start + len(chunk)]) if rows is not None else None)
+        try:
+            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens,
+                                    pad_token_id=lm.tokenizer.pad_token_id, **sampling)
+        finally:
+            lm.hooks.set_rows(None)
+        new = out[:, enc["input_ids"].shape[1]:]
+        texts.extend(lm.tokenizer.batch_decode(new, skip_special_tokens=True))
+    return texts

@@ -1,0 +1,131 @@
+"""Loading a chat model: hub id or folder, local GGUF file, or the embedded default."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from steering.interventions.hooks import SteeringHooks
+from steering.models import embedded
+from steering.models.gguf import convert_gguf_to_folder
+from steering.models.layers import ResidualLayout, discover, hidden_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "embedded"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    model_id: str  # what the user asked for, e.g. "embedded" or a hub id
+    name: str  # a short served name, e.g. "qwen2.5-coder-0.5b-instruct"
+    layout: ResidualLayout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = discover(self.model)
+
+    @cached_property
+    def hooks(self) -> SteeringHooks:
+        """The model's steering hooks, attached on first use (idle until rows are set)."""
+        return SteeringHooks(self.layout, self.device, self.dtype, self.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return hidden_size(self.model)
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        # bf16 on GPUs that have it; fp32 on CPU, where half precision is slow and lossy.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def _prepare_tokenizer(tokenizer) -> None:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+               gguf_cache: bool = True) -> LoadedModel:
+    """Load `spec`: "embedded", a folder, a `.gguf` file, or a hub id (from the local hub cache)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    name = spec
+    if spec == DEFAULT_MODEL:
+        folder: str | Path = embedded.embedded_model_dir()
+        name = embedded.EMBEDDED_ID
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {spec} does not exist")
+        folder = _gguf_cache_folder(path) if gguf_cache else None
+        if folder is None or not (Path(folder) / "config.json").is_file():
+            target = Path(folder) if folder else Path(embedded.cache_root()) / "tmp-gguf"
+            convert_gguf_to_folder(path, target)
+            folder = target
+        name = path.stem
+    else:
+        folder = spec
+        name = Path(spec).name if Path(spec).exists() else spec.split("/")[-1]
+    log.info("loading model %s on %s as %s", folder, dev, dt)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+    model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    _prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, name=name.lower())
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return embedded.cache_root() / "models" / f"{path.stem}-{digest.hexdigest()[:16]}"
+
+
+def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model") -> LoadedModel:
+    """A LoadedModel around objects built in memory (tests, notebooks)."""
+    model.eval()
+    model.requires_grad_(False)
+    _prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, name=name)

@@ -1,0 +1,231 @@
+"""Steering packs: what extraction produces for one model.
+
+`NAME.safetensors` holds the tensors, `NAME.json` the sidecar (model identity and fingerprint,
+chat-template hash, chosen layer and position, selection scores, data hashes, tool version,
+creation time). Packs load only from safetensors — never pickle — and loading checks shapes,
+finiteness and, given a model, that the pack was made for it.
+
+Tensors:
+  mean_harmful, mean_harmless   [L, P, d]  class means at every layer input × post-instruction position
+  inlp.<layer>.directions       [n, d]     INLP directions, orthonormal rows, leading first
+  inlp.<layer>.accuracy         [n]        held-out accuracy of the classifier that found each one
+  inlp.<layer>.boundary         [n]        offset along each direction of the class boundary
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+
+
+class PackError(ValueError):
+    """A pack that cannot be used; the message names the problem."""
+
+
+@dataclass
+class InlpDirections:
+    directions: torch.Tensor  # [n, d]
+    accuracy: torch.Tensor  # [n]
+    boundary: torch.Tensor  # [n]
+
+    @property
+    def count(self) -> int:
+        return int(self.directions.shape[0])
+
+
+@dataclass
+class SteeringPack:
+    name: str
+    mean_harmful: torch.Tensor  # [L, P, d]
+    mean_harmless: torch.Tensor  # [L, P, d]
+    positions: list[int]  # negative offsets from the end of the prompt, e.g. [-5, …, -1]
+    layer: int  # the selected DiM layer
+    position: int  # the selected offset (one of `positions`)
+    inlp: dict[int, InlpDirections] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.mean_harmful.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.mean_harmful.shape[-1])
+
+    def _pos_index(self, position: int | None) -> int:
+        return self.positions.index(self.position if position is None else position)
+
+    def dim(self, layer: int | None = None, position: int | None = None) -> torch.Tensor:
+        """Difference-in-means r = μ_harmful − μ_harmless (Arditi et al. 2024, eq. 1)."""
+        layer = self.layer if layer is None else layer
+        p = self._pos_index(position)
+        return self.mean_harmful[layer, p] - self.mean_harmless[layer, p]
+
+    def harmless_mean(self, layer: int | None = None, position: int | None = None) -> torch.Tensor:
+        layer = self.layer if layer is None else layer
+        return self.mean_harmless[layer, self._pos_index(position)]
+
+    @property
+    def inlp_layers(self) -> list[int]:
+        return sorted(self.inlp)
+
+    def max_k(self) -> int:
+        return min((d.count for d in self.inlp.values()), default=0)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "position": self.position,
+            "positions": self.positions,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "inlp_layers": self.inlp_layers,
+            "k_max": self.max_k(),
+            "inlp_accuracy": {str(layer): [round(float(a), 4) for a in d.accuracy]
+                              for layer, d in self.inlp.items()},
+            "meta": self.meta,
+        }
+
+    # ---- files -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        tensors_path, sidecar_path = pack_paths(path)
+        tensors = {
+            "mean_harmful": self.mean_harmful.float().contiguous(),
+            "mean_harmless": self.mean_harmless.float().contiguous(),
+        }
+        for layer, d in self.inlp.items():
+            tensors[f"inlp.{layer}.directions"] = d.directions.float().contiguous()
+            tensors[f"inlp.{layer}.accuracy"] = d.accuracy.float().contiguous()
+            tensors[f"inlp.{layer}.boundary"] = d.boundary.float().contiguous()
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tensors_path), metadata={"format": "steering-pack"})
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "positions": self.positions,
+            "layer": self.layer,
+            "position": self.position,
+            **{k: v for k, v in self.meta.items() if k not in {"name", "positions", "layer",
+                                                               "position", "format_version"}},
+        }
+        sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+        return tensors_path
+
+
+def pack_paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in {".safetensors", ".json"} else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise PackError(f"pack file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise PackError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
+                        "packs are never unpickled")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PackError(f"{path} is not a valid safetensors file ({exc})") from None
+
+
+def load_pack(path: str | Path, model=None, name: str | None = None) -> SteeringPack:
+    """Load and validate a pack; with `model`, refuse one made for another model."""
+    tensors_path, sidecar_path = pack_paths(path)
+    tensors = _read_tensors(tensors_path)
+    if not sidecar_path.is_file():
+        raise PackError(f"pack sidecar {sidecar_path} is missing")
+    try:
+        meta = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PackError(f"pack sidecar {sidecar_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PackError(f"pack sidecar {sidecar_path} must hold a JSON object")
+    for key in ("mean_harmful", "mean_harmless"):
+        if key not in tensors:
+            raise PackError(f"pack {tensors_path} has no tensor {key!r}")
+    try:
+        positions = [int(p) for p in meta["positions"]]
+        layer, position = int(meta["layer"]), int(meta["position"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackError(f"pack sidecar {sidecar_path} lacks a valid {exc}") from None
+    mh, ml = tensors["mean_harmful"], tensors["mean_harmless"]
+    if mh.ndim != 3 or mh.shape != ml.shape:
+        raise PackError(f"pack means have shapes {tuple(mh.shape)} and {tuple(ml.shape)}; "
+                        "expected two equal [layers, positions, d]")
+    n_layers, n_pos, d = mh.shape
+    if n_pos != len(positions):
+        raise PackError(f"pack means have {n_pos} positions but the sidecar lists {len(positions)}")
+    if not 0 <= layer < n_layers or position not in positions:
+        raise PackError(f"pack's selected layer {layer} / position {position} is out of range")
+    inlp: dict[int, InlpDirections] = {}
+    try:
+        inlp_layers = {int(k.split(".")[1]) for k in tensors if k.startswith("inlp.")}
+    except ValueError:
+        bad = sorted(k for k in tensors if k.startswith("inlp."))
+        raise PackError(f"pack {tensors_path} has INLP tensors without a layer index: "
+                        f"{bad}") from None
+    for lay in sorted(inlp_layers):
+        try:
+            dirs, acc, bnd = (tensors[f"inlp.{lay}.{part}"]
+                              for part in ("directions", "accuracy", "boundary"))
+        except KeyError as exc:
+            raise PackError(f"pack INLP layer {lay} lacks tensor {exc}") from None
+        if not 0 <= lay < n_layers or dirs.ndim != 2 or dirs.shape[1] != d \
+                or acc.shape != (dirs.shape[0],) or bnd.shape != (dirs.shape[0],):
+            raise PackError(f"pack INLP layer {lay} has wrong shapes: directions "
+                            f"{tuple(dirs.shape)}, accuracy {tuple(acc.shape)}, "
+                            f"boundary {tuple(bnd.shape)} (d = {d})")
+        inlp[lay] = InlpDirections(dirs, acc, bnd)
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise PackError(f"pack tensor {key!r} has non-finite values")
+    pack = SteeringPack(
+        name=name or meta.get("name") or tensors_path.stem,
+        mean_harmful=mh, mean_harmless=ml, positions=positions, layer=layer,
+        position=position, inlp=inlp, meta=meta,
+    )
+    if model is not None:
+        check_compatible(pack, model)
+    return pack
+
+
+def check_compatible(pack: SteeringPack, model) -> None:
+    """Refuse a pack made for another model: hidden size, depth, architecture, weights."""
+    from steering.models.fingerprint import (
+        fingerprint,  # local: keeps pack importable without transformers
+    )
+
+    fp = fingerprint(model)
+    if pack.d_model != fp["hidden_size"]:
+        raise PackError(f"pack {pack.name!r} has hidden size {pack.d_model}, "
+                        f"model has {fp['hidden_size']}")
+    if pack.n_layers != fp["n_layers"]:
+        raise PackError(f"pack {pack.name!r} covers {pack.n_layers} layers, "
+                        f"model has {fp['n_layers']}")
+    want = pack.meta.get("fingerprint")
+    if not want:
+        raise PackError(f"pack {pack.name!r} has no model fingerprint in its sidecar")
+    if want.get("arch") != fp["arch"]:
+        raise PackError(f"pack {pack.name!r} was made for another model architecture "
+                        f"({want.get('model_type')}, fingerprint {want.get('arch')}; "
+                        f"this model: {fp['model_type']}, {fp['arch']})")
+    probe_a, probe_b = want.get("probe") or [], fp["probe"]
+    if len(probe_a) != len(probe_b) or any(
+        not math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(probe_a, probe_b)
+    ):
+        raise PackError(f"pack {pack.name!r} was made for other weights of the same "
+                        "architecture (fingerprint probe differs)")

@@ -1,0 +1,34 @@
+"""Where a model's default pack lives, and getting one (extracting it on first use)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from steering.models.embedded import cache_root
+from steering.models.fingerprint import fingerprint
+from steering.models.loading import LoadedModel
+from steering.packs.format import SteeringPack, load_pack, pack_paths
+
+log = logging.getLogger(__name__)
+
+
+def default_pack_path(lm: LoadedModel, name: str = "refusal") -> Path:
+    fp = fingerprint(lm.model)
+    safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in lm.name)
+    return cache_root() / "packs" / f"{safe}-{fp['arch']}" / name
+
+
+def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fast",
+                name: str = "refusal") -> SteeringPack:
+    """Load the pack at `path` (default: the model's cached pack); extract it if missing."""
+    from steering.packs.extract import ExtractConfig, extract_pack
+
+    target = Path(path) if path else default_pack_path(lm, name)
+    tensors, _ = pack_paths(target)
+    if tensors.is_file():
+        return load_pack(target, model=lm.model, name=name)
+    log.info("no steering pack at %s: extracting one (%s mode)", tensors, mode)
+    pack = extract_pack(lm, config=ExtractConfig.preset(mode), name=name)
+    pack.save(target)
+    return pack

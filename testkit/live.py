@@ -1,0 +1,29 @@
+"""Serve an app with uvicorn in a background thread on a free loopback port (for tests that need a
+real HTTP server: the browser test, the client tests)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from testkit.server import free_port, wait_ready
+
+
+@contextmanager
+def serve_in_thread(app, ready_path: str = "/readyz", timeout_s: float = 60) -> Iterator[str]:
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            access_log=False, log_config=None)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"test-server-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout_s, alive=thread.is_alive, interval_s=0.1, path=ready_path)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

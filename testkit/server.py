@@ -1,0 +1,90 @@
+"""Start and stop a real `steer serve` process on a free loopback port (benchmarks, tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+               interval_s: float = 0.2, path: str = "/readyz") -> None:
+    """Poll `url + path` until it answers 200; RuntimeError when `alive()` turns false or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not alive():
+            raise RuntimeError(f"the server at {url} stopped before it was ready")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} was not ready in {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        steer = Path(sys.executable).with_name("steer")
+        cmd = [str(steer), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        self.log_path = log_path
+        self._log = open(log_path or os.devnull, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 1800) -> None:
+        try:
+            wait_ready(self.url, timeout_s, alive=lambda: self.proc.poll() is None, interval_s=1.0)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc} (exit code {self.proc.returncode}):\n{self.log_tail()}") \
+                from None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if self.log_path is None:
+            return "(no log kept)"
+        return Path(self.log_path).read_text(errors="replace")[-chars:]
+
+    def served_model(self) -> str:
+        """The base model id the server answers to (first entry of /v1/models)."""
+        return httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def rss_kb(self, field: str = "VmRSS") -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
