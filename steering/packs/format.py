@@ -128,14 +128,35 @@ def pack_paths(path: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file by its structure: an 8-byte little-endian header length N with
+    8 + N ≤ the file size, then N bytes of a JSON object. (Its first byte is N's low byte, so
+    a leading 0x80 — pickle's protocol marker — is common and proves nothing.)"""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        n = int.from_bytes(head, "little")
+        if n < 2 or 8 + n > size:
+            return False
+        header = f.read(n)
+    try:
+        return isinstance(json.loads(header.rstrip(b" ")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PackError(f"pack file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise PackError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
-                        "packs are never unpickled")
+    if not _is_safetensors(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise PackError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
+                            "packs are never unpickled")
+        raise PackError(f"{path} is not a valid safetensors file (no JSON header)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
