@@ -28,7 +28,10 @@ KEYS = {
     "keys": [
         {"id": "basic", "sha256": hash_key("k-basic")},
         {"id": "power", "sha256": hash_key("k-power"), "methods": "*", "packs": ["refusal"],
-         "presets": ["ablate", "more-refusal"], "max_strength": 2, "max_k": 2},
+         "presets": ["ablate", "more-refusal"], "max_strength": 2, "max_k": 2,
+         "lower_refusal": True},
+        {"id": "wide", "sha256": hash_key("k-wide"), "methods": "*",
+         "strength": {"actadd": {"min": 0.5, "max": 1.5}}},
         {"id": "slow", "sha256": hash_key("k-slow"), "requests_per_minute": 2},
         {"id": "thrifty", "sha256": hash_key("k-thrifty"), "tokens_per_minute": 200},
     ],
@@ -121,6 +124,83 @@ def test_default_policy_refuses_refusal_removal(client):
         assert err["type"] == "permission_error"
 
 
+@pytest.mark.parametrize("steering", [
+    {"method": "actadd", "strength": -1.0},
+    {"method": "actadd", "strength": -0.01},
+    {"method": "ace", "strength": 0.0},
+    {"method": "ace", "strength": 0.5},
+    {"method": "ace", "strength": -2.0},
+])
+def test_default_policy_refuses_lowering_refusal(client, steering):
+    """Issue 12 finding 1: the default methods only add refusal in the direction of effect."""
+    err = _error(chat(client, steering=steering), 403)
+    assert err["code"] == "policy_lower_refusal" and "lower_refusal" in err["message"]
+
+
+@pytest.mark.parametrize("steering", [
+    {"method": "actadd", "strength": 0.0}, {"method": "actadd", "strength": 2.0},
+    {"method": "ace", "strength": 1.0}, {"method": "ace", "strength": 3.0},
+])
+def test_default_policy_allows_raising_refusal(client, steering):
+    assert chat(client, steering=steering).status_code == 200
+
+
+def test_every_method_without_the_grant_cannot_lower_refusal(client):
+    # "*" names every method, but lowering refusal still needs the explicit grant
+    for method in ("ablate", "inlp_null", "inlp_flip"):
+        err = _error(chat(client, "k-wide", steering={"method": method}), 403)
+        assert err["code"] == "policy_lower_refusal"
+    err = _error(chat(client, "k-wide", model=f"{MODEL}+no-refusal"), 403)
+    assert err["code"] == "policy_lower_refusal"
+
+
+def test_signed_per_method_bounds(client):
+    assert chat(client, "k-wide", steering={"method": "actadd", "strength": 1.0}).status_code \
+        == 200
+    for strength in (0.25, 1.75):
+        err = _error(chat(client, "k-wide", steering={"method": "actadd",
+                                                      "strength": strength}), 403)
+        assert err["code"] == "policy_strength"
+
+
+def test_granted_key_may_lower_refusal(client):
+    for steering in ({"method": "actadd", "strength": -1.0}, {"method": "ace", "strength": 0.0},
+                     {"method": "inlp_flip", "k": 1}):
+        r = chat(client, "k-power", steering=steering)
+        assert r.status_code == 200, (steering, r.text)
+
+
+def test_bad_policy_documents_are_refused():
+    from server.security.auth import parse_keys
+    from server.security.policy import PolicyError
+
+    for entry in ({"lower_refusal": "yes"}, {"strength": {"actadd": {"min": 2, "max": 1}}},
+                  {"strength": {"actadd": {"low": 0}}}, {"strength": [0, 1]},
+                  {"strength": {"ace": {"min": float("nan")}}}):
+        with pytest.raises(PolicyError):
+            parse_keys({"keys": [{"id": "x", "sha256": "0" * 64, **entry}]})
+
+
+def test_token_bucket_average_holds_under_large_requests(monkeypatch):
+    """Issue 12 finding 5: requests larger than the bucket cannot beat the per-minute rate."""
+    from server.security import policy as pol
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(pol.time, "monotonic", lambda: clock["t"])
+    limiter = pol.RateLimiter()
+    p = pol.Policy(tokens_per_minute=1000)
+    spent = 0
+    for _ in range(3600):  # one hour, one attempt per second at 65k tokens
+        try:
+            limiter.take("k", p, 65_000)
+            spent += 65_000
+        except pol.APIError as exc:
+            assert exc.status == 429 and int(exc.headers["Retry-After"]) >= 1
+        clock["t"] += 1.0
+    assert spent <= 1000 * 60 + 65_000  # the rate over the hour, plus one request of debt
+    assert spent > 0  # a large request is never starved
+
+
 def test_named_key_may_remove_refusal(client):
     r = chat(client, "k-power", steering={"method": "ablate", "strength": 1.0})
     assert r.status_code == 200, r.text
@@ -186,11 +266,12 @@ def test_requests_per_minute(client):
 
 
 def test_tokens_per_minute(client):
-    # prompt + 4 × 60 > 200: admitted on a full bucket (never starved), which it empties
+    # prompt + 4 × 60 > 200: admitted on a full bucket (never starved), charged in full (debt)
     assert chat(client, "k-thrifty", max_tokens=60, n=4).status_code == 200
     r = chat(client, "k-thrifty", max_tokens=2)
     err = _error(r, 429)
-    assert err["code"] == "rate_limit_tokens" and "retry-after" in r.headers
+    assert err["code"] == "rate_limit_tokens"
+    assert int(r.headers["retry-after"]) > 12  # the 40+ tokens of debt take > 12 s to repay
 
 
 # ---- audit -------------------------------------------------------------------------------------------

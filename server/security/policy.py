@@ -1,13 +1,28 @@
 """Per-key steering policy: which methods, packs and presets a key may use, how hard, how often.
 
 A policy is checked against the *resolved* steering (after a preset is expanded and the body's
-`steering` merged in), so a preset cannot lend a key a method it may not use. The typical default
-lets everyone add refusal (`none`, `actadd`, `ace`) and keeps refusal removal (`ablate`,
-`inlp_null`, `inlp_flip`) to keys that name those methods.
+`steering` merged in), so a preset cannot lend a key a method it may not use. It speaks in the
+direction of effect: a request that *lowers* refusal needs an explicit grant (`lower_refusal:
+true`); without it a key may only keep or raise refusal. Per method, which strengths do what:
+
+    method      raises refusal    lowers refusal          without the grant
+    none        —                 —                       allowed
+    actadd      strength > 0      strength < 0            strength ≥ 0
+    ace         strength > 1      strength < 1 (0: none)  strength ≥ 1
+    ablate      —                 any strength            refused
+    inlp_null   —                 any strength            refused
+    inlp_flip   —                 any strength            refused
+
+(ACE, Marshall et al. 2024 eq. 3: h' = h − r̂r̂ᵀ(h − μ⁻) + α·‖r‖·r̂, so α = 0 sets the refusal
+coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = h + α·r.) On top of that a key may set
+signed per-method bounds, `strength: {actadd: {min: 0, max: 2}}`, and `max_strength` bounds
+|strength| for every method.
 
     enforce(state, request, applied, prompt=..., tokens=...)   # 403 / 429, or the caller's key
 
-With authentication off (`STEER_AUTH` unset, local use) there is no key and no policy.
+With authentication off (`STEER_AUTH` unset, local use) there is no key and no policy. Rate limits
+are token buckets that may go into debt: a request larger than the bucket is admitted on a full
+bucket and the bucket goes negative, so the average over time never exceeds the rate.
 """
 
 from __future__ import annotations
@@ -25,7 +40,34 @@ from server.api.protocol import AppliedSteering
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
-          "tokens_per_minute")
+          "tokens_per_minute", "lower_refusal", "strength")
+LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip")
+# Without the `lower_refusal` grant: the strengths that keep or raise refusal (lo, hi).
+SAFE_STRENGTH = {"actadd": (0.0, None), "ace": (1.0, None)}
+EFFECTS = {  # what /v1/steering/methods states per method
+    "none": {"raises_refusal": None, "lowers_refusal": None},
+    "actadd": {"raises_refusal": "strength > 0", "lowers_refusal": "strength < 0"},
+    "ace": {"raises_refusal": "strength > 1", "lowers_refusal": "strength < 1"},
+    "ablate": {"raises_refusal": None, "lowers_refusal": "any strength"},
+    "inlp_null": {"raises_refusal": None, "lowers_refusal": "any strength"},
+    "inlp_flip": {"raises_refusal": None, "lowers_refusal": "any strength"},
+}
+
+
+def lowers_refusal(method: str, strength: float) -> bool:
+    """Whether steering with `method` at `strength` pushes the model away from refusing."""
+    if method in LOWERING_METHODS:
+        return True
+    lo, _ = SAFE_STRENGTH.get(method, (None, None))
+    return lo is not None and strength < lo
+
+
+def effect(method: str) -> dict:
+    """The method's direction of effect and the strengths a key without the grant may use."""
+    lo, hi = SAFE_STRENGTH.get(method, (None, None))
+    return {**EFFECTS.get(method, {}), "requires_grant": method in LOWERING_METHODS,
+            "strength_without_grant": None if method in LOWERING_METHODS else
+            {"min": lo, "max": hi}}
 
 
 class PolicyError(ValueError):
@@ -41,6 +83,14 @@ class Policy:
     max_k: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
+    lower_refusal: bool = False  # the explicit grant to lower refusal
+    strength: tuple[tuple[str, float | None, float | None], ...] = ()  # signed (method, lo, hi)
+
+    def bounds(self, method: str) -> tuple[float | None, float | None]:
+        for m, lo, hi in self.strength:
+            if m == method:
+                return lo, hi
+        return None, None
 
     @classmethod
     def parse(cls, data: dict | None, base: Policy | None = None, where: str = "policy"
@@ -55,6 +105,14 @@ class Policy:
             if name not in data:
                 continue
             value = data[name]
+            if name == "lower_refusal":
+                if not isinstance(value, bool):
+                    raise PolicyError(f"{where}.lower_refusal: expected true or false")
+                updates[name] = value
+                continue
+            if name == "strength":
+                updates[name] = _parse_bounds(value, f"{where}.strength")
+                continue
             if name in ("methods", "packs", "presets"):
                 if value is None or value == "*":
                     updates[name] = None
@@ -70,6 +128,32 @@ class Policy:
                     raise PolicyError(f"{where}.{name}: expected a non-negative number")
                 updates[name] = int(value) if name == "max_k" else float(value)
         return replace(base, **updates)
+
+
+def _number(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PolicyError(f"{where}: expected a finite number")
+    return float(value)
+
+
+def _parse_bounds(value, where: str) -> tuple[tuple[str, float | None, float | None], ...]:
+    """`{method: {min, max}}` (either may be omitted) → ((method, lo, hi), …)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where}: expected a mapping of method to {{min, max}}")
+    out = []
+    for method, b in sorted(value.items()):
+        if not isinstance(b, dict) or set(b) - {"min", "max"}:
+            raise PolicyError(f"{where}.{method}: expected {{min: number, max: number}}")
+        lo, hi = _number(b.get("min"), f"{where}.{method}.min"), \
+            _number(b.get("max"), f"{where}.{method}.max")
+        if lo is not None and hi is not None and lo > hi:
+            raise PolicyError(f"{where}.{method}: min exceeds max")
+        out.append((str(method), lo, hi))
+    return tuple(out)
 
 
 def _forbidden(key_id: str, rule: str, message: str) -> APIError:
@@ -89,6 +173,17 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
                          f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
     if applied.method == "none":
         return
+    if not policy.lower_refusal and lowers_refusal(applied.method, applied.strength):
+        lo, _ = SAFE_STRENGTH.get(applied.method, (None, None))
+        allowed = "never" if lo is None else f"only at strength ≥ {lo:g}"
+        raise _forbidden(key_id, "lower_refusal", f"{applied.method} at strength "
+                         f"{applied.strength:g} lowers refusal, which needs the explicit "
+                         f"'lower_refusal' grant (without it: {allowed})")
+    lo, hi = policy.bounds(applied.method)
+    if (lo is not None and applied.strength < lo) or (hi is not None and applied.strength > hi):
+        raise _forbidden(key_id, "strength", f"{applied.method} strength {applied.strength:g} "
+                         f"is outside [{'-∞' if lo is None else f'{lo:g}'}, "
+                         f"{'∞' if hi is None else f'{hi:g}'}]")
     if policy.packs is not None and applied.pack not in policy.packs:
         raise _forbidden(key_id, "packs", f"pack {applied.pack!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
@@ -104,6 +199,8 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
 
 @dataclass
 class _Bucket:
+    """Level ≤ rate (the capacity); it refills at `rate` per minute and may go negative."""
+
     rate: float  # per minute; also the capacity
     level: float
     stamp: float = field(default_factory=time.monotonic)
@@ -113,9 +210,13 @@ class _Bucket:
         self.stamp = now
 
     def wait_s(self, cost: float) -> float:
-        """Seconds until `cost` fits (0: now). A cost above capacity waits for a full bucket."""
+        """Seconds until `cost` may be admitted (0: now). A cost above capacity is admitted on a
+        full bucket and then charged in full (debt), so spending averages at most `rate`."""
         need = min(cost, self.rate) - self.level
         return 0.0 if need <= 0 else need * 60.0 / self.rate if self.rate > 0 else math.inf
+
+    def charge(self, cost: float) -> None:
+        self.level -= cost
 
 
 class RateLimiter:
@@ -149,7 +250,7 @@ class RateLimiter:
                                    type="rate_limit_error", code=f"rate_limit_{kind}",
                                    headers={"Retry-After": str(retry)})
             for _, b, cost in buckets:
-                b.level -= min(cost, b.rate)
+                b.charge(cost)
 
 
 # ---- the hook ----------------------------------------------------------------------------------
