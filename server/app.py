@@ -27,6 +27,7 @@ from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
 from server.api.routes import router
 from server.engine import Engine
+from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
 from server.packs import load_extra_packs
@@ -153,21 +154,60 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
             if state.engine is not None:
                 await state.engine.shutdown()
 
+    docs_on = settings.docs != "off"
     app = FastAPI(title="steering server", version=steering.__version__,
                   description="OpenAI-compatible completions with steering knobs",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url="/docs" if docs_on else None,
+                  redoc_url="/redoc" if docs_on else None,
+                  openapi_url="/openapi.json" if docs_on else None)
     app.state.steer = state
     errors.install(app)
     app.include_router(router)
     app.include_router(compare_router)  # /v1/steering/compare, /playground
     keys = load_keys(settings)
     if settings.auth and not len(keys):
-        log.warning("authentication is on but no API keys are configured: /v1/* answers 401")
-    app.add_middleware(AuditMiddleware, path=settings.audit_log)  # innermost of these
-    app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys)
+        log.warning("authentication is on but no API keys are configured: every route but "
+                    "the probes answers 401")
+    open_paths, open_prefixes, closed = _route_access(settings)
+    # Outermost first: request id and access log → audit (sees 401s) → auth (before the body
+    # is read) → body limits and JSON checks → in-flight tracking (drain) → the app.
+    app.add_middleware(InflightMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log)
+    app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys,
+                       open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
+    app.add_middleware(AuditMiddleware, path=settings.audit_log)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
+                       max_field_chars=settings.log_field_chars)
     return app
+
+
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def _route_access(settings: Settings) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
+    """The routes open without a key, open prefixes, and the routes turned off (404)."""
+    open_paths: set[str] = {"/healthz", "/readyz"}
+    prefixes: list[str] = []
+    closed: set[str] = set()
+    for mode, paths in ((settings.docs, DOCS_PATHS), (settings.metrics, {"/metrics"}),
+                        (settings.playground, {"/playground", "/playground/"})):
+        if mode == "open":
+            open_paths |= paths
+        elif mode == "off":
+            closed |= paths
+    if settings.playground == "open":
+        prefixes.append("/playground/")
+    return frozenset(open_paths), tuple(prefixes), frozenset(closed)
+
+
+def find_middleware(app: FastAPI, cls: type):
+    """The instance of middleware `cls` in the app's built stack (None before the first call)."""
+    node = app.middleware_stack
+    while node is not None:
+        if isinstance(node, cls):
+            return node
+        node = getattr(node, "app", None)
+    return None
 
 
 class _DrainingServer:
@@ -191,10 +231,16 @@ class _DrainingServer:
                 loop.call_soon_threadsafe(loop.create_task, self._drain(sig, frame))
 
             async def _drain(self, sig, frame) -> None:
-                engine = state.engine
-                timeout = state.settings.request_timeout_s
-                if engine is not None:
-                    await engine.shutdown(timeout_s=timeout)
+                s = state.settings
+                timeout = s.drain_timeout_s or s.request_timeout_s
+                app = self.config.loaded_app
+                inflight = None
+                while app is not None and inflight is None:  # uvicorn wraps the app
+                    if isinstance(app, FastAPI):
+                        inflight = find_middleware(app, InflightMiddleware)
+                        break
+                    app = getattr(app, "app", None)
+                await drain(state, inflight, timeout)
                 super().handle_exit(sig, frame)
 
         return Server(config)

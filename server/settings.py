@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     max_queue: int = Field(64, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    drain_timeout_s: float | None = Field(None, gt=0, description="on SIGTERM, how long running "
+                                          "requests may finish before the rest get 503 "
+                                          "(default: request_timeout_s)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 / 503")
 
     # Input hardening (4xx beyond these; see server/security/hardening.py).
@@ -58,6 +63,14 @@ class Settings(BaseSettings):
     keys: str | None = Field(None, description="the same document inline (JSON/YAML), e.g. "
                                                "from the environment")
     audit_log: str | None = Field(None, description="also append audit lines to this file")
+    docs: Literal["open", "key", "off"] = Field("open", description="/docs, /redoc and "
+                                                "/openapi.json: open, behind a key, or off")
+    metrics: Literal["open", "key", "off"] = Field("open", description="/metrics: open, behind "
+                                                   "a key, or off")
+    playground: Literal["open", "key", "off"] = Field("open", description="the /playground "
+                                                      "page (its calls to /v1/* need a key)")
+    log_field_chars: int = Field(256, ge=16, description="longest string a log line carries "
+                                                         "per field (longer ones are cut)")
 
     # Extra packs (server/packs.py): bad ones are logged, skipped and listed as failed.
     packs_dir: str | None = Field(None, description="folder of NAME.safetensors + NAME.json "

@@ -286,7 +286,8 @@ def test_audit_line_fields_and_no_prompt_text(client, caplog, audit_file):
     assert r.status_code == 200, r.text
     lines = [json.loads(rec.getMessage()) for rec in caplog.records
              if rec.name == "steer.audit"]
-    line = next(x for x in lines if x["request_id"] == "audit-test-1")
+    line = next(x for x in lines if x["client_request_id"] == "audit-test-1")
+    assert line["request_id"] == r.headers["x-request-id"] != "audit-test-1"
     for field in ("time", "key_id", "endpoint", "method", "strength", "k", "pack", "preset",
                   "status", "prompt_tokens", "completion_tokens", "request_id",
                   "prompt_sha256"):
@@ -297,7 +298,7 @@ def test_audit_line_fields_and_no_prompt_text(client, caplog, audit_file):
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] > 0
     assert len(line["prompt_sha256"]) == 64
     text = audit_file.read_text()
-    assert "audit-test-1" in text
+    assert r.headers["x-request-id"] in text
     for blob in (text, json.dumps(lines)):
         assert "launch code" not in blob and "k-power" not in blob
 
@@ -490,5 +491,5 @@ def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
     r = chat(client, steering={"method": "actadd", "strength": 0.125},
              headers={**_auth("k-basic"), "X-Request-ID": "fault-1"})
     err = _error(r, 500)
-    assert "fault-1" in err["message"] and err["type"] == "server_error"
+    assert r.headers["x-request-id"] in err["message"] and err["type"] == "server_error"
     assert chat(client, steering={"method": "actadd", "strength": 0.5}).status_code == 200

@@ -147,7 +147,12 @@ async def list_methods(request: Request):
 
 
 @router.get("/healthz")
-async def healthz():
+async def healthz(request: Request):
+    from server.lifecycle import engine_alive  # local: lifecycle imports api.errors
+
+    engine = get_state(request).engine
+    if engine is not None and not engine_alive(engine):
+        return JSONResponse({"status": "engine thread stopped"}, status_code=503)
     return {"status": "ok"}
 
 

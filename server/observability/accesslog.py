@@ -2,6 +2,10 @@
 
 One JSON line per request on the `steer.access` logger: time, request id, client, method, path,
 status, duration, and what the route put in `request.state.log_extra` (model, steering, tokens).
+
+The request id is always the server's own (returned in `X-Request-ID`); a client's `X-Request-ID`
+is recorded as `client_request_id`. Every string a line carries from the request (path, user,
+client id, …) is cut to `max_field_chars`, so a client cannot make log lines arbitrarily long.
 """
 
 from __future__ import annotations
@@ -34,17 +38,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def _clean_request_id(value: str | None) -> str:
+def _client_request_id(value: str | None) -> str | None:
     if value and len(value) <= 128 and value.isascii() and value.isprintable():
         return value
-    return uuid.uuid4().hex
+    return None
+
+
+def cap(value, limit: int):
+    """`value` with every string (nested in dicts and lists too) cut to `limit` characters."""
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + f"…(+{len(value) - limit})"
+    if isinstance(value, dict):
+        return {str(k)[:limit]: cap(v, limit) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [cap(v, limit) for v in value[:256]]
+    return value
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, enabled: bool = True):
+    def __init__(self, app: ASGIApp, metrics: Metrics, enabled: bool = True,
+                 max_field_chars: int = 256):
         self.app = app
         self.metrics = metrics
         self.enabled = enabled
+        self.max_field_chars = max_field_chars
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,9 +70,10 @@ class AccessLogMiddleware:
         start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        rid = _clean_request_id(headers.get(REQUEST_ID_HEADER))
+        rid = uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = rid
+        state["client_request_id"] = _client_request_id(headers.get(REQUEST_ID_HEADER))
         state["log_extra"] = {}
         status = {"code": 500}
 
@@ -77,12 +95,13 @@ class AccessLogMiddleware:
             if self.enabled and not (endpoint in {"/healthz", "/metrics", "/readyz"}
                                      and status["code"] < 400):
                 client = scope.get("client")
-                access_log.info("access", extra={"json": {
+                access_log.info("access", extra={"json": cap({
                     "request_id": rid,
+                    "client_request_id": state.get("client_request_id"),
                     "client": f"{client[0]}:{client[1]}" if client else None,
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status["code"],
                     "duration_ms": round((time.perf_counter() - start) * 1000, 2),
                     **state.get("log_extra", {}),
-                }})
+                }, self.max_field_chars)})

@@ -1,13 +1,17 @@
-"""The audit log: one structured JSON line per steered request, on the `steer.audit` logger.
+"""The audit log: one structured JSON line per steered or denied request, on `steer.audit`.
 
-Each line holds the time, the request id, the key id (never the key), the endpoint, the resolved
-steering (method, strength, k, layers, pack, preset), the final HTTP status (and outcome, e.g.
-`client_closed`), the token counts, and the SHA-256 of the prompt — never its text. A request
-refused by policy or rate limit is audited too, with `denied` naming the rule.
+Each line holds the time, the server's request id (and the client's `X-Request-ID` as
+`client_request_id`), the key id (never the key; `anonymous` without one), the endpoint, the
+resolved steering (method, strength, k, layers, pack, preset), the final HTTP status and outcome
+(e.g. `client_closed`, `denied`), the token counts, and the SHA-256 of the prompt — never its
+text. A request refused by policy or rate limit carries `denied` naming the rule. A request
+refused before its steering was resolved — no or a wrong key (401), a route the key may not use
+(403), a body that fails validation (4xx on a POST) — still gets one line, with `event:
+"denied_request"`, the error code and no steering.
 
-`policy.enforce` notes each request (`note`); `AuditMiddleware` writes the lines once the
-response has been sent, when status and token counts are known. `STEER_AUDIT_LOG` also appends
-the lines to a file.
+`policy.enforce` notes each request (`note`); `AuditMiddleware` (outside authentication) writes
+the lines once the response has been sent, when status and token counts are known. Each line is
+one `write` of one JSON object and a newline. `STEER_AUDIT_LOG` also appends them to a file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ audit_log = logging.getLogger("steer.audit")
 audit_log.setLevel(logging.INFO)  # always recorded, whatever the root level
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: `path` less the `root_path` it was mounted under."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 def prompt_hash(prompt: str | Iterable[str] | None) -> str | None:
     """sha256 over the prompt's UTF-8 (several prompts: joined by NUL)."""
     if prompt is None:
@@ -41,7 +53,7 @@ def prompt_hash(prompt: str | Iterable[str] | None) -> str | None:
 def note(request: Request, applied: AppliedSteering, *, prompt=None, tokens: int = 0,
          key_id: str | None = None, endpoint: str | None = None) -> dict:
     """Record one steered request (or compare variant) for the line written after the response."""
-    entry = {"key_id": key_id, "endpoint": endpoint or request.url.path,
+    entry = {"key_id": key_id, "endpoint": endpoint or route_path(request.scope),
              "method": applied.method, "strength": applied.strength, "k": applied.k,
              "layers": applied.layers, "pack": applied.pack, "preset": applied.preset,
              "prompt_sha256": prompt_hash(prompt), "tokens_charged": tokens}
@@ -84,14 +96,40 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            state = scope.get("state") or {}
-            for entry in state.get("audit") or []:
-                extra = state.get("log_extra") or {}
-                line = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                        "time": time.time(), "event": "steered_request",
-                        "request_id": state.get("request_id"), **entry,
-                        "status": status["code"],
-                        "outcome": extra.get("outcome"),
-                        "prompt_tokens": extra.get("prompt_tokens"),
-                        "completion_tokens": extra.get("completion_tokens")}
-                audit_log.info(json.dumps(line, default=str), extra={"json": line})
+            write_lines(scope, status["code"])
+
+
+def _key_id(state: dict) -> str:
+    key = state.get("api_key")
+    return key.id if key is not None else "anonymous"
+
+
+def write_lines(scope: Scope, status: int) -> None:
+    """The request's audit lines: one per noted steering, or one for a refused request."""
+    state = scope.get("state") or {}
+    extra = state.get("log_extra") or {}
+    common = {"request_id": state.get("request_id"),
+              "client_request_id": state.get("client_request_id")}
+    entries = state.get("audit") or []
+    for entry in entries:
+        line = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "time": time.time(), "event": "steered_request", **common, **entry,
+                "key_id": entry.get("key_id") or _key_id(state),
+                "status": status,
+                "outcome": extra.get("outcome") or ("denied" if entry.get("denied") else None),
+                "prompt_tokens": extra.get("prompt_tokens"),
+                "completion_tokens": extra.get("completion_tokens")}
+        _emit(line)
+    if entries or not (status in (401, 403) or (scope.get("method") == "POST"
+                                                 and 400 <= status < 500)):
+        return
+    error = extra.get("error") or {}
+    _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
+           "event": "denied_request", **common, "key_id": _key_id(state),
+           "endpoint": route_path(scope)[:256], "method": None, "strength": None, "k": None,
+           "layers": None, "pack": None, "preset": None, "status": status,
+           "outcome": "denied", "denied": error.get("code"), "param": error.get("param")})
+
+
+def _emit(line: dict) -> None:
+    audit_log.info(json.dumps(line, default=str), extra={"json": line})

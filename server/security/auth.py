@@ -18,8 +18,12 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
 
 Make a hash with `echo KEY | steer hash-key` or
 `python -c "import hashlib,sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())" KEY`.
-A missing or unknown key gets 401 with `WWW-Authenticate: Bearer`; /healthz, /readyz and /metrics
-stay open.
+A missing or unknown key gets 401 with `WWW-Authenticate: Bearer`. Deny by default: every route
+needs a key except an explicit list of open routes (`/healthz`, `/readyz`, and `/metrics`, the
+docs and the playground where the settings leave them open), matched on the path the router
+routes — the request path less the ASGI `root_path`, so a `--root-path` or a mount in another app
+changes nothing. Routes turned off in the settings answer 404 to everyone. Authentication runs
+before the body is read.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
+from server.security.audit import route_path
 from server.security.policy import Policy, PolicyError
 
-PROTECTED_PREFIX = "/v1/"
+ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
@@ -119,16 +124,33 @@ def _unauthorized(message: str, code: str) -> APIError:
 
 
 class AuthMiddleware:
-    """Checks `Authorization: Bearer KEY` on /v1/* and puts the key in `request.state.api_key`."""
+    """Checks `Authorization: Bearer KEY` on every route but the open ones and puts the key in
+    `request.state.api_key`. `open_paths` are exact routes; `open_prefixes` end in '/'."""
 
-    def __init__(self, app: ASGIApp, enabled: bool, keys: KeyStore):
+    def __init__(self, app: ASGIApp, enabled: bool, keys: KeyStore,
+                 open_paths: frozenset[str] = ALWAYS_OPEN,
+                 open_prefixes: tuple[str, ...] = (),
+                 closed_paths: frozenset[str] = frozenset()):
         self.app = app
         self.enabled = enabled
         self.keys = keys
+        self.open_paths = frozenset(open_paths) | ALWAYS_OPEN
+        self.open_prefixes = tuple(open_prefixes)
+        self.closed_paths = frozenset(closed_paths)
+
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths or any(path.startswith(p) for p in self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.enabled
-                or not scope["path"].startswith(PROTECTED_PREFIX)):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = route_path(scope)
+        if path in self.closed_paths:
+            await APIError(404, f"no route {scope['method']} {path[:200]}",
+                           code="not_found").response()(scope, receive, send)
+            return
+        if not self.enabled or self.is_open(path):
             await self.app(scope, receive, send)
             return
         header = None

@@ -1,14 +1,19 @@
 """Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, limits
 the protocol models do not express, and names that must stay inside their folder.
 
-`BodyLimitMiddleware` reads each /v1/* request body once (413 past `max_body_bytes`, whatever
+`BodyLimitMiddleware` runs after authentication (an unauthenticated request is refused before its
+body is read). It reads each POST/PUT/PATCH body once (413 past `max_body_bytes`, whatever
 Content-Length says) and refuses, with 400 and a clear message: `NaN`/`Infinity` anywhere, nesting
 deeper than 64, lone UTF-16 surrogates and NUL characters in any string. Right-to-left marks and
-other printable unicode pass. `check_request` / `check_prompt_tokens` are called by serving.
+other printable unicode pass. The walk is one pass over the parsed values with one iterator per
+open container (O(n) time, O(depth) extra memory; the path is rebuilt only for the error), and
+bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop.
+`check_request` / `check_prompt_tokens` are called by serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -19,6 +24,7 @@ from server.api.errors import APIError, bad_request
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
 MAX_DEPTH = 64
+OFF_LOOP_BYTES = 64 * 1024  # larger bodies are checked in a worker thread
 
 
 def valid_name(name: str) -> bool:
@@ -46,36 +52,67 @@ def _param(path: list) -> str | None:
     return out or None
 
 
+def _string_problem(s: str) -> str | None:
+    if "\x00" in s:
+        return "strings must not contain NUL (U+0000) characters"
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return "strings must not contain lone UTF-16 surrogates (invalid unicode)"
+    return None
+
+
+def _value_problem(v) -> str | None:
+    if isinstance(v, _NonFinite):
+        return f"{str(v)} is not valid JSON; numbers must be finite"
+    if isinstance(v, str):
+        return _string_problem(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return "numbers must be finite (this one overflows)"
+    return None
+
+
+def _children(v):
+    if isinstance(v, dict):
+        return iter(v.items())
+    if isinstance(v, list):
+        return enumerate(v)
+    return None
+
+
 def _walk(value) -> tuple[str, str | None] | None:
-    """The first problem (message, param) in the parsed body's values or depth, iteratively."""
-    stack = [(value, [])]
-    while stack:
-        v, path = stack.pop()
-        if len(path) > MAX_DEPTH:
-            return f"the JSON body is nested deeper than {MAX_DEPTH} levels", None
-        if isinstance(v, _NonFinite):
-            return (f"{str(v)} is not valid JSON; numbers must be finite",
-                    _param(path))
-        if isinstance(v, float) and not math.isfinite(v):
-            return "numbers must be finite (this one overflows)", _param(path)
-        if isinstance(v, str):
-            items = [v]
-        elif isinstance(v, dict):
-            items = list(v.keys())
-            stack.extend((x, [*path, k]) for k, x in v.items())
-        elif isinstance(v, list):
-            stack.extend((x, [*path, i]) for i, x in enumerate(v))
+    """The first problem (message, param) in the parsed body's values or depth.
+
+    Depth-first with one iterator per open container: every value is visited once and nothing
+    is copied per element; `path` holds the keys of the open branch (at most MAX_DEPTH)."""
+    problem = _value_problem(value)
+    if problem:
+        return problem, None
+    top = _children(value)
+    if top is None:
+        return None
+    iters, path = [top], [None]
+    while iters:
+        try:
+            key, v = next(iters[-1])
+        except StopIteration:
+            iters.pop()
+            path.pop()
             continue
-        else:
-            continue
-        for s in items:
-            if "\x00" in s:
-                return "strings must not contain NUL (U+0000) characters", _param(path)
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                return ("strings must not contain lone UTF-16 surrogates (invalid unicode)",
-                        _param(path))
+        path[-1] = key
+        if isinstance(key, str):
+            problem = _string_problem(key)
+            if problem:
+                return problem, _param(path[:-1])
+        problem = _value_problem(v)
+        if problem:
+            return problem, _param(path)
+        child = _children(v)
+        if child is not None:
+            if len(iters) >= MAX_DEPTH:
+                return f"the JSON body is nested deeper than {MAX_DEPTH} levels", None
+            iters.append(child)
+            path.append(None)
     return None
 
 
@@ -96,14 +133,12 @@ def check_json(body: bytes) -> None:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, prefix: str = "/v1/"):
+    def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
-        self.prefix = prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"} \
-                or not scope["path"].startswith(self.prefix):
+        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
             await self.app(scope, receive, send)
             return
         too_big = APIError(413, f"the request body exceeds {self.max_bytes} bytes",
@@ -132,7 +167,10 @@ class BodyLimitMiddleware:
                 break
         body = b"".join(chunks)
         try:
-            check_json(body)
+            if len(body) > OFF_LOOP_BYTES:
+                await asyncio.to_thread(check_json, body)
+            else:
+                check_json(body)
         except APIError as err:
             await err.response()(scope, receive, send)
             return
