@@ -550,6 +550,38 @@ def test_wiring(overlay):
     assert genv["STEERING_API_BASE"] == f"http://{service['metadata']['name']}:{svc_port}/v1"
 
 
+def test_network_policy_admits_only_the_gateway(overlay):
+    """Issue 12 finding 13: the keyless server is reachable only from the gateway (and
+    Prometheus' namespace for /metrics), and its API docs are off."""
+    name, docs = overlay
+    server = _server_deployment(docs)
+    pod_labels = server["spec"]["template"]["metadata"]["labels"]
+    gateway = _one(docs, "Deployment", "steering-gateway")
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in _by_kind(docs, "NetworkPolicy")
+                if all(pod_labels.get(k) == v
+                       for k, v in p["spec"]["podSelector"]["matchLabels"].items())]
+    assert len(policies) == 1, f"{name}: no NetworkPolicy selects the server pods"
+    spec = policies[0]["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    pods_from, namespaces_from = [], []
+    for rule in spec["ingress"]:
+        assert rule.get("from"), "an ingress rule without 'from' admits everyone"
+        assert [p["port"] for p in rule["ports"]] == ["http"]
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer
+            if "podSelector" in peer:
+                assert "namespaceSelector" not in peer
+                pods_from.append(peer["podSelector"]["matchLabels"])
+            else:
+                namespaces_from.append(peer["namespaceSelector"]["matchLabels"])
+    assert pods_from and all(all(gateway_labels.get(k) == v for k, v in sel.items())
+                             for sel in pods_from)
+    assert all(sel == {"kubernetes.io/metadata.name": "monitoring"} for sel in namespaces_from)
+    policy = _one(docs, "ConfigMap", "steering-policy")["data"]
+    assert policy["STEER_DOCS"] == "off" and policy["STEER_PLAYGROUND"] == "off"
+
+
 def test_overlay_patch_applied():
     gpu = kustomize(DEPLOY / "overlays" / "gpu")
     cpu = kustomize(DEPLOY / "overlays" / "cpu")
@@ -918,7 +950,13 @@ def test_compose_stack():
     services = doc["services"]
     assert {"steer", "gateway", "prometheus"} <= set(services)
     steer_port = 8000
-    assert f"{steer_port}:{steer_port}" in services["steer"]["ports"]
+    # only the gateway is published on all interfaces; the keyless server is not published
+    assert "ports" not in services["steer"] and str(steer_port) in services["steer"]["expose"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            if name != "gateway":
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port}"
+    assert services["steer"]["environment"]["STEER_DOCS"] == "off"
     # Prometheus scrapes the server's /metrics
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     targets = [(job.get("metrics_path", "/metrics"), t) for job in prom["scrape_configs"]
