@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -65,11 +66,37 @@ def note(request: Request, applied: AppliedSteering, *, prompt=None, tokens: int
     return entry
 
 
+class _AppendHandler(logging.Handler):
+    """Appends each record as one `write` of one line to a file opened with O_APPEND: a process
+    killed mid-write leaves whole lines only (no buffered half-line), and several processes may
+    share the file."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record).replace("\n", " ") + "\n").encode("utf-8")
+            while data:  # a regular file takes the whole line at once; loop only if it does not
+                data = data[os.write(self.fd, data):]
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        super().close()
+
+
 def _add_file(path: str) -> None:
     target = str(Path(path).resolve())
     if any(getattr(h, "_steer_audit", None) == target for h in audit_log.handlers):
         return
-    handler = logging.FileHandler(target, encoding="utf-8")
+    handler = _AppendHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._steer_audit = target  # type: ignore[attr-defined]
     audit_log.addHandler(handler)
