@@ -109,7 +109,8 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
     from steering.packs.store import ensure_pack
 
-    lm = steering.load_model(settings.model, settings.device, settings.dtype)
+    lm = steering.load_model(settings.model, settings.device, settings.dtype,
+                             precision=settings.precision)
     pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
     return lm, pack
 

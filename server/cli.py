@@ -17,6 +17,7 @@ import os
 import sys
 
 from steering.interventions.catalog import METHODS
+from steering.models import PRECISIONS
 
 
 def _handler(args: argparse.Namespace):
@@ -34,7 +35,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="'embedded' (default), a model folder, a .gguf file or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--precision", default=os.environ.get("STEER_PRECISION", "auto"),
+                   choices=PRECISIONS, help="weights: auto (int8 on CPU, bf16 on CUDA), fp32, "
+                                            "bf16, fp16, int8, int4 (default: $STEER_PRECISION "
+                                            "or auto; see docs/precision.md)")
+    p.add_argument("--dtype", default="auto",
+                   help="older spelling of a float precision (float32, bfloat16, float16)")
 
 
 def _steering_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +144,9 @@ def _server_verbs(sub) -> None:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--presets", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, fp16, int8, int4 "
+                        "(default: $STEER_PRECISION or auto)")
     p.add_argument("--dtype", default=None)
     p.set_defaults(handler="server.cli:cmd_serve")
 
@@ -197,7 +206,8 @@ def cmd_serve(args) -> int:
     from server.app import serve
 
     overrides = {k: v for k, v in vars(args).items()
-                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype"}
+                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype",
+                          "precision"}
                  and v is not None}
     serve(**overrides)
     return 0
