@@ -3,7 +3,8 @@
 The parser is built here and only here, without importing torch: `steer --help` answers at once.
 Each verb names its handler as "module:function"; the module is imported when the verb runs.
 
-    library   extract, generate, orthogonalize, eval, report   (steering.commands)
+    library   extract, generate, orthogonalize, eval, report   (steering.commands),
+              precision-gate                                   (steering.evaluation)
     server    serve, hash-key                                  (server.app, server.security.auth)
     client    chat, compare                                    (clients.cli, over HTTP)
 """
@@ -134,6 +135,24 @@ def _library_verbs(sub) -> None:
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
     p.set_defaults(handler="steering.commands:cmd_report")
+
+    p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "
+                                              "results? refusal per method, perplexity, KL vs "
+                                              "fp32 (docs/precision.md)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
+    p.add_argument("--precision", default="int8",
+                   help="comma-separated precisions to compare with fp32 (default int8)")
+    p.add_argument("--harmful", default=None,
+                   help="JSON file (default: ../shared/data/harmful_test_jbb.json)")
+    p.add_argument("--n-harmful", type=int, default=None)
+    p.add_argument("--n-harmless", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--n-general", type=int, default=None, help="WikiText-2 paragraphs")
+    p.add_argument("--general-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", default=None, help="Markdown file (a .json sibling gets the numbers)")
+    p.set_defaults(handler="steering.evaluation.precision_gate:cmd_precision_gate")
 
 
 def _server_verbs(sub) -> None:

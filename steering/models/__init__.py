@@ -2,7 +2,9 @@
 
 Lives here: loading and device/dtype choice, the embedded GGUF wheels, GGUF dequantization, the
 layer table (where the residual stream is read and written), chat templates, the model fingerprint.
-May import: torch, transformers, gguf; from steering only `steering.interventions.hooks` (to attach).
+Also: the precision a model runs in (precision.py: int8 per-row kernels, SmoothQuant calibration).
+May import: torch, transformers, gguf; from steering only `steering.interventions.hooks` (to attach)
+and `steering.data` (calibration prompts).
 """
 
 # The precisions a model can be served in (steering.models.precision), torch-free for the command

@@ -130,8 +130,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
-    apply_precision(model, prec)
     _prepare_tokenizer(tokenizer)
+    apply_precision(model, prec, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, name=name.lower(),
                        precision=prec)
 
@@ -153,7 +153,7 @@ def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model",
     first = next(model.parameters())
     prec = resolve_precision(precision, first.device) if precision else \
         {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.dtype, "fp32")
-    apply_precision(model, prec)
     _prepare_tokenizer(tokenizer)
+    apply_precision(model, prec, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, name=name,
                        precision=prec)

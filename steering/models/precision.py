@@ -25,6 +25,15 @@ every batch; the integer GEMM is exact and the row's scale is multiplied back af
 That is per-token activation quantization (as in LLM.int8()/SmoothQuant's per-token variant,
 Dettmers et al. 2022 §3; Xiao et al. 2023 §4) with per-channel symmetric weights — and each row's
 output is bit-identical whatever else is in the batch.
+
+Outlier channels (a few input channels carry activations 10–100× the rest) waste the row's grid,
+so before quantizing we migrate part of their range into the weights — SmoothQuant (Xiao et al.
+2023, eq. 4), computed once from a few chat-formatted *training* prompts at load:
+
+    s_j = max|X_j|^α / max|W_:,j|^(1−α)   (α = 0.5)        y = (W·diag(s)) · (x / s)
+
+Measured on the embedded model (WikiText, 768 tokens, KL to fp32 per token): per-row int8 0.064
+nats, with smoothing 0.039 (perplexity +4.3% → +0.4%).
 """
 
 from __future__ import annotations
@@ -71,11 +80,14 @@ def int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def apply_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Quantize `model` in place for an integer precision (float precisions are load dtypes)."""
+def apply_precision(model: nn.Module, precision: str, tokenizer=None) -> nn.Module:
+    """Quantize `model` in place for an integer precision (float precisions are load dtypes).
+    With a `tokenizer`, int8 is calibrated for SmoothQuant on a few training prompts."""
     if precision == "int8":
-        n = quantize_int8(model)
-        log.info("int8: %d Linear layers quantized (fbgemm, per-row activations)", n)
+        smooth = smoothing_scales(model, tokenizer) if tokenizer is not None else None
+        n = quantize_int8(model, smooth=smooth)
+        log.info("int8: %d Linear layers quantized (fbgemm, per-row activations%s)", n,
+                 ", SmoothQuant" if smooth else "")
     elif precision == "int4":
         _quantize_int4_torchao(model)
     return model
@@ -87,10 +99,15 @@ def apply_precision(model: nn.Module, precision: str) -> nn.Module:
 class RowInt8Linear(nn.Module):
     """A Linear with int8 per-channel weights and per-row int8 activations (module docstring)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, smooth: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        inv = None
+        if smooth is not None:  # y = (W·diag(s)) · (x / s)
+            w = w * smooth.float()[None]
+            inv = (1.0 / smooth.float())[None]
+        self.register_buffer("inv_smooth", inv, persistent=False)
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
         with warnings.catch_warnings():  # quantized tensors are deprecated (docs/engine.md)
             warnings.simplefilter("ignore", UserWarning)
@@ -106,6 +123,8 @@ class RowInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         rows = x.reshape(-1, self.in_features).float()
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
         amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
         pinned = torch.cat([rows / amax, self._pin])
         y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1] * amax
@@ -117,8 +136,10 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module, lm_head: bool = True) -> int:
+def quantize_int8(model: nn.Module, lm_head: bool = True,
+                  smooth: dict[str, torch.Tensor] | None = None) -> int:
     """Replace every nn.Linear (lm_head included) with RowInt8Linear; returns how many.
+    `smooth`: SmoothQuant scales by module name (`smoothing_scales`).
 
     A tied lm_head gets its own int8 copy; the input embedding keeps its fp32 table (a lookup
     reads one row per token, so its precision costs no time).
@@ -132,12 +153,53 @@ def quantize_int8(model: nn.Module, lm_head: bool = True) -> int:
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RowInt8Linear(mod))
+        setattr(parent, child, RowInt8Linear(mod, (smooth or {}).get(name)))
     config = getattr(model, "config", None)
     if lm_head and getattr(config, "tie_word_embeddings", False):
         # The tie now points at a module without `.weight`; keep transformers from re-tying.
         config.tie_word_embeddings = False
     return len(targets)
+
+
+CALIBRATION_PROMPTS = 12  # per class, from the training splits (never the test split)
+SMOOTH_ALPHA = 0.5
+
+
+@torch.inference_mode()
+def smoothing_scales(model: nn.Module, tokenizer, alpha: float = SMOOTH_ALPHA,
+                     n_prompts: int = CALIBRATION_PROMPTS) -> dict[str, torch.Tensor]:
+    """SmoothQuant's per-input-channel scales for every Linear, from chat-formatted prompts of
+    the packaged training splits (harmless_train + harmful_train) run through the fp32 model."""
+    from steering.data.prompts import load_instructions
+    from steering.models.chat import format_chat
+
+    prompts = (load_instructions("harmless_train")[:n_prompts]
+               + load_instructions("harmful_train")[:n_prompts])
+    texts = [format_chat(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    mask = enc["attention_mask"].to(device).bool()
+    amax: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(mod, args, name=name):
+                x = args[0][mask] if args[0].shape[:2] == mask.shape else args[0]
+                a = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long(),
+              logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    scales = {}
+    for name, mod in model.named_modules():
+        if name in amax:
+            w = mod.weight.detach().abs().amax(0).float().clamp_min(1e-5)
+            scales[name] = (amax[name].clamp_min(1e-5) ** alpha / w ** (1 - alpha)).cpu()
+    return scales
 
 
 # ---- int4 (CUDA, torchao) ---------------------------------------------------------------------
