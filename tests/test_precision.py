@@ -14,7 +14,13 @@ import torch
 
 from server.engine import Engine
 from steering.models.loading import choose_precision
-from steering.models.precision import RowInt8Linear, quantize_int8, resolve_precision
+from steering.models.precision import (
+    Int8Slice,
+    RowInt8Linear,
+    activation_ranges,
+    quantize_int8,
+    resolve_precision,
+)
 from testkit.tiny import make_tiny
 from tests.test_engine import METHODS, _collect, _request
 
@@ -24,7 +30,7 @@ CPU = torch.device("cpu")
 def test_row_int8_linear_is_row_isolated_and_close_to_fp32():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    q = RowInt8Linear(linear)
+    q = RowInt8Linear.from_linear(linear)
     x = torch.randn(6, 64)
     x[2] *= 100.0  # an outlier row: with one scale for the whole tensor it would swamp row 0
     batched = q(x)
@@ -54,12 +60,33 @@ def test_quantize_int8_replaces_every_linear_and_keeps_the_logits():
     assert int8.precision == "int8"
     assert not any(isinstance(m, torch.nn.Linear) for m in int8.model.modules())
     assert isinstance(int8.model.lm_head, RowInt8Linear)
+    assert isinstance(int8.model.model.layers[0].self_attn.q_proj, Int8Slice)
     ids = fp32.tokenizer(["hello there, how are you"], return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         p = torch.log_softmax(fp32.model(input_ids=ids).logits, -1)
         q = torch.log_softmax(int8.model(input_ids=ids).logits, -1)
     kl = float((p.exp() * (p - q)).sum(-1).mean())
     assert kl < 0.01
+
+
+def test_fusing_q_k_v_and_gate_up_changes_no_result():
+    lm = make_tiny("qwen2")
+    ranges = activation_ranges(lm.model, lm.tokenizer)
+    fused, separate = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    quantize_int8(fused, act_ranges=ranges, fuse=True)
+    quantize_int8(separate, act_ranges=ranges, fuse=False)
+    assert isinstance(separate.model.layers[0].mlp.up_proj, RowInt8Linear)
+    # Same grid per row only when the siblings share one smoothing scale: compare without it.
+    fused2, separate2 = copy.deepcopy(lm.model), copy.deepcopy(lm.model)
+    quantize_int8(fused2, fuse=True)
+    quantize_int8(separate2, fuse=False)
+    ids = lm.tokenizer(["hello there", "a longer prompt with more words"], return_tensors="pt",
+                       padding=True)
+    with torch.inference_mode():
+        a = fused2(**ids).logits
+        b = separate2(**ids).logits
+        assert torch.equal(a, b)
+        assert torch.isfinite(fused(**ids).logits).all()
 
 
 def test_quantize_int8_can_keep_the_lm_head():

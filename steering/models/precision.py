@@ -84,10 +84,10 @@ def apply_precision(model: nn.Module, precision: str, tokenizer=None) -> nn.Modu
     """Quantize `model` in place for an integer precision (float precisions are load dtypes).
     With a `tokenizer`, int8 is calibrated for SmoothQuant on a few training prompts."""
     if precision == "int8":
-        smooth = smoothing_scales(model, tokenizer) if tokenizer is not None else None
-        n = quantize_int8(model, smooth=smooth)
+        ranges = activation_ranges(model, tokenizer) if tokenizer is not None else None
+        n = quantize_int8(model, act_ranges=ranges)
         log.info("int8: %d Linear layers quantized (fbgemm, per-row activations%s)", n,
-                 ", SmoothQuant" if smooth else "")
+                 ", SmoothQuant" if ranges else "")
     elif precision == "int4":
         _quantize_int4_torchao(model)
     return model
@@ -97,14 +97,16 @@ def apply_precision(model: nn.Module, precision: str, tokenizer=None) -> nn.Modu
 
 
 class RowInt8Linear(nn.Module):
-    """A Linear with int8 per-channel weights and per-row int8 activations (module docstring)."""
+    """A Linear with int8 per-channel weights and per-row int8 activations (module docstring).
+    `smooth`: SmoothQuant's per-input-channel scales s (y = (W·diag(s)) · (x / s))."""
 
-    def __init__(self, linear: nn.Linear, smooth: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None):
         super().__init__()
-        w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
         inv = None
-        if smooth is not None:  # y = (W·diag(s)) · (x / s)
+        if smooth is not None:
             w = w * smooth.float()[None]
             inv = (1.0 / smooth.float())[None]
         self.register_buffer("inv_smooth", inv, persistent=False)
@@ -114,11 +116,15 @@ class RowInt8Linear(nn.Module):
             qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long),
                                                  axis=0, dtype=torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
-        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
-        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(),
+                             persistent=False)
         pin = torch.zeros(1, self.in_features)
         pin[0, 0], pin[0, 1 % self.in_features] = -1.0, 1.0
         self.register_buffer("_pin", pin, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> RowInt8Linear:
+        return cls(linear.weight, linear.bias, smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -136,10 +142,69 @@ class RowInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class SharedInputInt8(nn.Module):
+    """Sibling Linears that read the same input (q/k/v, gate/up) as one int8 matmul.
+
+    Each sibling becomes an `Int8Slice` of the fused output; the first sibling called with a
+    tensor computes the fused product, the others called with *the same tensor object* reuse it.
+    Per output element the arithmetic is the unfused one (same row grid, same integer dot
+    product), so fusing changes no result — only the number of kernel calls (7 → 4 per layer).
+    """
+
+    def __init__(self, linears: list[nn.Linear], smooth: torch.Tensor | None):
+        super().__init__()
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias.detach() if m.bias is not None else
+                              torch.zeros(m.out_features, dtype=m.weight.dtype) for m in linears])
+        self.linear = RowInt8Linear(weight, bias, smooth)
+        self.n = len(linears)
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._left = 0
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        if self._left > 0 and x is self._x:
+            self._left -= 1
+            y = self._y
+        else:
+            y = self.linear(x)
+            self._left = self.n - 1
+        self._x, self._y = (x, y) if self._left > 0 else (None, None)
+        return y
+
+
+class Int8Slice(nn.Module):
+    def __init__(self, group: SharedInputInt8, start: int, end: int):
+        super().__init__()
+        self.group = group
+        self.start, self.end = start, end
+        self.in_features, self.out_features = group.linear.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x)[..., self.start:self.end].contiguous()
+
+
+# Siblings that read one input, by architecture family (llama, qwen2/3, mistral, gemma, phi3 …).
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _smooth(act: torch.Tensor | None, weights: list[torch.Tensor],
+            alpha: float) -> torch.Tensor | None:
+    """SmoothQuant eq. 4: s_j = max|X_j|^α / max|W_:,j|^(1−α) over the (fused) weight."""
+    if act is None:
+        return None
+    w = torch.cat([x.detach().abs().float() for x in weights]).amax(0).clamp_min(1e-5)
+    return act.clamp_min(1e-5) ** alpha / w ** (1 - alpha)
+
+
 def quantize_int8(model: nn.Module, lm_head: bool = True,
-                  smooth: dict[str, torch.Tensor] | None = None) -> int:
-    """Replace every nn.Linear (lm_head included) with RowInt8Linear; returns how many.
-    `smooth`: SmoothQuant scales by module name (`smoothing_scales`).
+                  act_ranges: dict[str, torch.Tensor] | None = None,
+                  alpha: float = 0.5, fuse: bool = True) -> int:
+    """Replace every nn.Linear (lm_head included) with int8 (RowInt8Linear, or slices of a
+    SharedInputInt8 for q/k/v and gate/up); returns how many Linears were replaced.
+    `act_ranges`: per-input-channel max |x| by module name (`activation_ranges`) → SmoothQuant.
 
     A tied lm_head gets its own int8 copy; the input embedding keeps its fp32 table (a lookup
     reads one row per token, so its precision costs no time).
@@ -147,13 +212,33 @@ def quantize_int8(model: nn.Module, lm_head: bool = True,
     if not int8_available():
         raise RuntimeError("this PyTorch build has no fbgemm quantized engine (int8)")
     torch.backends.quantized.engine = "fbgemm"
+    ranges = act_ranges or {}
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and (lm_head or mod is not out)]
-    for name, mod in targets:
+    targets = {name: mod for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and (lm_head or mod is not out)}
+    done: set[str] = set()
+    for name, mod in targets.items():
+        if name in done:
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, RowInt8Linear(mod, (smooth or {}).get(name)))
+        prefix = f"{parent_name}." if parent_name else ""
+        group = next((g for g in FUSE_GROUPS if child in g), None) if fuse else None
+        members = [c for c in group if f"{prefix}{c}" in targets] if group else []
+        if len(members) > 1 and len({targets[f"{prefix}{c}"].in_features
+                                     for c in members}) == 1:
+            linears = [targets[f"{prefix}{c}"] for c in members]
+            fused = SharedInputInt8(linears, _smooth(ranges.get(name),
+                                                     [m.weight for m in linears], alpha))
+            start = 0
+            for c, m in zip(members, linears, strict=True):
+                setattr(parent, c, Int8Slice(fused, start, start + m.out_features))
+                start += m.out_features
+                done.add(f"{prefix}{c}")
+            continue
+        setattr(parent, child, RowInt8Linear.from_linear(
+            mod, _smooth(ranges.get(name), [mod.weight], alpha)))
+        done.add(name)
     config = getattr(model, "config", None)
     if lm_head and getattr(config, "tie_word_embeddings", False):
         # The tie now points at a module without `.weight`; keep transformers from re-tying.
@@ -166,10 +251,10 @@ SMOOTH_ALPHA = 0.5
 
 
 @torch.inference_mode()
-def smoothing_scales(model: nn.Module, tokenizer, alpha: float = SMOOTH_ALPHA,
-                     n_prompts: int = CALIBRATION_PROMPTS) -> dict[str, torch.Tensor]:
-    """SmoothQuant's per-input-channel scales for every Linear, from chat-formatted prompts of
-    the packaged training splits (harmless_train + harmful_train) run through the fp32 model."""
+def activation_ranges(model: nn.Module, tokenizer,
+                      n_prompts: int = CALIBRATION_PROMPTS) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every Linear's input over chat-formatted prompts from the
+    packaged training splits (harmless_train + harmful_train), run through the model as loaded."""
     from steering.data.prompts import load_instructions
     from steering.models.chat import format_chat
 
@@ -185,7 +270,7 @@ def smoothing_scales(model: nn.Module, tokenizer, alpha: float = SMOOTH_ALPHA,
         if isinstance(mod, nn.Linear):
             def hook(mod, args, name=name):
                 x = args[0][mask] if args[0].shape[:2] == mask.shape else args[0]
-                a = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+                a = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
                 amax[name] = torch.maximum(amax[name], a) if name in amax else a
             handles.append(mod.register_forward_pre_hook(hook))
     try:
@@ -194,12 +279,7 @@ def smoothing_scales(model: nn.Module, tokenizer, alpha: float = SMOOTH_ALPHA,
     finally:
         for h in handles:
             h.remove()
-    scales = {}
-    for name, mod in model.named_modules():
-        if name in amax:
-            w = mod.weight.detach().abs().amax(0).float().clamp_min(1e-5)
-            scales[name] = (amax[name].clamp_min(1e-5) ** alpha / w ** (1 - alpha)).cpu()
-    return scales
+    return amax
 
 
 # ---- int4 (CUDA, torchao) ---------------------------------------------------------------------
