@@ -108,9 +108,21 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
-    from steering.packs.store import ensure_pack
+    from steering.packs.format import pack_paths
+    from steering.packs.store import default_pack_path, ensure_pack
 
-    lm = steering.load_model(settings.model, settings.device, settings.dtype)
+    lm = steering.load_model(settings.model, settings.device, settings.dtype,
+                             precision=settings.precision)
+    if (lm.precision in ("int8", "int4") and settings.pack is None
+            and not pack_paths(default_pack_path(lm))[0].is_file()):
+        # The pack is extracted once at full precision, whatever precision serves it (the
+        # precision gate in docs/precision.md measures the quantized model with that pack).
+        log.info("extracting the steering pack at full precision before serving %s",
+                 lm.precision)
+        full = steering.load_model(settings.model, settings.device,
+                                   precision="fp32" if lm.device.type == "cpu" else "bf16")
+        ensure_pack(full, None, mode=settings.pack_mode)
+        del full
     pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
     return lm, pack
 

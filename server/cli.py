@@ -3,7 +3,8 @@
 The parser is built here and only here, without importing torch: `steer --help` answers at once.
 Each verb names its handler as "module:function"; the module is imported when the verb runs.
 
-    library   extract, generate, orthogonalize, eval, report   (steering.commands)
+    library   extract, generate, orthogonalize, eval, report   (steering.commands),
+              precision-gate                                   (steering.evaluation)
     server    serve, hash-key                                  (server.app, server.security.auth)
     client    chat, compare                                    (clients.cli, over HTTP)
 """
@@ -17,6 +18,7 @@ import os
 import sys
 
 from steering.interventions.catalog import METHODS
+from steering.models import PRECISIONS
 
 
 def _handler(args: argparse.Namespace):
@@ -34,7 +36,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded",
                    help="'embedded' (default), a model folder, a .gguf file or a hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--precision", default=os.environ.get("STEER_PRECISION", "auto"),
+                   choices=PRECISIONS, help="weights: auto (int8 on CPU, bf16 on CUDA), fp32, "
+                                            "bf16, fp16, int8, int4 (default: $STEER_PRECISION "
+                                            "or auto; see docs/precision.md)")
+    p.add_argument("--dtype", default="auto",
+                   help="older spelling of a float precision (float32, bfloat16, float16)")
 
 
 def _steering_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +136,24 @@ def _library_verbs(sub) -> None:
     p.add_argument("--out", default="docs/report", help="output folder")
     p.set_defaults(handler="steering.commands:cmd_report")
 
+    p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "
+                                              "results? refusal per method, perplexity, KL vs "
+                                              "fp32 (docs/precision.md)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
+    p.add_argument("--precision", default="int8",
+                   help="comma-separated precisions to compare with fp32 (default int8)")
+    p.add_argument("--harmful", default=None,
+                   help="JSON file (default: ../shared/data/harmful_test_jbb.json)")
+    p.add_argument("--n-harmful", type=int, default=None)
+    p.add_argument("--n-harmless", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--n-general", type=int, default=None, help="WikiText-2 paragraphs")
+    p.add_argument("--general-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", default=None, help="Markdown file (a .json sibling gets the numbers)")
+    p.set_defaults(handler="steering.evaluation.precision_gate:cmd_precision_gate")
+
 
 def _server_verbs(sub) -> None:
     p = sub.add_parser("serve", help="start the OpenAI-compatible steering server")
@@ -138,6 +163,9 @@ def _server_verbs(sub) -> None:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--presets", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, fp16, int8, int4 "
+                        "(default: $STEER_PRECISION or auto)")
     p.add_argument("--dtype", default=None)
     p.set_defaults(handler="server.cli:cmd_serve")
 
@@ -197,7 +225,8 @@ def cmd_serve(args) -> int:
     from server.app import serve
 
     overrides = {k: v for k, v in vars(args).items()
-                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype"}
+                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype",
+                          "precision"}
                  and v is not None}
     serve(**overrides)
     return 0

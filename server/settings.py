@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from steering.models import DTYPE_ALIASES, PRECISIONS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEER_", extra="ignore")
@@ -21,7 +23,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="model id clients use "
                                                             "(default: the model's short name)")
     device: str = "auto"
-    dtype: str = "auto"
+    precision: str = Field("auto", description="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, "
+                                               "fp16, int8, int4 (steering.models.precision)")
+    dtype: str = Field("auto", description="older spelling of a float precision; an explicit "
+                                           "dtype wins over precision auto")
 
     # Where to listen.
     host: str = "127.0.0.1"
@@ -86,6 +91,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if DTYPE_ALIASES.get(self.precision.lower(), self.precision.lower()) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         if not self.strength_min <= self.strength_max:
             raise ValueError("strength_min must not exceed strength_max")
         if self.default_max_tokens > self.max_tokens_limit:

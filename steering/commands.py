@@ -25,7 +25,8 @@ def cmd_extract(args) -> int:
     from steering.packs.extract import ExtractConfig, extract_pack
     from steering.packs.store import default_pack_path
 
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype,
+                    precision=args.precision)
     pack = extract_pack(
         lm, load_instructions(args.harmful), load_instructions(args.harmless),
         load_instructions(args.harmful_val), load_instructions(args.harmless_val),
@@ -44,7 +45,8 @@ def cmd_generate(args) -> int:
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype,
+                    precision=args.precision)
     spec = SteeringSpec(args.method, args.strength, args.k, args.layers)
     pack = ensure_pack(lm, args.pack) if args.method != "none" else None
     row = build_row(spec, pack)
@@ -78,7 +80,8 @@ def cmd_eval(args) -> int:
         config.strengths = {m: args.strengths for m in METHODS if m != "none"}
     if args.ks:
         config.ks = args.ks
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype,
+                    precision=args.precision)
     needs_pack = any(m != "none" for m in config.methods)
     pack = ensure_pack(lm, args.pack) if needs_pack else None
     result = evaluate(lm, pack, config)
@@ -104,7 +107,8 @@ def cmd_report(args) -> int:
         config.n_geometry = args.n_geometry
     config.command = shlex.join(["steer", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] \
         else f"steer report --out {shlex.quote(args.out)}"
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = load_model(args.model, args.device, args.dtype,
+                    precision=args.precision)
     pack = ensure_pack(lm, args.pack)
     summary = run_report(lm, pack, args.out, config, started=started)
     for claim in summary["claims"]:

@@ -41,7 +41,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny(kind: str = "qwen2", n_layers: int = 4, seed: int = 0):
+def make_tiny(kind: str = "qwen2", n_layers: int = 4, seed: int = 0,
+              precision: str | None = None):
+    """A tiny random chat model; `precision` int8 quantizes its Linears (bf16/fp16: casts)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
@@ -54,4 +56,6 @@ def make_tiny(kind: str = "qwen2", n_layers: int = 4, seed: int = 0):
         model = LlamaForCausalLM(LlamaConfig(**common))
     # STEERING_TEST_DEVICE=cuda runs the tiny-model tests on a GPU (CUDA path check).
     model.to(os.environ.get("STEERING_TEST_DEVICE", "cpu"))
-    return wrap_model(model, tokenizer, name=f"tiny-{kind}")
+    if precision in ("bf16", "fp16"):
+        model.to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return wrap_model(model, tokenizer, name=f"tiny-{kind}", precision=precision)

@@ -327,7 +327,9 @@ class Engine:
     def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
         """Sample one token per row and send its event; None where the request finished."""
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        # Only when some row asks for logprobs: a full-vocabulary softmax per row is not free.
+        logprobs = torch.log_softmax(logits, dim=-1) if any(
+            s.request.sampling.logprobs for s in slots) else None
         result: list[int | None] = []
         for i, slot in enumerate(slots):
             sp = slot.request.sampling

@@ -21,7 +21,9 @@ class SteeringHooks:
     def __init__(self, layout: ResidualLayout, device: torch.device, dtype: torch.dtype,
                  d_model: int):
         self.layout = layout
-        self.device, self.dtype, self.d_model = device, dtype, d_model
+        self.device, self.d_model = device, d_model
+        self.model_dtype = dtype  # the residual stream's dtype; the edits stay fp32
+        self.dtype = torch.float32
         self._edits: dict[Site, BatchEdit] = {}
         self._key: tuple | None = None
         self._identity: RowEdit | None = None
@@ -82,7 +84,9 @@ class SteeringHooks:
         if h.shape[0] != edit.alpha.shape[0]:
             raise RuntimeError(f"steering rows ({edit.alpha.shape[0]}) do not match the "
                                f"batch ({h.shape[0]}) at layer {site[0]}")
-        return apply_edit(h, edit)
+        if h.dtype == torch.float32:
+            return apply_edit(h, edit)
+        return apply_edit(h.float(), edit).to(h.dtype)
 
     def _input_hook(self, layer: int):
         site = (layer, "input")

@@ -2,5 +2,13 @@
 
 Lives here: loading and device/dtype choice, the embedded GGUF wheels, GGUF dequantization, the
 layer table (where the residual stream is read and written), chat templates, the model fingerprint.
-May import: torch, transformers, gguf; from steering only `steering.interventions.hooks` (to attach).
+Also: the precision a model runs in (precision.py: int8 per-row kernels, SmoothQuant calibration).
+May import: torch, transformers, gguf; from steering only `steering.interventions.hooks` (to attach)
+and `steering.data` (calibration prompts).
 """
+
+# The precisions a model can be served in (steering.models.precision), torch-free for the command
+# line and the settings. "auto": int8 on CPU, bf16 on CUDA.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+# The older --dtype spellings, still accepted.
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

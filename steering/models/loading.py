@@ -15,6 +15,7 @@ from steering.interventions.hooks import SteeringHooks
 from steering.models import embedded
 from steering.models.gguf import convert_gguf_to_folder
 from steering.models.layers import ResidualLayout, discover, hidden_size
+from steering.models.precision import apply_precision, load_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class LoadedModel:
     tokenizer: object
     model_id: str  # what the user asked for, e.g. "embedded" or a hub id
     name: str  # a short served name, e.g. "qwen2.5-coder-0.5b-instruct"
+    precision: str = "fp32"  # fp32, bf16, fp16, int8, int4 (steering.models.precision)
     layout: ResidualLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -44,7 +46,8 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The residual stream's dtype (fp32 for int8 weights)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def n_layers(self) -> int:
@@ -83,11 +86,27 @@ def _prepare_tokenizer(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def choose_precision(precision: str | None, dtype: str | None, device: torch.device) -> str:
+    """`precision` wins, except that `auto` gives way to an explicit `dtype` (the older spelling);
+    with neither, the library's full-precision default (fp32 on CPU, bf16 on CUDA)."""
+    explicit_dtype = dtype not in (None, "", "auto")
+    if precision not in (None, "") and not (precision == "auto" and explicit_dtype):
+        return resolve_precision(precision, device)
+    dt = resolve_dtype(dtype, device)
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               gguf_cache: bool = True) -> LoadedModel:
-    """Load `spec`: "embedded", a folder, a `.gguf` file, or a hub id (from the local hub cache)."""
+               gguf_cache: bool = True, precision: str | None = None) -> LoadedModel:
+    """Load `spec`: "embedded", a folder, a `.gguf` file, or a hub id (from the local hub cache).
+
+    `precision` (steering.models.precision): auto, fp32, bf16, fp16, int8, int4. None keeps the
+    library's full-precision default (fp32 on CPU, bf16 on CUDA, or `dtype` when given); the
+    `steer` command line and the server pass `auto` (int8 on CPU).
+    """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    prec = choose_precision(precision, dtype, dev)
+    dt = load_dtype(prec)
     name = spec
     if spec == DEFAULT_MODEL:
         folder: str | Path = embedded.embedded_model_dir()
@@ -105,14 +124,16 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     else:
         folder = spec
         name = Path(spec).name if Path(spec).exists() else spec.split("/")[-1]
-    log.info("loading model %s on %s as %s", folder, dev, dt)
+    log.info("loading model %s on %s in %s", folder, dev, prec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
     model.to(dev)
     model.eval()
     model.requires_grad_(False)
     _prepare_tokenizer(tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, name=name.lower())
+    apply_precision(model, prec, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, name=name.lower(),
+                       precision=prec)
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -123,9 +144,16 @@ def _gguf_cache_folder(path: Path) -> Path:
     return embedded.cache_root() / "models" / f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
-def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model") -> LoadedModel:
-    """A LoadedModel around objects built in memory (tests, notebooks)."""
+def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model",
+               precision: str | None = None) -> LoadedModel:
+    """A LoadedModel around objects built in memory (tests, notebooks); `precision` int8/int4
+    quantizes it in place (float precisions: cast it before wrapping)."""
     model.eval()
     model.requires_grad_(False)
+    first = next(model.parameters())
+    prec = resolve_precision(precision, first.device) if precision else \
+        {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.dtype, "fp32")
     _prepare_tokenizer(tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, name=name)
+    apply_precision(model, prec, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=name, name=name,
+                       precision=prec)

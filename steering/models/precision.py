@@ -1,0 +1,318 @@
+"""Weight precision, chosen once at start-up: fp32, bf16, fp16, int8 (and int4 where it pays).
+
+    precision  weights (Linear)            activations in the matmul     kernel
+    ---------  --------------------------  ----------------------------  --------------------------
+    fp32       fp32                        fp32                          MKL / cuBLAS
+    bf16/fp16  bf16 / fp16 (whole model)   bf16 / fp16                   cuBLAS (CPU: slow, no AVX512)
+    int8       int8, per output channel    int8, per row (token)         fbgemm `linear_dynamic`
+    int4       int4 weight-only (torchao)  bf16                          CUDA only (see docs)
+
+`auto`: bf16 on CUDA, int8 on CPU (measured in docs/engine.md, quality in docs/precision.md).
+The steering kernel never runs in these precisions: the hooks upcast the residual stream to fp32,
+edit it, and cast back (steering.interventions.hooks).
+
+int8 on CPU is PyTorch's own fbgemm dynamic-quantized linear (`torch.ops.quantized.linear_dynamic`,
+the op behind `torch.ao.nn.quantized.dynamic.Linear`) with one change that makes it *per row*.
+The stock module picks one activation scale for the whole input tensor (min/max over all rows),
+so a row's result would depend on the other rows in the batch: steered rows next to an unsteered
+one, or a long prompt's outlier token, would change each other's rounding — mixed batch ≠ solo.
+`RowInt8Linear` instead rescales every row to max |x| = 1 and appends one pin row [−1, 1, 0, …],
+so the tensor's min/max — hence the quantization grid — is the same fixed [−1, 1] for every row in
+every batch; the integer GEMM is exact and the row's scale is multiplied back afterwards:
+
+    y_b = a_b · W_q · q(x_b / a_b) + bias          a_b = max_i |x_b,i|,  q: 7-bit grid on [−1, 1]
+
+That is per-token activation quantization (as in LLM.int8()/SmoothQuant's per-token variant,
+Dettmers et al. 2022 §3; Xiao et al. 2023 §4) with per-channel symmetric weights — and each row's
+output is bit-identical whatever else is in the batch.
+
+Outlier channels (a few input channels carry activations 10–100× the rest) waste the row's grid,
+so before quantizing we migrate part of their range into the weights — SmoothQuant (Xiao et al.
+2023, eq. 4), computed once from a few chat-formatted *training* prompts at load:
+
+    s_j = max|X_j|^α / max|W_:,j|^(1−α)   (α = 0.5)        y = (W·diag(s)) · (x / s)
+
+Measured on the embedded model (WikiText, 768 tokens, KL to fp32 per token): per-row int8 0.064
+nats, with smoothing 0.039 (perplexity +4.3% → +0.4%).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from steering.models import DTYPE_ALIASES, PRECISIONS
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """`auto` → bf16 on CUDA (fp16 where bf16 is missing), int8 on CPU."""
+    p = (precision or "auto").lower()
+    p = DTYPE_ALIASES.get(p, p)
+    if p not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if p == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "int8" if int8_available() else "fp32"
+    if p == "int8" and device.type != "cpu":
+        raise ValueError("precision int8 is the CPU's fbgemm kernel; on CUDA use bf16 or int4")
+    if p == "int4" and device.type != "cuda":
+        raise ValueError("precision int4 has no fast kernel on this CPU (AVX2, no AVX512/AMX: "
+                         "measured slower than fp32, see docs/engine.md); use int8")
+    return p
+
+
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype the checkpoint is loaded in before any quantization."""
+    if precision == "int4":
+        return torch.bfloat16
+    return FLOAT_DTYPES.get(precision, torch.float32)
+
+
+def int8_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def apply_precision(model: nn.Module, precision: str, tokenizer=None) -> nn.Module:
+    """Quantize `model` in place for an integer precision (float precisions are load dtypes).
+    With a `tokenizer`, int8 is calibrated for SmoothQuant on a few training prompts."""
+    if precision == "int8":
+        ranges = activation_ranges(model, tokenizer) if tokenizer is not None else None
+        n = quantize_int8(model, act_ranges=ranges)
+        log.info("int8: %d Linear layers quantized (fbgemm, per-row activations%s)", n,
+                 ", SmoothQuant" if ranges else "")
+        _own_memory(model)
+    elif precision == "int4":
+        _quantize_int4_torchao(model)
+    return model
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy what stays in float (embedding, norms) out of the checkpoint's memory map, so the
+    map — 4 bytes per parameter of the fp32 file — is released once the Linears are int8."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+        for mod in model.modules():
+            for name, buf in list(mod.named_buffers(recurse=False)):
+                if buf is not None:
+                    setattr(mod, name, buf.clone())
+    gc.collect()
+    _malloc_trim()
+
+
+def _malloc_trim() -> None:
+    """Hand the conversion's freed heap back to the OS (glibc keeps it otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+# ---- int8 (CPU, fbgemm) ---------------------------------------------------------------------
+
+
+class RowInt8Linear(nn.Module):
+    """A Linear with int8 per-channel weights and per-row int8 activations (module docstring).
+    `smooth`: SmoothQuant's per-input-channel scales s (y = (W·diag(s)) · (x / s))."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None):
+        super().__init__()
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        inv = None
+        if smooth is not None:
+            w = w * smooth.float()[None]
+            inv = (1.0 / smooth.float())[None]
+        self.register_buffer("inv_smooth", inv, persistent=False)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        with warnings.catch_warnings():  # quantized tensors are deprecated (docs/engine.md)
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long),
+                                                 axis=0, dtype=torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(),
+                             persistent=False)
+        pin = torch.zeros(1, self.in_features)
+        pin[0, 0], pin[0, 1 % self.in_features] = -1.0, 1.0
+        self.register_buffer("_pin", pin, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> RowInt8Linear:
+        return cls(linear.weight, linear.bias, smooth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        rows = x.reshape(-1, self.in_features).float()
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
+        amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        pinned = torch.cat([rows / amax, self._pin])
+        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1] * amax
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class SharedInputInt8(nn.Module):
+    """Sibling Linears that read the same input (q/k/v, gate/up) as one int8 matmul.
+
+    Each sibling becomes an `Int8Slice` of the fused output; the first sibling called with a
+    tensor computes the fused product, the others called with *the same tensor object* reuse it.
+    Per output element the arithmetic is the unfused one (same row grid, same integer dot
+    product), so fusing changes no result — only the number of kernel calls (7 → 4 per layer).
+    """
+
+    def __init__(self, linears: list[nn.Linear], smooth: torch.Tensor | None):
+        super().__init__()
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias.detach() if m.bias is not None else
+                              torch.zeros(m.out_features, dtype=m.weight.dtype) for m in linears])
+        self.linear = RowInt8Linear(weight, bias, smooth)
+        self.n = len(linears)
+        self._x: torch.Tensor | None = None
+        self._y: torch.Tensor | None = None
+        self._left = 0
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        if self._left > 0 and x is self._x:
+            self._left -= 1
+            y = self._y
+        else:
+            y = self.linear(x)
+            self._left = self.n - 1
+        self._x, self._y = (x, y) if self._left > 0 else (None, None)
+        return y
+
+
+class Int8Slice(nn.Module):
+    def __init__(self, group: SharedInputInt8, start: int, end: int):
+        super().__init__()
+        self.group = group
+        self.start, self.end = start, end
+        self.in_features, self.out_features = group.linear.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x)[..., self.start:self.end].contiguous()
+
+
+# Siblings that read one input, by architecture family (llama, qwen2/3, mistral, gemma, phi3 …).
+FUSE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _smooth(act: torch.Tensor | None, weights: list[torch.Tensor],
+            alpha: float) -> torch.Tensor | None:
+    """SmoothQuant eq. 4: s_j = max|X_j|^α / max|W_:,j|^(1−α) over the (fused) weight."""
+    if act is None:
+        return None
+    w = torch.cat([x.detach().abs().float() for x in weights]).amax(0).clamp_min(1e-5)
+    return act.clamp_min(1e-5) ** alpha / w ** (1 - alpha)
+
+
+def quantize_int8(model: nn.Module, lm_head: bool = True,
+                  act_ranges: dict[str, torch.Tensor] | None = None,
+                  alpha: float = 0.5, fuse: bool = True) -> int:
+    """Replace every nn.Linear (lm_head included) with int8 (RowInt8Linear, or slices of a
+    SharedInputInt8 for q/k/v and gate/up); returns how many Linears were replaced.
+    `act_ranges`: per-input-channel max |x| by module name (`activation_ranges`) → SmoothQuant.
+
+    A tied lm_head gets its own int8 copy; the input embedding keeps its fp32 table (a lookup
+    reads one row per token, so its precision costs no time).
+    """
+    if not int8_available():
+        raise RuntimeError("this PyTorch build has no fbgemm quantized engine (int8)")
+    torch.backends.quantized.engine = "fbgemm"
+    ranges = act_ranges or {}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = {name: mod for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and (lm_head or mod is not out)}
+    done: set[str] = set()
+    for name, mod in targets.items():
+        if name in done:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        prefix = f"{parent_name}." if parent_name else ""
+        group = next((g for g in FUSE_GROUPS if child in g), None) if fuse else None
+        members = [c for c in group if f"{prefix}{c}" in targets] if group else []
+        if len(members) > 1 and len({targets[f"{prefix}{c}"].in_features
+                                     for c in members}) == 1:
+            linears = [targets[f"{prefix}{c}"] for c in members]
+            fused = SharedInputInt8(linears, _smooth(ranges.get(name),
+                                                     [m.weight for m in linears], alpha))
+            start = 0
+            for c, m in zip(members, linears, strict=True):
+                setattr(parent, c, Int8Slice(fused, start, start + m.out_features))
+                start += m.out_features
+                done.add(f"{prefix}{c}")
+            continue
+        setattr(parent, child, RowInt8Linear.from_linear(
+            mod, _smooth(ranges.get(name), [mod.weight], alpha)))
+        done.add(name)
+    config = getattr(model, "config", None)
+    if lm_head and getattr(config, "tie_word_embeddings", False):
+        # The tie now points at a module without `.weight`; keep transformers from re-tying.
+        config.tie_word_embeddings = False
+    return len(targets)
+
+
+CALIBRATION_PROMPTS = 12  # per class, from the training splits (never the test split)
+SMOOTH_ALPHA = 0.5
+
+
+@torch.inference_mode()
+def activation_ranges(model: nn.Module, tokenizer,
+                      n_prompts: int = CALIBRATION_PROMPTS) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every Linear's input over chat-formatted prompts from the
+    packaged training splits (harmless_train + harmful_train), run through the model as loaded."""
+    from steering.data.prompts import load_instructions
+    from steering.models.chat import format_chat
+
+    prompts = (load_instructions("harmless_train")[:n_prompts]
+               + load_instructions("harmful_train")[:n_prompts])
+    texts = [format_chat(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    mask = enc["attention_mask"].to(device).bool()
+    amax: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def hook(mod, args, name=name):
+                x = args[0][mask] if args[0].shape[:2] == mask.shape else args[0]
+                a = x.reshape(-1, x.shape[-1]).abs().amax(0).float().cpu()
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        model(input_ids=enc["input_ids"].to(device), attention_mask=mask.long(),
+              logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+# ---- int4 (CUDA, torchao) ---------------------------------------------------------------------
+
+
+def _quantize_int4_torchao(model: nn.Module) -> None:
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise RuntimeError("precision int4 needs torchao (`pip install torchao`)") from exc
+    quantize_(model, Int4WeightOnlyConfig(group_size=128))
