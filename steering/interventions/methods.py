@@ -128,7 +128,7 @@ def build_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     else:  # INLP
         if not pack.inlp:
             raise SteeringError(f"pack {pack.name!r} has no INLP directions", "steering.pack")
-        layers = spec.layers if spec.layers is not None else tuple(pack.inlp_layers)
+        layers = spec.layers if spec.layers is not None else tuple(pack.inlp_default_layers)
         _check_layers(layers, pack.inlp_layers, method)
         k_max = min(pack.inlp[layer].count for layer in layers)
         k = spec.k if spec.k is not None else k_max

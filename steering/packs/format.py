@@ -77,8 +77,24 @@ class SteeringPack:
     def inlp_layers(self) -> list[int]:
         return sorted(self.inlp)
 
+    @property
+    def inlp_default_layers(self) -> list[int]:
+        """Where INLP methods edit unless the request names layers: the selected layer when it
+        has directions, else the first INLP layer (one site, as the papers do)."""
+        if self.layer in self.inlp:
+            return [self.layer]
+        return self.inlp_layers[:1]
+
+    def calibrated_strength(self, method: str) -> float | None:
+        """The strength extraction measured to reach `method`'s effect on the validation split
+        (see `steering.packs.extract`), or None when the pack records none."""
+        entry = (self.meta.get("calibration") or {}).get(method)
+        value = entry.get("strength") if isinstance(entry, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
     def max_k(self) -> int:
-        return min((d.count for d in self.inlp.values()), default=0)
+        """INLP directions available at the default layers."""
+        return min((self.inlp[layer].count for layer in self.inlp_default_layers), default=0)
 
     def describe(self) -> dict:
         return {
@@ -89,6 +105,9 @@ class SteeringPack:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "inlp_layers": self.inlp_layers,
+            "inlp_default_layers": self.inlp_default_layers,
+            "calibrated_strengths": {m: self.calibrated_strength(m) for m in
+                                     (self.meta.get("calibration") or {}) if m != "unsteered"},
             "k_max": self.max_k(),
             "inlp_accuracy": {str(layer): [round(float(a), 4) for a in d.accuracy]
                               for layer, d in self.inlp.items()},
@@ -132,8 +151,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PackError(f"pack file {path} does not exist")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+    # safetensors: a u64 header length, then the JSON header's "{" (the length's first byte may
+    # be anything, 0x80 included); torch.save: a zip ("PK") or a bare pickle (0x80, protocol).
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise PackError(f"{path} is a pickle/zip (torch.save) file, not safetensors; "
                         "packs are never unpickled")
     try:
