@@ -25,27 +25,12 @@ import yaml
 from pydantic import ValidationError
 
 from server.api.protocol import SteeringParams
+from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED
 
 SEPARATOR = "+"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-CALIBRATED = "calibrated"
-
-DEFAULT_PRESETS: dict[str, dict] = {
-    "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
-                   "description": "less refusal: one-sided INLP counterfactual flip (AlterRep) "
-                                  "on 2 leading directions; harmless prompts are left alone "
-                                  "(Rocchetti & Ferrara 2026)"},
-    "ablate": {"method": "ablate", "strength": 1.0,
-               "description": "less refusal: directional ablation of the DiM direction at "
-                              "every layer (Arditi et al. 2024)"},
-    "more-refusal": {"method": "actadd", "strength": CALIBRATED,
-                     "description": "more refusal: activation addition of the DiM vector at the "
-                                    "pack's calibrated strength (refuses most harmless prompts)"},
-    "ace-refuse": {"method": "ace", "strength": CALIBRATED,
-                   "description": "more refusal: affine concept editing at the pack's "
-                                  "calibrated strength (Marshall et al. 2024)"},
-}
+DEFAULT_PRESETS = BUILTIN_PRESETS
 
 
 class PresetError(ValueError):

@@ -20,3 +20,23 @@ DESCRIPTIONS = {
     "inlp_reflect": "INLP two-sided reflection across the class boundary: every activation "
                     "changes side, so harmless prompts move toward refusal (geometry studies)",
 }
+
+CALIBRATED = "calibrated"
+
+# Built-in server presets (`<served-name>+<preset>`); `strength: "calibrated"` takes the pack's
+# calibrated strength for the method (steering.packs.extract), 1 where the pack records none.
+BUILTIN_PRESETS: dict[str, dict] = {
+    "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
+                   "description": "less refusal: one-sided INLP counterfactual flip (AlterRep) "
+                                  "on 2 leading directions; harmless prompts are left alone "
+                                  "(Rocchetti & Ferrara 2026)"},
+    "ablate": {"method": "ablate", "strength": 1.0,
+               "description": "less refusal: directional ablation of the DiM direction at "
+                              "every layer (Arditi et al. 2024)"},
+    "more-refusal": {"method": "actadd", "strength": CALIBRATED,
+                     "description": "more refusal: activation addition of the DiM vector at the "
+                                    "pack's calibrated strength (refuses most harmless prompts)"},
+    "ace-refuse": {"method": "ace", "strength": CALIBRATED,
+                   "description": "more refusal: affine concept editing at the pack's "
+                                  "calibrated strength (Marshall et al. 2024)"},
+}
