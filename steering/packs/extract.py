@@ -58,15 +58,16 @@ class ExtractConfig:
     """`fast` fits a 2-core CPU in about 5 minutes; `full` follows the paper's candidate grid."""
 
     mode: str = "fast"
-    n_train: int = 128  # per class, scanned before the refusal filter
+    n_train: int = 128  # harmful training prompts scanned before the refusal filter
+    n_train_harmless: int | None = 96  # None: n_train
     n_val_harmless: int = 16  # harmless_val[:n] scanned for selection (evaluation uses later ones)
     n_val_harmful: int | None = None  # None: the whole harmful_val split
     min_filtered: int = 4  # fewer prompts pass a filter: skip that filter (recorded)
     judge_tokens: int = 5  # greedy tokens judged for refusal during extraction
     candidate_positions: int = 1  # how many of the last post-instruction positions to try
     layer_stride: int = 1
-    min_layer_fraction: float = 0.4
-    max_layer_fraction: float = 0.75  # Arditi et al. drop the last 20% of layers
+    min_layer_fraction: float = 0.42
+    max_layer_fraction: float = 0.71  # Arditi et al. drop the last 20% of layers
     kl_threshold: float = 0.1
     induce_threshold: float = 0.5
     calibrate_target: float = 0.8
@@ -82,7 +83,8 @@ class ExtractConfig:
         if mode == "fast":
             return ExtractConfig()
         if mode == "full":
-            return ExtractConfig(mode="full", n_train=260, n_val_harmless=64,
+            return ExtractConfig(mode="full", n_train=260, n_train_harmless=520,
+                                 n_val_harmless=64,
                                  candidate_positions=99, min_layer_fraction=0.0,
                                  max_layer_fraction=0.8, inlp=InlpConfig(max_directions=16))
         raise ValueError(f"unknown extraction mode {mode!r}; use fast or full")
@@ -207,7 +209,8 @@ def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     harmful_train = (harmful_train or load_instructions("harmful_train"))[: config.n_train]
-    harmless_train = (harmless_train or load_instructions("harmless_train"))[: config.n_train]
+    harmless_train = (harmless_train or load_instructions("harmless_train"))[
+        : config.n_train_harmless or config.n_train]
     harmful_val = (harmful_val or load_instructions("harmful_val"))[: config.n_val_harmful]
     harmless_val = (harmless_val or load_instructions("harmless_val"))[: config.n_val_harmless]
     tok_ids = refusal_token_ids(lm.tokenizer)
