@@ -65,7 +65,8 @@ class ReportConfig:
 
 def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2)) -> list[SteeringSpec]:
     """Every method at its paper strength, actadd and ace also at the pack's calibrated
-    strength, the INLP k sweep for null and flip, and the two-sided reflection at full k."""
+    strength, the INLP k sweep for the flip (the presets' k included), null projection and the
+    two-sided reflection at full k."""
     grid = [SteeringSpec("ablate", 1.0), SteeringSpec("ace", 0.0), SteeringSpec("ace", 1.0),
             SteeringSpec("actadd", 1.0)]
     for method in ("actadd", "ace"):
@@ -76,9 +77,8 @@ def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2)) -> list[Steeri
     if k_max:
         preset_ks = {e["k"] for e in BUILTIN_PRESETS.values() if e.get("k")}
         k_values = sorted({k for k in (*ks, *preset_ks) if 1 <= k <= k_max} | {k_max})
-        for method in ("inlp_null", "inlp_flip"):
-            grid += [SteeringSpec(method, 1.0, k) for k in k_values]
-        grid.append(SteeringSpec("inlp_reflect", 1.0, k_max))
+        grid += [SteeringSpec("inlp_flip", 1.0, k) for k in k_values]
+        grid += [SteeringSpec("inlp_null", 1.0, k_max), SteeringSpec("inlp_reflect", 1.0, k_max)]
     return grid
 
 
