@@ -55,8 +55,9 @@ def check(dtype: torch.dtype) -> dict:
     lm = make_tiny("qwen2")
     lm.model.to("cuda", dtype)
     lm.__dict__.pop("hooks", None)
-    config = ExtractConfig(n_train=24, n_val=6, min_layer_fraction=0.0,
-                           inlp=InlpConfig(max_directions=4, chance_margin=0.0))
+    config = ExtractConfig(n_train=24, n_train_harmless=None, n_val_harmless=6, n_val_harmful=6, min_layer_fraction=0.0,
+                           calibrate_strengths=(1.0, 2.0),
+                           inlp=InlpConfig(max_directions=4, chance_margin=0.0, p_value=1.0))
     t0 = time.perf_counter()
     pack = extract_pack(lm, config=config)
     rows = [build_row(SteeringSpec(m, 1.0), pack) for m in METHODS]

@@ -69,11 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     chosen = selection["chosen"]
     print(f"\nextraction ({args.mode}): {extract_seconds:.1f} s "
           f"(target < {TARGET_SECONDS:.0f} s: {'met' if extract_seconds < TARGET_SECONDS else 'MISSED'})")
+    print(f"phases (s): {pack.meta.get('timings')}")
+    for split, d in pack.meta["data"].items():
+        f = d.get("filter") or {}
+        print(f"  {split:<15} scanned {f.get('scanned')}, passed {f.get('passed')} "
+              f"({f.get('rule')}), filter {'applied' if f.get('applied') else 'NOT applied'}, "
+              f"kept {d['n']}")
     print(f"selected layer {pack.layer}, position {pack.position} "
-          f"(filters: {selection.get('filters', selection.get('passed_filters'))}; "
-          f"bypass {chosen['bypass_score']:.3f}, induce {chosen['induce_score']:.3f}, "
-          f"KL {chosen['kl']:.3f}); INLP directions: {pack.max_k()}, held-out accuracy "
+          f"(filters passed: {selection.get('filters')}; bypass rate {chosen['bypass_rate']:.2f}, "
+          f"induce rate {chosen['induce_rate']:.2f}, KL {chosen['kl']:.3f}); INLP directions: "
+          f"{pack.max_k()} at layers {pack.inlp_layers}, held-out accuracy "
           f"{pack.describe()['inlp_accuracy']}", flush=True)
+    for method, entry in pack.meta.get("calibration", {}).items():
+        print(f"  calibration {method}: {entry}")
 
     token_ids = refusal_token_ids(lm.tokenizer)
     prompts = {split: load_instructions(split)[: args.n] for split in ("harmful_val", "harmless_val")}
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         "within_target": extract_seconds < TARGET_SECONDS,
         "layer": pack.layer, "position": pack.position, "k_max": pack.max_k(),
         "filters": selection.get("filters"), "n_prompts": args.n,
+        "timings": pack.meta.get("timings"),
+        "calibrated": {m: pack.calibrated_strength(m) for m in ("actadd", "ace")},
         "refusal_score_change": {r["method"]: r["change"] for r in results},
         "results": results,
     }))

@@ -19,8 +19,9 @@ def tiny_pack(tiny_lm):
     from steering.packs.extract import ExtractConfig, extract_pack
     from steering.packs.inlp import InlpConfig
 
-    config = ExtractConfig(n_train=24, n_val=6, layer_stride=1, min_layer_fraction=0.0,
-                           inlp=InlpConfig(max_directions=4, chance_margin=0.0))
+    config = ExtractConfig(n_train=24, n_train_harmless=None, n_val_harmless=6, n_val_harmful=6, layer_stride=1,
+                           min_layer_fraction=0.0, calibrate_strengths=(1.0, 2.0),
+                           inlp=InlpConfig(max_directions=4, chance_margin=0.0, p_value=1.0))
     return extract_pack(tiny_lm, config=config, name="refusal")
 
 

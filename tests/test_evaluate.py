@@ -33,7 +33,7 @@ from steering.evaluation.geometry import (
 )
 from steering.evaluation.refusal import is_refusal
 
-TINY = dict(n_harmful=3, n_harmless=3, completion_tokens=6, n_general=2,
+TINY = dict(n_harmful=3, n_harmless=3, n_overrefusal=3, completion_tokens=6, n_general=2,
             general_tokens=24, max_new_tokens=6, batch_size=4)
 
 
@@ -46,6 +46,18 @@ def test_sorry_completion_is_a_refusal():
     assert refusal_rate(["I'm sorry, but no.", "Here you go.", "I cannot help.",
                          "Certainly."]) == 0.5
     assert math.isnan(refusal_rate([]))
+
+
+def test_wilson_interval_known_values():
+    from steering.evaluation.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(5, 100)  # reference: 0.0215, 0.1118
+    assert lo == pytest.approx(0.02154, abs=1e-4) and hi == pytest.approx(0.11175, abs=1e-4)
+    lo, hi = wilson_interval(0, 20)  # zero successes: lower bound 0, upper 0.161
+    assert lo == 0.0 and hi == pytest.approx(0.16113, abs=1e-4)
+    lo, hi = wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(0.83887, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
 
 
 def test_perplexity_of_uniform_distribution_is_vocab_size():
@@ -150,17 +162,22 @@ def test_eval_grid_on_tiny_model(tiny_lm, tiny_pack, tmp_path):
     numbers = ("harmful_refusal_rate", "harmful_refusal_score", "harmless_refusal_score",
                "ppl_completions", "ppl_general", "kl_harmless")
     for row in [result["baseline"], *result["results"]]:
+        induce = row.get("method") in ("actadd", "ace") and row["strength"] > 0
         for key in numbers:
+            if induce and key.startswith("harmful"):
+                assert row[key] is None and row["harmful_n"] == 0
+                continue
             assert math.isfinite(row[key]), (row["label"], key)
-        assert 0 <= row["harmful_refusal_rate"] <= 1
+        # every setting is judged on harmless and over-refusal prompts, with an interval
+        for prefix in ("harmless", "overrefusal") + (() if induce else ("harmful",)):
+            lo, hi = row[f"{prefix}_ci"]
+            assert 0 <= lo <= row[f"{prefix}_refusal_rate"] <= hi <= 1
         assert row["kl_harmless"] >= 0
     none = next(r for r in result["results"] if r["method"] == "none")
-    for key in (*numbers, "harmless_refusal_rate", "harmful_refused"):
+    for key in (*numbers, "harmless_refusal_rate", "harmful_refused", "overrefusal_refused"):
         assert none[key] == result["baseline"][key], key
-    # Only the inducing methods (and none) are judged for induced refusal.
-    for r in result["results"]:
-        assert (r["harmless_refusal_rate"] is None) == (r["method"] not in
-                                                        ("none", "actadd", "ace"))
+    assert result["generation"]["do_sample"] is False
+    assert result["generation"]["repetition_penalty"] == 1.0
     # The steered model is a different model: something moves.
     flip = next(r for r in result["results"] if r["method"] == "inlp_flip")
     assert flip["kl_harmless"] > 0
@@ -249,6 +266,13 @@ def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tm
     assert summary["claims"] and all(c["reproduced"] in (True, False, None)
                                      for c in summary["claims"])
     texts = md + page + (out / "results.json").read_text()
-    for prompt in load_instructions("harmful_val")[:32]:
+    # every setting has its harmless and over-refusal refusal rate; the split is named
+    res = summary["evaluation"]["results"]
+    assert all(r["harmless_refusal_rate"] is not None for r in res)
+    assert {r["method"] for r in res} >= {"ablate", "inlp_flip", "inlp_null", "inlp_reflect"}
+    assert any("no-refusal" in r["presets"] for r in res)
+    assert "harmful_test_jbb" in md and "harmless_val[3000:3030]" in md
+    assert "filters the choice passed" in md
+    for prompt in load_instructions("harmful_test_jbb") + load_instructions("harmful_val")[:32]:
         assert prompt not in texts
         assert json.dumps(prompt)[1:-1] not in texts

@@ -110,3 +110,31 @@ def test_constant_activations_give_no_directions():
     result = inlp(row.expand(20, D).clone(), row.expand(20, D).clone(), progress=False)
     assert result.count == 0
     assert result.directions.shape == (0, D)
+
+
+def test_binomial_test_against_chance():
+    from steering.packs.inlp import above_chance, binomial_p_value
+
+    assert binomial_p_value(10, 10) == 2.0 ** -10
+    assert abs(binomial_p_value(0, 7) - 1.0) < 1e-12
+    assert abs(binomial_p_value(5, 10) - 638 / 1024) < 1e-12
+    config = InlpConfig()
+    assert above_chance(0.75, 64, config)  # 48/64: p ≈ 3e-5
+    assert not above_chance(0.6, 20, config)  # 12/20: p ≈ 0.25
+    assert not above_chance(0.56, 400, InlpConfig(chance_margin=0.1))  # significant, too small
+
+
+def test_no_direction_when_the_classes_are_not_separable():
+    """Two samples of the same distribution: not even the first direction is kept (the old
+    rule kept it at any accuracy)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(160, D, generator=g) + 3.0
+    result = inlp(x[:80], x[80:], progress=False)
+    assert result.count == 0
+
+
+def test_directions_point_toward_the_harmful_class():
+    harmful, harmless, _ = planted(n=300)
+    result = inlp(harmful, harmless, InlpConfig(max_directions=8), progress=False)
+    diff = harmful.double().mean(0) - harmless.double().mean(0)
+    assert (result.directions.double() @ diff > 0).all()

@@ -48,3 +48,57 @@ def test_reflection_twice_is_identity():
                            torch.float32)
     h = torch.randn(1, 4, d)
     torch.testing.assert_close(apply_edit(apply_edit(h, edit), edit), h, atol=1e-5, rtol=1e-5)
+
+
+def test_one_sided_moves_only_the_positive_side():
+    d = 10
+    q, c = _orthonormal(d, 2, 4), torch.randn(d)
+    h = torch.randn(1, 50, d)
+    z = (h[0] - c) @ q
+    for alpha, want in ((1.0, z.clamp_max(0)), (2.0, -z.abs())):
+        edit = BatchEdit.stack([RowEdit(q, c, alpha, torch.zeros(d), one_sided=True)],
+                               torch.device("cpu"))
+        out = apply_edit(h, edit)
+        torch.testing.assert_close((out[0] - c) @ q, want, atol=1e-5, rtol=0)
+        # nothing moves outside span(Q), and rows with z ≤ 0 everywhere are untouched
+        moved = out[0] - h[0]
+        torch.testing.assert_close(moved, moved @ q @ q.T, atol=1e-5, rtol=0)
+        keep = (z <= 0).all(-1)
+        assert keep.any() and torch.equal(out[0][keep], h[0][keep])
+
+
+def test_mixed_one_sided_and_two_sided_rows_equal_solo_rows():
+    d = 24
+    c = torch.randn(d)
+    rows = [
+        RowEdit(_orthonormal(d, 3, 5), c, 2.0, torch.zeros(d), one_sided=True),
+        RowEdit.identity(d),
+        RowEdit(_orthonormal(d, 3, 5), c, 2.0, torch.zeros(d)),  # same Q, two-sided
+        RowEdit(_orthonormal(d, 1, 6), torch.randn(d), 1.0, torch.zeros(d), one_sided=True),
+        RowEdit(_orthonormal(d, 1, 7), torch.randn(d), 1.0, torch.randn(d)),
+    ]
+    h = torch.randn(len(rows), 6, d)
+    mixed = apply_edit(h, BatchEdit.stack(rows, torch.device("cpu")))
+    for i, row in enumerate(rows):
+        solo = apply_edit(h[i:i + 1], BatchEdit.stack([row], torch.device("cpu")))
+        torch.testing.assert_close(mixed[i:i + 1], solo, rtol=0, atol=1e-6)
+    assert not torch.allclose(mixed[0], mixed[2])  # the flag matters
+    # select() keeps each row's flag
+    sub = BatchEdit.stack(rows, torch.device("cpu")).select(torch.tensor([2, 0]))
+    torch.testing.assert_close(apply_edit(h[[2, 0]], sub), mixed[[2, 0]], rtol=0, atol=1e-6)
+
+
+def test_bf16_activations_are_edited_in_fp32():
+    """An outlier feature: the fp32 kernel leaves (almost) nothing along the direction."""
+    d = 64
+    q = torch.zeros(d, 1)
+    q[:4, 0] = 0.5
+    h = torch.randn(1, 3, d) * 0.1
+    h[..., 0] = 300.0  # large outlier along one axis the direction touches
+    edit = BatchEdit.stack([RowEdit(q, torch.zeros(d), 1.0, torch.zeros(d))], torch.device("cpu"))
+    out = apply_edit(h.bfloat16(), edit)
+    assert out.dtype == torch.bfloat16
+    exact = apply_edit(h.bfloat16().float(), edit)
+    torch.testing.assert_close(out.float(), exact, atol=2.0, rtol=1e-2)  # one bf16 rounding
+    # the bf16 result equals the fp32 result rounded once, not a bf16 chain of roundings
+    assert torch.equal(out, exact.bfloat16())

@@ -150,41 +150,60 @@ def test_inlp_boundary_is_the_midpoint_of_the_class_means(tiny_pack):
     torch.testing.assert_close(b, q @ (mu_h + mu_l) / 2, atol=1e-4, rtol=1e-4)
 
 
+def test_inlp_directions_point_toward_the_harmful_mean(tiny_pack):
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    assert (q @ mu_h - b > 0).all() and (q @ mu_l - b < 0).all()
+
+
 def test_inlp_flip_maps_the_harmful_mean_to_the_harmless_side(tiny_lm, tiny_pack):
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_flip", 1.0), tiny_pack)
     flipped = edit_vector(row, (layer, "input"), mu_h)
     before, after, harmless = q @ mu_h - b, q @ flipped - b, q @ mu_l - b
-    assert (before.abs() > 1e-6).all()
+    assert (before > 1e-6).all()
     # Every direction: the harmful mean ends on the harmless side, at the harmless mean's
     # coordinate (the reflection of the harmful mean across the midpoint).
     assert (torch.sign(after) == torch.sign(harmless)).all()
-    assert (torch.sign(after) == -torch.sign(before)).all()
     torch.testing.assert_close(after, harmless, atol=1e-5, rtol=1e-5)
     # The component outside span(Q) is untouched.
     moved = flipped - mu_h
     torch.testing.assert_close(moved, q.T @ (q @ moved), atol=1e-6, rtol=0)
+    # One-sided: the harmless mean (already on the harmless side) is left where it is.
+    torch.testing.assert_close(edit_vector(row, (layer, "input"), mu_l), mu_l, atol=1e-6,
+                               rtol=0)
+    # The two-sided reflection moves it to the harmful mean's coordinates instead.
+    reflect = build_row(SteeringSpec("inlp_reflect", 1.0), tiny_pack)
+    torch.testing.assert_close(q @ edit_vector(reflect, (layer, "input"), mu_l) - b, before,
+                               atol=1e-5, rtol=1e-5)
 
-    # Through the model: the mean of the steered activations of the pack's own harmful
-    # training prompts (at the pack's position) is the flipped harmful mean.
+    # Through the model, per token: every coordinate ends on the harmless side,
+    # z → −|z|, and the two-sided reflection's mean is the flipped harmful mean.
     prompts = load_instructions("harmful_train")[: tiny_pack.meta["data"]["harmful_train"]["n"]]
+    plain, _ = capture_inputs(tiny_lm, prompts, None)
     steered, _ = capture_inputs(tiny_lm, prompts, row)
-    mean_steered = steered[layer][:, tiny_pack.position].double().mean(0)
-    torch.testing.assert_close(q @ mean_steered - b, harmless, atol=1e-4, rtol=1e-3)
+    z0 = plain[layer][:, tiny_pack.position].double() @ q.T - b
+    z1 = steered[layer][:, tiny_pack.position].double() @ q.T - b
+    torch.testing.assert_close(z1, -z0.abs(), atol=1e-4, rtol=1e-3)
+    reflected, _ = capture_inputs(tiny_lm, prompts, reflect)
+    mean_reflected = reflected[layer][:, tiny_pack.position].double().mean(0)
+    torch.testing.assert_close(q @ mean_reflected - b, harmless, atol=1e-4, rtol=1e-3)
 
 
 def test_inlp_null_projects_onto_the_boundary(tiny_lm, tiny_pack):
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_null", 1.0), tiny_pack)
-    for mu in (mu_h, mu_l):
-        out = edit_vector(row, (layer, "input"), mu)
-        torch.testing.assert_close(q @ out, b, atol=1e-5, rtol=1e-5)
-    # Through the model, every token lands on the boundary along every direction.
-    steered, mask = capture_inputs(tiny_lm, PROMPTS, row)
-    coords = steered[layer][mask].double() @ q.T
-    torch.testing.assert_close(coords, b.expand_as(coords), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(q @ edit_vector(row, (layer, "input"), mu_h), b, atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(edit_vector(row, (layer, "input"), mu_l), mu_l, atol=1e-6, rtol=0)
+    # Through the model, every token's coordinates become min(z, 0): none is left on the
+    # harmful side, the harmless-side ones do not move.
+    plain, mask = capture_inputs(tiny_lm, PROMPTS, None)
+    steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+    z0 = plain[layer][mask].double() @ q.T - b
+    z1 = steered[layer][mask].double() @ q.T - b
+    torch.testing.assert_close(z1, z0.clamp_max(0), atol=1e-4, rtol=1e-4)
 
 
 def test_k_truncation(tiny_lm, tiny_pack):

@@ -236,7 +236,7 @@ def test_steering_applied_fields(client, tiny_pack):
                   steering={"method": "actadd", "strength": 2.5}).json()["steering"]
     assert actadd["layers"] == [tiny_pack.layer] and actadd["strength"] == 2.5
     flip = chat(client, max_tokens=2, steering={"method": "inlp_flip"}).json()["steering"]
-    assert flip["k"] == tiny_pack.max_k() and flip["layers"] == tiny_pack.inlp_layers
+    assert flip["k"] == tiny_pack.max_k() and flip["layers"] == tiny_pack.inlp_default_layers
     null = chat(client, max_tokens=2, steering={"method": "inlp_null", "k": 1,
                                                 "pack": "refusal"}).json()["steering"]
     assert null["k"] == 1
@@ -257,7 +257,7 @@ def test_preset_via_model_name(client, tiny_pack):
     body = chat(client, model=f"{MODEL}+no-refusal", max_tokens=2).json()
     assert body["model"] == f"{MODEL}+no-refusal"
     assert body["steering"] == {"method": "inlp_flip", "strength": 1.0, "k": 2,
-                                "layers": tiny_pack.inlp_layers, "pack": "refusal",
+                                "layers": tiny_pack.inlp_default_layers, "pack": "refusal",
                                 "preset": "no-refusal"}
     assert chat(client, model=f"{MODEL}+more-refusal",
                 max_tokens=2).json()["steering"]["method"] == "actadd"
@@ -451,7 +451,7 @@ BAD_CHAT = [
      "steering.layers"),
     ("negative layer", {"steering": {"method": "actadd", "layers": [-1]}}, 400,
      "steering.layers"),
-    ("layer not an INLP layer", {"steering": {"method": "inlp_flip", "layers": [3]}}, 400,
+    ("layer not an INLP layer", {"steering": {"method": "inlp_flip", "layers": [0]}}, 400,
      "steering.layers"),
     ("empty layers", {"steering": {"method": "ablate", "layers": []}}, 400, "steering.layers"),
     ("unknown steering field", {"steering": {"method": "ablate", "strenght": 2}}, 400,

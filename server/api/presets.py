@@ -9,6 +9,9 @@ the request's `steering` object plus an optional `description`:
         method: inlp_flip
         k: 2
         description: counterfactual flipping on the 2 leading INLP directions
+      more-refusal:
+        method: actadd
+        strength: calibrated   # the pack's calibrated strength for the method (else 1)
 """
 
 from __future__ import annotations
@@ -22,23 +25,12 @@ import yaml
 from pydantic import ValidationError
 
 from server.api.protocol import SteeringParams
+from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED
 
 SEPARATOR = "+"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-DEFAULT_PRESETS: dict[str, dict] = {
-    "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
-                   "description": "less refusal: INLP counterfactual flipping, 2 leading "
-                                  "directions (Rocchetti & Ferrara 2026)"},
-    "ablate": {"method": "ablate", "strength": 1.0,
-               "description": "less refusal: directional ablation of the DiM direction at "
-                              "every layer (Arditi et al. 2024)"},
-    "more-refusal": {"method": "actadd", "strength": 1.0,
-                     "description": "more refusal: activation addition of the DiM vector"},
-    "ace-refuse": {"method": "ace", "strength": 1.0,
-                   "description": "more refusal: affine concept editing at strength 1 "
-                                  "(Marshall et al. 2024)"},
-}
+DEFAULT_PRESETS = BUILTIN_PRESETS
 
 
 class PresetError(ValueError):
@@ -50,6 +42,7 @@ class Preset:
     name: str
     steering: SteeringParams
     description: str | None = None
+    calibrated: bool = False  # strength: the pack's calibrated strength for the method
 
 
 def parse_presets(data: object, source: str = "presets") -> dict[str, Preset]:
@@ -69,13 +62,17 @@ def parse_presets(data: object, source: str = "presets") -> dict[str, Preset]:
             raise PresetError(f"{source}: preset {name!r} must be a mapping")
         entry = dict(entry)
         description = entry.pop("description", None)
+        calibrated = entry.get("strength") == CALIBRATED
+        if calibrated:
+            entry["strength"] = 1.0  # the paper's strength where a pack records no calibration
         try:
             steering = SteeringParams.model_validate(entry)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors())
             raise PresetError(f"{source}: preset {name!r} is invalid ({problems})") from None
-        out[name] = Preset(name, steering, str(description) if description else None)
+        out[name] = Preset(name, steering, str(description) if description else None,
+                           calibrated)
     return out
 
 

@@ -28,7 +28,7 @@ class _Strict(BaseModel):
 class SteeringParams(_Strict):
     """The intervention for this request. Omitted fields take the method's defaults."""
 
-    method: str = Field("none", description="none, actadd, ablate, ace, inlp_null, inlp_flip")
+    method: str = Field("none", description="none, actadd, ablate, ace, inlp_null, inlp_flip, inlp_reflect")
     strength: float = Field(1.0, description="scale of the edit; bounds are configured")
     k: int | None = Field(None, description="leading INLP directions (INLP methods only)")
     layers: list[int] | None = Field(None, description="layers to edit (default: the method's)")

@@ -63,6 +63,12 @@ def resolve_steering(state: ServerState, model: str | None,
     model_id, preset = resolve_model(state, model)
     params = merge(preset, body)
     settings = state.settings
+    if preset is not None and preset.calibrated and params.method == preset.steering.method \
+            and (body is None or "strength" not in body.model_fields_set):
+        pack = state.packs.get(params.pack or state.default_pack or "")
+        calibrated = pack.calibrated_strength(params.method) if pack is not None else None
+        if calibrated is not None:
+            params = params.model_copy(update={"strength": calibrated})
     if params.method != "none":
         if not math.isfinite(params.strength):
             raise bad_request("steering.strength must be a finite number", "steering.strength")

@@ -133,11 +133,12 @@ async def list_methods(request: Request):
                         continue
                     info = {"k": {"min": 1, "max": pack.max_k()},
                             "allowed_layers": pack.inlp_layers,
-                            "default_layers": pack.inlp_layers}
+                            "default_layers": pack.inlp_default_layers}
                 else:
                     every = list(range(pack.n_layers))
                     info = {"allowed_layers": every,
                             "default_layers": every if method == "ablate" else [pack.layer]}
+                info["calibrated_strength"] = pack.calibrated_strength(method)
                 entry["packs"][name] = info
         data.append(entry)
     return {"object": "list", "data": data}

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
-SPLITS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+SPLITS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val", "harmful_test_jbb",
+          "overrefusal")
 
 
 def load_instructions(source: str | Path) -> list[str]:
-    """A split name (e.g. "harmful_val") or a JSON file of strings or {"instruction": …} rows."""
+    """A split name (e.g. "harmful_val"), optionally sliced ("harmless_val[3000:3040]"), or a
+    JSON file of strings or {"instruction": …} rows."""
+    if isinstance(source, str) and (m := re.fullmatch(r"(\w+)\[(\d*):(\d*)\]", source)) \
+            and m.group(1) in SPLITS:
+        rows = load_instructions(m.group(1))
+        return rows[int(m.group(2) or 0): int(m.group(3)) if m.group(3) else None]
     if isinstance(source, str) and source in SPLITS:
         text = resources.files("steering.data").joinpath(f"{source}.json").read_text()
     else:

@@ -92,24 +92,50 @@ def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% by default; Wilson 1927)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate_record(prefix: str, texts: Sequence[str]) -> dict:
+    """`<prefix>_refusal_rate`, `_refused`, `_n` and `_ci` (Wilson 95%) of completions."""
+    refused = sum(is_refusal(t) for t in texts)
+    n = len(texts)
+    return {f"{prefix}_refusal_rate": refused / n if n else math.nan,
+            f"{prefix}_refused": refused, f"{prefix}_n": n,
+            f"{prefix}_ci": list(wilson_interval(refused, n))}
+
+
+# Evaluation decoding, stated in full so nothing is inherited from the model's generation config.
+GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0, "length_penalty": 1.0}
+
+
 # ---- configuration and the grid -------------------------------------------------------------
 
 @dataclass
 class EvalConfig:
     """What to measure and on how much data. Defaults are sized for a CPU in minutes."""
 
-    harmful: str = "harmful_val"  # split name or JSON file
-    harmless: str = "harmless_val"
-    n_harmful: int = 24  # prompts judged for refusal
-    n_harmless: int = 12  # prompts for KL, refusal score, induced refusal, perplexity
+    harmful: str = "harmful_test_jbb"  # split name (may be sliced: "x[a:b]") or JSON file
+    harmless: str = "harmless_val[3000:3030]"  # disjoint from the slice extraction selects on
+    overrefusal: str | None = "overrefusal"  # benign prompts that look harmful (None: skip)
+    n_harmful: int = 100  # prompts judged for refusal
+    n_harmless: int = 30  # prompts for KL, refusal score, induced refusal, perplexity
+    n_overrefusal: int = 30
     completion_tokens: int = 32  # the unsteered completions of those scored for perplexity
     n_general: int = 8  # WikiText-2 paragraphs for general-text perplexity
     general_tokens: int = 96  # tokens of each paragraph
-    max_new_tokens: int = 32  # greedy tokens per completion judged for refusal
+    max_new_tokens: int = 16  # greedy tokens per completion judged for refusal
     methods: tuple[str, ...] = METHODS
     strengths: dict[str, tuple[float, ...]] | None = None  # per method; None: DEFAULT_STRENGTHS
     ks: tuple[int, ...] = (1, 2, 4)  # INLP leading-k sweep (the pack's maximum is always added)
-    induce_methods: tuple[str, ...] = INDUCE_METHODS
     batch_size: int = 16
     cache_dir: str | None = None  # unsteered completions; None: <cache root>/eval
 
@@ -205,7 +231,7 @@ def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | 
         enc.pop("position_ids")  # generate derives them from the attention mask
         lm.hooks.set_rows(_rows(row, len(chunk)))
         try:
-            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, **GENERATION,
                                     pad_token_id=lm.tokenizer.pad_token_id,
                                     return_dict_in_generate=True, output_logits=True)
         finally:
@@ -280,6 +306,7 @@ class EvalData:
     completion_lens: list[int]
     general_seqs: list[list[int]]
     hashes: dict = field(default_factory=dict)
+    overrefusal: list[str] = field(default_factory=list)
 
 
 def _model_key(lm: LoadedModel) -> str:
@@ -345,40 +372,51 @@ def prepare_data(lm: LoadedModel, config: EvalConfig) -> EvalData:
                          "sha256": prompts_hash(general),
                          "tokens": sum(len(s) - 1 for s in general_seqs)},
     }
-    return EvalData(harmful, harmless, seqs, lens, general_seqs, hashes)
+    over = load_instructions(config.overrefusal)[: config.n_overrefusal] \
+        if config.overrefusal else []
+    if over:
+        hashes["overrefusal"] = {"source": str(config.overrefusal), "n": len(over),
+                                 "sha256": prompts_hash(over)}
+    return EvalData(harmful, harmless, seqs, lens, general_seqs, hashes, over)
 
 
 # ---- one setting ------------------------------------------------------------------------------
 
+def is_induce_setting(spec: SteeringSpec | None) -> bool:
+    """actadd / ace at strength > 0 add refusal: their harmful-prompt refusal is not measured."""
+    return spec is not None and spec.method in INDUCE_METHODS and spec.strength > 0
+
+
 def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: EvalConfig,
             tok_ids: list[int], base_harmless_logits: torch.Tensor | None = None,
-            induce: bool = False, label: str = "") -> tuple[dict, torch.Tensor]:
+            harmful: bool = True, label: str = "") -> tuple[dict, torch.Tensor]:
     """Every metric for one steering row (None: the unsteered model), and the harmless
     prompts' first-answer-position logits (the KL reference when `row` is None).
 
-    Three passes share the work: greedy generation on the harmful prompts (its first step gives
-    the refusal score), one forward over harmless prompt + unsteered completion (perplexity, and
-    the first answer position's logits for KL and the harmless refusal score), one over the
-    general text; plus generation on the harmless prompts where `induce`."""
+    One greedy generation pass over the harmful (unless `harmful` is false), harmless and
+    over-refusal prompts together (refusal rates with Wilson 95% intervals; the first step gives
+    the harmful refusal score), one forward over harmless prompt + unsteered completion
+    (perplexity, and the first answer position's logits for KL and the harmless refusal score),
+    one over the general text."""
     bs = config.batch_size
     t0 = time.perf_counter()
-    comps, logits_h = generate_greedy(lm, data.harmful, row, config.max_new_tokens, bs,
-                                      desc=f"{label}: harmful completions")
-    texts_h = decode(lm, comps)
-    out: dict = {
-        "harmful_refusal_rate": refusal_rate(texts_h),
-        "harmful_refused": sum(is_refusal(t) for t in texts_h),
-        "harmful_refusal_score": float(refusal_score(logits_h, tok_ids).mean()),
-        "harmless_refusal_rate": None,
-        "harmless_refused": None,
-    }
-    if induce:
-        comps_l, _ = generate_greedy(lm, data.harmless, row, config.max_new_tokens, bs,
-                                     desc=f"{label}: harmless completions")
-        texts_l = decode(lm, comps_l)
-        out["harmless_refusal_rate"] = refusal_rate(texts_l)
-        out["harmless_refused"] = sum(is_refusal(t) for t in texts_l)
-        out["harmless_examples"] = texts_l[:3]
+    hp = list(data.harmful) if harmful else []
+    prompts = hp + list(data.harmless) + list(data.overrefusal)
+    comps, logits = generate_greedy(lm, prompts, row, config.max_new_tokens, bs,
+                                    desc=f"{label}: completions")
+    texts = decode(lm, comps)
+    nh, nl = len(hp), len(data.harmless)
+    out: dict = {}
+    if harmful:
+        out.update(rate_record("harmful", texts[:nh]))
+        out["harmful_refusal_score"] = float(refusal_score(logits[:nh], tok_ids).mean())
+    else:
+        out.update({"harmful_refusal_rate": None, "harmful_refused": None, "harmful_n": 0,
+                    "harmful_ci": None, "harmful_refusal_score": None})
+    out.update(rate_record("harmless", texts[nh:nh + nl]))
+    out["harmless_examples"] = texts[nh:nh + 3]
+    if data.overrefusal:
+        out.update(rate_record("overrefusal", texts[nh + nl:]))
     nll, n, logits_l = sequence_nll(lm, data.harmless_seqs, data.completion_lens, row,
                                     max(1, bs // 2), desc=f"{label}: perplexity (completions)",
                                     answer_logits=True)
@@ -403,14 +441,13 @@ def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | No
     rows = [build_row(spec, pack) for spec in grid]  # validate everything before the long run
     tok_ids = refusal_token_ids(lm.tokenizer)
     data = prepare_data(lm, config)
-    baseline, base_logits = measure(lm, data, None, config, tok_ids, induce=True,
-                                    label="unsteered")
+    baseline, base_logits = measure(lm, data, None, config, tok_ids, label="unsteered")
     baseline["kl_harmless"] = 0.0
     results = []
     for spec, row in zip(tqdm(grid, desc="steering settings"), rows):
         label = spec_label(spec)
-        induce = spec.method in config.induce_methods or spec.method == "none"
-        metrics, _ = measure(lm, data, row, config, tok_ids, base_logits, induce, label)
+        metrics, _ = measure(lm, data, row, config, tok_ids, base_logits,
+                             not is_induce_setting(spec), label)
         results.append({"label": label, **row.applied(), **metrics})
         log.info("%s: %s", label, {k: v for k, v in metrics.items() if k != "harmless_examples"})
     return {
@@ -421,6 +458,8 @@ def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | No
         "pack": _pack_summary(pack),
         "settings": config.settings(),
         "refusal_token_ids": tok_ids,
+        "generation": {**GENERATION, "max_new_tokens": config.max_new_tokens,
+                       "kernel_dtype": "float32"},
         "prompts": data.hashes,
         "baseline": {"label": "unsteered", **baseline},
         "results": results,
@@ -451,26 +490,31 @@ def _fmt(x, digits: int = 3) -> str:
     return str(x)
 
 
-def _rate(rate, refused, n) -> str:
+def _rate(r: dict, prefix: str) -> str:
+    """"0.05 (5/100) [0.02, 0.11]": rate, counts and Wilson 95% interval."""
+    rate = r.get(f"{prefix}_refusal_rate")
     if rate is None:
         return "–"
-    return f"{rate:.2f} ({refused}/{n})"
+    ci = r.get(f"{prefix}_ci") or [math.nan, math.nan]
+    return f"{rate:.2f} ({r[f'{prefix}_refused']}/{r[f'{prefix}_n']}) [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def markdown_table(result: dict) -> str:
-    """The results as one Markdown table, the unsteered baseline first."""
-    n_h = result["prompts"]["harmful"]["n"]
-    n_l = result["prompts"]["harmless"]["n"]
-    head = ("| setting | harmful refusal rate | harmful refusal score | harmless refusal rate "
-            "(induced) | harmless refusal score | PPL (own completions) | PPL (WikiText) "
-            "| KL harmless |\n|---|---|---|---|---|---|---|---|\n")
+    """The results as one Markdown table, the unsteered baseline first. Rates carry their counts
+    and Wilson 95% intervals; column heads name the prompt set of every number."""
+    p = result["prompts"]
+    over = "overrefusal" in p
+    head = (f"| setting | harmful refusal ({p['harmful']['source']}) | harmful refusal score "
+            f"| harmless refusal ({p['harmless']['source']}) "
+            + (f"| over-refusal ({p['overrefusal']['source']}) " if over else "")
+            + "| harmless refusal score | PPL (own completions) | PPL (WikiText) | KL harmless |\n"
+            + "|---" * (8 + over) + "|\n")
     lines = []
     for r in [result["baseline"], *result["results"]]:
         lines.append(
-            f"| {r['label']} | {_rate(r['harmful_refusal_rate'], r['harmful_refused'], n_h)} "
-            f"| {_fmt(r['harmful_refusal_score'], 2)} "
-            f"| {_rate(r.get('harmless_refusal_rate'), r.get('harmless_refused'), n_l)} "
-            f"| {_fmt(r['harmless_refusal_score'], 2)} | {_fmt(r['ppl_completions'], 2)} "
+            f"| {r['label']} | {_rate(r, 'harmful')} | {_fmt(r['harmful_refusal_score'], 2)} "
+            f"| {_rate(r, 'harmless')} " + (f"| {_rate(r, 'overrefusal')} " if over else "")
+            + f"| {_fmt(r['harmless_refusal_score'], 2)} | {_fmt(r['ppl_completions'], 2)} "
             f"| {_fmt(r['ppl_general'], 2)} | {_fmt(r['kl_harmless'], 4)} |")
     return head + "\n".join(lines) + "\n"
 

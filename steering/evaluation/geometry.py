@@ -129,7 +129,8 @@ def default_specs(pack: SteeringPack) -> list[SteeringSpec]:
              SteeringSpec("ace", 0.0), SteeringSpec("ace", 1.0)]
     if pack.max_k() and pack.layer in pack.inlp:
         k = pack.max_k()
-        specs += [SteeringSpec("inlp_null", 1.0, k), SteeringSpec("inlp_flip", 1.0, k)]
+        specs += [SteeringSpec("inlp_null", 1.0, k), SteeringSpec("inlp_flip", 1.0, k),
+                  SteeringSpec("inlp_reflect", 1.0, k)]
     return specs
 
 

@@ -5,13 +5,38 @@ The math of each method is in `steering.interventions.methods`.
 
 from __future__ import annotations
 
-METHODS = ("none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip")
-INLP_METHODS = ("inlp_null", "inlp_flip")
+METHODS = ("none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip", "inlp_reflect")
+INLP_METHODS = ("inlp_null", "inlp_flip", "inlp_reflect")
 DESCRIPTIONS = {
     "none": "the unsteered model",
     "actadd": "activation addition of the DiM vector (induces refusal at strength > 0)",
     "ablate": "directional ablation of the DiM direction at every layer (removes refusal)",
     "ace": "affine concept editing: strength 0 = no refusal, 1 = refusal",
-    "inlp_null": "INLP nullspace projection onto the class boundary (weaker suppression)",
-    "inlp_flip": "INLP counterfactual flipping across the class boundary (suppresses refusal)",
+    "inlp_null": "INLP one-sided nullspace projection: harmful-side activations moved onto the "
+                 "class boundary (weaker suppression)",
+    "inlp_flip": "INLP one-sided counterfactual flip (AlterRep): harmful-side activations "
+                 "reflected across the class boundary, harmless ones untouched (suppresses "
+                 "refusal)",
+    "inlp_reflect": "INLP two-sided reflection across the class boundary: every activation "
+                    "changes side, so harmless prompts move toward refusal (geometry studies)",
+}
+
+CALIBRATED = "calibrated"
+
+# Built-in server presets (`<served-name>+<preset>`); `strength: "calibrated"` takes the pack's
+# calibrated strength for the method (steering.packs.extract), 1 where the pack records none.
+BUILTIN_PRESETS: dict[str, dict] = {
+    "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
+                   "description": "less refusal: one-sided INLP counterfactual flip (AlterRep) "
+                                  "on 2 leading directions; harmless prompts are left alone "
+                                  "(Rocchetti & Ferrara 2026)"},
+    "ablate": {"method": "ablate", "strength": 1.0,
+               "description": "less refusal: directional ablation of the DiM direction at "
+                              "every layer (Arditi et al. 2024)"},
+    "more-refusal": {"method": "actadd", "strength": CALIBRATED,
+                     "description": "more refusal: activation addition of the DiM vector at the "
+                                    "pack's calibrated strength (refuses most harmless prompts)"},
+    "ace-refuse": {"method": "ace", "strength": CALIBRATED,
+                   "description": "more refusal: affine concept editing at the pack's "
+                                  "calibrated strength (Marshall et al. 2024)"},
 }

@@ -55,7 +55,7 @@ class SteeringHooks:
             self._identity = RowEdit.identity(self.d_model)
         for site in sites:
             per_row = [r.edits.get(site, self._identity) for r in rows]
-            self._edits[site] = BatchEdit.stack(per_row, self.device, self.dtype)
+            self._edits[site] = BatchEdit.stack(per_row, self.device)  # fp32 kernel
 
     @contextmanager
     def rows(self, rows: Sequence[RowSteering] | None) -> Iterator[None]:

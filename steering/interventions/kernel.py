@@ -3,11 +3,29 @@
 Every method is the affine edit (Arditi et al. 2024 eq. 4–5, Marshall et al. 2024 eq. 3,
 Ravfogel et al. 2020 for the INLP projections)
 
-    h' = h − α · Q Qᵀ (h − c) + v          Q: d×k orthonormal, c: reference point, v = β·direction
+    z  = Qᵀ (h − c)                        coordinates of h − c in the subspace
+    h' = h − α · Q g(z) + v                Q: d×k orthonormal, c: reference point, v = β·direction
+    g(z) = z            (two-sided: every activation is moved)
+    g(z) = relu(z)      (one-sided: only coordinates on the positive side of c are moved)
 
 applied per row of a batch: each row b has its own Q_b (zero-padded to the batch's widest k — a
-zero column contributes nothing), c_b, α_b and v_b, so one call serves a batch that mixes methods.
-A row with α_b = 0 and v_b = 0 is left exactly unchanged.
+zero column contributes nothing), c_b, α_b, v_b and one-sided flag, so one call serves a batch
+that mixes methods. A row with α_b = 0 and v_b = 0 is left exactly unchanged.
+
+The one-sided form is the counterfactual intervention of AlterRep (Ravfogel et al. 2021, §3):
+with the directions oriented toward one class (the harmful one here), α = 2 reflects only the
+activations on that side of the boundary across it and α = 1 moves them onto it; activations
+already on the other side are left alone.
+
+| α | g | effect on z |
+|---|---|---|
+| 1 | identity | z → 0 (projection onto c + null(Qᵀ)) |
+| 2 | identity | z → −z (reflection through c) |
+| 1 | relu | z → min(z, 0) (one-sided projection) |
+| 2 | relu | z → −|z| (one-sided flip: every coordinate ends on the negative side) |
+
+The arithmetic runs in float32 whatever the activations' dtype (a bf16 projection leaves a
+visible residue along the direction), and the result is cast back to that dtype.
 """
 
 from __future__ import annotations
@@ -25,6 +43,7 @@ class RowEdit:
     c: torch.Tensor
     alpha: float
     v: torch.Tensor
+    one_sided: bool = False  # g = relu (see the module docstring)
 
     @staticmethod
     def identity(d: int, dtype: torch.dtype = torch.float32) -> RowEdit:
@@ -42,15 +61,19 @@ class RowEdit:
 
 @dataclass
 class BatchEdit:
-    """Stacked per-row parameters for one site. q: [B, d, K], c: [B, d], alpha: [B], v: [B, d]."""
+    """Stacked per-row parameters for one site. q: [B, d, K], c: [B, d], alpha: [B], v: [B, d],
+    one_sided: [B] bool (None when no row is one-sided)."""
 
     q: torch.Tensor
     c: torch.Tensor
     alpha: torch.Tensor
     v: torch.Tensor
+    one_sided: torch.Tensor | None = None
 
     @staticmethod
-    def stack(rows: list[RowEdit], device: torch.device, dtype: torch.dtype) -> BatchEdit:
+    def stack(rows: list[RowEdit], device: torch.device,
+              dtype: torch.dtype = torch.float32) -> BatchEdit:
+        """`dtype` is the parameters' dtype; float32 (the default) keeps the kernel in fp32."""
         d = rows[0].c.shape[0]
         k_max = max(r.q.shape[1] for r in rows)
         q = torch.zeros(len(rows), d, k_max, dtype=dtype, device=device)
@@ -60,17 +83,27 @@ class BatchEdit:
         c = torch.stack([r.c for r in rows]).to(device=device, dtype=dtype)
         v = torch.stack([r.v for r in rows]).to(device=device, dtype=dtype)
         alpha = torch.tensor([r.alpha for r in rows], dtype=dtype, device=device)
-        return BatchEdit(q=q, c=c, alpha=alpha, v=v)
+        one_sided = None
+        if any(r.one_sided for r in rows):
+            one_sided = torch.tensor([r.one_sided for r in rows], device=device)
+        return BatchEdit(q=q, c=c, alpha=alpha, v=v, one_sided=one_sided)
 
     def select(self, index: torch.Tensor) -> BatchEdit:
-        return BatchEdit(self.q[index], self.c[index], self.alpha[index], self.v[index])
+        return BatchEdit(self.q[index], self.c[index], self.alpha[index], self.v[index],
+                         None if self.one_sided is None else self.one_sided[index])
 
 
 def apply_edit(h: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
-    """h: [B, T, d] → edited copy. Cost O(B·T·d·K), small next to a layer's O(B·T·d²)."""
-    out = h
+    """h: [B, T, d] → edited copy, computed in the parameters' dtype (float32 by default) and
+    returned in h's dtype. Cost O(B·T·d·K), small next to a layer's O(B·T·d²)."""
+    work = edit.c.dtype
+    x = h if h.dtype == work else h.to(work)
+    out = x
     if edit.q.shape[-1] > 0:
-        centered = h - edit.c[:, None, :]
-        coords = torch.bmm(centered, edit.q)  # [B, T, K]: coordinates in the subspace
+        centered = x - edit.c[:, None, :]
+        coords = torch.bmm(centered, edit.q)  # [B, T, K]: coordinates z in the subspace
+        if edit.one_sided is not None:  # g = relu on the one-sided rows only
+            coords = torch.where(edit.one_sided[:, None, None], coords.clamp_min(0), coords)
         out = out - edit.alpha[:, None, None] * torch.bmm(coords, edit.q.transpose(1, 2))
-    return out + edit.v[:, None, :]
+    out = out + edit.v[:, None, :]
+    return out if out.dtype == h.dtype else out.to(h.dtype)

@@ -6,12 +6,23 @@
 | actadd    | –                     | –                      | 0            | strength · r_l         | input of layer l (default: the pack's layer) |
 | ablate    | r̂                     | 0                      | strength     | 0                      | every layer: input, attention and MLP outputs |
 | ace       | r̂_l                   | harmless mean μ⁻_l     | 1            | strength · ‖r_l‖ · r̂_l | input of layer l |
-| inlp_null | first k INLP dirs     | boundary point         | strength     | 0                      | INLP layer(s) |
-| inlp_flip | first k INLP dirs     | boundary point         | 2 · strength | 0                      | INLP layer(s) |
+| inlp_null | first k INLP dirs     | boundary point         | strength     | 0                      | INLP layer(s), one-sided |
+| inlp_flip | first k INLP dirs     | boundary point         | 2 · strength | 0                      | INLP layer(s), one-sided |
+| inlp_reflect | first k INLP dirs  | boundary point         | 2 · strength | 0                      | INLP layer(s), two-sided |
 
-For INLP the reference point is the class boundary (midpoint of the class means along each
-direction): α = 1 projects onto the boundary, between the clusters (nullspace projection);
-α = 2 reflects across it, into the opposite cluster (counterfactual flipping).
+For INLP the reference point c is the class boundary (midpoint of the class means along each
+direction) and the directions point toward the harmful class, so z = Qᵀ(h − c) > 0 on the harmful
+side. `inlp_null` and `inlp_flip` are one-sided (the kernel's g = relu; AlterRep, Ravfogel et al.
+2021): only coordinates on the harmful side move, onto the boundary (α = 1, h' = h − Q·relu(z))
+or across it (α = 2, h' = h − 2·Q·relu(z)); harmless activations are left as they are. This is
+the counterfactual intervention Rocchetti & Ferrara 2026 study (toward the harmless class).
+`inlp_reflect` is the two-sided reflection h' = h − 2·QQᵀ(h − c): harmful activations land among
+harmless ones and harmless ones among harmful ones (it raises refusal on harmless prompts); it is
+kept for the geometry study.
+
+`strength` keeps its paper meaning (1 = the method as published). A pack may also record a
+calibrated strength per method (`SteeringPack.calibrated_strength`): the value extraction
+measured to reach the method's effect on the validation split.
 """
 
 from __future__ import annotations
@@ -117,7 +128,7 @@ def build_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     else:  # INLP
         if not pack.inlp:
             raise SteeringError(f"pack {pack.name!r} has no INLP directions", "steering.pack")
-        layers = spec.layers if spec.layers is not None else tuple(pack.inlp_layers)
+        layers = spec.layers if spec.layers is not None else tuple(pack.inlp_default_layers)
         _check_layers(layers, pack.inlp_layers, method)
         k_max = min(pack.inlp[layer].count for layer in layers)
         k = spec.k if spec.k is not None else k_max
@@ -125,11 +136,13 @@ def build_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
             raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
                                 f"got {k}", "steering.k")
         alpha = s if method == "inlp_null" else 2.0 * s
+        one_sided = method != "inlp_reflect"
         for layer in layers:
             inl = pack.inlp[layer]
             q = inl.directions[:k].T.contiguous()  # [d, k]
             c = q @ inl.boundary[:k]  # the boundary point inside span(Q)
-            edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros)
+            edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros,
+                                              one_sided=one_sided)
         spec = replace(spec, k=k)
     resolved = replace(spec, layers=tuple(sorted(set(layers))), pack=pack.name)
     return RowSteering(resolved, edits)

@@ -77,8 +77,24 @@ class SteeringPack:
     def inlp_layers(self) -> list[int]:
         return sorted(self.inlp)
 
+    @property
+    def inlp_default_layers(self) -> list[int]:
+        """Where INLP methods edit unless the request names layers: the selected layer when it
+        has directions, else the first INLP layer (one site, as the papers do)."""
+        if self.layer in self.inlp:
+            return [self.layer]
+        return self.inlp_layers[:1]
+
+    def calibrated_strength(self, method: str) -> float | None:
+        """The strength extraction measured to reach `method`'s effect on the validation split
+        (see `steering.packs.extract`), or None when the pack records none."""
+        entry = (self.meta.get("calibration") or {}).get(method)
+        value = entry.get("strength") if isinstance(entry, dict) else None
+        return float(value) if isinstance(value, int | float) else None
+
     def max_k(self) -> int:
-        return min((d.count for d in self.inlp.values()), default=0)
+        """INLP directions available at the default layers."""
+        return min((self.inlp[layer].count for layer in self.inlp_default_layers), default=0)
 
     def describe(self) -> dict:
         return {
@@ -89,6 +105,9 @@ class SteeringPack:
             "n_layers": self.n_layers,
             "d_model": self.d_model,
             "inlp_layers": self.inlp_layers,
+            "inlp_default_layers": self.inlp_default_layers,
+            "calibrated_strengths": {m: self.calibrated_strength(m) for m in
+                                     (self.meta.get("calibration") or {}) if m != "unsteered"},
             "k_max": self.max_k(),
             "inlp_accuracy": {str(layer): [round(float(a), 4) for a in d.accuracy]
                               for layer, d in self.inlp.items()},

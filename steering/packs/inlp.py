@@ -2,11 +2,18 @@
 
 Repeatedly: fit a linear classifier (harmful vs harmless) on the activations projected onto the
 current nullspace, keep its unit direction, held-out accuracy and boundary, and project the
-direction out. Stop when held-out accuracy is near chance or at `max_directions`.
+direction out. Stop at `max_directions` or at the first direction whose held-out accuracy is not
+clearly above chance: a one-sided exact binomial test against p = ½ on the held-out split
+(P(X ≥ correct) < `p_value`) *and* accuracy above ½ + `chance_margin`. That applies to the first
+direction too: data the classifier cannot separate gives no directions at all.
+
+Each kept direction is oriented toward the harmful class (qᵀ(μ⁺ − μ⁻) > 0), so the one-sided
+interventions know which side of the boundary to move.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +25,8 @@ from steering.packs.format import InlpDirections
 @dataclass
 class InlpConfig:
     max_directions: int = 8
-    chance_margin: float = 0.05  # stop once held-out accuracy ≤ 0.5 + margin
+    chance_margin: float = 0.05  # stop once held-out accuracy ≤ 0.5 + margin ...
+    p_value: float = 0.01  # ... or the binomial test against chance is not significant
     l2: float = 1e-3
     holdout: float = 0.25
     seed: int = 0
@@ -43,6 +51,20 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Ten
     return w.detach(), float(b.detach())
 
 
+def binomial_p_value(correct: int, n: int) -> float:
+    """One-sided exact binomial test against chance: P(X ≥ correct), X ~ Binomial(n, ½)."""
+    if n <= 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(max(0, correct), n + 1)) / 2.0 ** n
+
+
+def above_chance(accuracy: float, n: int, config: InlpConfig) -> bool:
+    """Is a held-out accuracy on n examples clearly better than chance?"""
+    correct = round(accuracy * n)
+    return accuracy > 0.5 + config.chance_margin and \
+        binomial_p_value(correct, n) < config.p_value
+
+
 def inlp(harmful: torch.Tensor, harmless: torch.Tensor, config: InlpConfig | None = None,
          progress: bool = True) -> InlpDirections:
     """harmful, harmless: [n, d] activations at one layer/position → ordered directions."""
@@ -65,7 +87,7 @@ def inlp(harmful: torch.Tensor, harmless: torch.Tensor, config: InlpConfig | Non
     for _ in tqdm(steps, desc="INLP", leave=False) if progress else steps:
         w, b = fit_logistic(projected[train], y[train], config.l2)
         acc = float((((projected[test] @ w + b) > 0).double() == y[test].double()).double().mean())
-        if acc <= 0.5 + config.chance_margin and directions:
+        if not above_chance(acc, n_test, config):
             break
         q = w.clone()
         for prev in directions:  # keep the set orthonormal against round-off
@@ -73,6 +95,8 @@ def inlp(harmful: torch.Tensor, harmless: torch.Tensor, config: InlpConfig | Non
         if q.norm() < 1e-9:
             break
         q = q / q.norm()
+        if float(q @ (centred[:len(harmful)].mean(0) - centred[len(harmful):].mean(0))) < 0:
+            q = -q  # point toward the harmful class
         directions.append(q)
         accuracies.append(acc)
         projected = projected - torch.outer(projected @ q, q)

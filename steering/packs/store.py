@@ -14,21 +14,36 @@ log = logging.getLogger(__name__)
 
 
 def default_pack_path(lm: LoadedModel, name: str = "refusal") -> Path:
+    """<cache>/packs/<model>-<arch>/extract-v<N>/<name>: a new extraction version gets a new
+    folder, so a server never keeps serving a pack chosen by an older extraction."""
+    from steering.packs.extract import EXTRACT_VERSION
+
     fp = fingerprint(lm.model)
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in lm.name)
-    return cache_root() / "packs" / f"{safe}-{fp['arch']}" / name
+    return cache_root() / "packs" / f"{safe}-{fp['arch']}" / f"extract-v{EXTRACT_VERSION}" / name
 
 
 def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fast",
                 name: str = "refusal") -> SteeringPack:
-    """Load the pack at `path` (default: the model's cached pack); extract it if missing."""
-    from steering.packs.extract import ExtractConfig, extract_pack
+    """Load the pack at `path` (default: the model's cached pack); extract it if missing, or if
+    the cached default pack comes from an older extraction version."""
+    from steering.packs.extract import EXTRACT_VERSION, ExtractConfig, extract_pack
 
     target = Path(path) if path else default_pack_path(lm, name)
     tensors, _ = pack_paths(target)
     if tensors.is_file():
-        return load_pack(target, model=lm.model, name=name)
-    log.info("no steering pack at %s: extracting one (%s mode)", tensors, mode)
+        pack = load_pack(target, model=lm.model, name=name)
+        version = pack.meta.get("extract_version", 1)
+        if version == EXTRACT_VERSION:
+            return pack
+        if path:
+            log.warning("pack %s comes from extraction version %s (current: %s); using it as "
+                        "given", tensors, version, EXTRACT_VERSION)
+            return pack
+        log.info("cached pack %s is from extraction version %s: extracting again", tensors,
+                 version)
+    else:
+        log.info("no steering pack at %s: extracting one (%s mode)", tensors, mode)
     pack = extract_pack(lm, config=ExtractConfig.preset(mode), name=name)
     pack.save(target)
     return pack
