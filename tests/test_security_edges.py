@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from server.api.errors import APIError
 from server.app import create_app
 from server.security import hardening
 from server.security.auth import hash_key
@@ -130,6 +131,28 @@ def test_walk_still_names_the_param():
     deep = json.loads("[" * 70 + "]" * 70)
     assert "nested deeper" in hardening._walk(deep)[0]
     assert hardening._walk(json.loads('{"k\\u0000": 1}'))[0].startswith("strings must not")
+
+
+def test_clean_bodies_skip_the_value_walk(monkeypatch):
+    """A clean body is parsed once and only its containers are visited; the per-value walk (one
+    Python call per value) runs only for a body the parser or the raw-byte regexes flagged."""
+    def no_walk(data):
+        raise AssertionError("walked a clean body")
+
+    monkeypatch.setattr(hardening, "_walk", no_walk)
+    flat = b'{"model": "m", "n": [' + b"1.5e3, " * 100_000 + b'1], "s": "\\u00e9 \\u00e0"}'
+    hardening.check_json(flat)
+    hardening.check_json(b'{"a": ' + b"[" * 63 + b"]" * 63 + b"}")  # depth 64: the limit
+
+
+@pytest.mark.parametrize("body, param", [
+    (b'{"a": [1, 2, NaN]}', "a[2]"), (b'{"a": {"b": -Infinity}}', "a.b"),
+    (b'{"a": [1e400]}', "a[0]"), (b'{"a": [0, "x\\u0000"]}', "a[1]"),
+    (b'{"a": "\\udc00"}', "a"), (b'{"a": ' + b"9" * 400 + b'.0}', "a")])
+def test_flagged_bodies_are_walked_and_named(body, param):
+    with pytest.raises(APIError) as info:
+        hardening.check_json(body)
+    assert info.value.param == param
 
 
 def test_large_bodies_are_checked_off_the_event_loop(client, monkeypatch):
