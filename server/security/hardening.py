@@ -82,6 +82,9 @@ def _children(v):
     return None
 
 
+_PLAIN = frozenset({int, bool, type(None)})
+
+
 def _walk(value) -> tuple[str, str | None] | None:
     """The first problem (message, param) in the parsed body's values or depth.
 
@@ -102,6 +105,8 @@ def _walk(value) -> tuple[str, str | None] | None:
             path.pop()
             continue
         path[-1] = key
+        if type(v) in _PLAIN and type(key) is int:  # a list's number, bool or null: nothing to check
+            continue
         if isinstance(key, str):
             problem = _string_problem(key)
             if problem:
