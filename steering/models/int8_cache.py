@@ -15,25 +15,24 @@ weights and scales and the rest (embedding, norms) from the stored float tensors
 | code version        | the source of precision.py and of this module, the torch version           |
 
 Any change to the quantization code or the checkpoint gives a new key (stale files are removed).
-The file is read one group of tensors at a time, so its memory map never counts whole in RSS.
+The file is read with plain reads (no memory map), so its pages never count in RSS.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from steering.models import precision as precision_module
-from steering.models.precision import RowInt8Linear, int8_modules, quantize_int8
+from steering.models.precision import RowInt8Linear, int8_modules, quantize_int8, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,8 @@ def save(model: nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata={"linears": json.dumps(sorted(linears))})
+    del tensors
+    release_memory()
     tmp.replace(path)
     stem = path.name.split(".int8-")[0]
     for stale in path.parent.glob(f"{stem}.int8-*.safetensors"):
@@ -87,29 +88,64 @@ def load(path: Path, config, model_class) -> nn.Module:
     config.tie_word_embeddings = False  # the int8 lm_head is its own module (quantize_int8)
     with torch.device("meta"):
         model = model_class.from_config(config, dtype=torch.float32)
+    with _TensorFile(path) as f:
 
-    def build(name: str, linears: list[nn.Linear]) -> RowInt8Linear:
-        with safe_open(str(path), "pt") as f:  # one small map at a time (module docstring)
-            keys = set(f.keys())
-            parts = {k: f.get_tensor(f"int8/{name}/{k}").clone() for k in _FIELDS
-                     if f"int8/{name}/{k}" in keys}
-        return RowInt8Linear.from_int8(parts["int8"], parts["scale"], parts.get("bias"),
-                                       parts.get("inv_smooth"))
+        def build(name: str, linears: list[nn.Linear]) -> RowInt8Linear:
+            parts = {k: f.read(f"int8/{name}/{k}") for k in _FIELDS if f"int8/{name}/{k}" in f}
+            return RowInt8Linear.from_int8(parts["int8"], parts["scale"], parts.get("bias"),
+                                           parts.get("inv_smooth"))
 
-    quantize_int8(model, build=build)
-    with safe_open(str(path), "pt") as f:
-        names = [k for k in f.keys() if k.startswith("float/")]
-    state = {}
-    for key in names:
-        with safe_open(str(path), "pt") as f:
-            state[key.removeprefix("float/")] = f.get_tensor(key).clone()
+        quantize_int8(model, build=build)
+        state = {k.removeprefix("float/"): f.read(k) for k in f.names if k.startswith("float/")}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"int8 cache {path} does not fit the model: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
     _rebuild_meta_buffers(model, config)
-    gc.collect()
+    release_memory()
     return model
+
+
+_DTYPES = {"I8": torch.int8, "F32": torch.float32, "F64": torch.float64, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64}
+
+
+class _TensorFile:
+    """Reads a safetensors file's tensors with plain reads into fresh tensors: unlike a memory
+    map, the file's pages never count in this process's RSS (the start-up's high-water mark)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+        (n,) = struct.unpack("<Q", self._file.read(8))
+        if n > 100 * 1024 * 1024:
+            raise ValueError(f"{path}: not a safetensors file")
+        header = json.loads(self._file.read(n))
+        header.pop("__metadata__", None)
+        self._header, self._base = header, 8 + n
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._header)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self._header[name]
+        start, end = info["data_offsets"]
+        out = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else None
+        if view is not None:
+            self._file.seek(self._base + start)
+            if self._file.readinto(view) != end - start:
+                raise ValueError(f"{name}: truncated")
+        return out
+
+    def __enter__(self) -> _TensorFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
 
 
 def _rebuild_meta_buffers(model: nn.Module, config) -> None:

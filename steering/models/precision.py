@@ -107,12 +107,12 @@ def _own_memory(model: nn.Module) -> None:
             for name, buf in list(mod.named_buffers(recurse=False)):
                 if buf is not None:
                     setattr(mod, name, buf.clone())
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect, then hand the conversion's freed heap back to the OS (glibc keeps it otherwise)."""
     gc.collect()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Hand the conversion's freed heap back to the OS (glibc keeps it otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
