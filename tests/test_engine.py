@@ -252,3 +252,34 @@ def test_one_host_transfer_per_step(tiny_lm):
     assert [t for t, _ in out[2].top_logprobs] == logits[2].topk(4).indices.tolist()
     assert len(out[1].top_logprobs) == 2 and out[3].top_logprobs is None
     assert out[3].logprob is not None
+
+
+def test_growing_kv_layer_appends_in_place_and_matches_concatenation():
+    """The engine's KV layers write a new token into spare room instead of re-concatenating
+    the whole cache every step (DynamicLayer's torch.cat): same values, one buffer."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from server.engine.kv import GrowingLayer, select_row
+
+    grow, plain = GrowingLayer(), DynamicLayer()
+    first = torch.randn(2, 2, 5, 4)
+    grow.update(first, first + 1)
+    plain.update(first, first + 1)
+    buffer = grow.keys.data_ptr()
+    for _ in range(40):
+        k = torch.randn(2, 2, 1, 4)
+        gk, gv = grow.update(k, k * 2)
+        pk, pv = plain.update(k, k * 2)
+        assert torch.equal(gk, pk) and torch.equal(gv, pv)
+    assert grow.keys.data_ptr() == buffer  # no reallocation within the room
+    before = grow.keys.clone()
+
+    class _Cache:
+        layers = [grow]
+
+    row = select_row(_Cache, 0)  # a trial forward on one row never writes the batch's buffer
+    row.layers[0].update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert torch.equal(grow.keys, before)
+    assert torch.equal(grow._kbuf[:, :, :before.shape[2]], before)
+    assert not torch.equal(grow._kbuf[:1, :, before.shape[2]], torch.ones(1, 2, 4))

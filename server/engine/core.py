@@ -23,7 +23,6 @@ The serving layer uses only:
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ import torch
 from transformers import DynamicCache
 
 from server.engine.detok import Detokenizer
+from server.engine.kv import new_cache, select_row
 from server.engine.sampling import Draw, RowSampling, draw
 from steering.interventions.methods import RowSteering
 from steering.models.loading import LoadedModel
@@ -287,7 +287,7 @@ class Engine:
         assert slot is not None
         ids = slot.request.prompt_ids
         if slot.prefill_cache is None:
-            slot.prefill_cache = DynamicCache()
+            slot.prefill_cache = new_cache()
         start, end = slot.prefilled, min(len(ids), slot.prefilled + self.prefill_chunk)
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
@@ -296,7 +296,7 @@ class Engine:
             input_ids=input_ids,
             attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
             position_ids=torch.arange(start, end, device=device)[None],
-            past_key_values=slot.prefill_cache, use_cache=True, logits_to_keep=1)
+            cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
         slot.prefilled = end
         if end < len(ids):
             return
@@ -314,7 +314,7 @@ class Engine:
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
         self.lm.hooks.set_rows([s.request.steering for s in self._rows])
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
-                            position_ids=positions, past_key_values=self._cache, use_cache=True)
+                            position_ids=positions, cache=self._cache, use_cache=True)
         self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
@@ -389,17 +389,14 @@ class Engine:
         device = self.lm.device
         bad: list[int] = []
         for i, slot in enumerate(self._rows):
-            solo = copy.copy(self._cache)
-            solo.layers = [copy.copy(layer) for layer in self._cache.layers]
-            for layer in solo.layers:
-                layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            solo = select_row(self._cache, i)
             mask = torch.cat([self._mask[i:i + 1],
                               torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
             try:
                 self.lm.hooks.set_rows([slot.request.steering])
                 self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
                               position_ids=torch.tensor([[slot.position]], device=device),
-                              past_key_values=solo, use_cache=True)
+                              cache=solo, use_cache=True)
             except Exception as row_exc:
                 bad.append(i)
                 self._fail_one(slot, row_exc)

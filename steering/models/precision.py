@@ -184,11 +184,12 @@ class RowInt8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         if self.inv_smooth is not None:
             rows = rows * self.inv_smooth
-        amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        # a_b = max_i |x_b,i| (one kernel: the ∞-norm), then the pinned [x_b / a_b; pin] batch.
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-12)
         pinned = torch.cat([rows / amax, self._pin])
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1] * amax
+        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1].mul_(amax)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
