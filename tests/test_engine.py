@@ -283,3 +283,25 @@ def test_growing_kv_layer_appends_in_place_and_matches_concatenation():
     assert torch.equal(grow.keys, before)
     assert torch.equal(grow._kbuf[:, :, :before.shape[2]], before)
     assert not torch.equal(grow._kbuf[:1, :, before.shape[2]], torch.ones(1, 2, 4))
+
+
+def test_one_step_admits_several_short_prompts(tiny_lm, tiny_pack):
+    """TTFT under load (issue 11): short prompts waiting together are all prefilled in one step
+    (up to `prefill_chunk` prompt tokens), not one per decode step; a prompt that does not fit
+    the rest of the step's budget waits for the next."""
+    async def main():
+        engine = Engine(tiny_lm, max_batch=8, prefill_chunk=80)  # prompts: 20, 34, 15 tokens
+        engine._accepting = True  # not started: the test drives the steps
+        for i in range(3):
+            engine.submit(_request(tiny_lm, tiny_pack, i, "none", 4))
+        long = _request(tiny_lm, tiny_pack, 3, "none", 4)
+        long.prompt_ids = long.prompt_ids * 3  # > the budget left after three short prompts
+        engine.submit(long)
+        engine._step()
+        first = (len(engine._rows), engine.stats()["waiting"])
+        engine._step()
+        return first, len(engine._rows) + (engine._prefilling is not None)
+
+    (rows, waiting), later = _run(main())
+    assert rows == 3 and waiting == 1
+    assert later == 4

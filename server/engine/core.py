@@ -1,8 +1,9 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
 One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
-(2) advances the prefill of at most one newly admitted request by one chunk — so a long prompt
-never stalls the running ones for more than a chunk — and merges it into the batch when done,
+(2) advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
+(`prefill_chunk`) — several short prompts in one step, a long prompt never stalling the running
+ones for more than a chunk — and merges each into the batch when done,
 (3) runs one batched forward for every running request, each row with its own steering through
 the kernel's per-row path, and samples each row with its own generator. Every request keeps its
 own slot in the batch KV cache: rows are left-padded to a common length with masked positions,
@@ -241,20 +242,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         self._reap()
-        if self._prefilling is None:
-            with self._lock:
-                if self._waiting and len(self._rows) < self.max_batch:
-                    self._prefilling = self._waiting.popleft()
-        if self._prefilling is not None:
-            slot = self._prefilling
-            try:
-                self._prefill_chunk()
-            except Exception as exc:  # one request's prefill: it fails alone
-                self._prefilling = None
-                if slot not in self._rows:
-                    self._fail_one(slot, exc)
-                if slot.prefill_cache is None:  # failed while joining the batch cache: all
-                    raise
+        self._prefill_within_budget()
         if self._rows:
             width = self._mask.shape[1] if self._mask is not None else 0
             try:
@@ -281,6 +269,40 @@ class Engine:
             s = self._rows[i]
             self._finish_slot(s, "cancelled" if s.handle.cancelled else "timeout")
         self._drop_rows(gone)
+
+    def _prefill_within_budget(self) -> None:
+        """Prefill chunks of waiting requests, one request at a time, until this step has run
+        `prefill_chunk` prompt tokens: several short prompts are admitted in one step (their
+        first tokens do not each wait for a decode step), and the running rows still wait
+        for one chunk's worth of prompt tokens at most. Chunk boundaries are fixed multiples of
+        `prefill_chunk` from each prompt's start, so a request computes the same whatever else
+        is waiting."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None:
+                with self._lock:
+                    if (self._waiting and len(self._rows) < self.max_batch
+                            and self._fits(self._waiting[0], budget)):
+                        self._prefilling = self._waiting.popleft()
+            slot = self._prefilling
+            if slot is None or not self._fits(slot, budget):
+                return
+            before = slot.prefilled
+            try:
+                self._prefill_chunk()
+            except Exception as exc:  # one request's prefill: it fails alone
+                self._prefilling = None
+                if slot not in self._rows:
+                    self._fail_one(slot, exc)
+                if slot.prefill_cache is None:  # failed while joining the batch cache: all
+                    raise
+                return
+            budget -= max(1, slot.prefilled - before)
+
+    def _fits(self, slot: _Slot, budget: int) -> bool:
+        """The step's first chunk always runs; a later one only where it fits the budget left."""
+        chunk = min(len(slot.request.prompt_ids) - slot.prefilled, self.prefill_chunk)
+        return budget == self.prefill_chunk or chunk <= budget
 
     def _prefill_chunk(self) -> None:
         slot = self._prefilling
