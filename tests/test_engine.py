@@ -305,3 +305,20 @@ def test_one_step_admits_several_short_prompts(tiny_lm, tiny_pack):
     (rows, waiting), later = _run(main())
     assert rows == 3 and waiting == 1
     assert later == 4
+
+
+def test_thread_tuner_keeps_the_faster_thread_count():
+    """Decode steps are timed at 1 and at the maximum thread count; the faster one is kept
+    until the next probe (on shared cores one thread can be several times faster)."""
+    from server.engine.threads import ThreadTuner
+
+    tuner = ThreadTuner(max_threads=2, window=2, period=3)
+    speed = {1: 0.1, 2: 0.5}  # a loaded machine: one thread wins
+    for _ in range(4):
+        tuner.record(speed[tuner.threads()])
+    assert tuner.current == 1 and tuner.threads() == 1
+    speed = {1: 0.5, 2: 0.1}  # the cores became free
+    for _ in range(3 + 4):
+        tuner.record(speed[tuner.threads()])
+    assert tuner.current == 2
+    assert not ThreadTuner(max_threads=1).active

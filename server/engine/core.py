@@ -38,6 +38,7 @@ from transformers import DynamicCache
 from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
 from server.engine.sampling import Draw, RowSampling, draw
+from server.engine.threads import ThreadTuner
 from steering.interventions.methods import RowSteering
 from steering.models.loading import LoadedModel
 
@@ -146,8 +147,11 @@ class _Slot:
 
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
-                 request_timeout_s: float = 600.0, prefill_chunk: int = 512):
+                 request_timeout_s: float = 600.0, prefill_chunk: int = 512,
+                 tune_threads: bool = True):
         self.lm = lm
+        # Intra-op threads chosen by measuring decode steps (threads.py); CPU only.
+        self._threads = ThreadTuner() if tune_threads and lm.device.type == "cpu" else None
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -232,6 +236,8 @@ class Engine:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
+            if self._threads is not None:
+                self._threads.apply()
             try:
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the server
@@ -245,8 +251,11 @@ class Engine:
         self._prefill_within_budget()
         if self._rows:
             width = self._mask.shape[1] if self._mask is not None else 0
+            started = time.perf_counter()
             try:
                 self._decode()
+                if self._threads is not None:
+                    self._threads.record(time.perf_counter() - started)
             except Exception as exc:
                 if self._failing is not True:  # the batched forward failed, nothing was emitted
                     self._isolate(width, exc)
