@@ -32,7 +32,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from steering.models import precision as precision_module
-from steering.models.precision import RowInt8Linear, int8_modules, quantize_int8, release_memory
+from steering.models.precision import (
+    RowInt8Linear,
+    half_embedding_table,
+    int8_modules,
+    quantize_int8,
+    release_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,7 @@ def load(path: Path, config, model_class) -> nn.Module:
                                            parts.get("inv_smooth"))
 
         quantize_int8(model, build=build)
+        half_embedding_table(model)
         state = {k.removeprefix("float/"): f.read(k) for k in f.names if k.startswith("float/")}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
