@@ -47,8 +47,8 @@ class ServerState:
     def require_ready(self) -> Engine:
         if self.ready and self.engine is not None and not self.draining:
             return self.engine
-        if self.load_error:
-            message = f"the model failed to load: {self.load_error}"
+        if self.load_error:  # the reason is in the server log, not in responses
+            message = "the model failed to load; the server log has the details"
         elif self.draining:
             message = "the server is shutting down"
         else:
