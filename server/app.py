@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
                 loader.cancel()
             if state.engine is not None:
                 await state.engine.shutdown()
+            state.close()
 
     docs_on = settings.docs != "off"
     app = FastAPI(title="steering server", version=steering.__version__,

@@ -639,3 +639,41 @@ def test_access_log_names_the_error(client, caplog):
     line = [r for r in caplog.records if r.name == "steer.access"][-1].json
     assert line["status"] == 400
     assert line["error"] == {"code": "invalid_steering", "param": "steering.k"}
+
+
+# ---- templating and tokenization off the event loop (issue 12 finding 11) ------------------------
+
+
+def _on_event_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.fixture
+def tokenizer_calls(tiny_lm, monkeypatch):
+    """(what, ran on the event loop) for every chat template and tokenizer call."""
+    calls: list[tuple[str, bool]] = []
+    cls = type(tiny_lm.tokenizer)
+    for name in ("__call__", "apply_chat_template"):
+        real = getattr(cls, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            calls.append((_name, _on_event_loop()))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def test_templating_and_tokenization_run_off_the_event_loop(client, tokenizer_calls):
+    assert chat(client, max_tokens=2).status_code == 200
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": ["hi", "there"],
+                                                "max_tokens": 2}).status_code == 200
+    kinds = {name for name, _ in tokenizer_calls}
+    assert kinds == {"__call__", "apply_chat_template"}
+    assert not any(on_loop for _, on_loop in tokenizer_calls), tokenizer_calls

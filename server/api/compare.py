@@ -96,14 +96,14 @@ def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
                    sampling=sampling), label
 
 
-def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
-                    ) -> tuple[list[Job], list[str | None]]:
+async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
+                          ) -> tuple[list[Job], list[str | None]]:
     s = state.settings
     if len(body.variants) > s.max_compare_variants:
         raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
                           f"{len(body.variants)}", "variants", "too_many_variants")
-    # The prompt is prepared once, unsteered, so its errors name no variant.
-    base = prepare_chat(state, body.to_chat_request(), request_id)
+    # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
+    base = await prepare_chat(state, body.to_chat_request(), request_id)
     base.endpoint = COMPARE
     for sp in base.sampling:  # the first token's top logprobs give the refusal score
         sp.logprobs = True
@@ -127,7 +127,7 @@ async def compare(body: CompareRequest, request: Request):
         state.require_ready()
         if body.seed is None:  # one seed for every variant, reported back
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
-        jobs, labels = prepare_compare(state, body, ctx.request_id)
+        jobs, labels = await prepare_compare(state, body, ctx.request_id)
         policy.enforce(state, request, [j.resolved.applied for j in jobs],
                        prompt=jobs[0].prompt_texts, tokens=sum(j.tokens_charged for j in jobs),
                        endpoint=COMPARE)
@@ -153,7 +153,7 @@ async def compare(body: CompareRequest, request: Request):
             for t in trackers:
                 t.finish(str(err.status))
             raise _for_variant(i, err)
-    ids = refusal_token_ids(state.lm.tokenizer)
+    ids = await state.in_tokenizer_thread(refusal_token_ids, state.lm.tokenizer)
     results = []
     for i, (job, tr) in enumerate(zip(jobs, trackers)):
         tr.finish("200")

@@ -8,7 +8,7 @@ requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -50,12 +50,12 @@ async def run_job(state: ServerState, job: Job, request: Request) -> Response:
 
 
 async def _complete(body, request: Request, endpoint: str,
-                    prepare: Callable[..., Job]) -> Response:
+                    prepare: Callable[..., Awaitable[Job]]) -> Response:
     state = get_state(request)
     ctx = request_context(request)
     try:
         state.require_ready()
-        job = prepare(state, body, ctx.request_id, request)
+        job = await prepare(state, body, ctx.request_id, request)
     except APIError as exc:
         state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
         raise
