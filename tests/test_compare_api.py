@@ -194,3 +194,26 @@ def test_compare_templates_the_prompt_once(client, tiny_lm, monkeypatch):
     assert r.status_code == 200, r.text
     assert len(renders) == 1, renders  # main before the fix: 1 check + 1 per variant, on the loop
     assert renders == [False]
+
+
+def test_compare_asks_logprobs_of_the_first_token_only(client, monkeypatch):
+    """The refusal score reads the first token's top list: the engine is asked for nothing more
+    (issue 12 finding 7)."""
+    from server.api.compare import SCORE_TOP
+
+    engine = client.app.state.steer.engine
+    real = engine.submit
+    asked = []
+
+    def spy(request):
+        asked.append(request.sampling)
+        return real(request)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    r = compare(client, variants=[{"method": "none"}, {"method": "actadd", "strength": 1.0}],
+                max_tokens=4)
+    assert r.status_code == 200, r.text
+    assert len(asked) == 2
+    for sp in asked:
+        assert sp.logprobs and sp.top_logprobs == SCORE_TOP
+        assert getattr(sp, "logprobs_tokens", None) == 1

@@ -10,8 +10,8 @@ matcher fires, the refusal score, token counts, time and the applied steering.
 
 The refusal score is the log-odds of the refusal tokens ("I", "As") at the first answer position
 (`steering.evaluation.refusal`), computed from the **first generated token's logprobs**: the
-engine reports that position's top-`SCORE_TOP` log-probabilities with the variant's steering
-applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
+engine reports that position's top-`SCORE_TOP` log-probabilities (and only that position's:
+`SamplingParams.logprobs_tokens = 1`) with the variant's steering applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
 refusal token falls outside that top list its probability counts as 0 and `refusal_score_exact`
 is false (the score is then a lower bound, and the token was very unlikely anyway).
 
@@ -41,6 +41,7 @@ from server.api.protocol import (
 from server.api.resolve import resolve_steering
 from server.api.tracker import Tracker
 from server.context import request_context
+from server.engine import SamplingParams
 from server.security import policy
 from server.security.hardening import check_names
 from server.state import ServerState, get_state
@@ -48,6 +49,7 @@ from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs,
 
 COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
+SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
 router = APIRouter()
 
@@ -79,6 +81,13 @@ def _variant_model(state: ServerState, body: CompareRequest, preset: str | None)
     return f"{body.model or state.served_name}+{preset}"
 
 
+def _score_sampling(sp: SamplingParams) -> SamplingParams:
+    """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
+    out = replace(sp, logprobs=True, top_logprobs=SCORE_TOP)
+    out.logprobs_tokens = SCORE_POSITIONS  # the engine computes top-k for these tokens only
+    return out
+
+
 def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
                  variant: str | CompareVariant) -> tuple[Job, str | None]:
     if isinstance(variant, str):
@@ -91,7 +100,7 @@ def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
         resolved = resolve_steering(state, model, steering)
     except APIError as exc:
         raise _for_variant(i, exc) from None
-    sampling = [replace(sp) for sp in base.sampling]
+    sampling = [_score_sampling(sp) for sp in base.sampling]
     return replace(base, request_id=f"{base.request_id}-v{i}", resolved=resolved,
                    sampling=sampling), label
 
@@ -105,9 +114,6 @@ async def prepare_compare(state: ServerState, body: CompareRequest, request_id: 
     # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
     base = await prepare_chat(state, body.to_chat_request(), request_id)
     base.endpoint = COMPARE
-    for sp in base.sampling:  # the first token's top logprobs give the refusal score
-        sp.logprobs = True
-        sp.top_logprobs = SCORE_TOP
     jobs, labels = [], []
     for i, variant in enumerate(body.variants):
         job, label = _variant_job(state, body, base, i, variant)
