@@ -39,6 +39,7 @@ from server.api.protocol import (
     VariantResult,
 )
 from server.api.resolve import resolve_steering
+from server.api.routing import CheckedBodyRoute
 from server.api.tracker import Tracker
 from server.context import request_context
 from server.engine import SamplingParams
@@ -51,7 +52,7 @@ COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
 SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedBodyRoute)
 
 
 # ---- preparing the variants ---------------------------------------------------------------------

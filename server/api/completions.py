@@ -24,12 +24,13 @@ from server.api.protocol import (
     CompletionResponse,
 )
 from server.api.responses import respond
+from server.api.routing import CheckedBodyRoute
 from server.api.streaming import stream_response
 from server.api.tracker import Tracker
 from server.context import request_context
 from server.state import ServerState, get_state
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedBodyRoute)
 
 # Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
 SSE = {"text/event-stream": {"schema": {
