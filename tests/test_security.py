@@ -148,11 +148,23 @@ def test_default_policy_allows_raising_refusal(client, steering):
 
 def test_every_method_without_the_grant_cannot_lower_refusal(client):
     # "*" names every method, but lowering refusal still needs the explicit grant
-    for method in ("ablate", "inlp_null", "inlp_flip"):
+    for method in ("ablate", "inlp_null", "inlp_flip", "inlp_reflect"):
         err = _error(chat(client, "k-wide", steering={"method": method}), 403)
         assert err["code"] == "policy_lower_refusal"
     err = _error(chat(client, "k-wide", model=f"{MODEL}+no-refusal"), 403)
     assert err["code"] == "policy_lower_refusal"
+
+
+def test_methods_state_their_direction_of_effect(client):
+    methods = {m["id"]: m for m in client.get("/v1/steering/methods",
+                                              headers=_auth("k-basic")).json()["data"]}
+    assert methods["actadd"]["effect"]["lowers_refusal"] == "strength < 0"
+    assert methods["actadd"]["effect"]["strength_without_grant"] == {"min": 0.0, "max": None}
+    assert methods["ace"]["effect"]["strength_without_grant"]["min"] == 1.0
+    for method in ("ablate", "inlp_null", "inlp_flip", "inlp_reflect"):
+        assert methods[method]["effect"]["requires_grant"] is True, method
+        assert methods[method]["effect"]["lowers_refusal"], method
+    assert methods["none"]["effect"]["requires_grant"] is False
 
 
 def test_signed_per_method_bounds(client):

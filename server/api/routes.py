@@ -10,6 +10,7 @@ from server.api.protocol import AppliedSteering, ErrorResponse, ModelCard, Model
 from server.api.resolve import resolve_steering
 from server.context import request_context
 from server.security.auth import may_see_internals
+from server.security.policy import effect
 from server.state import ServerState, get_state
 from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
 
@@ -91,7 +92,7 @@ async def list_methods(request: Request):
         entry = {"id": method, "object": "steering.method", "description": DESCRIPTIONS[method],
                  "strength": None if method == "none" else
                  {"min": s.strength_min, "max": s.strength_max, "default": 1.0},
-                 "uses_k": method in INLP_METHODS, "packs": {}}
+                 "uses_k": method in INLP_METHODS, "effect": effect(method), "packs": {}}
         if method != "none":
             for name, pack in packs.items():
                 if method in INLP_METHODS and not pack.inlp:
