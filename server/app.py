@@ -136,9 +136,9 @@ async def load_in_background(state: ServerState) -> None:
         await start_engine(state)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # the details go to the log only; probes say "failed"
         state.load_error = f"{type(exc).__name__}: {exc}"
-        log.error("loading failed: %s", state.load_error)
+        log.exception("loading failed: %s", state.load_error)
         if state.settings.exit_on_load_error:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
                 loader.cancel()
             if state.engine is not None:
                 await state.engine.shutdown()
+            state.close()
 
     docs_on = settings.docs != "off"
     app = FastAPI(title="steering server", version=steering.__version__,
