@@ -23,6 +23,7 @@ import steering
 from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.errors import APIError
+from server.api.pack_admin import router as pack_admin_router
 from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
 from server.api.routes import router
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     errors.install(app)
     app.include_router(router)
     app.include_router(compare_router)  # /v1/steering/compare, /playground
+    app.include_router(pack_admin_router)  # POST / DELETE /v1/steering/packs
     keys = load_keys(settings)
     if settings.auth and not len(keys):
         log.warning("authentication is on but no API keys are configured: every route but "

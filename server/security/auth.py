@@ -13,6 +13,7 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
         max_k: 4
         requests_per_minute: 60
         tokens_per_minute: 20000
+        admin: true              # may upload and delete packs (POST/DELETE /v1/steering/packs)
       - id: bob
         sha256: …
 
@@ -56,6 +57,7 @@ class ApiKey:
     id: str
     sha256: str
     policy: Policy
+    admin: bool = False  # may load and unload packs while serving (server.api.pack_admin)
 
 
 class KeyStore:
@@ -93,9 +95,12 @@ def parse_keys(data: object, source: str = "keys") -> KeyStore:
                               "(keys are never stored in clear)")
         if key_id in ids or digest in hashes:
             raise PolicyError(f"{where}: duplicate id or key")
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise PolicyError(f"{where}.admin: expected true or false")
         ids.add(key_id)
         hashes.add(digest)
-        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where)))
+        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where), admin))
     return KeyStore(keys)
 
 
