@@ -82,3 +82,19 @@ def load_examples(source: str | Path) -> list[Example]:
     if len(with_completion) > 1:
         raise ValueError(f"{name}: either every example has a completion or none has")
     return examples
+
+
+@dataclass(frozen=True)
+class ShippedConcept:
+    positive: str
+    negative: str
+    description: str
+
+
+# Concepts whose packs are extracted at first use for a model and served besides refusal.
+SHIPPED_CONCEPTS = {
+    "casual": ShippedConcept(
+        "package:register_casual", "package:register_formal",
+        "casual (positive) vs formal (negative) register of the user's request and the answer "
+        "it asks for; 64 + 64 prompts written for this project (data/README.md)"),
+}
