@@ -31,7 +31,7 @@ from server.engine import Engine
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
-from server.packs import load_extra_packs
+from server.packs import load_extra_packs, shipped_concept_packs
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
 from server.security.hardening import BodyLimitMiddleware
@@ -108,7 +108,7 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await future
 
 
-def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
+def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, list[SteeringPack]]:
     from steering.packs.format import pack_paths
     from steering.packs.store import default_pack_path, ensure_pack
 
@@ -125,7 +125,7 @@ def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]
         ensure_pack(full, None, mode=settings.pack_mode)
         del full
     pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
-    return lm, pack
+    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs)]
 
 
 async def load_in_background(state: ServerState) -> None:

@@ -60,6 +60,22 @@ def load_extra_packs(settings, model, taken: set[str]) -> tuple[dict[str, Steeri
     return loaded, failed
 
 
+def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
+    """The shipped concept packs named in `names` (comma-separated), extracted for `lm` on first
+    use and cached like the refusal pack; one that cannot be made is logged and skipped."""
+    from steering.packs.store import ensure_concept_pack
+
+    packs = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        try:
+            packs.append(ensure_concept_pack(lm, name))
+        except Exception as exc:  # serve the others; the log says why
+            log.error("concept pack %r not served: %s: %s", name, type(exc).__name__, exc)
+    return packs
+
+
 def load_pack_bytes(name: str, tensors: bytes, sidecar: bytes, model) -> SteeringPack:
     """Validate an uploaded pack exactly as a pack file at start-up (PackError if refused)."""
     with tempfile.TemporaryDirectory(prefix="steer-pack-") as folder:

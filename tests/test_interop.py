@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from steering import SteeringSpec, build_row, load_pack
-from steering.interventions.activations import encode_chats
 from steering.interop.llamacpp import (
     export_control_vector,
     import_control_vector,
@@ -24,6 +23,7 @@ from steering.interop.peft_lora import (
     PROVENANCE,
     export_ablation_lora,
 )
+from steering.interventions.activations import encode_chats
 from steering.packs.format import PackError, SteeringPack
 from testkit.archs import build_tiny
 from testkit.tiny import make_tiny, make_tokenizer

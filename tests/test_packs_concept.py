@@ -130,3 +130,39 @@ def test_completion_concept_pack_reads_the_completion(tiny_lm):
     assert pack.dim().norm() > 0
     with pytest.raises(ValueError, match="both classes"):
         extract_concept(tiny_lm, pos, [Example("x")] * 8, "tone", FAST)
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_extract_export_import_commands(tiny_lm, tmp_path, capsys):
+    from server.cli import main
+
+    folder = tmp_path / "model"
+    tiny_lm.model.save_pretrained(folder)
+    tiny_lm.tokenizer.save_pretrained(folder)
+    pos, neg = _register(8)
+    (tmp_path / "pos.jsonl").write_text("\n".join(json.dumps({"prompt": e.prompt}) for e in pos))
+    (tmp_path / "neg.csv").write_text("prompt\n" + "\n".join(f'"{e.prompt}"' for e in neg))
+    common = ["--model", str(folder), "--precision", "fp32"]
+    assert main(["extract", *common, "--positive", str(tmp_path / "pos.jsonl"), "--negative",
+                 str(tmp_path / "neg.csv"), "--name", "casual", "--out",
+                 str(tmp_path / "casual")]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out.strip().splitlines()[-1])
+    assert report["concept"] == "casual" and "actadd" in report["methods"]
+    assert "val acc" in out.err  # the selection summary
+    pack = load_pack(tmp_path / "casual")
+    assert pack.meta["data"]["negative_train"]["source"].endswith("neg.csv")
+    assert main(["export", "--pack", str(tmp_path / "casual"), "--format", "llamacpp",
+                 "--layers", "2,3", "--out", str(tmp_path / "cv.gguf")]) == 0
+    assert main(["import", *common, str(tmp_path / "cv.gguf"), "--name", "cv", "--out",
+                 str(tmp_path / "cv")]) == 0
+    assert load_pack(tmp_path / "cv").methods == ["actadd"]
+    assert main(["export", *common, "--pack", str(tmp_path / "casual"), "--format",
+                 "peft-lora", "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    # the imported, addition-only pack cannot become an ablation adapter
+    assert main(["export", *common, "--pack", str(tmp_path / "cv"), "--format", "peft-lora",
+                 "--out", str(tmp_path / "lora2")]) == 2
+    assert main(["extract", *common, "--positive", str(tmp_path / "pos.jsonl")]) == 2
