@@ -149,10 +149,21 @@ def cmd_orthogonalize(args) -> int:
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
+    gguf_base = getattr(args, "gguf_base", None) or (
+        args.model if str(args.model).endswith(".gguf") else None)
+    if getattr(args, "gguf", None) and not gguf_base:
+        raise ValueError("--gguf needs the model's own GGUF to edit: pass --gguf-base FILE "
+                         "(llama.cpp's convert_hf_to_gguf.py makes one from a model folder)")
     lm = load_model(args.model, args.device, "float32" if args.dtype == "auto" else args.dtype)
     pack = ensure_pack(lm, args.pack)
+    direction = pack.dim().clone()
     out = export_orthogonalized(lm, pack, args.out)
-    print(json.dumps({"model": str(out), "layer": pack.layer}))
+    report = {"model": str(out), "layer": pack.layer}
+    if getattr(args, "gguf", None):
+        from steering.interop.gguf_model import orthogonalize_gguf
+
+        report["gguf"] = str(orthogonalize_gguf(gguf_base, direction, args.gguf))
+    print(json.dumps(report))
     return 0
 
 

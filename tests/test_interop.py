@@ -200,3 +200,43 @@ def test_lora_refuses_packs_and_models_it_cannot_express(tmp_path, tiny_lm):
     with pytest.raises(PackError, match="not plain"):
         export_ablation_lora(gpt2, _random_pack(gpt2), tmp_path / "b")
     assert make_tiny  # the shared tiny factory stays importable here
+
+
+# ---- orthogonalized GGUF ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_orthogonalized_gguf_equals_ablate(tmp_path, tie):
+    from transformers import AutoModelForCausalLM
+
+    from steering.interop.gguf_model import orthogonalize_gguf
+    from testkit.tiny_gguf import write_qwen2_gguf
+
+    lm = build_tiny("qwen2", make_tokenizer(), tie=tie)
+    pack = _random_pack(lm)
+    want = logits(lm, build_row(SteeringSpec("ablate", 1.0), pack))
+    base = write_qwen2_gguf(lm.model, tmp_path / "base.gguf")
+    out = orthogonalize_gguf(base, pack.dim(), tmp_path / "out" / "model.gguf")
+    reader = gguf.GGUFReader(str(out))
+    before = {t.name: t for t in gguf.GGUFReader(str(base)).tensors}
+    after = {t.name: t for t in reader.tensors}
+    assert "output.weight" in after  # the unembedding stays the unedited matrix
+    np.testing.assert_array_equal(after["output.weight"].data,
+                                  (before.get("output.weight") or before["token_embd.weight"]).data)
+    for name in ("blk.0.attn_q.weight", "output_norm.weight"):
+        np.testing.assert_array_equal(after[name].data, before[name].data)
+    assert reader.get_field("qwen2.block_count").contents() == lm.n_layers
+    model = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                                 dtype=torch.float32).eval()
+    enc = encode_chats(lm, PROMPTS)
+    with torch.no_grad():
+        got = model(**enc).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_orthogonalized_gguf_refuses_other_architectures(tmp_path):
+    from steering.interop.gguf_model import orthogonalize_gguf
+
+    path = write_gguf(tmp_path / "cv.gguf", {"direction.1": np.zeros(64)})
+    with pytest.raises(ValueError, match="architecture 'controlvector'"):
+        orthogonalize_gguf(path, torch.ones(64), tmp_path / "o.gguf")
