@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from server.api.errors import APIError, bad_request, not_found
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
+from server.security.auth import may_see_internals
 from server.security.hardening import check_name
 from server.state import get_state
 from steering.packs.format import PackError
@@ -42,7 +43,7 @@ class PackUpload(BaseModel):
 
 def _require_admin(request: Request) -> None:
     key = getattr(request.state, "api_key", None)
-    if key is not None and not key.admin:  # None: authentication is off (local use)
+    if not may_see_internals(key):  # key None: authentication is off (local use)
         raise APIError(403, f"key {key.id!r} may not load or unload packs (needs 'admin: true' "
                             "in the keys file)", type="permission_error", code="not_admin")
 

@@ -13,7 +13,7 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
         max_k: 4
         requests_per_minute: 60
         tokens_per_minute: 20000
-        admin: true              # may upload and delete packs (POST/DELETE /v1/steering/packs)
+        admin: true              # may see internals: pack metadata, why a pack was refused
       - id: bob
         sha256: …
 
@@ -57,7 +57,13 @@ class ApiKey:
     id: str
     sha256: str
     policy: Policy
-    admin: bool = False  # may load and unload packs while serving (server.api.pack_admin)
+    admin: bool = False  # sees internals (pack metadata, refused packs' reasons); no extra steering
+
+
+def may_see_internals(key: ApiKey | None) -> bool:
+    """Whether a caller may see server internals. On a route that needs a key, `None` means
+    authentication is off: the caller is the operator on a local server."""
+    return key is None or key.admin
 
 
 class KeyStore:
