@@ -18,6 +18,7 @@ from steering.packs.concept import (
     split,
     summary,
 )
+from steering.packs.format import pack_paths
 from steering.packs.inlp import InlpConfig
 
 FAST = ConceptConfig(kl_candidates=2, kl_prompts=4, batch_size=8,
@@ -166,3 +167,26 @@ def test_extract_export_import_commands(tiny_lm, tmp_path, capsys):
     assert main(["export", *common, "--pack", str(tmp_path / "cv"), "--format", "peft-lora",
                  "--out", str(tmp_path / "lora2")]) == 2
     assert main(["extract", *common, "--positive", str(tmp_path / "pos.jsonl")]) == 2
+
+
+# ---- the shipped concept: cached at first use, served --------------------------------------
+
+
+def test_shipped_concept_pack_is_extracted_once_and_cached(tiny_lm, tmp_path, monkeypatch, caplog):
+    import steering.packs.concept as concept
+    from server.packs import shipped_concept_packs
+    from steering.packs import store
+
+    monkeypatch.setenv("STEERING_CACHE", str(tmp_path))
+    monkeypatch.setattr(concept, "ConceptConfig", lambda: FAST)
+    calls = []
+    real = concept.extract_concept
+    monkeypatch.setattr(concept, "extract_concept",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    [pack] = shipped_concept_packs(tiny_lm, "casual, ,")
+    assert calls == ["casual"] and pack.meta["concept"]["positive"] == "package:register_casual"
+    assert all(p.is_file() for p in pack_paths(store.default_pack_path(tiny_lm, "casual")))
+    [again] = shipped_concept_packs(tiny_lm, "casual")
+    assert calls == ["casual"] and torch.equal(again.dim(), pack.dim())  # from the cache
+    assert shipped_concept_packs(tiny_lm, "nope") == []
+    assert "nope" in caplog.text

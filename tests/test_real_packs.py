@@ -7,6 +7,7 @@ requests, `ablate` lowers it on casual ones. Greedy decoding, so the numbers are
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import httpx
@@ -25,16 +26,21 @@ MARGIN = 2.0  # markers per 100 words: a visible shift, not a rounding differenc
 
 
 def answers(server, prompts: list[str], steering: dict | None) -> list[str]:
-    out = []
-    for prompt in prompts:
-        body = {"model": server.served_model(), "max_tokens": MAX_TOKENS, "temperature": 0,
+    """Greedy answers, sent together so the server batches them (batched = solo, token for
+    token)."""
+    model = server.served_model()
+
+    def one(prompt: str) -> str:
+        body = {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0,
                 "messages": [{"role": "user", "content": prompt}]}
         if steering is not None:
             body["steering"] = steering
-        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=900)
         assert r.status_code == 200, r.text
-        out.append(r.json()["choices"][0]["message"]["content"])
-    return out
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
 
 
 def mean_score(texts: list[str]) -> float:

@@ -65,8 +65,8 @@ class ConceptConfig:
     min_layer_fraction: float = 0.25
     max_layer_fraction: float = 0.75  # the layer cap
     layer_stride: int = 1
-    kl_candidates: int = 4  # best-separating candidates that get the KL check
-    kl_prompts: int = 12  # negative-class validation prompts for KL
+    kl_candidates: int = 3  # best-separating candidates that get the KL check
+    kl_prompts: int = 8  # negative-class validation prompts for KL
     kl_threshold: float = 0.1
     inlp_layers_around: int = 1
     inlp: InlpConfig = field(default_factory=InlpConfig)
