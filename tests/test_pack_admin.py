@@ -171,3 +171,19 @@ def test_methods_a_pack_was_not_made_for_are_refused(client, tiny_pack, tmp_path
         assert r.status_code == 400, (method, r.text)
         assert r.json()["error"]["code"] == "method_not_in_pack"
     assert torch.isfinite(add_only.dim()).all()
+
+
+def test_admin_check_fails_closed_when_keys_are_configured_but_no_key_is_seen():
+    from types import SimpleNamespace
+
+    from server.api.errors import APIError
+    from server.api.pack_admin import _require_admin
+
+    def request(settings):
+        app = SimpleNamespace(state=SimpleNamespace(steer=SimpleNamespace(settings=settings)))
+        return SimpleNamespace(state=SimpleNamespace(), app=app)
+
+    _require_admin(request(Settings()))  # authentication off: the local operator
+    with pytest.raises(APIError) as err:
+        _require_admin(request(Settings(keys=json.dumps(KEYS))))
+    assert err.value.status == 403

@@ -43,6 +43,11 @@ class PackUpload(BaseModel):
 
 def _require_admin(request: Request) -> None:
     key = getattr(request.state, "api_key", None)
+    settings = get_state(request).settings
+    if key is None and (settings.auth or settings.keys or settings.keys_file):
+        # fail closed: keys are configured, yet the caller's key is not where we look
+        raise APIError(403, "the caller's API key could not be determined",
+                       type="permission_error", code="not_admin")
     if not may_see_internals(key):  # key None: authentication is off (local use)
         raise APIError(403, f"key {key.id!r} may not load or unload packs (needs 'admin: true' "
                             "in the keys file)", type="permission_error", code="not_admin")
