@@ -81,6 +81,8 @@ def resolve_steering(state: ServerState, model: str | None,
                         "steering.pack", code="pack_not_found")
     if pack_name is not None:
         pack = state.packs.get(pack_name)
+    if pack is not None and (why := pack.unsupported(params.method)):
+        raise bad_request(why, "steering.method", code="method_not_in_pack")
     try:
         row = build_row(params.to_spec(pack_name), pack)
     except SteeringError as exc:
