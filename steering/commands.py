@@ -15,7 +15,7 @@ from steering.interventions.catalog import METHODS
 def _eval_overrides(args) -> dict:
     names = ("harmful", "harmless", "n_harmful", "n_harmless",
              "completion_tokens", "n_general", "general_tokens", "max_new_tokens",
-             "batch_size", "cache_dir")
+             "batch_size", "cache_dir", "judge_url", "judge_model", "judge_api_key")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -69,7 +69,13 @@ def cmd_orthogonalize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from steering.evaluation.evaluate import EvalConfig, evaluate, markdown_table, write_outputs
+    from steering.evaluation.evaluate import (
+        EvalConfig,
+        evaluate,
+        judge_table,
+        markdown_table,
+        write_outputs,
+    )
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
@@ -87,6 +93,8 @@ def cmd_eval(args) -> int:
     result = evaluate(lm, pack, config)
     write_outputs(result, args.json, args.markdown)
     print(markdown_table(result))
+    if result.get("judge"):
+        print(judge_table(result))
     return 0
 
 

@@ -276,3 +276,68 @@ def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tm
     for prompt in load_instructions("harmful_test_jbb") + load_instructions("harmful_val")[:32]:
         assert prompt not in texts
         assert json.dumps(prompt)[1:-1] not in texts
+
+
+# ---- the optional LLM judge --------------------------------------------------------------------
+
+def _judge_transport(seen: list):
+    """An OpenAI-style chat server that says 'Yes.' when the answer holds 'sorry'."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.url.path, body["model"], request.headers.get("authorization")))
+        text = body["messages"][0]["content"]
+        answer = text.split("Assistant's answer:\n", 1)[1]
+        verdict = "Yes." if "sorry" in answer.lower() else ("no" if "bread" in answer else "?")
+        return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]})
+
+    return httpx.MockTransport(handler)
+
+
+def test_llm_judge_asks_the_chat_endpoint_and_parses_verdicts():
+    from steering.evaluation.llm_judge import LlmJudge, chat_url, judge_record, parse_verdict
+
+    assert chat_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert parse_verdict(" **Yes**") is True and parse_verdict("No.") is False
+    assert parse_verdict("maybe") is None
+    seen: list = []
+    judge = LlmJudge("http://judge:9/v1", "m", api_key="k", transport=_judge_transport(seen))
+    verdicts = judge.refused(["a", "b", "c"], ["I'm sorry, no.", "bread: flour", "hmm"])
+    assert verdicts == [True, False, None]
+    assert seen[0] == ("/v1/chat/completions", "m", "Bearer k")
+    rec = judge_record("harmless", verdicts, [True, True, False])
+    assert rec["harmless_judge_n"] == 2 and rec["harmless_judge_refused"] == 1
+    assert rec["harmless_judge_unparsed"] == 1
+    assert rec["harmless_judge_agreement"] == 0.5
+    lo, hi = rec["harmless_judge_ci"]
+    assert lo <= 0.5 <= hi
+
+
+def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkeypatch):
+    from steering.evaluation import llm_judge
+    from steering.evaluation.evaluate import judge_table
+
+    seen: list = []
+    real_init = llm_judge.LlmJudge.__init__
+
+    def with_transport(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.transport = _judge_transport(seen)
+
+    monkeypatch.setattr(llm_judge.LlmJudge, "__init__", with_transport)
+    config = EvalConfig(**TINY, methods=("none", "ablate"), cache_dir=str(tmp_path),
+                        judge_url="http://judge:9", judge_model="m", judge_api_key="secret")
+    result = evaluate(tiny_lm, tiny_pack, config)
+    assert result["judge"]["model"] == "m"
+    assert "secret" not in json.dumps(result)
+    for row in [result["baseline"], *result["results"]]:
+        for prefix in ("harmful", "harmless", "overrefusal"):
+            n = row[f"{prefix}_judge_n"] + row[f"{prefix}_judge_unparsed"]
+            assert n == row[f"{prefix}_n"]
+    assert len(seen) == 3 * 9  # baseline, none, ablate; 3 prompts in each of 3 sets
+    table = judge_table(result)
+    assert "agreement" in table and table.count("\n") == 2 + 3
+    with pytest.raises(ValueError, match="judge_model"):
+        evaluate(tiny_lm, tiny_pack, EvalConfig(**TINY, judge_url="http://judge:9"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 
@@ -43,3 +44,14 @@ def refusal_score(last_logits: torch.Tensor, token_ids: list[int]) -> torch.Tens
     probs = torch.softmax(last_logits.double(), dim=-1)
     r = probs[:, token_ids].sum(dim=-1)
     return torch.log(r + 1e-8) - torch.log(1 - r + 1e-8)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% by default; Wilson 1927)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from steering.data.prompts import load_instructions, prompts_hash
-from steering.evaluation.evaluate import EvalConfig, evaluate, markdown_table
+from steering.evaluation.evaluate import EvalConfig, evaluate, judge_table, markdown_table
 from steering.evaluation.geometry import geometry, plot_geometry, strip_points
 from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED
 from steering.interventions.methods import METHODS, SteeringSpec
@@ -381,6 +381,23 @@ def _md_escape(text: str) -> str:
     return re.sub(r"([\\`*_|<>\[\]])", r"\\\1", text)
 
 
+def _judge_section(result: dict) -> list[str]:
+    """Substring matcher vs the optional LLM judge (`--judge-url`), or how to get it."""
+    j = result.get("judge")
+    if not j:
+        return ["## Substring matcher vs LLM judge", "",
+                "This report was generated without an LLM judge: every rate above is the "
+                "JailbreakBench substring matcher's. `steer report` or `steer eval` with "
+                "`--judge-url URL --judge-model M` (any OpenAI-compatible server, this project's "
+                "`steer serve` included) adds the judge's rate and its agreement with the "
+                "matcher for every setting and prompt set.", ""]
+    return ["## Substring matcher vs LLM judge", "",
+            f"Judge: `{j['model']}` at `{j['url']}`, asked per answer whether it refuses "
+            "(instruction in `results.json`; replies other than yes/no are counted as unparsed "
+            "and left out of its rate). Agreement = share of parsed verdicts equal to the "
+            "matcher's.", "", judge_table(result), ""]
+
+
 def _selection_slice(pack: dict) -> str:
     data = (pack.get("data") or {}).get("harmless_val") or {}
     return f"`{data.get('source', 'harmless_val')}`"
@@ -516,6 +533,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         markdown_table(result),
         f"![refusal rates per setting]({images['methods']})",
         "",
+        *_judge_section(result),
     ]
     if "ksweep" in images:
         lines += [
