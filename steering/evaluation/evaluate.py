@@ -176,7 +176,8 @@ def spec_label(spec: SteeringSpec) -> str:
     if spec.method == "none":
         return "none"
     label = f"{spec.method} s={spec.strength:g}"
-    return label + (f" k={spec.k}" if spec.k is not None else "")
+    label += f" k={spec.k}" if spec.k is not None else ""
+    return label + (f" layers={','.join(map(str, spec.layers))}" if spec.layers else "")
 
 
 # ---- model passes ---------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2)) -> list[Steeri
         k_values = sorted({k for k in (*ks, *preset_ks) if 1 <= k <= k_max} | {k_max})
         grid += [SteeringSpec("inlp_flip", 1.0, k) for k in k_values]
         grid += [SteeringSpec("inlp_null", 1.0, k_max), SteeringSpec("inlp_reflect", 1.0, k_max)]
+        if len(pack.inlp_layers) > 1:  # the flip at every INLP layer of the pack (more sites)
+            k_all = min(pack.inlp[layer].count for layer in pack.inlp_layers)
+            grid.append(SteeringSpec("inlp_flip", 1.0, k_all, tuple(pack.inlp_layers)))
     return grid
 
 
@@ -113,6 +116,11 @@ def _find(results: list[dict], method: str, strength: float | None = None,
                 and (k is None or r["k"] == k):
             return r
     return None
+
+
+def _one_site(r: dict) -> bool:
+    """An INLP row edits one layer (the pack's default), not the multi-layer variant."""
+    return len(r.get("layers") or ()) <= 1
 
 
 def _pct(x: float | None) -> str:
@@ -179,8 +187,10 @@ def assess_claims(result: dict, geo: dict | None, presets: dict[str, list[str]] 
             f"{hs}: {_ci(base, 'harmful')} → {_ci(ace0, 'harmful')}",
             "refusal at most half the unsteered rate", ok))
 
-    flips = sorted([r for r in res if r["method"] == "inlp_flip"], key=lambda r: r["k"])
-    nulls = sorted([r for r in res if r["method"] == "inlp_null"], key=lambda r: r["k"])
+    flips = sorted([r for r in res if r["method"] == "inlp_flip" and _one_site(r)],
+                   key=lambda r: r["k"])
+    nulls = sorted([r for r in res if r["method"] == "inlp_null" and _one_site(r)],
+                   key=lambda r: r["k"])
     flip, null = (flips[-1] if flips else None), (nulls[-1] if nulls else None)
     if flip and abl:
         gap = flip["harmful_refusal_rate"] - abl["harmful_refusal_rate"]
@@ -282,7 +292,8 @@ def plot_ksweep(result: dict) -> bytes | None:
     """Refusal rate and perplexities against k for inlp_null and inlp_flip."""
     res = result["results"]
     base = result["baseline"]
-    series = {m: sorted([r for r in res if r["method"] == m], key=lambda r: r["k"])
+    series = {m: sorted([r for r in res if r["method"] == m and _one_site(r)],
+                        key=lambda r: r["k"])
               for m in ("inlp_null", "inlp_flip")}
     if not any(series.values()):
         return None
@@ -341,14 +352,14 @@ def _verdict(ok: bool | None) -> str:
 
 def _ksweep_table(result: dict) -> str:
     rows = sorted([r for r in result["results"] if r["method"] in ("inlp_null", "inlp_flip")],
-                  key=lambda r: (r["method"], r["k"]))
+                  key=lambda r: (r["method"], len(r.get("layers") or ()), r["k"]))
     if not rows:
         return ""
     n_h = result["prompts"]["harmful"]["n"]
-    out = ["| method | k | harmful refusal rate | refusal score | PPL own completions | "
+    out = ["| setting | k | harmful refusal rate | refusal score | PPL own completions | "
            "PPL WikiText | KL |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['method']} | {r['k']} | {r['harmful_refusal_rate']:.2f} "
+        out.append(f"| {r['label']} | {r['k']} | {r['harmful_refusal_rate']:.2f} "
                    f"({r['harmful_refused']}/{n_h}) | {r['harmful_refusal_score']:.2f} | "
                    f"{r['ppl_completions']:.2f} | {r['ppl_general']:.2f} | "
                    f"{r['kl_harmless']:.4f} |")
@@ -396,6 +407,36 @@ def _judge_section(result: dict) -> list[str]:
             "(instruction in `results.json`; replies other than yes/no are counted as unparsed "
             "and left out of its rate). Agreement = share of parsed verdicts equal to the "
             "matcher's.", "", judge_table(result), ""]
+
+
+def _reference_section(ref: dict | None) -> list[str]:
+    """`bench/inlp_reference.py`'s comparison of INLP reference points (validation data), when
+    the output folder holds its `inlp_reference.json`."""
+    if not ref:
+        return []
+    lines = ["## INLP reference point (validation data)", "",
+             f"From `bench/inlp_reference.py` (`inlp_reference.json`, pack created "
+             f"{ref.get('pack_created')}): the same {ref['k_max']} one-sided INLP directions at "
+             f"layer {ref['layer']} with three reference points c — `midpoint` (the class "
+             "boundary at the selected position, applied at every position), `reference-free` "
+             "(c = 0, the bias-free projection of the INLP authors' code) and `position-aware` "
+             f"(each of the {ref['template_positions']} post-instruction positions with its own "
+             "class midpoint, other positions untouched). Refusal on "
+             f"`{ref['harmful']['source']}` ({ref['harmful']['n']}) and "
+             f"`{ref['harmless']['source']}` ({ref['harmless']['n']}, disjoint from selection "
+             f"and from this report's evaluation), {ref['max_new_tokens']} greedy tokens; "
+             f"WikiText perplexity on {ref['general_text']['tokens']} tokens; 'moved' = share of "
+             "WikiText token positions the edit changes at all.", "",
+             "| reference | method | k | harmful val refusal | harmless val refusal | "
+             "WikiText PPL | WikiText positions moved |", "|---|---|---|---|---|---|---|"]
+    for r in ref["rows"]:
+        moved = r.get("general_positions_moved")
+        lines.append(f"| {r['variant']} | {r.get('method', '–')} | {r.get('k', '–')} | "
+                     f"{_ci(r, 'harmful')} | {_ci(r, 'harmless')} | {r['ppl_general']:.2f} | "
+                     f"{'–' if moved is None else f'{moved:.0%}'} |")
+    if ref.get("decision"):
+        lines += ["", ref["decision"]]
+    return lines + [""]
 
 
 def _selection_slice(pack: dict) -> str:
@@ -528,6 +569,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         "position of the harmless prompts.",
         "",
         *_selection_section(pack),
+        *_reference_section(result.get("inlp_reference")),
         "## All settings",
         "",
         markdown_table(result),
@@ -691,6 +733,9 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
                    batch_size=min(32, max(config.eval.batch_size, config.n_geometry)))
     geo["prompts"] = {"harmful_sha256": prompts_hash(harmful),
                       "harmless_sha256": prompts_hash(harmless)}
+    ref_path = out / "inlp_reference.json"
+    if ref_path.is_file():
+        result["inlp_reference"] = json.loads(ref_path.read_text())
     claims = assess_claims(result, geo, presets)
 
     pngs: dict[str, bytes] = {"methods.png": plot_methods(result),
