@@ -15,6 +15,9 @@ single site (the pack's default INLP layer), one-sided (AlterRep: h' = h − α�
   midpoint of the pack's class means at that position; positions where no class means exist
   (the instruction, generated tokens, plain text) are left alone.
 
+Then the product's own rows (`build_row`, midpoint reference) at one site and at every INLP
+layer of the pack (`steering.layers`), to compare with ablation's every-layer edit.
+
 For each: refusal on harmful_val (the split selection uses; never the test split) and on a
 harmless_val slice disjoint from both selection and the report's evaluation slice, on greedy
 completions (substring matcher), WikiText-2 perplexity, and the share of WikiText token
@@ -44,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-general", type=int, default=4)
     parser.add_argument("--general-tokens", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--only", choices=("references", "sites"), default=None,
+                        help="run one part (the other part's rows are kept from --out)")
     args = parser.parse_args(argv)
 
     import torch
 
-    from steering import load_model
+    from steering import SteeringSpec, build_row, load_model
     from steering.data.prompts import load_general_text, load_instructions, prompts_hash
     from steering.evaluation.evaluate import (
         decode,
@@ -117,15 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     cap.remove()
     general_h = torch.cat(captured)  # [tokens, d]
 
-    def run(edit) -> dict:
+    def run(edit, row=None) -> dict:
         state["edit"] = edit
         t0 = time.perf_counter()
         state["chat"] = True
-        comps, _ = generate_greedy(lm, harmful + harmless, None, args.max_new_tokens,
+        comps, _ = generate_greedy(lm, harmful + harmless, row, args.max_new_tokens,
                                    args.batch_size)
         texts = decode(lm, comps)
         state["chat"] = False
-        nll, n = sequence_nll(lm, general, [len(g) - 1 for g in general], None,
+        nll, n = sequence_nll(lm, general, [len(g) - 1 for g in general], row,
                               batch_size=args.batch_size)
         out = {**rate_record("harmful", texts[: len(harmful)]),
                **rate_record("harmless", texts[len(harmful):]), "ppl_general": perplexity(nll, n)}
@@ -138,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in out.items() if not k.endswith("_ci")}), flush=True)
         return out
 
+    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() \
+        else {}
     rows = [{"variant": "unsteered", **run(None)}]
     ks = sorted({1, 2, k_max} & set(range(1, k_max + 1)))
-    for variant in VARIANTS:
+    if args.only == "sites":
+        rows += [r for r in previous.get("rows", []) if r["variant"] in VARIANTS]
+    for variant in VARIANTS if args.only != "sites" else ():
         for method, alpha, k_values in (("inlp_flip", 2.0, ks), ("inlp_null", 1.0, [k_max])):
             for k in k_values:
                 q = inl.directions[:k].T.contiguous().float()
@@ -148,6 +157,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant} {method} k={k}", flush=True)
                 rows.append({"variant": variant, "method": method, "k": k,
                              **run((q, c, alpha, variant == "position-aware"))})
+    if args.only != "references":
+        every = tuple(pack.inlp_layers)
+        k_all = min(pack.inlp[x].count for x in every)
+        specs = [SteeringSpec("ablate", 1.0)] + [
+            SteeringSpec("inlp_flip", 1.0, k, every) for k in sorted({2, k_all})] + [
+            SteeringSpec("inlp_null", 1.0, k_all, every)]
+        for spec in specs:
+            print(f"sites: {spec}", flush=True)
+            row = build_row(spec, pack)
+            rows.append({"variant": "sites", "method": spec.method, "k": spec.k,
+                         "layers": list(row.spec.layers), **run(None, row)})
+    else:
+        rows += [r for r in previous.get("rows", []) if r["variant"] == "sites"]
     handle.remove()
     result = {
         "what": "one-sided INLP edits with three reference points, validation data",

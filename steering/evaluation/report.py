@@ -487,12 +487,18 @@ def _reference_section(ref: dict | None) -> list[str]:
              f"`{ref['harmless']['source']}` ({ref['harmless']['n']}, disjoint from selection "
              f"and from this report's evaluation), {ref['max_new_tokens']} greedy tokens; "
              f"WikiText perplexity on {ref['general_text']['tokens']} tokens; 'moved' = share of "
-             "WikiText token positions the edit changes at all.", "",
+             "WikiText token positions the edit changes at all. Rows named by layers are the "
+             "product's own settings (ablation; the flip and null at every INLP layer of the "
+             "pack).", "",
              "| reference | method | k | harmful val refusal | harmless val refusal | "
              "WikiText PPL | WikiText positions moved |", "|---|---|---|---|---|---|---|"]
     for r in ref["rows"]:
         moved = r.get("general_positions_moved")
-        lines.append(f"| {r['variant']} | {r.get('method', '–')} | {r.get('k', '–')} | "
+        variant = r["variant"]
+        if variant == "sites":
+            variant = ("every layer, 3 sites each" if r["method"] == "ablate" else
+                       f"midpoint, layers {','.join(map(str, r['layers']))}")
+        lines.append(f"| {variant} | {r.get('method', '–')} | {r.get('k') or '–'} | "
                      f"{_ci(r, 'harmful')} | {_ci(r, 'harmless')} | {r['ppl_general']:.2f} | "
                      f"{'–' if moved is None else f'{moved:.0%}'} |")
     if ref.get("decision"):
@@ -655,8 +661,9 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
             "## Geometry at the intervention layer",
             "",
             f"Residual stream at layer {geo['layer']}'s input, position {geo['position']}, for "
-            f"{geo['n_harmful']} harmful and {geo['n_harmless']} harmless validation prompts, "
-            "before and after each method. The 2-D plane is a PCA fitted on the unsteered "
+            f"the first {geo['n_harmful']} harmful prompts of `{p['harmful']['source']}` and "
+            f"{geo['n_harmless']} harmless prompts of `{p['harmless']['source']}` (the "
+            "evaluation prompts, not the selection ones), before and after each method. The 2-D plane is a PCA fitted on the unsteered "
             "activations (explained variance "
             f"{', '.join(f'{v:.0%}' for v in geo['pca_explained_variance'])}). Position = "
             "(h − μ_harmless)·r / ‖r‖² with r = μ_harmful − μ_harmless of the unsteered "
@@ -779,6 +786,8 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(lm, pack, config.eval, grid=[SteeringSpec("none", 0.0),
                                                     *report_grid(pack, config.eval.ks)])
+    # Every number on disk before the slower parts, so a failure later loses no measurement.
+    (out / "results.json").write_text(json.dumps({"evaluation": result}, indent=2, default=str))
     presets = preset_labels(pack)
     for r in result["results"]:
         r["presets"] = presets.get(r["label"], [])
