@@ -341,3 +341,51 @@ def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkey
     assert "agreement" in table and table.count("\n") == 2 + 3
     with pytest.raises(ValueError, match="judge_model"):
         evaluate(tiny_lm, tiny_pack, EvalConfig(**TINY, judge_url="http://judge:9"))
+
+
+def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack):
+    from steering.evaluation.report import _reference_section, assess_claims, dim_in_inlp_span
+
+    def rates(prefix: str, k: int, n: int) -> dict:
+        return {f"{prefix}_refusal_rate": k / n, f"{prefix}_refused": k, f"{prefix}_n": n,
+                f"{prefix}_ci": [0.0, 1.0]}
+
+    def row(label, method, strength, k=None, layers=None, harmful=(1, 10), harmless=(0, 10),
+            **extra):
+        return {"label": label, "method": method, "strength": strength, "k": k,
+                "layers": layers, **rates("harmful", *harmful), **rates("harmless", *harmless),
+                "harmful_refusal_score": -1.0, "ppl_general": 50.0, "kl_harmless": 0.2, **extra}
+
+    result = {
+        "baseline": row("unsteered", "none", 0.0, harmful=(8, 10)),
+        "results": [row("ablate s=1", "ablate", 1.0),
+                    row("actadd s=1.5", "actadd", 1.5, harmless=(5, 10)),
+                    row("inlp_flip s=1 k=2", "inlp_flip", 1.0, 2, [3], harmful=(5, 10)),
+                    row("inlp_flip s=1 k=2 layers=2,3", "inlp_flip", 1.0, 2, [2, 3])],
+        "prompts": {"harmful": {"source": "h"}, "harmless": {"source": "l"}},
+        "pack": {"selection_full": {"chosen": {"kl": 0.05}},
+                 "calibration": {"actadd": {"strength": 1.5, "reached": True, "target": 0.8,
+                                            "n_harmless_val": 16,
+                                            "tried": [{"strength": 1.5,
+                                                       "harmless_val_refusal": 0.9}]}}},
+    }
+    claims = {c["claim"][:20]: c for c in assess_claims(result, None)}
+    ablate = next(c for c in claims.values() if c["claim"].startswith("Directional"))
+    assert ablate["reproduced"] is False and "0.050 on the selection slice" in ablate["why"]
+    induce = next(c for c in claims.values() if c["claim"].startswith("Adding"))
+    assert "1.5 → 90%" in induce["why"]
+    flip = next(c for c in claims.values() if "about as well" in c["claim"])
+    assert flip["reproduced"] is False and "layers [2, 3]" in flip["why"]
+    assert all(c["why"] == "" for c in claims.values() if c["reproduced"] is not False)
+    share = dim_in_inlp_span(tiny_pack)
+    assert 0.0 <= share["share"] <= 1.0 + 1e-9
+    ref = {"pack_created": "t", "k_max": 2, "layer": 3, "template_positions": 5,
+           "harmful": {"source": "harmful_val", "n": 10}, "harmless": {"source": "l", "n": 10},
+           "max_new_tokens": 8, "general_text": {"tokens": 40}, "decision": "kept midpoint",
+           "rows": [{**row("", "none", 0.0), "variant": "unsteered"},
+                    {**row("", "inlp_flip", 1.0, 2), "variant": "midpoint",
+                     "general_positions_moved": 0.25},
+                    {**row("", "ablate", 1.0, None, [0, 1]), "variant": "sites"}]}
+    text = "\n".join(_reference_section(ref))
+    assert "| midpoint | inlp_flip | 2 |" in text and "25%" in text
+    assert "every layer, 3 sites each" in text and "kept midpoint" in text
