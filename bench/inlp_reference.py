@@ -3,9 +3,9 @@
     .venv/bin/python bench/inlp_reference.py [--out docs/report/inlp_reference.json]
 
 The pack's INLP directions Q (oriented toward harmful) come from activations at one template
-position; the kernel edits every position with one reference c. Three choices, same Q, same
-single site (the pack's default INLP layer), one-sided (AlterRep: h' = h − α·Q·relu(Qᵀ(h − c)),
-α = 2 flip, α = 1 null):
+position; the kernel edits every position with one reference c. Three choices for the one-sided
+flip (AlterRep: h' = h − 2·Q·relu(Qᵀ(h − c))), same Q, same single site (the pack's default INLP
+layer), at the k values of `--ks`:
 
 - `midpoint` (today's): c = Q·b, b the class boundary (midpoint of the class means) at the
   selected position, applied at every position;
@@ -36,14 +36,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HARMFUL = "harmful_val"
-HARMLESS = "harmless_val[200:239]"
+HARMLESS = "harmless_val[200:220]"
 VARIANTS = ("midpoint", "reference-free", "position-aware")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/report/inlp_reference.json")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--ks", default="2,max", help="flip k values (max: the pack's)")
     parser.add_argument("--n-general", type=int, default=4)
     parser.add_argument("--general-tokens", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=20)
@@ -146,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).is_file() \
         else {}
     rows = [{"variant": "unsteered", **run(None)}]
-    ks = sorted({1, 2, k_max} & set(range(1, k_max + 1)))
+    ks = sorted({k_max if k == "max" else int(k) for k in args.ks.split(",")}
+                & set(range(1, k_max + 1)))
     if args.only == "sites":
         rows += [r for r in previous.get("rows", []) if r["variant"] in VARIANTS]
     for variant in VARIANTS if args.only != "sites" else ():
-        for method, alpha, k_values in (("inlp_flip", 2.0, ks), ("inlp_null", 1.0, [k_max])):
+        for method, alpha, k_values in (("inlp_flip", 2.0, ks),):
             for k in k_values:
                 q = inl.directions[:k].T.contiguous().float()
                 c = reference(variant, q, inl.boundary[:k].float())
@@ -161,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         every = tuple(pack.inlp_layers)
         k_all = min(pack.inlp[x].count for x in every)
         specs = [SteeringSpec("ablate", 1.0)] + [
-            SteeringSpec("inlp_flip", 1.0, k, every) for k in sorted({2, k_all})] + [
-            SteeringSpec("inlp_null", 1.0, k_all, every)]
+            SteeringSpec("inlp_flip", 1.0, k, every) for k in sorted({2, k_all})]
         for spec in specs:
             print(f"sites: {spec}", flush=True)
             row = build_row(spec, pack)

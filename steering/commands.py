@@ -115,8 +115,10 @@ def cmd_report(args) -> int:
         config.n_geometry = args.n_geometry
     config.command = shlex.join(["steer", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] \
         else f"steer report --out {shlex.quote(args.out)}"
-    lm = load_model(args.model, args.device, args.dtype,
-                    precision=args.precision)
+    # The papers' claims are judged at full precision (the precision the pack was extracted
+    # and calibrated at); `auto` would pick int8 on a CPU. `steer precision-gate` compares.
+    precision = None if args.precision == "auto" else args.precision
+    lm = load_model(args.model, args.device, args.dtype, precision=precision)
     pack = ensure_pack(lm, args.pack)
     summary = run_report(lm, pack, args.out, config, started=started)
     for claim in summary["claims"]:
