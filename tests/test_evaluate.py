@@ -269,7 +269,7 @@ def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tm
     # every setting has its harmless and over-refusal refusal rate; the split is named
     res = summary["evaluation"]["results"]
     assert all(r["harmless_refusal_rate"] is not None for r in res)
-    assert {r["method"] for r in res} >= {"ablate", "inlp_flip", "inlp_null", "inlp_reflect"}
+    assert {r["method"] for r in res} >= {"ablate", "ace", "actadd", "inlp_flip", "inlp_null"}
     assert any("no-refusal" in r["presets"] for r in res)
     assert "harmful_test_jbb" in md and "harmless_val[3000:3030]" in md
     assert "filters the choice passed" in md

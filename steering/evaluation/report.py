@@ -64,21 +64,19 @@ class ReportConfig:
 
 
 def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2)) -> list[SteeringSpec]:
-    """Every method at its paper strength, actadd and ace also at the pack's calibrated
-    strength, the INLP k sweep for the flip (the presets' k included), null projection and the
-    two-sided reflection at full k."""
-    grid = [SteeringSpec("ablate", 1.0), SteeringSpec("ace", 0.0), SteeringSpec("ace", 1.0),
-            SteeringSpec("actadd", 1.0)]
+    """Ablation at its paper strength, actadd and ace at the pack's
+    calibrated strength (1 without one), the INLP k sweep for the one-sided flip (the presets' k
+    included), the one-sided null at full k and the flip at every INLP layer of the pack. The
+    two-sided reflection is in the geometry only (it is not a product setting)."""
+    grid = [SteeringSpec("ablate", 1.0)]  # ace s=0: `steer eval --methods ace --strengths 0`
     for method in ("actadd", "ace"):
-        cal = pack.calibrated_strength(method)
-        if cal is not None and cal != 1.0:
-            grid.append(SteeringSpec(method, cal))
+        grid.append(SteeringSpec(method, pack.calibrated_strength(method) or 1.0))
     k_max = pack.max_k()
     if k_max:
         preset_ks = {e["k"] for e in BUILTIN_PRESETS.values() if e.get("k")}
         k_values = sorted({k for k in (*ks, *preset_ks) if 1 <= k <= k_max} | {k_max})
         grid += [SteeringSpec("inlp_flip", 1.0, k) for k in k_values]
-        grid += [SteeringSpec("inlp_null", 1.0, k_max), SteeringSpec("inlp_reflect", 1.0, k_max)]
+        grid.append(SteeringSpec("inlp_null", 1.0, k_max))
         if len(pack.inlp_layers) > 1:  # the flip at every INLP layer of the pack (more sites)
             k_all = min(pack.inlp[layer].count for layer in pack.inlp_layers)
             grid.append(SteeringSpec("inlp_flip", 1.0, k_all, tuple(pack.inlp_layers)))
@@ -784,8 +782,7 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
     started = started if started is not None else time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate(lm, pack, config.eval, grid=[SteeringSpec("none", 0.0),
-                                                    *report_grid(pack, config.eval.ks)])
+    result = evaluate(lm, pack, config.eval, grid=report_grid(pack, config.eval.ks))
     # Every number on disk before the slower parts, so a failure later loses no measurement.
     (out / "results.json").write_text(json.dumps({"evaluation": result}, indent=2, default=str))
     presets = preset_labels(pack)
