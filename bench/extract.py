@@ -12,7 +12,8 @@
 
 Target: fast-mode extraction under 5 minutes on a 2-core CPU. The machine's load average
 (1, 5, 15 min) before and after the extraction is printed with the time: on a shared machine the
-time says little without it.
+time says little without it, so the process's CPU time is printed too: on an idle machine the
+extraction's wall time is about CPU time / torch threads (both threads busy in the matmuls).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         pack = extract_pack(lm, config=ExtractConfig.preset(args.mode), name="refusal")
         extract_seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - cpu0
         path = pack.save(Path(tmp) / "refusal")
         pack = load_pack(path, model=lm.model)  # the saved pack passes its own checks
     load_after = [round(x, 2) for x in os.getloadavg()]
@@ -75,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nextraction ({args.mode}): {extract_seconds:.1f} s "
           f"(target < {TARGET_SECONDS:.0f} s: {'met' if extract_seconds < TARGET_SECONDS else 'MISSED'}); "
           f"load average (1/5/15 min) {load_before} before, {load_after} after on "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs; CPU time {cpu_seconds:.0f} s, so about "
+          f"{cpu_seconds / torch.get_num_threads():.0f} s on an idle machine with "
+          f"{torch.get_num_threads()} threads")
     print(f"phases (s): {pack.meta.get('timings')}")
     for split, d in pack.meta["data"].items():
         f = d.get("filter") or {}
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode, "load_seconds": round(load_seconds, 1),
         "extract_seconds": round(extract_seconds, 1), "target_seconds": TARGET_SECONDS,
         "within_target": extract_seconds < TARGET_SECONDS,
+        "cpu_seconds": round(cpu_seconds, 1),
+        "idle_estimate_seconds": round(cpu_seconds / torch.get_num_threads(), 1),
         "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
         "layer": pack.layer, "position": pack.position, "k_max": pack.max_k(),
         "filters": selection.get("filters"), "n_prompts": args.n,
