@@ -144,6 +144,9 @@ def _library_verbs(sub) -> None:
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the pages again from the folder's results.json "
+                        "(claims judged again; notes.md and inlp_reference.json read again)")
     p.set_defaults(handler="steering.commands:cmd_report")
 
     p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "

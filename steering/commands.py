@@ -102,10 +102,19 @@ def cmd_report(args) -> int:
     import shlex
     import time
 
-    from steering.evaluation.report import ReportConfig, report_eval_config, run_report
+    from steering.evaluation.report import (
+        ReportConfig,
+        render_again,
+        report_eval_config,
+        run_report,
+    )
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
+    if args.render_only:
+        summary = render_again(args.out)
+        _print_claims(summary)
+        return 0
     started = time.perf_counter()
     overrides = _eval_overrides(args)
     if args.ks:
@@ -121,8 +130,12 @@ def cmd_report(args) -> int:
     lm = load_model(args.model, args.device, args.dtype, precision=precision)
     pack = ensure_pack(lm, args.pack)
     summary = run_report(lm, pack, args.out, config, started=started)
+    _print_claims(summary)
+    print(json.dumps({"out": args.out, "wall_seconds": summary["wall_seconds"]}))
+    return 0
+
+
+def _print_claims(summary: dict) -> None:
     for claim in summary["claims"]:
         verdict = {True: "yes", False: "no", None: "n/a"}[claim["reproduced"]]
         print(f"[{verdict:>3}] {claim['claim']} ({claim['measured']})")
-    print(json.dumps({"out": args.out, "wall_seconds": summary["wall_seconds"]}))
-    return 0

@@ -389,3 +389,27 @@ def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack
     text = "\n".join(_reference_section(ref))
     assert "| midpoint | inlp_flip | 2 |" in text and "25%" in text
     assert "every layer, 3 sites each" in text and "kept midpoint" in text
+
+
+def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
+    from steering.evaluation.report import (
+        ReportConfig,
+        render_again,
+        report_eval_config,
+        run_report,
+    )
+
+    config = ReportConfig(eval=report_eval_config(**TINY, ks=(1,), cache_dir=str(tmp_path)),
+                          n_geometry=4, command="steer report --out X")
+    out = tmp_path / "report"
+    first = run_report(tiny_lm, tiny_pack, out, config)
+    md = (out / "report.md").read_text()
+    (out / "notes.md").write_text("Sizes reduced for the shared machine.")
+    again = render_again(out)
+    md2 = (out / "report.md").read_text()
+    assert "## Notes on this run" in md2 and "Sizes reduced" in md2
+    assert md2.replace("## Notes on this run\n\nSizes reduced for the shared machine.\n\n", "") \
+        == md
+    assert again["claims"] == first["claims"]
+    assert json.loads((out / "results.json").read_text())["wall_seconds"] == \
+        first["wall_seconds"]

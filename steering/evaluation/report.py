@@ -20,6 +20,7 @@ import html
 import json
 import logging
 import math
+import os
 import platform
 import re
 import time
@@ -564,7 +565,9 @@ def _selection_section(pack: dict) -> list[str]:
 
 
 def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: dict[str, str],
-                   command: str, wall_seconds: float, example_prompt: str | None) -> str:
+                   command: str, wall_seconds: float, example_prompt: str | None,
+                   generated: str | None = None, loadavg: list[float] | None = None,
+                   notes: str | None = None) -> str:
     model, pack = result["model"], result["pack"] or {}
     p = result["prompts"]
     s = result["settings"]
@@ -579,10 +582,13 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         command,
         "```",
         "",
-        f"on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {platform.machine()} "
-        f"({torch.get_num_threads()} threads, device {model['device']}, {model['dtype']}); "
-        f"wall time **{wall_seconds / 60:.1f} min** (model load, evaluation, geometry and "
-        "writing). The machine was shared with other jobs, so times are noisy.",
+        f"on {generated or datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"{platform.machine()} ({torch.get_num_threads()} threads, device {model['device']}, "
+        f"{model['dtype']}); wall time **{wall_seconds / 60:.1f} min** (model load, "
+        "evaluation, geometry and writing). The machine was shared with other jobs, so times "
+        "are noisy" + (f" (load average at the end {loadavg[0]:.1f}, {loadavg[1]:.1f}, "
+                       f"{loadavg[2]:.1f} over 1, 5, 15 min on {os.cpu_count()} CPUs)."
+                       if loadavg else "."),
         "",
         f"Model: `{model['name']}` (fingerprint `{model['fingerprint']}`, chat template "
         f"`{model['chat_template_hash']}`). Pack: DiM direction at layer **{pack.get('layer')}**, "
@@ -590,6 +596,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         f"{pack.get('inlp_layers')} (held-out accuracies {pack.get('inlp_accuracy')}); pack "
         f"created {pack.get('created')}.",
         "",
+        *(["## Notes on this run", "", notes.strip(), ""] if notes else []),
         "## Claims",
         "",
         f"{n_yes} of {n_judged} judged claims met their target on this model (targets from the "
@@ -813,13 +820,50 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
         pngs["ksweep.png"] = ksweep
     for name, data in pngs.items():
         (out / name).write_bytes(data)
-    images = {name.removesuffix(".png"): name for name in pngs}
     example = load_instructions(config.eval.harmless)[0]
     wall = time.perf_counter() - started
-    md = build_markdown(result, geo, claims, images, config.command, wall, example)
+    summary = {"command": config.command, "wall_seconds": round(wall, 1),
+               "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+               "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+               "example_prompt": example, "claims": claims, "evaluation": result,
+               "geometry": strip_points(geo)}
+    _write_pages(out, summary, geo, pngs)
+    return summary
+
+
+def _write_pages(out: Path, summary: dict, geo: dict, pngs: dict[str, bytes]) -> None:
+    """report.md, report.html and results.json from a run's summary (and its plots)."""
+    images = {name.removesuffix(".png"): name for name in pngs}
+    notes_path = out / "notes.md"
+    notes = notes_path.read_text() if notes_path.is_file() else None
+    md = build_markdown(summary["evaluation"], geo, summary["claims"], images,
+                        summary["command"], summary["wall_seconds"],
+                        summary.get("example_prompt"), summary.get("generated"),
+                        summary.get("loadavg_end"), notes)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(markdown_to_html(md, pngs, "Steering methods compared"))
-    summary = {"command": config.command, "wall_seconds": round(wall, 1), "claims": claims,
-               "evaluation": result, "geometry": strip_points(geo)}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def render_again(out_dir: str | Path) -> dict:
+    """Write the pages again from a finished run's `results.json` and plots, without measuring:
+    the claims are judged again (the same rules on the same numbers) and `notes.md` and
+    `inlp_reference.json` in the folder are read again."""
+    out = Path(out_dir)
+    summary = json.loads((out / "results.json").read_text())
+    if "claims" not in summary:
+        raise ValueError(f"{out / 'results.json'} is not a finished report run")
+    result, geo = summary["evaluation"], summary["geometry"]
+    ref_path = out / "inlp_reference.json"
+    if ref_path.is_file():
+        result["inlp_reference"] = json.loads(ref_path.read_text())
+    presets: dict[str, list[str]] = {r["label"]: r["presets"] for r in result["results"]
+                                     if r.get("presets")}
+    summary["claims"] = assess_claims(result, geo, presets)
+    summary.setdefault("generated", datetime.fromtimestamp(
+        (out / "results.json").stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    summary.setdefault("example_prompt",
+                       load_instructions(result["prompts"]["harmless"]["source"])[0])
+    pngs = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+    _write_pages(out, summary, geo, pngs)
     return summary
