@@ -15,8 +15,8 @@ layer), at the k values of `--ks`:
   midpoint of the pack's class means at that position; positions where no class means exist
   (the instruction, generated tokens, plain text) are left alone.
 
-Then the product's own rows (`build_row`, midpoint reference) at one site and at every INLP
-layer of the pack (`steering.layers`), to compare with ablation's every-layer edit.
+Then the product's own flip (`build_row`, midpoint reference) at every INLP layer of the pack
+(`steering.layers`), to compare one site with several.
 
 For each: refusal on harmful_val (the split selection uses; never the test split) and on a
 harmless_val slice disjoint from both selection and the report's evaluation slice, on greedy
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/report/inlp_reference.json")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--ks", default="2,max", help="flip k values (max: the pack's)")
+    parser.add_argument("--precision", default="fp32",
+                        help="weights (the steering arithmetic is fp32 either way)")
     parser.add_argument("--n-general", type=int, default=4)
     parser.add_argument("--general-tokens", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=20)
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from steering.packs.store import ensure_pack
 
     t_start = time.perf_counter()
-    lm = load_model("embedded", device="cpu", dtype="float32")
+    lm = load_model("embedded", device="cpu", precision=args.precision)
     pack = ensure_pack(lm)
     layer = pack.inlp_default_layers[0]
     inl = pack.inlp[layer]
@@ -162,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "references":
         every = tuple(pack.inlp_layers)
         k_all = min(pack.inlp[x].count for x in every)
-        specs = [SteeringSpec("ablate", 1.0)] + [
-            SteeringSpec("inlp_flip", 1.0, k, every) for k in sorted({2, k_all})]
+        specs = [SteeringSpec("inlp_flip", 1.0, k_all, every)]
         for spec in specs:
             print(f"sites: {spec}", flush=True)
             row = build_row(spec, pack)
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "harmful": {"source": HARMFUL, "n": len(harmful), "sha256": prompts_hash(harmful)},
         "harmless": {"source": HARMLESS, "n": len(harmless), "sha256": prompts_hash(harmless)},
         "general_text": {"n": len(general), "tokens": sum(len(g) - 1 for g in general)},
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": args.max_new_tokens, "precision": args.precision,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows,

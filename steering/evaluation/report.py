@@ -584,7 +584,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         "",
         f"on {generated or datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{platform.machine()} ({torch.get_num_threads()} threads, device {model['device']}, "
-        f"{model['dtype']}); wall time **{wall_seconds / 60:.1f} min** (model load, "
+        f"weights {_weights(result, command)}, activations and steering kernel {model['dtype']}); wall time **{wall_seconds / 60:.1f} min** (model load, "
         "evaluation, geometry and writing). The machine was shared with other jobs, so times "
         "are noisy" + (f" (load average at the end {loadavg[0]:.1f}, {loadavg[1]:.1f}, "
                        f"{loadavg[2]:.1f} over 1, 5, 15 min on {os.cpu_count()} CPUs)."
@@ -690,6 +690,12 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         "",
     ]
     return "\n".join(lines)
+
+
+def _weights(result: dict, command: str) -> str:
+    """The weights' precision: recorded by the evaluation, else read from the command line."""
+    found = re.search(r"--precision[ =](\S+)", command)
+    return result["model"].get("precision") or (found.group(1) if found else "fp32")
 
 
 def _inline(text: str) -> str:
