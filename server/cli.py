@@ -54,8 +54,12 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
-    p.add_argument("--harmful", default=None, help="split name or JSON file (harmful_val)")
-    p.add_argument("--harmless", default=None, help="split name or JSON file (harmless_val)")
+    p.add_argument("--harmful", default=None,
+                   help="split name (may be sliced: name[a:b]) or JSON file "
+                        "(default harmful_test_jbb)")
+    p.add_argument("--harmless", default=None,
+                   help="split name or JSON file (default harmless_val[3000:3030], disjoint "
+                        "from selection)")
     p.add_argument("--n-harmful", type=int, default=None)
     p.add_argument("--n-harmless", type=int, default=None,
                    help="harmless prompts (KL, induced refusal, perplexity on completions)")
@@ -68,6 +72,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None,
                    help="where the unsteered completions are cached (default: cache root)")
+    p.add_argument("--judge-url", default=None,
+                   help="optional LLM judge: an OpenAI-compatible server (this one included) "
+                        "asked whether each answer refuses; shown next to the substring matcher")
+    p.add_argument("--judge-model", default=None, help="the judge server's model name")
+    p.add_argument("--judge-api-key", default=os.environ.get("STEER_JUDGE_API_KEY"),
+                   help="the judge server's API key (default: $STEER_JUDGE_API_KEY)")
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -174,6 +184,9 @@ def _library_verbs(sub) -> None:
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the pages again from the folder's results.json "
+                        "(claims judged again; notes.md and inlp_reference.json read again)")
     p.set_defaults(handler="steering.commands:cmd_report")
 
     p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "

@@ -16,7 +16,7 @@ from steering.interventions.catalog import METHODS
 def _eval_overrides(args) -> dict:
     names = ("harmful", "harmless", "n_harmful", "n_harmless",
              "completion_tokens", "n_general", "general_tokens", "max_new_tokens",
-             "batch_size", "cache_dir")
+             "batch_size", "cache_dir", "judge_url", "judge_model", "judge_api_key")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -168,7 +168,13 @@ def cmd_orthogonalize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from steering.evaluation.evaluate import EvalConfig, evaluate, markdown_table, write_outputs
+    from steering.evaluation.evaluate import (
+        EvalConfig,
+        evaluate,
+        judge_table,
+        markdown_table,
+        write_outputs,
+    )
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
@@ -186,6 +192,8 @@ def cmd_eval(args) -> int:
     result = evaluate(lm, pack, config)
     write_outputs(result, args.json, args.markdown)
     print(markdown_table(result))
+    if result.get("judge"):
+        print(judge_table(result))
     return 0
 
 
@@ -193,10 +201,19 @@ def cmd_report(args) -> int:
     import shlex
     import time
 
-    from steering.evaluation.report import ReportConfig, report_eval_config, run_report
+    from steering.evaluation.report import (
+        ReportConfig,
+        render_again,
+        report_eval_config,
+        run_report,
+    )
     from steering.models.loading import load_model
     from steering.packs.store import ensure_pack
 
+    if args.render_only:
+        summary = render_again(args.out)
+        _print_claims(summary)
+        return 0
     started = time.perf_counter()
     overrides = _eval_overrides(args)
     if args.ks:
@@ -206,12 +223,18 @@ def cmd_report(args) -> int:
         config.n_geometry = args.n_geometry
     config.command = shlex.join(["steer", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] \
         else f"steer report --out {shlex.quote(args.out)}"
-    lm = load_model(args.model, args.device, args.dtype,
-                    precision=args.precision)
+    # The papers' claims are judged at full precision (the precision the pack was extracted
+    # and calibrated at); `auto` would pick int8 on a CPU. `steer precision-gate` compares.
+    precision = None if args.precision == "auto" else args.precision
+    lm = load_model(args.model, args.device, args.dtype, precision=precision)
     pack = ensure_pack(lm, args.pack)
     summary = run_report(lm, pack, args.out, config, started=started)
+    _print_claims(summary)
+    print(json.dumps({"out": args.out, "wall_seconds": summary["wall_seconds"]}))
+    return 0
+
+
+def _print_claims(summary: dict) -> None:
     for claim in summary["claims"]:
         verdict = {True: "yes", False: "no", None: "n/a"}[claim["reproduced"]]
         print(f"[{verdict:>3}] {claim['claim']} ({claim['measured']})")
-    print(json.dumps({"out": args.out, "wall_seconds": summary["wall_seconds"]}))
-    return 0
