@@ -7,6 +7,7 @@ from __future__ import annotations
 
 METHODS = ("none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip", "inlp_reflect")
 INLP_METHODS = ("inlp_null", "inlp_flip", "inlp_reflect")
+APPLY_TO = ("all", "prompt", "generation")  # which positions a steering object edits
 DESCRIPTIONS = {
     "none": "the unsteered model",
     "actadd": "activation addition of the DiM vector (induces refusal at strength > 0)",
@@ -39,4 +40,18 @@ BUILTIN_PRESETS: dict[str, dict] = {
     "ace-refuse": {"method": "ace", "strength": CALIBRATED,
                    "description": "more refusal: affine concept editing at the pack's "
                                   "calibrated strength (Marshall et al. 2024)"},
+}
+
+# The fields every steering object takes besides the method's own (documented by the server's
+# /v1/steering/methods and the command line's --help).
+CONTROLS: dict[str, str] = {
+    "apply_to": "which positions are edited: 'all' (default), 'prompt' (prompt positions only) "
+                "or 'generation' (positions that produce answer tokens: the last prompt "
+                "position, which yields the first token, and every generated token)",
+    "generation_window": "[start, end) or [start]: edit only while generating tokens start … "
+                         "end−1 (0-based); implies apply_to 'generation'",
+    "when": "{pack, layer?, above | below}: apply only if the prompt's score on the pack's "
+            "DiM axis (harmless mean 0, harmful mean 1; residual at the pack's layer input and "
+            "position) is above / below the threshold; the response reports the score",
+    "list": "steering may be a list of objects: their edits run in list order at each site",
 }
