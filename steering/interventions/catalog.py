@@ -55,3 +55,18 @@ CONTROLS: dict[str, str] = {
             "position) is above / below the threshold; the response reports the score",
     "list": "steering may be a list of objects: their edits run in list order at each site",
 }
+
+# The command line's compact spelling of a steering setting (`steer chat --steer`, `steer compare
+# --variant`); clients/cli.py parses it.
+VARIANT_SYNTAX = """\
+A variant is a preset name (no-refusal), a steering object, or several objects joined by '+'
+(a list: applied in that order at every site). An object is METHOD[:STRENGTH[:K]] followed by
+comma-separated options:
+  prompt | generation | all      positions to steer (apply_to; default all)
+  window=S-E | window=S-         only while generating tokens S … E-1 (implies generation)
+  above=T | below=T              only when the prompt's refusal score (harmless mean 0, harmful
+                                 mean 1) is above / below T; when-pack=NAME, when-layer=L
+  pack=NAME | layers=L/L/...
+A preset name also takes options (no-refusal,generation). Examples:
+  actadd:4,generation    actadd:4,window=0-8    actadd:4,above=0.5
+  ablate+actadd:4        ablate,below=0.4,generation"""
