@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/controls.py scores                 # condition scores, dev splits
     .venv/bin/python bench/controls.py targeting [--n 20]     # actadd apply_to all/prompt/generation
-    .venv/bin/python bench/controls.py conditional [--below 0.6]  # conditional actadd and ablation
+    .venv/bin/python bench/controls.py conditional            # conditional actadd and ablation
     .venv/bin/python bench/controls.py ... --final            # add harmful_test_jbb (report only)
 
 Everything runs through the serving engine in-process (`server.engine.Engine`: the batching,
@@ -136,40 +136,60 @@ def cmd_targeting(lm, pack, args) -> dict:
     return out
 
 
+def choose_below(lm, pack, refused_share: float = 0.05) -> tuple[float, dict]:
+    """The conditional ablation's threshold, from harmful_val only: the largest t such that at
+    most `refused_share` of the harmful_val prompts the unsteered model refuses score below t
+    (those are the ones whose refusal the ablation would remove)."""
+    prompts = split("harmful_val")
+    none = build_row(SteeringSpec("none"), None)
+    refused = [is_refusal(r["text"]) for r in run_engine(lm, prompts, [none] * len(prompts),
+                                                         32)]
+    xs = sorted(x for x, r in zip(scores(lm, pack, prompts), refused) if r)
+    t = xs[int(refused_share * len(xs))]  # at most that share of them lie strictly below t
+    info = {"refused": len(xs), "n": len(prompts), "refused_scores": describe(xs),
+            "below_t": sum(x < t for x in xs)}
+    print(f"harmful_val: unsteered refuses {len(xs)}/{len(prompts)}; their scores {describe(xs)};"
+          f" t = {t:.3f} leaves {info['below_t']} of them below t")
+    return t, info
+
+
 def cmd_conditional(lm, pack, args) -> dict:
     strength = pack.calibrated_strength("actadd") or 1.0
-    cond_add = build_row(SteeringSpec("actadd", strength, when=Condition(above=0.5)), pack)
-    plain_add = build_row(SteeringSpec("actadd", strength), pack)
-    cond_abl = build_row(SteeringSpec("ablate", 1.0, when=Condition(below=args.below)), pack)
-    ablate = build_row(SteeringSpec("ablate", 1.0), pack)
-    none = build_row(SteeringSpec("none"), None)
-    sets = {"harmful_val": split("harmful_val"), "harmless": split(f"harmless_val[:{args.n}]"),
-            "overrefusal": split("overrefusal")}
+    below, choice = (args.below, None) if args.below is not None else choose_below(lm, pack)
+    add = f"actadd {strength:g}"
+    rows = {"unsteered": build_row(SteeringSpec("none"), None),
+            add: build_row(SteeringSpec("actadd", strength), pack),
+            f"{add} when above 0.5": build_row(SteeringSpec(
+                "actadd", strength, when=Condition(above=0.5)), pack),
+            "ablate": build_row(SteeringSpec("ablate", 1.0), pack),
+            f"ablate when below {below:.3f}": build_row(SteeringSpec(
+                "ablate", 1.0, when=Condition(below=below)), pack)}
+    labels = list(rows)
+    plan = {"harmful_val": [0, 2, 4], f"harmless_val[:{args.n}]": [0, 1, 2, 3, 4],
+            "overrefusal": [0, 3, 4]}
     if args.final:
-        sets["harmful_test_jbb"] = split("harmful_test_jbb")
-    settings = {"unsteered": none, f"actadd {strength:g}": plain_add,
-                f"actadd {strength:g} when above 0.5": cond_add, "ablate": ablate,
-                f"ablate when below {args.below:g}": cond_abl}
-    out: dict = {}
-    for name, prompts in sets.items():
-        labels, rows, batch = [], [], []
-        for label, row in settings.items():
-            labels += [label] * len(prompts)
-            rows += [row] * len(prompts)
+        plan["harmful_test_jbb"] = [0, 2, 4]
+    out: dict = {"below": below, "choice": choice}
+    for name, which in plan.items():
+        prompts = split(name)
+        batch_labels, batch_rows, batch = [], [], []
+        for i in which:
+            batch_labels += [labels[i]] * len(prompts)
+            batch_rows += [rows[labels[i]]] * len(prompts)
             batch += prompts
         t0 = time.perf_counter()
-        results = run_engine(lm, batch, rows, args.tokens)
+        results = run_engine(lm, batch, batch_rows, args.tokens)
         print(f"{name} (n={len(prompts)}, {time.perf_counter() - t0:.0f} s):")
         out[name] = {}
-        for label in settings:
-            mine = [r for lab, r in zip(labels, results) if lab == label]
+        for i in which:
+            mine = [r for lab, r in zip(batch_labels, results) if lab == labels[i]]
             entry = {"refusal": rate([is_refusal(r["text"]) for r in mine])}
             conds = [r["steering"]["condition"] for r in mine if r["steering"]["condition"]]
             if conds:
                 entry["applied"] = rate([c["applied"] for c in conds])
-            out[name][label] = entry
+            out[name][labels[i]] = entry
             extra = f" · condition applied {fmt(entry['applied'])}" if conds else ""
-            print(f"  {label:<28} refusal {fmt(entry['refusal'])}{extra}")
+            print(f"  {labels[i]:<28} refusal {fmt(entry['refusal'])}{extra}")
     return out
 
 
@@ -180,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="greedy tokens judged")
     parser.add_argument("--strength", type=float, default=None,
                         help="actadd strength (default: the pack's calibrated one)")
-    parser.add_argument("--below", type=float, default=0.6,
-                        help="threshold of the conditional ablation (chosen on harmful_val)")
+    parser.add_argument("--below", type=float, default=None,
+                        help="threshold of the conditional ablation (default: chosen on "
+                             "harmful_val, see choose_below)")
     parser.add_argument("--final", action="store_true", help="also measure harmful_test_jbb")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
