@@ -344,7 +344,11 @@ async function run() {
       throw new Error(data.error ? data.error.message : `${r.status} ${r.statusText}`);
     }
     let summary = null;
-    for await (const event of sseEvents(r)) {
+    if (!(r.headers.get("content-type") || "").startsWith("text/event-stream")) {
+      summary = await r.json();  // a server that answers the whole comparison at once
+      summary.variants.forEach((v, i) => showResult(nodes[i], v));
+    }
+    for await (const event of summary ? [] : sseEvents(r)) {
       if (event.error) throw new Error(event.error.message);
       if (event.type === "delta") appendDelta(nodes[event.index], event.text);
       else if (event.type === "variant") showResult(nodes[event.index], event.result);
