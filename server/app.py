@@ -22,7 +22,9 @@ from fastapi import FastAPI
 import steering
 from server.api import errors
 from server.api.compare import router as compare_router
+from server.api.completions import router as completions_router
 from server.api.errors import APIError
+from server.api.playground import router as playground_router
 from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
 from server.api.routes import router
@@ -174,8 +176,10 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
                   openapi_url="/openapi.json" if docs_on else None)
     app.state.steer = state
     errors.install(app)
-    app.include_router(router)
-    app.include_router(compare_router)  # /v1/steering/compare, /playground
+    app.include_router(completions_router)  # /v1/chat/completions, /v1/completions
+    app.include_router(compare_router)  # /v1/steering/compare
+    app.include_router(router)  # models, steering discovery, probes, metrics
+    app.include_router(playground_router)
     keys = load_keys(settings)
     if settings.auth and not len(keys):
         log.warning("authentication is on but no API keys are configured: every route but "

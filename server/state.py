@@ -34,7 +34,7 @@ class ServerState:
     load_error: str | None = None
     loading_since: float = field(default_factory=time.time)
     started: int = field(default_factory=lambda: int(time.time()))
-    token_text: Any = None  # serving's per-tokenizer cache of token strings for logprobs
+    token_text: Any = None  # api.tracker.TokenText: token strings for logprobs
     failed_packs: dict[str, str] = field(default_factory=dict)  # name → why it was refused
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api import serving
+from server.api import prepare
 from server.app import create_app
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.security.auth import hash_key
@@ -479,7 +479,7 @@ def test_engine_fault_fails_one_request(tiny_lm, tiny_pack, where):
 
 
 def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
-    real = serving.resolve_steering
+    real = prepare.resolve_steering
 
     def faulty(state, model, steering):
         resolved = real(state, model, steering)
@@ -487,7 +487,7 @@ def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
             resolved.row.edits = _Boom(resolved.row.edits, 0)
         return resolved
 
-    monkeypatch.setattr(serving, "resolve_steering", faulty)
+    monkeypatch.setattr(prepare, "resolve_steering", faulty)
     r = chat(client, steering={"method": "actadd", "strength": 0.125},
              headers={**_auth("k-basic"), "X-Request-ID": "fault-1"})
     err = _error(r, 500)

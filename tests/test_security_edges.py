@@ -244,18 +244,18 @@ class _Slow(dict):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_drain_timeout_fails_leftovers_with_503(tiny_lm, tiny_pack, monkeypatch, stream):
-    from server.api import serving
+    from server.api import prepare
     from server.app import InflightMiddleware, find_middleware
     from server.lifecycle import drain
 
-    real = serving.resolve_steering
+    real = prepare.resolve_steering
 
     def slow(state, model, steering):
         resolved = real(state, model, steering)
         resolved.row.edits = _Slow(resolved.row.edits)
         return resolved
 
-    monkeypatch.setattr(serving, "resolve_steering", slow)
+    monkeypatch.setattr(prepare, "resolve_steering", slow)
     app = _app(tiny_lm, tiny_pack)
 
     async def main():

@@ -7,14 +7,13 @@ and the body's object is used alone (a preset's `k` would not fit another method
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from server.api.errors import bad_request, not_found
 from server.api.presets import Preset, split_model_name
 from server.api.protocol import AppliedSteering, SteeringParams
 from server.state import ServerState
-from steering.interventions.methods import RowSteering, SteeringError, SteeringSpec, build_row
+from steering.interventions.methods import RowSteering, SteeringError, build_row
 
 
 @dataclass
@@ -69,17 +68,11 @@ def resolve_steering(state: ServerState, model: str | None,
         calibrated = pack.calibrated_strength(params.method) if pack is not None else None
         if calibrated is not None:
             params = params.model_copy(update={"strength": calibrated})
-    if params.method != "none":
-        if not math.isfinite(params.strength):
-            raise bad_request("steering.strength must be a finite number", "steering.strength")
-        lo, hi = settings.strength_min, settings.strength_max
-        if not lo <= params.strength <= hi:
-            raise bad_request(f"steering.strength must be between {lo:g} and {hi:g}, "
-                              f"got {params.strength:g}", "steering.strength",
-                              code="strength_out_of_range")
-    if params.layers is not None and len(params.layers) == 0:
-        raise bad_request("steering.layers must not be empty (omit it for the method's "
-                          "default layers)", "steering.layers")
+    lo, hi = settings.strength_min, settings.strength_max  # the operator's range; the library
+    if params.method != "none" and not lo <= params.strength <= hi:  # checks the rest
+        raise bad_request(f"steering.strength must be between {lo:g} and {hi:g}, "
+                          f"got {params.strength:g}", "steering.strength",
+                          code="strength_out_of_range")
     pack_name = params.pack or state.default_pack
     pack = None
     if params.pack is not None and params.pack not in state.packs:
@@ -88,11 +81,8 @@ def resolve_steering(state: ServerState, model: str | None,
                         "steering.pack", code="pack_not_found")
     if pack_name is not None:
         pack = state.packs.get(pack_name)
-    spec = SteeringSpec(method=params.method, strength=float(params.strength), k=params.k,
-                        layers=tuple(params.layers) if params.layers is not None else None,
-                        pack=pack_name)
     try:
-        row = build_row(spec, pack)
+        row = build_row(params.to_spec(pack_name), pack)
     except SteeringError as exc:
         raise bad_request(str(exc), exc.param or "steering", code="invalid_steering") from None
     applied = AppliedSteering(**row.applied(), preset=preset.name if preset else None)

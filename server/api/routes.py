@@ -1,4 +1,4 @@
-"""HTTP routes: completions, models, steering discovery, probes, metrics."""
+"""HTTP routes besides generation: models, steering discovery, probes, metrics."""
 
 from __future__ import annotations
 
@@ -6,57 +6,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, not_found
-from server.api.protocol import (
-    AppliedSteering,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-)
+from server.api.protocol import AppliedSteering, ErrorResponse, ModelCard, ModelList
 from server.api.resolve import resolve_steering
-from server.api.serving import CHAT, COMPLETIONS, prepare_chat, prepare_completion, run_job
 from server.state import ServerState, get_state
-from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS
+from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
 
 router = APIRouter()
-
-ERRORS = {code: {"model": ErrorResponse}
-          for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
-# Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
-SSE = {"text/event-stream": {"schema": {
-    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
-                                     "id": {"type": "string"}}}}}
-
-
-def _count_rejection(state: ServerState, endpoint: str, exc: APIError) -> None:
-    state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
-
-
-async def _complete(body, request: Request, endpoint: str, prepare):
-    state = get_state(request)
-    try:
-        state.require_ready()
-        job = prepare(state, body, request.state.request_id, request)
-    except APIError as exc:
-        _count_rejection(state, endpoint, exc)
-        raise
-    request.state.log_extra["user"] = body.user
-    return await run_job(state, job, request)
-
-
-@router.post(CHAT, response_model=ChatCompletionResponse,
-             responses={**ERRORS, 200: {"content": SSE}})
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _complete(body, request, CHAT, prepare_chat)
-
-
-@router.post(COMPLETIONS, response_model=CompletionResponse,
-             responses={**ERRORS, 200: {"content": SSE}})
-async def completions(body: CompletionRequest, request: Request):
-    return await _complete(body, request, COMPLETIONS, prepare_completion)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -128,16 +83,11 @@ async def list_methods(request: Request):
                  "uses_k": method in INLP_METHODS, "packs": {}}
         if method != "none":
             for name, pack in packs.items():
-                if method in INLP_METHODS:
-                    if not pack.inlp:
-                        continue
-                    info = {"k": {"min": 1, "max": pack.max_k()},
-                            "allowed_layers": pack.inlp_layers,
-                            "default_layers": pack.inlp_default_layers}
-                else:
-                    every = list(range(pack.n_layers))
-                    info = {"allowed_layers": every,
-                            "default_layers": every if method == "ablate" else [pack.layer]}
+                if method in INLP_METHODS and not pack.inlp:
+                    continue
+                allowed, default = layer_choice(method, pack)
+                info = {"k": {"min": 1, "max": pack.max_k()}} if method in INLP_METHODS else {}
+                info.update(allowed_layers=allowed, default_layers=default)
                 info["calibrated_strength"] = pack.calibrated_strength(method)
                 entry["packs"][name] = info
         data.append(entry)

@@ -29,6 +29,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import AppliedSteering
+from server.context import RequestContext, request_context
 
 audit_log = logging.getLogger("steer.audit")
 audit_log.setLevel(logging.INFO)  # always recorded, whatever the root level
@@ -58,11 +59,7 @@ def note(request: Request, applied: AppliedSteering, *, prompt=None, tokens: int
              "method": applied.method, "strength": applied.strength, "k": applied.k,
              "layers": applied.layers, "pack": applied.pack, "preset": applied.preset,
              "prompt_sha256": prompt_hash(prompt), "tokens_charged": tokens}
-    notes = getattr(request.state, "audit", None)
-    if notes is None:
-        notes = []
-        request.state.audit = notes
-    notes.append(entry)
+    request_context(request).audit.append(entry)
     return entry
 
 
@@ -126,22 +123,20 @@ class AuditMiddleware:
             write_lines(scope, status["code"])
 
 
-def _key_id(state: dict) -> str:
-    key = state.get("api_key")
-    return key.id if key is not None else "anonymous"
+def _key_id(ctx: RequestContext) -> str:
+    return ctx.key_id or "anonymous"
 
 
 def write_lines(scope: Scope, status: int) -> None:
     """The request's audit lines: one per noted steering, or one for a refused request."""
-    state = scope.get("state") or {}
-    extra = state.get("log_extra") or {}
-    common = {"request_id": state.get("request_id"),
-              "client_request_id": state.get("client_request_id")}
-    entries = state.get("audit") or []
+    ctx = request_context(scope)
+    extra = ctx.log_extra
+    common = {"request_id": ctx.request_id, "client_request_id": ctx.client_request_id}
+    entries = ctx.audit
     for entry in entries:
         line = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "time": time.time(), "event": "steered_request", **common, **entry,
-                "key_id": entry.get("key_id") or _key_id(state),
+                "key_id": entry.get("key_id") or _key_id(ctx),
                 "status": status,
                 "outcome": extra.get("outcome") or ("denied" if entry.get("denied") else None),
                 "prompt_tokens": extra.get("prompt_tokens"),
@@ -152,7 +147,7 @@ def write_lines(scope: Scope, status: int) -> None:
         return
     error = extra.get("error") or {}
     _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
-           "event": "denied_request", **common, "key_id": _key_id(state),
+           "event": "denied_request", **common, "key_id": _key_id(ctx),
            "endpoint": route_path(scope)[:256], "method": None, "strength": None, "k": None,
            "layers": None, "pack": None, "preset": None, "status": status,
            "outcome": "denied", "denied": error.get("code"), "param": error.get("param")})

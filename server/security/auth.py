@@ -39,6 +39,7 @@ import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
+from server.context import request_context
 from server.security.audit import route_path
 from server.security.policy import Policy, PolicyError
 
@@ -125,7 +126,7 @@ def _unauthorized(message: str, code: str) -> APIError:
 
 class AuthMiddleware:
     """Checks `Authorization: Bearer KEY` on every route but the open ones and puts the key in
-    `request.state.api_key`. `open_paths` are exact routes; `open_prefixes` end in '/'."""
+    the request context (`server.context`). `open_paths` are exact routes; `open_prefixes` end in '/'."""
 
     def __init__(self, app: ASGIApp, enabled: bool, keys: KeyStore,
                  open_paths: frozenset[str] = ALWAYS_OPEN,
@@ -165,15 +166,13 @@ class AuthMiddleware:
             scheme, _, token = header.strip().partition(" ")
             key = self.keys.lookup(token.strip()) if scheme.lower() == "bearer" else None
             if key is not None:
-                scope.setdefault("state", {})["api_key"] = key
+                request_context(scope).api_key = key
                 await self.app(scope, receive, send)
                 return
             err = _unauthorized("invalid API key" if scheme.lower() == "bearer" else
                                 "the Authorization header must be 'Bearer <key>'",
                                 "invalid_api_key")
-        state = scope.get("state") or {}
-        if isinstance(state.get("log_extra"), dict):
-            state["log_extra"]["error"] = {"code": err.code, "param": None}
+        request_context(scope).note_error(err.code, None)
         await err.response()(scope, receive, send)
 
 

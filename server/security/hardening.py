@@ -10,7 +10,7 @@ so a clean body costs one parse and one pass over its containers; a flagged one 
 value with one iterator per open container (O(n) time, O(depth) extra memory; the path is rebuilt
 only for the error) to name the field, and
 bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop.
-`check_request` / `check_prompt_tokens` are called by serving.
+`check_request`, `check_names` and `check_prompt_tokens` are called by `server.api.prepare`.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-# ---- limits serving checks ---------------------------------------------------------------------
+# ---- limits request preparation checks-----------------------------------------------------------------
 
 
 def check_request(state, req) -> None:
@@ -249,10 +249,13 @@ def check_request(state, req) -> None:
             and len(prompt) > s.max_choices:
         raise bad_request(f"at most {s.max_choices} prompts are allowed, got {len(prompt)}",
                           "prompt", "too_many_prompts")
-    steering = getattr(req, "steering", None)
+    check_names(getattr(req, "model", None), getattr(req, "steering", None))
+
+
+def check_names(model: str | None, steering) -> None:
+    """The preset named in `model` and the pack named in `steering` are plain names."""
     if steering is not None and steering.pack is not None:
         check_name(steering.pack, "pack", "steering.pack")
-    model = getattr(req, "model", None)
     if model and "+" in model:
         check_name(model.rpartition("+")[2], "preset", "model")
 

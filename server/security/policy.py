@@ -37,6 +37,7 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.api.protocol import AppliedSteering
+from server.context import request_context
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
@@ -266,7 +267,7 @@ def enforce(state, request: Request, applied: AppliedSteering | Sequence[Applied
     )
 
     variants = [applied] if isinstance(applied, AppliedSteering) else list(applied)
-    key = getattr(request.state, "api_key", None)
+    key = request_context(request).api_key
     key_id = key.id if key is not None else None
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
@@ -291,10 +292,9 @@ def _limiter(state) -> RateLimiter:
 
 
 def enforce_job(state, request: Request | None, job) -> None:
-    """`enforce` for a serving Job (chat or text completion)."""
+    """`enforce` for a prepared job (`server.api.prepare.Job`: chat or text completion)."""
     if request is None:
         return
-    tokens = job.prompt_tokens + sum(sp.max_tokens for sp in job.sampling)
     texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
-    enforce(state, request, job.resolved.applied, prompt=texts, tokens=tokens,
+    enforce(state, request, job.resolved.applied, prompt=texts, tokens=job.tokens_charged,
             endpoint=job.endpoint)

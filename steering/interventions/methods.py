@@ -203,6 +203,14 @@ def _check_layers(layers: tuple[int, ...], allowed: list[int], what: str) -> Non
                             "steering.layers")
 
 
+def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]:
+    """(allowed, default) layers of `method` on `pack` (the `sites` column of the table)."""
+    if method in INLP_METHODS:
+        return list(pack.inlp_layers), list(pack.inlp_default_layers)
+    every = list(range(pack.n_layers))
+    return every, (every if method == "ablate" else [pack.layer])
+
+
 def build_row(spec: SteeringSpec, pack: SteeringPack | None,
               condition_pack: SteeringPack | None = None) -> RowSteering:
     """Validate `spec` against `pack` and produce its per-site edits, each limited to the spec's
@@ -287,21 +295,21 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
         raise SteeringError("steering layers must not be empty (omit them for the method's "
                             "default layers)", "steering.layers")
     d = pack.d_model
-    all_layers = list(range(pack.n_layers))
+    if method in INLP_METHODS and not pack.inlp:
+        raise SteeringError(f"pack {pack.name!r} has no INLP directions", "steering.pack")
+    allowed, default = layer_choice(method, pack)
+    layers = spec.layers if spec.layers is not None else tuple(default)
+    _check_layers(layers, allowed, method)
     edits: dict[Site, RowEdit] = {}
     zeros = torch.zeros(d)
     s = float(spec.strength)
 
     if method == "ablate":
-        layers = spec.layers if spec.layers is not None else tuple(all_layers)
-        _check_layers(layers, all_layers, method)
         q = _unit(pack.dim())[:, None]
         for layer in layers:
             for kind in SITE_KINDS:
                 edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
     elif method in ("actadd", "ace"):
-        layers = spec.layers if spec.layers is not None else (pack.layer,)
-        _check_layers(layers, all_layers, method)
         for layer in layers:
             r = pack.dim(layer)
             if method == "actadd":
@@ -312,10 +320,6 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
                 edits[(layer, "input")] = RowEdit(q=r_hat[:, None], c=pack.harmless_mean(layer),
                                                   alpha=1.0, v=s * r.norm() * r_hat)
     else:  # INLP
-        if not pack.inlp:
-            raise SteeringError(f"pack {pack.name!r} has no INLP directions", "steering.pack")
-        layers = spec.layers if spec.layers is not None else tuple(pack.inlp_default_layers)
-        _check_layers(layers, pack.inlp_layers, method)
         k_max = min(pack.inlp[layer].count for layer in layers)
         k = spec.k if spec.k is not None else k_max
         if not 1 <= k <= k_max:
