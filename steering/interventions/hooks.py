@@ -74,7 +74,8 @@ class SteeringHooks:
             self._identity = RowEdit.identity(self.d_model)
         targeted = False
         for site in sites:
-            lists = [[edits[site] for edits in parts if site in edits] for parts in per_row]
+            lists = [[e for edits in parts if (e := edits.get(site)) is not None]
+                     for parts in per_row]
             self._passes[site] = [
                 BatchEdit.stack([edits[j] if j < len(edits) else self._identity
                                  for edits in lists], self.device)  # fp32 kernel
