@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from steering.interventions.catalog import METHODS
+from steering.interventions.catalog import METHODS, VARIANT_SYNTAX
 from steering.models import PRECISIONS
 
 
@@ -229,8 +229,12 @@ def _server_verbs(sub) -> None:
 
 def _client_verbs(sub) -> None:
     c = sub.add_parser("chat", help="chat with a running server (streamed; reads stdin lines "
-                                    "when piped)")
+                                    "when piped)", epilog=VARIANT_SYNTAX,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_args(c)
+    c.add_argument("--steer", default=None, metavar="VARIANT",
+                   help="steering in the variant syntax below: lists (a+b), targeting "
+                        "(generation, window=0-8), conditions (above=0.5); replaces --method…")
     c.add_argument("--method", choices=METHODS, default=None, help="steering method")
     c.add_argument("--strength", type=float, default=None)
     c.add_argument("--k", type=int, default=None, help="INLP directions (INLP methods)")
@@ -242,12 +246,13 @@ def _client_verbs(sub) -> None:
     c.set_defaults(handler="clients.cli:cmd_chat")
 
     m = sub.add_parser("compare", help="run one prompt under several steering variants on a "
-                                       "running server and print the answers side by side")
+                                       "running server and print the answers side by side",
+                       epilog=VARIANT_SYNTAX, formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_args(m)
     m.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or none: stdin)")
     m.add_argument("--variant", "-v", action="append", default=None,
-                   help="method, method:strength[:k], or preset name (repeat; default: none "
-                        "and every preset)")
+                   help="a preset, method[:strength[:k]][,options], or a list a+b (syntax "
+                        "below; repeat; default: none and every preset)")
     m.add_argument("--json", action="store_true", help="print the raw JSON response")
     m.add_argument("--width", type=int, default=None, help="table width (default: terminal)")
     m.set_defaults(handler="clients.cli:cmd_compare")
