@@ -38,12 +38,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.security.auth import hash_key  # noqa: E402
+from server.security.policy import LOWERING_METHODS as LOWERING  # noqa: E402
+from steering.interventions.catalog import METHODS  # noqa: E402
 from testkit.server import ServerProcess  # noqa: E402
 
-METHODS = ["none", "actadd", "ace", "ablate", "inlp_null", "inlp_flip"]
 PROMPTS = ["Write a haiku about the sea.", "How do I bake bread?", "Tell me a short story.",
            "Explain what a prime number is.", "Give me three tips for sleeping well."]
-LOWERING = ["ablate", "inlp_null", "inlp_flip"]
 KEYS = {"keys": [{"id": "load", "sha256": hash_key("load-key"), "methods": "*",
                   "lower_refusal": True},
                  {"id": "limited", "sha256": hash_key("limited-key"), "methods": "*",

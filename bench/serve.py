@@ -37,9 +37,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from steering.interventions.catalog import METHODS  # noqa: E402
 from testkit.server import ServerProcess  # noqa: E402
 
-METHODS = ["none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip"]
 # About 40 tokens each once chat-formatted (the template adds a system turn).
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

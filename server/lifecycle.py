@@ -21,6 +21,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import APIError
+from server.context import request_context
 
 log = logging.getLogger("server")
 
@@ -80,10 +81,9 @@ class InflightMiddleware:
 
     @staticmethod
     async def _fail(entry: _Request, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope.get("state") or {}
-        if isinstance(state.get("log_extra"), dict):
-            state["log_extra"].update(outcome="drain_timeout",
-                                      error={"code": DRAIN_EXPIRED.code, "param": None})
+        ctx = request_context(scope)
+        ctx.log_extra["outcome"] = "drain_timeout"
+        ctx.note_error(DRAIN_EXPIRED.code, None)
         try:
             if not entry.started:
                 await DRAIN_EXPIRED.response()(scope, receive, send)

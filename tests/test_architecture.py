@@ -148,3 +148,24 @@ def test_the_steer_parser_does_not_import_torch():
     assert out.stdout.strip() == "[]"
     helped = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert helped.returncode == 0 and "--variant" in helped.stdout
+
+
+def test_requests_carry_a_typed_context_not_loose_state():
+    """Per-request values live in `server.context.RequestContext`, not `request.state.*`."""
+    loose = [f"{m}: {line.strip()}" for m, path in MODULES.items() if m.startswith("server")
+             and m != "server.context" for line in path.read_text().splitlines()
+             if "request.state." in line or 'scope.get("state")' in line]
+    assert loose == []
+
+
+def test_one_serving_module_per_seam():
+    """Generation is served by small modules, each with one job, and compare uses their public
+    names only (no `_private` helper of a sibling)."""
+    api = {m.rpartition(".")[2] for m in MODULES if m.startswith("server.api.")}
+    assert {"prepare", "tracker", "jobs", "responses", "streaming", "completions",
+            "compare"} <= api and "serving" not in api
+    tree = ast.parse(MODULES["server.api.compare"].read_text())
+    private = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").startswith("server") for alias in node.names
+               if alias.name.startswith("_")]
+    assert private == []

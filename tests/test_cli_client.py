@@ -3,43 +3,24 @@
 from __future__ import annotations
 
 import io
-import threading
-import time
 
-import httpx
 import pytest
 
 from clients.cli import parse_variant, render_table
 from server.app import create_app
 from server.cli import main
 from server.settings import Settings
-from testkit.server import free_port
+from testkit.live import serve_in_thread
 
 Q = "Write a short poem about the sea."
 
 
 @pytest.fixture(scope="module")
 def url(tiny_lm, tiny_pack):
-    import uvicorn
-
-    port = free_port()
     app = create_app(Settings(max_tokens_limit=64, access_log=False), lm=tiny_lm,
                      packs=[tiny_pack])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    yield base
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(app) as base:
+        yield base
 
 
 def test_parse_variant():

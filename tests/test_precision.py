@@ -120,7 +120,7 @@ def test_steering_edits_run_in_fp32_on_a_bf16_model(tiny_pack):
     assert lm.precision == "bf16" and lm.dtype == torch.bfloat16
     lm.hooks.set_rows([build_row(SteeringSpec("ablate", 1.0), tiny_pack)])
     try:
-        edit = next(iter(lm.hooks._edits.values()))
+        edit = next(iter(lm.hooks._passes.values()))[0]
         assert edit.q.dtype == torch.float32
         ids = lm.tokenizer(["hello"], return_tensors="pt")["input_ids"]
         with torch.inference_mode():

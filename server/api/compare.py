@@ -1,114 +1,77 @@
-"""A/B comparison of interventions: `POST /v1/steering/compare` and the web playground.
+"""A/B comparison of interventions: `POST /v1/steering/compare`, a sibling of chat completions.
 
 One prompt (chat `messages`, or `prompt` as shorthand for one user message), one set of sampling
-parameters, and a list of `variants`, each a preset name or a steering object (optionally naming
-a `preset` whose fields it overrides). Every variant is prepared exactly as a chat completion with
-that model/steering would be, all run with the same seed, and all are submitted to the engine
-together so they share its batches. The response lists, per variant: the completion, whether the
-evaluation's refusal matcher fires, the refusal score, token counts, time and the applied steering.
+parameters, and a list of `variants`, each a preset name, a steering object (optionally naming
+a `preset` whose fields it overrides) or a list of steering objects (bare, or as `{"steering":
+[...], "label": ...}`). The prompt is prepared once, exactly as a chat completion
+would prepare it (limits, template, token budget), and each variant only resolves its own
+steering; all run with the same seed and are submitted to the engine together so they share its
+batches. The response lists, per variant: the completion, whether the evaluation's refusal
+matcher fires, the refusal score, token counts, time and the applied steering.
 
 The refusal score is the log-odds of the refusal tokens ("I", "As") at the first answer position
-(`steering.evaluation.refusal.refusal_score`), computed from the **first generated token's logprobs**: the
-engine reports that position's top-`SCORE_TOP` log-probabilities with the variant's steering
-applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
+(`steering.evaluation.refusal`), computed from the **first generated token's logprobs**: the
+engine reports that position's top-`SCORE_TOP` log-probabilities (and only that position's:
+`SamplingParams.logprobs_tokens = 1`) with the variant's steering applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
 refusal token falls outside that top list its probability counts as 0 and `refusal_score_exact`
 is false (the score is then a lower bound, and the token was very unlikely anyway).
 
 A bad variant gets a 4xx whose message starts with `variants[i]:` and whose `param` names it.
+
+With `"stream": true` the variants stream side by side over one server-sent-event stream; every
+event's JSON names its variant by `index`:
+
+    {"type": "start", "seed", "prompt_tokens", "variants": [{"index", "label", "model", "steering"}]}
+    {"type": "delta", "index": i, "text": "..."}          as variant i generates
+    {"type": "variant", "index": i, "result": {...}}      variant i finished (one `variants` entry)
+    {"type": "done", "compare": {...}}                    the whole response, as without stream
+    [DONE]
+
+A variant that fails ends the stream with an in-band error event (`{"error": {...}, "index": i}`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import json
+import logging
 import secrets
 import time
 import uuid
-from importlib import resources
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse, Response
-from pydantic import Field
+from fastapi.responses import Response, StreamingResponse
 
-from server.api.errors import APIError, bad_request, not_found
+from server.api.errors import APIError, bad_request
+from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
+from server.api.prepare import Job, prepare_chat
 from server.api.protocol import (
-    INT64_MAX,
-    AppliedSteering,
-    ChatCompletionRequest,
-    ChatMessage,
-    _Lenient,
+    ERROR_RESPONSES,
+    CompareRequest,
+    CompareResponse,
+    CompareVariant,
+    VariantResult,
 )
-from server.api.protocol import SteeringParams as _SteeringParams
-from server.api.routes import ERRORS
-from server.api.serving import (
-    Job,
-    Tracker,
-    _cancel,
-    _wait_disconnect,
-    choice_error,
-    events,
-    prepare_chat,
-)
-from server.api.serving import submit as submit_job
-from server.security import policy
+from server.api.resolve import dump, resolve_steering
+from server.api.routing import CheckedBodyRoute
+from server.api.streaming import DONE, error_event
+from server.api.tracker import Choice, Tracker
+from server.context import request_context
+from server.engine import SamplingParams
+from server.security import audit, policy
+from server.security.hardening import check_names
 from server.state import ServerState, get_state
-from steering.evaluation.refusal import is_refusal, refusal_token_ids
+from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
+
+log = logging.getLogger(__name__)
 
 COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
+SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
-router = APIRouter()
-
-
-# ---- request and response shapes ----------------------------------------------------------------
-
-
-class CompareVariant(_SteeringParams):
-    """A steering object, optionally on top of a preset (its fields override the preset's)."""
-
-    preset: str | None = Field(None, description="preset name whose steering this starts from")
-    label: str | None = Field(None, max_length=200, description="shown back in the response")
-
-
-class CompareRequest(_Lenient):
-    model: str | None = Field(None, description="served model id (presets go in variants)")
-    messages: list[ChatMessage] | None = None
-    prompt: str | None = Field(None, description="shorthand for one user message")
-    variants: list[str | CompareVariant] = Field(
-        ..., description="preset names or steering objects; all run with the same seed")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=INT64_MAX)
-    stop: str | list[str] | None = None
-    user: str | None = None
-
-
-class VariantResult(_Lenient):
-    index: int
-    label: str | None = None
-    model: str
-    steering: AppliedSteering
-    completion: str
-    finish_reason: str | None
-    is_refusal: bool
-    refusal_score: float | None
-    refusal_score_exact: bool
-    completion_tokens: int
-    time_s: float
-    ttft_s: float | None = None
-
-
-class CompareResponse(_Lenient):
-    id: str
-    object: str = "steering.compare"
-    created: int
-    model: str
-    seed: int
-    prompt_tokens: int
-    time_s: float
-    variants: list[VariantResult]
+router = APIRouter(route_class=CheckedBodyRoute)
 
 
 # ---- preparing the variants ---------------------------------------------------------------------
@@ -130,15 +93,6 @@ def _for_variant(i: int, exc: APIError) -> APIError:
                     param=_variant_param(i, exc.param), code=exc.code, headers=exc.headers)
 
 
-def _chat_request(body: CompareRequest, model: str | None,
-                  steering: _SteeringParams | None) -> ChatCompletionRequest:
-    messages = body.messages if body.messages is not None else [
-        ChatMessage(role="user", content=body.prompt)]
-    return ChatCompletionRequest(model=model, messages=messages, max_tokens=body.max_tokens,
-                                 temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                 stop=body.stop, steering=steering, user=body.user)
-
-
 def _variant_model(state: ServerState, body: CompareRequest, preset: str | None) -> str | None:
     if preset is None:
         return body.model
@@ -147,165 +101,185 @@ def _variant_model(state: ServerState, body: CompareRequest, preset: str | None)
     return f"{body.model or state.served_name}+{preset}"
 
 
-def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
-                    ) -> tuple[list[Job], list[str | None]]:
+def _score_sampling(sp: SamplingParams) -> SamplingParams:
+    """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
+    out = replace(sp, logprobs=True, top_logprobs=SCORE_TOP)
+    out.logprobs_tokens = SCORE_POSITIONS  # the engine computes top-k for these tokens only
+    return out
+
+
+def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
+                 variant: str | CompareVariant) -> tuple[Job, str | None]:
+    if isinstance(variant, str):
+        model, steering, label = _variant_model(state, body, variant), None, variant
+    else:
+        model, steering = _variant_model(state, body, variant.preset), variant.own_steering()
+        label = variant.label
+    try:
+        check_names(model, steering)
+        resolved = resolve_steering(state, model, steering)
+    except APIError as exc:
+        raise _for_variant(i, exc) from None
+    sampling = [_score_sampling(sp) for sp in base.sampling]
+    return replace(base, request_id=f"{base.request_id}-v{i}", resolved=resolved,
+                   sampling=sampling), label
+
+
+async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
+                          ) -> tuple[list[Job], list[str | None]]:
     s = state.settings
-    if (body.messages is None) == (body.prompt is None):
-        raise bad_request("give either messages or prompt (not both)", "messages")
-    if body.model and "+" in body.model:
-        raise bad_request("model must be the base model; name presets in the variants",
-                          "model")
-    if not body.variants:
-        raise bad_request("variants must hold at least one variant", "variants",
-                          "empty_variants")
     if len(body.variants) > s.max_compare_variants:
         raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
                           f"{len(body.variants)}", "variants", "too_many_variants")
-    # Everything the variants share is checked once, unsteered, so its errors name no variant.
-    prepare_chat(state, _chat_request(body, body.model, None), f"{request_id}-check")
-    jobs: list[Job] = []
-    labels: list[str | None] = []
-    for i, v in enumerate(body.variants):
-        if isinstance(v, str):
-            model, steering, label = _variant_model(state, body, v), None, v
-        else:
-            fields = v.model_fields_set - {"preset", "label"}
-            steering = _SteeringParams(**{f: getattr(v, f) for f in fields}) if fields else None
-            if v.preset is None and steering is None:
-                steering = _SteeringParams()
-            model, label = _variant_model(state, body, v.preset), v.label
-        try:
-            job = prepare_chat(state, _chat_request(body, model, steering), f"{request_id}-v{i}")
-        except APIError as exc:
-            raise _for_variant(i, exc) from None
-        for sp in job.sampling:  # the first token's top logprobs give the refusal score
-            sp.logprobs = True
-            sp.top_logprobs = SCORE_TOP
+    # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
+    base = await prepare_chat(state, body.to_chat_request(), request_id)
+    base.endpoint = COMPARE
+    jobs, labels = [], []
+    for i, variant in enumerate(body.variants):
+        job, label = _variant_job(state, body, base, i, variant)
         jobs.append(job)
         labels.append(label)
     return jobs, labels
 
 
-def _score(first_top: list[tuple[int, float]] | None, ids: list[int]) -> tuple[float | None, bool]:
-    if not first_top or not ids:
-        return None, False
-    top = dict(first_top)
-    r = sum(math.exp(top[t]) for t in ids if t in top)
-    exact = all(t in top for t in ids)
-    r = min(max(r, 0.0), 1.0)
-    return math.log(r + 1e-8) - math.log(1 - r + 1e-8), exact
-
-
 # ---- the endpoint -------------------------------------------------------------------------------
 
 
-@router.post(COMPARE, response_model=CompareResponse, responses=ERRORS)  # documented 4xx/5xx
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _Run:
+    """One comparison in flight: its jobs, their trackers, and the results they make."""
+
+    def __init__(self, state: ServerState, body: CompareRequest, jobs: list[Job],
+                 labels: list[str | None]):
+        self.state, self.body, self.jobs, self.labels = state, body, jobs, labels
+        self.trackers = [Tracker(state, job) for job in jobs]
+        self.start = time.perf_counter()
+        self.ids = refusal_token_ids(state.lm.tokenizer)
+
+    def choice(self, i: int) -> Choice:
+        return self.trackers[i].choices[0]
+
+    def error(self, i: int) -> APIError | None:
+        ch = self.choice(i)
+        err = choice_error(self.jobs[i], ch.finish_reason, ch.error,
+                           self.state.settings.request_timeout_s)
+        return _for_variant(i, err) if err is not None else None
+
+    def result(self, i: int) -> VariantResult:
+        job, ch = self.jobs[i], self.choice(i)
+        score, exact = refusal_score_from_logprobs(dict(ch.first_top or []), self.ids)
+        return VariantResult(
+            index=i, label=self.labels[i], model=job.resolved.model,
+            steering=job.resolved.echo(ch.steering), completion=ch.text,
+            finish_reason=ch.finish_reason, is_refusal=is_refusal(ch.text),
+            refusal_score=score, refusal_score_exact=exact, completion_tokens=ch.tokens,
+            time_s=round((ch.finished_at or time.perf_counter()) - self.start, 4),
+            ttft_s=round(ch.first_at - self.start, 4) if ch.first_at is not None else None)
+
+    def response(self, results: list[VariantResult]) -> CompareResponse:
+        return CompareResponse(id="cmp-" + uuid.uuid4().hex, created=int(time.time()),
+                               model=self.body.model or self.state.served_name,
+                               seed=int(self.body.seed), prompt_tokens=self.jobs[0].prompt_tokens,
+                               time_s=round(time.perf_counter() - self.start, 4),
+                               variants=results)
+
+    def finish(self, status: str) -> None:
+        for t in self.trackers:
+            t.finish(status)
+
+    def log(self, request: Request, results: list[VariantResult]) -> None:
+        ctx = request_context(request)
+        decided = [r.steering for r in results]
+        audit.decide_notes(ctx, decided)
+        ctx.log_extra.update({"prompt_tokens": self.jobs[0].prompt_tokens * len(self.jobs),
+                              "completion_tokens": sum(r.completion_tokens for r in results),
+                              "steering": [dump(d) for d in decided]})
+
+    def start_event(self) -> str:
+        return _event({"type": "start", "seed": int(self.body.seed),
+                       "prompt_tokens": self.jobs[0].prompt_tokens,
+                       "variants": [{"index": i, "label": self.labels[i], "model": j.resolved.model,
+                                     "steering": dump(j.resolved.applied)}
+                                    for i, j in enumerate(self.jobs)]})
+
+
+@router.post(COMPARE, response_model=CompareResponse,
+             responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
 async def compare(body: CompareRequest, request: Request):
     state = get_state(request)
-    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    ctx = request_context(request)
     try:
         state.require_ready()
         if body.seed is None:  # one seed for every variant, reported back
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
-        jobs, labels = prepare_compare(state, body, rid)
-        tokens = sum(j.prompt_tokens + sum(sp.max_tokens for sp in j.sampling) for j in jobs)
+        jobs, labels = await prepare_compare(state, body, ctx.request_id)
         policy.enforce(state, request, [j.resolved.applied for j in jobs],
-                       prompt=jobs[0].prompt_texts, tokens=tokens, endpoint=COMPARE)
+                       prompt=jobs[0].prompt_texts, tokens=sum(j.tokens_charged for j in jobs),
+                       endpoint=COMPARE)
     except APIError as exc:
         state.metrics.requests.labels(COMPARE, "n/a", str(exc.status)).inc()
         raise
-    log_extra = getattr(request.state, "log_extra", None)
-    if isinstance(log_extra, dict):
-        log_extra.update({"variants": len(jobs), "user": body.user,
-                          "steering": [j.resolved.applied.model_dump() for j in jobs]})
+    ctx.log_extra.update({"variants": len(jobs), "user": body.user, "stream": body.stream,
+                          "steering": [dump(j.resolved.applied) for j in jobs]})
 
-    handles: list = []
-    try:
-        for job in jobs:  # submitted back to back: the engine batches them together
-            handles.extend(submit_job(state, job))
-    except APIError:
-        _cancel(handles)
-        raise
-    trackers = [Tracker(state, job) for job in jobs]
-    first_top: list[list[tuple[int, float]] | None] = [None] * len(jobs)
-    done_at: list[float | None] = [None] * len(jobs)
-    start = time.perf_counter()
-
-    async def collect() -> None:
-        async for c, ev in events(handles):
-            if ev.token_id is not None and first_top[c] is None:
-                first_top[c] = ev.top_logprobs or []
-            trackers[c].add(0, ev)
-            if ev.finish_reason is not None:
-                done_at[c] = time.perf_counter()
-
-    work = asyncio.create_task(collect())
-    watch = asyncio.create_task(_wait_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-            _cancel(handles)
-    if not work.done() or work.cancelled():
-        for t in trackers:
-            t.finish("499")
+    handles = submit_all(state, jobs)  # one choice per variant: handle i is variant i
+    run = _Run(state, body, jobs, labels)
+    if body.stream:
+        return StreamingResponse(_stream(run, handles, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    completed = await collect_until_disconnect(request, handles,
+                                               lambda i, ev: run.trackers[i].add(0, ev))
+    if not completed:
+        run.finish("499")
         return Response(status_code=499)
-    work.result()
-    for i, (job, tr) in enumerate(zip(jobs, trackers)):
-        err = choice_error(job, tr.choices[0], state.settings.request_timeout_s)
+    for i in range(len(jobs)):
+        err = run.error(i)
         if err is not None:
-            for t in trackers:
-                t.finish(str(err.status))
-            raise _for_variant(i, err)
-    ids = refusal_token_ids(state.lm.tokenizer)
-    results = []
-    for i, (job, tr) in enumerate(zip(jobs, trackers)):
-        tr.finish("200")
-        ch = tr.choices[0]
-        text = "".join(ch.parts)
-        score, exact = _score(first_top[i], ids)
-        results.append(VariantResult(
-            index=i, label=labels[i], model=job.resolved.model, steering=job.resolved.applied,
-            completion=text, finish_reason=ch.finish_reason, is_refusal=is_refusal(text),
-            refusal_score=score, refusal_score_exact=exact, completion_tokens=ch.tokens,
-            time_s=round((done_at[i] or time.perf_counter()) - start, 4),
-            ttft_s=round(ch.first_at - start, 4) if ch.first_at is not None else None))
-    if isinstance(log_extra, dict):
-        log_extra.update({"prompt_tokens": jobs[0].prompt_tokens * len(jobs),
-                          "completion_tokens": sum(r.completion_tokens for r in results)})
-    return CompareResponse(id="cmp-" + uuid.uuid4().hex, created=int(time.time()),
-                           model=body.model or state.served_name, seed=int(body.seed),
-                           prompt_tokens=jobs[0].prompt_tokens,
-                           time_s=round(time.perf_counter() - start, 4), variants=results)
+            run.finish(str(err.status))
+            raise err
+    run.finish("200")
+    results = [run.result(i) for i in range(len(jobs))]
+    run.log(request, results)
+    return run.response(results)
 
 
-# ---- the playground -----------------------------------------------------------------------------
-
-PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8",
-                    "app.js": "text/javascript; charset=utf-8",
-                    "style.css": "text/css; charset=utf-8"}
-
-
-def _playground_file(name: str) -> bytes:
-    return resources.files("server.playground").joinpath(name).read_bytes()
-
-
-@router.get("/playground", include_in_schema=False)
-async def playground() -> Response:
-    return Response(_playground_file("index.html"), media_type=PLAYGROUND_FILES["index.html"],
-                    headers={"Cache-Control": "no-cache"})
-
-
-@router.get("/playground/", include_in_schema=False)
-async def playground_slash() -> Any:
-    return RedirectResponse("/playground")
-
-
-@router.get("/playground/{name}", include_in_schema=False)
-async def playground_asset(name: str) -> Response:
-    if name not in PLAYGROUND_FILES:
-        raise not_found(f"no playground file {name!r}")
-    return Response(_playground_file(name), media_type=PLAYGROUND_FILES[name],
-                    headers={"Cache-Control": "no-cache"})
+async def _stream(run: _Run, handles: list, request: Request) -> AsyncIterator[str]:
+    status = "200"
+    results: dict[int, VariantResult] = {}
+    try:
+        yield run.start_event()
+        async for i, ev in events(handles):
+            run.trackers[i].add(0, ev)
+            if ev.text:
+                yield _event({"type": "delta", "index": i, "text": ev.text})
+            if ev.finish_reason is None:
+                continue
+            err = run.error(i)
+            if err is not None:
+                status = str(err.status)
+                yield _event({**err.body(), "index": i})
+                break
+            results[i] = run.result(i)
+            yield _event({"type": "variant", "index": i,
+                          "result": results[i].model_dump(mode="json")})
+        else:
+            ordered = [results[i] for i in range(len(run.jobs))]
+            run.log(request, ordered)
+            yield _event({"type": "done", "compare": run.response(ordered).model_dump(mode="json")})
+        yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "499"
+        raise
+    except Exception:  # headers are sent: report in-band, details to the log only
+        status = "500"
+        rid = run.jobs[0].request_id.rpartition("-v")[0] or run.jobs[0].request_id
+        log.exception("request %s: compare stream failed", rid)
+        message = f"compare stream failed (request id {rid}); the server log has the details"
+        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
+        yield DONE
+    finally:
+        cancel([h for i, h in enumerate(handles) if not run.choice(i).done])
+        run.finish(status)

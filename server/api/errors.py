@@ -11,11 +11,15 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.context import request_context
 
 log = logging.getLogger("server")
 
 INVALID = "invalid_request_error"
+API_ERROR = "api_error"  # a protocol validator's error: its ctx names `param` and `code`
 
 
 class APIError(Exception):
@@ -50,7 +54,17 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
     return APIError(404, message, param=param, code=code)
 
 
-def _loc_param(loc: tuple) -> str | None:
+def api_error(message: str, param: str | None, code: str | None = None) -> PydanticCustomError:
+    """What a protocol model's validator raises: a 400 naming `param` and `code`."""
+    return PydanticCustomError(API_ERROR, message, {"param": param, "code": code})
+
+
+def unsupported(param: str, message: str | None = None) -> PydanticCustomError:
+    return api_error(message or f"{param} is not supported by this server", param,
+                     "unsupported_parameter")
+
+
+def loc_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p != "body"]
     if not parts:
         return None
@@ -70,9 +84,15 @@ def validation_error(exc: RequestValidationError) -> APIError:
             detail = (err.get("ctx") or {}).get("error", "")
             return bad_request(f"could not parse the request body as JSON"
                                f"{f' ({detail})' if detail else ''}", code="invalid_json")
+    for err in errors:  # a validator's own error (server.api.protocol) says it all
+        if err.get("type") == API_ERROR:
+            ctx = err.get("ctx") or {}
+            param = ctx.get("param") or loc_param(tuple(err.get("loc", ())))
+            return bad_request(err.get("msg", "invalid value"), param,
+                               ctx.get("code"))
     messages, first_param = [], None
     for err in errors[:5]:
-        param = _loc_param(tuple(err.get("loc", ())))
+        param = loc_param(tuple(err.get("loc", ())))
         first_param = first_param or param
         msg = err.get("msg", "invalid value")
         if err.get("type") == "missing" and param is None:
@@ -87,9 +107,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
 
 def _note(request: Request, exc: APIError) -> APIError:
     """Put the error's code and param in the access log line."""
-    extra = getattr(request.state, "log_extra", None)
-    if isinstance(extra, dict):
-        extra["error"] = {"code": exc.code, "param": exc.param}
+    request_context(request).note_error(exc.code, exc.param)
     return exc
 
 
@@ -116,7 +134,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        rid = getattr(request.state, "request_id", None)
+        rid = request_context(request).request_id
         log.exception("unhandled error in request %s", rid)
         return JSONResponse(error_body(f"internal error (request id {rid})", "server_error",
                                        code="internal_error"), status_code=500)

@@ -1,4 +1,4 @@
-"""HTTP routes: completions, models, steering discovery, probes, metrics."""
+"""HTTP routes besides generation: models, steering discovery, probes, metrics."""
 
 from __future__ import annotations
 
@@ -7,56 +7,21 @@ from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, not_found
 from server.api.protocol import (
+    MAX_STEERING_OBJECTS,
     AppliedSteering,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
 )
 from server.api.resolve import resolve_steering
-from server.api.serving import CHAT, COMPLETIONS, prepare_chat, prepare_completion, run_job
+from server.context import request_context
+from server.security.auth import may_see_internals
+from server.security.policy import effect
 from server.state import ServerState, get_state
-from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS
+from steering.interventions.catalog import APPLY_TO, CONTROLS
+from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
 
 router = APIRouter()
-
-ERRORS = {code: {"model": ErrorResponse}
-          for code in (400, 401, 403, 404, 413, 429, 500, 503, 504)}
-# Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
-SSE = {"text/event-stream": {"schema": {
-    "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"},
-                                     "id": {"type": "string"}}}}}
-
-
-def _count_rejection(state: ServerState, endpoint: str, exc: APIError) -> None:
-    state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
-
-
-async def _complete(body, request: Request, endpoint: str, prepare):
-    state = get_state(request)
-    try:
-        state.require_ready()
-        job = prepare(state, body, request.state.request_id, request)
-    except APIError as exc:
-        _count_rejection(state, endpoint, exc)
-        raise
-    request.state.log_extra["user"] = body.user
-    return await run_job(state, job, request)
-
-
-@router.post(CHAT, response_model=ChatCompletionResponse,
-             responses={**ERRORS, 200: {"content": SSE}})
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _complete(body, request, CHAT, prepare_chat)
-
-
-@router.post(COMPLETIONS, response_model=CompletionResponse,
-             responses={**ERRORS, 200: {"content": SSE}})
-async def completions(body: CompletionRequest, request: Request):
-    return await _complete(body, request, COMPLETIONS, prepare_completion)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -65,7 +30,7 @@ async def completions(body: CompletionRequest, request: Request):
 def _model_cards(state: ServerState) -> list[ModelCard]:
     name = state.served_name
     ctx = state.lm.context_length if state.lm is not None else None
-    cards = [ModelCard(id=name, created=state.started, root=str(state.lm.model_id) if state.lm is not None else state.settings.model,
+    cards = [ModelCard(id=name, created=state.started, root=name,  # never the local path
                        context_length=ctx,
                        description="the base model (unsteered unless the request's "
                                    "`steering` says otherwise)")]
@@ -74,9 +39,10 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
         try:  # what the preset resolves to with the loaded packs
             applied = resolve_steering(state, model_id, None).applied
         except APIError:  # not loaded yet: show the preset as written
-            p = preset.steering
-            applied = AppliedSteering(method=p.method, strength=p.strength, k=p.k,
-                                      layers=p.layers, pack=p.pack, preset=preset.name)
+            shown = [AppliedSteering(method=p.method, strength=p.strength, k=p.k,
+                                     layers=p.layers, pack=p.pack, preset=preset.name)
+                     for p in preset.parts]
+            applied = shown if isinstance(preset.steering, list) else shown[0]
         cards.append(ModelCard(id=model_id, created=state.started, root=name,
                                context_length=ctx, description=preset.description,
                                steering=applied))
@@ -100,18 +66,27 @@ async def get_model(model_id: str, request: Request):
 # ---- steering discovery -------------------------------------------------------------------------
 
 
+REFUSED = "refused at load; the server log has the reason"
+
+
 @router.get("/v1/steering/packs")
 async def list_packs(request: Request):
+    """The packs. Their sidecar `meta` and why a pack was refused (which names files) are shown
+    only to admin keys (or with authentication off)."""
     state = get_state(request)
     state.require_ready()
+    internals = may_see_internals(request_context(request).api_key)
     data = []
     for name, pack in state.packs.items():
+        info = pack.describe()
+        if not internals:
+            info.pop("meta", None)
         data.append({"id": name, "object": "steering.pack", "default": name == state.default_pack,
-                     "status": "loaded", **pack.describe()})
-    for name, error in state.failed_packs.items():  # refused at load (server/packs.py)
-        data.append({"id": name, "object": "steering.pack", "default": False,
-                     "status": "failed", "error": error})
-    failed = [{"id": name, "error": error} for name, error in state.failed_packs.items()]
+                     "status": "loaded", **info})
+    failed = [{"id": name, "error": error if internals else REFUSED}
+              for name, error in state.failed_packs.items()]  # refused at load (server/packs.py)
+    data += [{"id": f["id"], "object": "steering.pack", "default": False, "status": "failed",
+              "error": f["error"]} for f in failed]
     return {"object": "list", "data": data, "failed": failed}
 
 
@@ -125,23 +100,38 @@ async def list_methods(request: Request):
         entry = {"id": method, "object": "steering.method", "description": DESCRIPTIONS[method],
                  "strength": None if method == "none" else
                  {"min": s.strength_min, "max": s.strength_max, "default": 1.0},
-                 "uses_k": method in INLP_METHODS, "packs": {}}
+                 "uses_k": method in INLP_METHODS, "effect": effect(method), "packs": {}}
         if method != "none":
             for name, pack in packs.items():
-                if method in INLP_METHODS:
-                    if not pack.inlp:
-                        continue
-                    info = {"k": {"min": 1, "max": pack.max_k()},
-                            "allowed_layers": pack.inlp_layers,
-                            "default_layers": pack.inlp_default_layers}
-                else:
-                    every = list(range(pack.n_layers))
-                    info = {"allowed_layers": every,
-                            "default_layers": every if method == "ablate" else [pack.layer]}
+                if method in INLP_METHODS and not pack.inlp:
+                    continue
+                allowed, default = layer_choice(method, pack)
+                info = {"k": {"min": 1, "max": pack.max_k()}} if method in INLP_METHODS else {}
+                info.update(allowed_layers=allowed, default_layers=default)
                 info["calibrated_strength"] = pack.calibrated_strength(method)
                 entry["packs"][name] = info
         data.append(entry)
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data, "controls": controls(state)}
+
+
+def controls(state: ServerState) -> dict:
+    """The fields every steering object takes besides its method's (GET /v1/steering/methods)."""
+    return {
+        "apply_to": {"description": CONTROLS["apply_to"], "values": list(APPLY_TO),
+                     "default": "all"},
+        "generation_window": {"description": CONTROLS["generation_window"],
+                              "example": [0, 8]},
+        "when": {"description": CONTROLS["when"],
+                 "fields": {"pack": "default: the steering object's pack",
+                            "layer": "default: the pack's layer",
+                            "above": "threshold (give above or below)", "below": "threshold"},
+                 "packs": {name: {"layer": p.layer, "position": p.position}
+                           for name, p in state.packs.items()},
+                 "example": {"pack": state.default_pack, "above": 0.5}},
+        "list": {"description": CONTROLS["list"], "max_objects": MAX_STEERING_OBJECTS,
+                 "example": [{"method": "ablate"},
+                             {"method": "actadd", "strength": 1.5, "apply_to": "generation"}]},
+    }
 
 
 # ---- probes and metrics -------------------------------------------------------------------------
@@ -165,8 +155,8 @@ async def readyz(request: Request):
                 "packs": sorted(state.packs)}
     status = "failed" if state.load_error else "draining" if state.draining else "loading"
     body = {"status": status}
-    if state.load_error:
-        body["error"] = state.load_error
+    if state.load_error:  # the reason is in the server log, not in a public probe
+        body["error"] = "the model failed to load; the server log has the details"
     return JSONResponse(body, status_code=503,
                         headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
 

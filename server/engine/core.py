@@ -9,6 +9,12 @@ the kernel's per-row path, and samples each row with its own generator. Every re
 own slot in the batch KV cache: rows are left-padded to a common length with masked positions,
 so a row computes what it would compute alone.
 
+The hooks get each row's prompt length with its steering, so targeted edits (apply_to,
+generation_window) know which positions are prompt and which generated. A request with a
+condition (`when`) prefills unsteered while `ConditionGate` captures the residual it scores; the
+decided steering then replaces the request's, and the prefill is redone from the first prompt
+position it edits, if any. The first TokenEvent carries the steering as applied.
+
 The serving layer uses only:
 
     engine = Engine(lm, max_batch=16, max_queue=64, request_timeout_s=600.0)
@@ -30,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +46,8 @@ from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
 from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
-from steering.interventions.methods import RowSteering
+from steering.interventions.conditions import ConditionGate
+from steering.interventions.methods import Steering
 from steering.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -71,7 +79,7 @@ class SamplingParams:
 class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
-    steering: RowSteering
+    steering: Steering  # conditions are decided at prefill (then this is the decided steering)
     request_id: str = ""
 
 
@@ -89,6 +97,7 @@ class TokenEvent:
     finish_reason: str | None = None
     error: str | None = None
     queue_wait_s: float | None = None  # set on the first event of a request
+    steering: Steering | None = None  # first event: as applied (conditions decided)
 
 
 class _Handle:
@@ -136,6 +145,7 @@ class _Slot:
     detok: Detokenizer
     prefill_cache: DynamicCache | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    gate: ConditionGate | None = None  # while the prompt's conditions are undecided
     position: int = 0  # position id of the next input token
     generated: int = 0
     first_event: bool = True
@@ -283,9 +293,10 @@ class Engine:
         """Prefill chunks of waiting requests, one request at a time, until this step has run
         `prefill_chunk` prompt tokens: several short prompts are admitted in one step (their
         first tokens do not each wait for a decode step), and the running rows still wait
-        for one chunk's worth of prompt tokens at most. Chunk boundaries are fixed multiples of
-        `prefill_chunk` from each prompt's start, so a request computes the same whatever else
-        is waiting."""
+        for one chunk's worth of prompt tokens at most. Chunk boundaries depend on the request
+        alone (multiples of `prefill_chunk` from its prompt's start, or from the position a
+        decided condition redoes the prefill from), so it computes the same whatever else is
+        waiting."""
         budget = self.prefill_chunk
         while budget > 0:
             if self._prefilling is None:
@@ -296,9 +307,8 @@ class Engine:
             slot = self._prefilling
             if slot is None or not self._fits(slot, budget):
                 return
-            before = slot.prefilled
             try:
-                self._prefill_chunk()
+                ran = self._prefill_chunk()
             except Exception as exc:  # one request's prefill: it fails alone
                 self._prefilling = None
                 if slot not in self._rows:
@@ -306,36 +316,47 @@ class Engine:
                 if slot.prefill_cache is None:  # failed while joining the batch cache: all
                     raise
                 return
-            budget -= max(1, slot.prefilled - before)
+            budget -= ran
 
     def _fits(self, slot: _Slot, budget: int) -> bool:
         """The step's first chunk always runs; a later one only where it fits the budget left."""
         chunk = min(len(slot.request.prompt_ids) - slot.prefilled, self.prefill_chunk)
         return budget == self.prefill_chunk or chunk <= budget
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self) -> int:
+        """Run the prefilling request's next chunk; returns how many prompt tokens it ran."""
         slot = self._prefilling
         assert slot is not None
         ids = slot.request.prompt_ids
         if slot.prefill_cache is None:
             slot.prefill_cache = new_cache()
+            slot.gate = ConditionGate.open(slot.request.steering, len(ids))
         start, end = slot.prefilled, min(len(ids), slot.prefilled + self.prefill_chunk)
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
-        self.lm.hooks.set_rows([slot.request.steering])
-        out = self.lm.model(
-            input_ids=input_ids,
-            attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
-            position_ids=torch.arange(start, end, device=device)[None],
-            cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
+        gate = slot.gate  # undecided conditions: prefill unsteered and capture their residuals
+        self.lm.hooks.set_rows(None if gate else [slot.request.steering], [len(ids)])
+        with gate.capture(self.lm, start, end) if gate else nullcontext():
+            out = self.lm.model(
+                input_ids=input_ids,
+                attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
+                position_ids=torch.arange(start, end, device=device)[None],
+                cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
         slot.prefilled = end
-        if end < len(ids):
-            return
+        if end == len(ids) and gate is not None:
+            slot.gate = None
+            slot.request.steering, redo = gate.decide()
+            if redo is not None:  # the decided steering edits the prompt from `redo` on
+                _truncate(slot.prefill_cache, redo)
+                slot.prefilled = redo
+        if slot.prefilled < len(ids):
+            return end - start
         self._prefilling = None
         slot.position = len(ids)
         token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
         if token is not None:
             self._merge(slot, token)
+        return end - start
 
     def _decode(self) -> None:
         device = self.lm.device
@@ -343,7 +364,8 @@ class Engine:
         self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long,
                                                        device=device)], dim=1)
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
-        self.lm.hooks.set_rows([s.request.steering for s in self._rows])
+        self.lm.hooks.set_rows([s.request.steering for s in self._rows],
+                               [len(s.request.prompt_ids) for s in self._rows])
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
                             position_ids=positions, cache=self._cache, use_cache=True)
         self._failing = True  # past the forward: a failure now is not one row's
@@ -379,6 +401,7 @@ class Engine:
                            top_logprobs=d.top_logprobs)
         if slot.first_event:
             event.queue_wait_s = time.monotonic() - slot.submitted
+            event.steering = slot.request.steering
             slot.first_event = False
         finish = None
         if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
@@ -415,8 +438,7 @@ class Engine:
                     type(exc).__name__, exc, len(self._rows))
         self.lm.hooks.set_rows(None)
         self._mask = self._mask[:, :width]
-        for layer in self._cache.layers:
-            layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        _truncate(self._cache, width)
         device = self.lm.device
         bad: list[int] = []
         for i, slot in enumerate(self._rows):
@@ -424,7 +446,7 @@ class Engine:
             mask = torch.cat([self._mask[i:i + 1],
                               torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
             try:
-                self.lm.hooks.set_rows([slot.request.steering])
+                self.lm.hooks.set_rows([slot.request.steering], [len(slot.request.prompt_ids)])
                 self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
                               position_ids=torch.tensor([[slot.position]], device=device),
                               cache=solo, use_cache=True)
@@ -487,6 +509,13 @@ class Engine:
             layer.values = layer.values[index, :, first:]
         self._mask = mask[:, first:]
         self._next_tokens = self._next_tokens[index]
+
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every row of a cache."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

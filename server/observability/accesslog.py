@@ -1,7 +1,8 @@
 """Request ids, structured (JSON) access logs and the HTTP request counter, as ASGI middleware.
 
 One JSON line per request on the `steer.access` logger: time, request id, client, method, path,
-status, duration, and what the route put in `request.state.log_extra` (model, steering, tokens).
+status, duration, and what the route put in the request context's `log_extra` (model, steering,
+tokens; `server.context`).
 
 The request id is always the server's own (returned in `X-Request-ID`); a client's `X-Request-ID`
 is recorded as `client_request_id`. Every string a line carries from the request (path, user,
@@ -13,11 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from datetime import UTC, datetime
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.context import request_context
 from server.observability.metrics import Metrics
 
 access_log = logging.getLogger("steer.access")
@@ -70,11 +71,9 @@ class AccessLogMiddleware:
         start = time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        rid = uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        state["client_request_id"] = _client_request_id(headers.get(REQUEST_ID_HEADER))
-        state["log_extra"] = {}
+        ctx = request_context(scope)
+        rid = ctx.request_id
+        ctx.client_request_id = _client_request_id(headers.get(REQUEST_ID_HEADER))
         status = {"code": 500}
 
         async def send_wrapper(message: Message) -> None:
@@ -97,11 +96,11 @@ class AccessLogMiddleware:
                 client = scope.get("client")
                 access_log.info("access", extra={"json": cap({
                     "request_id": rid,
-                    "client_request_id": state.get("client_request_id"),
+                    "client_request_id": ctx.client_request_id,
                     "client": f"{client[0]}:{client[1]}" if client else None,
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status["code"],
                     "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-                    **state.get("log_extra", {}),
+                    **ctx.log_extra,
                 }, self.max_field_chars)})

@@ -13,6 +13,7 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
         max_k: 4
         requests_per_minute: 60
         tokens_per_minute: 20000
+        admin: true              # may see internals: pack metadata, why a pack was refused
       - id: bob
         sha256: …
 
@@ -39,6 +40,7 @@ import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import APIError
+from server.context import request_context
 from server.security.audit import route_path
 from server.security.policy import Policy, PolicyError
 
@@ -56,6 +58,13 @@ class ApiKey:
     id: str
     sha256: str
     policy: Policy
+    admin: bool = False  # sees internals (pack metadata, refused packs' reasons); no extra steering
+
+
+def may_see_internals(key: ApiKey | None) -> bool:
+    """Whether a caller may see server internals. On a route that needs a key, `None` means
+    authentication is off: the caller is the operator on a local server."""
+    return key is None or key.admin
 
 
 class KeyStore:
@@ -93,9 +102,12 @@ def parse_keys(data: object, source: str = "keys") -> KeyStore:
                               "(keys are never stored in clear)")
         if key_id in ids or digest in hashes:
             raise PolicyError(f"{where}: duplicate id or key")
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise PolicyError(f"{where}.admin: expected true or false")
         ids.add(key_id)
         hashes.add(digest)
-        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where)))
+        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where), admin))
     return KeyStore(keys)
 
 
@@ -125,7 +137,7 @@ def _unauthorized(message: str, code: str) -> APIError:
 
 class AuthMiddleware:
     """Checks `Authorization: Bearer KEY` on every route but the open ones and puts the key in
-    `request.state.api_key`. `open_paths` are exact routes; `open_prefixes` end in '/'."""
+    the request context (`server.context`). `open_paths` are exact routes; `open_prefixes` end in '/'."""
 
     def __init__(self, app: ASGIApp, enabled: bool, keys: KeyStore,
                  open_paths: frozenset[str] = ALWAYS_OPEN,
@@ -165,15 +177,13 @@ class AuthMiddleware:
             scheme, _, token = header.strip().partition(" ")
             key = self.keys.lookup(token.strip()) if scheme.lower() == "bearer" else None
             if key is not None:
-                scope.setdefault("state", {})["api_key"] = key
+                request_context(scope).api_key = key
                 await self.app(scope, receive, send)
                 return
             err = _unauthorized("invalid API key" if scheme.lower() == "bearer" else
                                 "the Authorization header must be 'Bearer <key>'",
                                 "invalid_api_key")
-        state = scope.get("state") or {}
-        if isinstance(state.get("log_extra"), dict):
-            state["log_extra"]["error"] = {"code": err.code, "param": None}
+        request_context(scope).note_error(err.code, None)
         await err.response()(scope, receive, send)
 
 

@@ -12,13 +12,14 @@ true`); without it a key may only keep or raise refusal. Per method, which stren
     ablate      —                 any strength            refused
     inlp_null   —                 any strength            refused
     inlp_flip   —                 any strength            refused
+    inlp_reflect harmless prompts harmful prompts         refused
 
 (ACE, Marshall et al. 2024 eq. 3: h' = h − r̂r̂ᵀ(h − μ⁻) + α·‖r‖·r̂, so α = 0 sets the refusal
 coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = h + α·r.) On top of that a key may set
 signed per-method bounds, `strength: {actadd: {min: 0, max: 2}}`, and `max_strength` bounds
 |strength| for every method.
 
-    enforce(state, request, applied, prompt=..., tokens=...)   # 403 / 429, or the caller's key
+    enforce(state, request, [applied], prompt=..., tokens=...)   # 403 / 429, or the caller's key
 
 With authentication off (`STEER_AUTH` unset, local use) there is no key and no policy. Rate limits
 are token buckets that may go into debt: a request larger than the bucket is admitted on a full
@@ -36,12 +37,13 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 
 from server.api.errors import APIError
-from server.api.protocol import AppliedSteering
+from server.api.protocol import Applied, AppliedSteering
+from server.context import request_context
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
           "tokens_per_minute", "lower_refusal", "strength")
-LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip")
+LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip", "inlp_reflect")
 # Without the `lower_refusal` grant: the strengths that keep or raise refusal (lo, hi).
 SAFE_STRENGTH = {"actadd": (0.0, None), "ace": (1.0, None)}
 EFFECTS = {  # what /v1/steering/methods states per method
@@ -51,6 +53,9 @@ EFFECTS = {  # what /v1/steering/methods states per method
     "ablate": {"raises_refusal": None, "lowers_refusal": "any strength"},
     "inlp_null": {"raises_refusal": None, "lowers_refusal": "any strength"},
     "inlp_flip": {"raises_refusal": None, "lowers_refusal": "any strength"},
+    # two-sided: every activation changes side, so harmful prompts lose refusal too
+    "inlp_reflect": {"raises_refusal": "on harmless prompts",
+                     "lowers_refusal": "on harmful prompts, any strength"},
 }
 
 
@@ -171,6 +176,10 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
             and applied.preset not in policy.presets:
         raise _forbidden(key_id, "presets", f"preset {applied.preset!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
+    when_pack = (applied.when or {}).get("pack")
+    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs:
+        raise _forbidden(key_id, "packs", f"condition pack {when_pack!r} is not allowed "
+                         f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if applied.method == "none":
         return
     if not policy.lower_refusal and lowers_refusal(applied.method, applied.strength):
@@ -256,17 +265,18 @@ class RateLimiter:
 # ---- the hook ----------------------------------------------------------------------------------
 
 
-def enforce(state, request: Request, applied: AppliedSteering | Sequence[AppliedSteering],
+def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
             = None) -> str | None:
-    """Check the caller's key against every resolved steering of a request (403), charge its rate
-    limits (429) and note the request for the audit log. Returns the key id (None: auth off)."""
+    """Check the caller's key against every resolved steering of a request (403): `variants`
+    holds one entry per steered run (a request, or each compare variant), each one object or a
+    list whose every object is checked. Charges the rate limits (429) and notes each entry for
+    the audit log. Returns the key id (None: auth off)."""
     from server.security import (
         audit,  # local: audit imports nothing from here, keeps the graph flat
     )
 
-    variants = [applied] if isinstance(applied, AppliedSteering) else list(applied)
-    key = getattr(request.state, "api_key", None)
+    key = request_context(request).api_key
     key_id = key.id if key is not None else None
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
@@ -274,7 +284,8 @@ def enforce(state, request: Request, applied: AppliedSteering | Sequence[Applied
         return None
     try:
         for a in variants:
-            check(key.id, key.policy, a)
+            for part in (a if isinstance(a, list) else [a]):
+                check(key.id, key.policy, part)
         limiter: RateLimiter = getattr(state, "rate_limiter", None) or _limiter(state)
         limiter.take(key.id, key.policy, tokens)
     except APIError as exc:
@@ -291,10 +302,9 @@ def _limiter(state) -> RateLimiter:
 
 
 def enforce_job(state, request: Request | None, job) -> None:
-    """`enforce` for a serving Job (chat or text completion)."""
+    """`enforce` for a prepared job (`server.api.prepare.Job`: chat or text completion)."""
     if request is None:
         return
-    tokens = job.prompt_tokens + sum(sp.max_tokens for sp in job.sampling)
     texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
-    enforce(state, request, job.resolved.applied, prompt=texts, tokens=tokens,
+    enforce(state, request, [job.resolved.applied], prompt=texts, tokens=job.tokens_charged,
             endpoint=job.endpoint)

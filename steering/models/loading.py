@@ -44,7 +44,7 @@ class LoadedModel:
     @cached_property
     def hooks(self) -> SteeringHooks:
         """The model's steering hooks, attached on first use (idle until rows are set)."""
-        return SteeringHooks(self.layout, self.device, self.dtype, self.d_model)
+        return SteeringHooks(self.layout, self.device, self.dtype, self.d_model, self.model)
 
     @property
     def device(self) -> torch.device:
