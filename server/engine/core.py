@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from server.engine.attention import use_row_exact_attention
 from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
 from server.engine.sampling import Draw, RowSampling, draw
@@ -162,6 +163,7 @@ class Engine:
         self.lm = lm
         # Intra-op threads chosen by measuring decode steps (threads.py); CPU only.
         self._threads = ThreadTuner() if tune_threads and lm.device.type == "cpu" else None
+        use_row_exact_attention(lm.model)  # a row attends as it does alone (attention.py)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
