@@ -159,9 +159,11 @@ class _Slot:
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
                  request_timeout_s: float = 600.0, prefill_chunk: int = 512,
-                 tune_threads: bool = True):
+                 tune_threads: bool = False):
         self.lm = lm
-        # Intra-op threads chosen by measuring decode steps (threads.py); CPU only.
+        # Opt-in: intra-op threads chosen by measuring decode steps (threads.py); CPU only. Off
+        # by default: fp32 (MKL) matmuls may round differently at another thread count, so a
+        # switch between steps could change a row's last bits.
         self._threads = ThreadTuner() if tune_threads and lm.device.type == "cpu" else None
         use_row_exact_attention(lm.model)  # a row attends as it does alone (attention.py)
         self.max_batch = max_batch
