@@ -3,12 +3,14 @@
 from clients.steering_client import (
     AsyncSteeringClient,
     ChatResult,
+    CompareEvent,
     CompareResult,
+    Condition,
     Steering,
     SteeringClient,
     SteeringServerError,
     VariantResult,
 )
 
-__all__ = ["AsyncSteeringClient", "ChatResult", "CompareResult", "Steering", "SteeringClient",
-           "SteeringServerError", "VariantResult"]
+__all__ = ["AsyncSteeringClient", "ChatResult", "CompareEvent", "CompareResult", "Condition",
+           "Steering", "SteeringClient", "SteeringServerError", "VariantResult"]

@@ -4,9 +4,12 @@ through the Python client (clients/steering_client.py).
     steer chat --url http://127.0.0.1:8000 --method inlp_flip --k 2
     echo "How do I pick a lock?" | steer chat --preset no-refusal
     steer compare --variant none --variant no-refusal --variant actadd:1.5 "How do I pick a lock?"
+    steer compare -v none -v ablate+actadd:4 -v actadd:4,generation,above=0.5 "Hello"
+    steer chat --steer ablate,below=0.4,generation
 
-A compare variant is a method name (`ablate`), `method:strength[:k]` (`inlp_flip:1:2`), or a
-preset name (`no-refusal`).
+The variant syntax (`steering.interventions.catalog.VARIANT_SYNTAX`): a preset name, an object
+`METHOD[:STRENGTH[:K]][,option…]` (options: prompt|generation|all, window=S-E, above=T, below=T,
+when-pack=…, when-layer=…, pack=…, layers=a/b), or objects joined by `+` (a list).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 import sys
 import textwrap
 
-from steering.interventions.catalog import METHODS  # torch-free
+from steering.interventions.catalog import APPLY_TO, METHODS  # torch-free
 
 
 def _client(args):
@@ -24,20 +27,84 @@ def _client(args):
     return SteeringClient(args.url, api_key=args.api_key, model=args.model)
 
 
-def parse_variant(text: str) -> str | dict:
-    """'ablate' → {'method': 'ablate'}; 'inlp_flip:1:2' → strength 1, k 2; else a preset name.
-    Method variants carry their text as the compare `label`."""
-    name, *rest = text.split(":")
-    if name not in METHODS:
-        if rest:
-            raise ValueError(f"unknown method {name!r} in variant {text!r}")
-        return text
-    out: dict = {"method": name, "label": text}
-    if len(rest) >= 1 and rest[0]:
-        out["strength"] = float(rest[0])
-    if len(rest) >= 2 and rest[1]:
-        out["k"] = int(rest[1])
+def _number(text: str, kind, what: str, variant: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r} in variant {variant!r}") from None
+
+
+def _option(out: dict, option: str, variant: str) -> None:
+    key, eq, value = option.partition("=")
+    if not eq:
+        if key not in APPLY_TO:
+            raise ValueError(f"unknown option {option!r} in variant {variant!r} (positions: "
+                             f"{', '.join(APPLY_TO)}; or key=value)")
+        out["apply_to"] = key
+    elif key == "window":
+        start, dash, end = value.partition("-")
+        if not dash:
+            raise ValueError(f"window needs START-END or START- in variant {variant!r}")
+        out["generation_window"] = [_number(start, int, "window start", variant),
+                                    _number(end, int, "window end", variant) if end else None]
+    elif key in ("above", "below"):
+        out.setdefault("when", {})[key] = _number(value, float, key, variant)
+    elif key in ("when-pack", "when-layer"):
+        out.setdefault("when", {})[key[5:]] = (value if key == "when-pack"
+                                               else _number(value, int, key, variant))
+    elif key == "pack":
+        out["pack"] = value
+    elif key == "layers":
+        out["layers"] = [_number(x, int, "layers", variant) for x in value.split("/")]
+    else:
+        raise ValueError(f"unknown option {key!r} in variant {variant!r}")
+
+
+def _element(text: str, variant: str) -> str | dict:
+    """One steering object of the variant syntax (or a bare preset name)."""
+    head, *options = text.split(",")
+    name, *rest = head.split(":")
+    if name in METHODS:
+        out: dict = {"method": name}
+        if len(rest) >= 1 and rest[0]:
+            out["strength"] = _number(rest[0], float, "strength", variant)
+        if len(rest) >= 2 and rest[1]:
+            out["k"] = _number(rest[1], int, "k", variant)
+    elif rest:
+        raise ValueError(f"unknown method {name!r} in variant {variant!r}")
+    elif not options:
+        return name  # a preset name
+    else:
+        out = {"preset": name}
+    for option in options:
+        _option(out, option, variant)
+    if "when" in out and not {"above", "below"} & set(out["when"]):
+        raise ValueError(f"a condition needs above=T or below=T in variant {variant!r}")
     return out
+
+
+def parse_variant(text: str) -> str | dict:
+    """The variant syntax (catalog.VARIANT_SYNTAX) → what POST /v1/steering/compare takes: a
+    preset name, a steering object, or {'steering': [objects]} for a list. Objects carry the
+    text as their `label`."""
+    parts = [_element(p, text) for p in text.split("+")]
+    if len(parts) == 1:
+        only = parts[0]
+        return only if isinstance(only, str) else {**only, "label": text}
+    if any(isinstance(p, str) or "preset" in p for p in parts):
+        raise ValueError(f"a list holds steering objects, not presets: {text!r}")
+    return {"steering": parts, "label": text}
+
+
+def chat_steering(text: str) -> tuple[str | None, dict | list[dict] | None]:
+    """`steer chat --steer TEXT` → (preset, steering object or list)."""
+    parsed = parse_variant(text)
+    if isinstance(parsed, str):
+        return parsed, None
+    parsed = {k: v for k, v in parsed.items() if k != "label"}
+    if "steering" in parsed:
+        return None, parsed["steering"]
+    return parsed.pop("preset", None), parsed
 
 
 def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
@@ -51,7 +118,13 @@ def cmd_chat(args) -> int:
     from clients import Steering, SteeringServerError
 
     steering = None
-    if args.method or args.strength is not None or args.k is not None or args.layers:
+    if args.steer:
+        try:
+            args.preset, steering = chat_steering(args.steer)
+        except ValueError as exc:
+            print(f"steer chat: {exc}", file=sys.stderr)
+            return 2
+    elif args.method or args.strength is not None or args.k is not None or args.layers:
         try:
             steering = Steering(args.method or "actadd", strength=args.strength, k=args.k,
                                 layers=[int(x) for x in args.layers.split(",")]
@@ -149,6 +222,25 @@ def render_table(columns: list[tuple[list[str], str]], width: int) -> str:
     return "\n".join([sep, *rows(heads), sep, *rows(bodies), sep])
 
 
+def describe(s: dict) -> str:
+    """One applied steering object in a few words (method, strength, targeting, condition)."""
+    if s["method"] == "none" and not s.get("condition"):
+        return "unsteered"
+    out = f"{s['method']} {s['strength']:g}" + (f" k={s['k']}" if s.get("k") else "")
+    window = s.get("generation_window")
+    if window:
+        out += f" tokens {window[0]}-{'' if window[1] is None else window[1]}"
+    elif s.get("apply_to") not in (None, "all"):
+        out += f" {s['apply_to']}"
+    cond = s.get("condition")
+    if cond:
+        when = s.get("when") or {}
+        side = f">{when['above']:g}" if when.get("above") is not None else (
+            f"<{when['below']:g}" if when.get("below") is not None else "")
+        out += f" if {side}: score {cond['score']:.2f} {'on' if cond['applied'] else 'off'}"
+    return out
+
+
 def cmd_compare(args) -> int:
     import json
 
@@ -180,10 +272,9 @@ def cmd_compare(args) -> int:
         return 0
     columns = []
     for v in result.variants:
-        s = v.steering
-        name = v.label or s.get("preset") or s["method"]
-        detail = "unsteered" if s["method"] == "none" else (
-            f"{s['method']} {s['strength']:g}" + (f" k={s['k']}" if s.get("k") else ""))
+        parts = v.steering if isinstance(v.steering, list) else [v.steering]
+        name = v.label or parts[0].get("preset") or " + ".join(p["method"] for p in parts)
+        detail = " + ".join(describe(p) for p in parts)
         score = "n/a" if v.refusal_score is None else f"{v.refusal_score:.2f}"
         mark = "REFUSAL" if v.is_refusal else "answered"
         columns.append(([f"[{v.index}] {name}", detail,

@@ -8,8 +8,15 @@
             print(delta, end="", flush=True)
         for v in c.compare("How do I pick a lock?", ["none", Steering("ablate"), "no-refusal"]):
             print(v.index, v.is_refusal, v.completion)
+        # a list (applied in order), generation-only, conditional on the prompt's refusal score
+        both = [Steering("ablate"), Steering("actadd", strength=4, apply_to="generation",
+                                             when=Condition(above=0.5))]
+        print(c.chat("Hello", steering=both).steering)
+        for event in c.stream_compare("Hello", ["none", both]):  # variants side by side
+            print(event.index, event.type, event.text)
 
-`AsyncSteeringClient` has the same methods as coroutines (`stream_chat` is an async iterator).
+`AsyncSteeringClient` has the same methods as coroutines (`stream_chat` and `stream_compare` are
+async iterators).
 Only `httpx` is needed. A preset is chosen with `preset=` (the request's model becomes
 `<model>+<preset>`); a `Steering` object overrides the preset field by field, as on the server.
 Errors come back as `SteeringServerError` with the server's OpenAI-style `message`/`param`/`code`.
@@ -28,20 +35,47 @@ Messages = str | Sequence[dict[str, Any]]
 
 
 @dataclass
+class Condition:
+    """`when`: apply the steering only if the prompt's score on a pack's DiM axis (harmless mean
+    0, harmful mean 1) is above or below a threshold. Give exactly one of `above`, `below`."""
+
+    above: float | None = None
+    below: float | None = None
+    pack: str | None = None
+    layer: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
 class Steering:
-    """The `steering` object of a request; fields left as None take the server's defaults."""
+    """The `steering` object of a request; fields left as None take the server's defaults.
+
+    `apply_to`: "all", "prompt" or "generation"; `generation_window`: [start, end) of generated
+    tokens (end may be None); `when`: a `Condition`. A request may carry a list of these."""
 
     method: str = "none"
     strength: float | None = None
     k: int | None = None
     layers: list[int] | None = None
     pack: str | None = None
+    apply_to: str | None = None
+    generation_window: list[int | None] | None = None
+    when: Condition | dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "when"}
+        if self.generation_window is not None:
+            out["generation_window"] = list(self.generation_window)
+        if self.when is not None:
+            out["when"] = (self.when.to_dict() if isinstance(self.when, Condition)
+                           else dict(self.when))
+        return out
 
 
-Variant = str | Steering | dict[str, Any]
+SteeringLike = Steering | dict[str, Any] | Sequence[Steering | dict[str, Any]]
+Variant = str | SteeringLike
 
 
 class SteeringServerError(RuntimeError):
@@ -55,7 +89,7 @@ class SteeringServerError(RuntimeError):
 class ChatResult:
     text: str
     finish_reason: str | None
-    steering: dict[str, Any]
+    steering: dict[str, Any] | list[dict[str, Any]]  # as applied (a list for a list)
     usage: dict[str, int]
     model: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -70,7 +104,7 @@ class VariantResult:
     refusal_score_exact: bool
     completion_tokens: int
     time_s: float
-    steering: dict[str, Any]
+    steering: dict[str, Any] | list[dict[str, Any]]
     finish_reason: str | None = None
     label: str | None = None
     model: str | None = None
@@ -93,6 +127,18 @@ class CompareResult:
         return len(self.variants)
 
 
+@dataclass
+class CompareEvent:
+    """One event of a streamed compare: `type` is "delta" (new `text` of variant `index`),
+    "variant" (variant `index` finished: `result`) or "done" (all finished: `compare`)."""
+
+    type: str
+    index: int | None = None
+    text: str = ""
+    result: VariantResult | None = None
+    compare: CompareResult | None = None
+
+
 # ---- request building and parsing (shared by both clients) --------------------------------------
 
 
@@ -102,10 +148,16 @@ def _messages(messages: Messages) -> list[dict[str, Any]]:
     return [dict(m) for m in messages]
 
 
-def _steering(steering: Steering | dict[str, Any] | None) -> dict[str, Any] | None:
+def _one(steering: Steering | dict[str, Any]) -> dict[str, Any]:
+    return steering.to_dict() if isinstance(steering, Steering) else dict(steering)
+
+
+def _steering(steering: SteeringLike | None) -> dict[str, Any] | list[dict[str, Any]] | None:
     if steering is None:
         return None
-    return steering.to_dict() if isinstance(steering, Steering) else dict(steering)
+    if isinstance(steering, Steering | dict):
+        return _one(steering)
+    return [_one(s) for s in steering]
 
 
 def _sampling(max_tokens, temperature, top_p, seed) -> dict[str, Any]:
@@ -131,12 +183,8 @@ def _chat_body(model: str | None, messages: Messages, steering, preset: str | No
     return body
 
 
-def _variant(v: Variant) -> str | dict[str, Any]:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, Steering):
-        return v.to_dict()
-    return dict(v)
+def _variant(v: Variant) -> str | dict[str, Any] | list[dict[str, Any]]:
+    return v if isinstance(v, str) else _steering(v)
 
 
 def _compare_body(model: str | None, messages: Messages, variants: Sequence[Variant],
@@ -166,17 +214,20 @@ def _chat_result(data: dict[str, Any]) -> ChatResult:
                       usage=data.get("usage", {}), model=data.get("model", ""), raw=data)
 
 
-def _compare_result(data: dict[str, Any]) -> CompareResult:
+def _variant_result(item: dict[str, Any]) -> VariantResult:
     names = VariantResult.__dataclass_fields__
-    variants = [VariantResult(**{k: v for k, v in item.items() if k in names})
-                for item in data["variants"]]
+    return VariantResult(**{k: v for k, v in item.items() if k in names})
+
+
+def _compare_result(data: dict[str, Any]) -> CompareResult:
+    variants = [_variant_result(item) for item in data["variants"]]
     return CompareResult(model=data["model"], seed=data["seed"],
                          prompt_tokens=data["prompt_tokens"], time_s=data["time_s"],
                          variants=variants, raw=data)
 
 
-def _sse_delta(line: str) -> tuple[bool, str | None]:
-    """(done, text delta) from one server-sent-event line."""
+def _sse_data(line: str) -> tuple[bool, dict[str, Any] | None]:
+    """(done, JSON payload) from one server-sent-event line; errors raise."""
     if not line.startswith("data:"):
         return False, None
     payload = line[5:].strip()
@@ -187,6 +238,23 @@ def _sse_delta(line: str) -> tuple[bool, str | None]:
         err = data["error"]
         raise SteeringServerError(500, err.get("message", "stream failed"), err.get("param"),
                                   err.get("code"))
+    return False, data
+
+
+def _compare_event(data: dict[str, Any]) -> CompareEvent:
+    kind = data.get("type", "")
+    if kind == "variant":
+        return CompareEvent(kind, data.get("index"), result=_variant_result(data["result"]))
+    if kind == "done":
+        return CompareEvent(kind, compare=_compare_result(data["compare"]))
+    return CompareEvent(kind, data.get("index"), text=data.get("text") or "")
+
+
+def _sse_delta(line: str) -> tuple[bool, str | None]:
+    """(done, text delta) from one server-sent-event line of a chat stream."""
+    done, data = _sse_data(line)
+    if data is None:
+        return done, None
     choices = data.get("choices") or []
     if not choices:
         return False, None
@@ -239,7 +307,7 @@ class SteeringClient:
     def presets(self) -> list[str]:
         return [m["id"].split("+", 1)[1] for m in self.models() if "+" in m["id"]]
 
-    def chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+    def chat(self, messages: Messages, *, steering: SteeringLike | None = None,
              preset: str | None = None, max_tokens: int | None = None,
              temperature: float | None = None, top_p: float | None = None,
              seed: int | None = None, **extra: Any) -> ChatResult:
@@ -247,7 +315,7 @@ class SteeringClient:
                           _sampling(max_tokens, temperature, top_p, seed), extra)
         return _chat_result(self._post("/v1/chat/completions", body))
 
-    def stream_chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+    def stream_chat(self, messages: Messages, *, steering: SteeringLike | None = None,
                     preset: str | None = None, max_tokens: int | None = None,
                     temperature: float | None = None, top_p: float | None = None,
                     seed: int | None = None, **extra: Any) -> Iterator[str]:
@@ -273,6 +341,26 @@ class SteeringClient:
         body = _compare_body(self._model, messages, variants,
                              _sampling(max_tokens, temperature, top_p, seed), extra)
         return _compare_result(self._post("/v1/steering/compare", body))
+
+    def stream_compare(self, messages: Messages, variants: Sequence[Variant], *,
+                       max_tokens: int | None = None, temperature: float | None = None,
+                       top_p: float | None = None, seed: int | None = None,
+                       **extra: Any) -> Iterator[CompareEvent]:
+        """The compare as one server-sent-event stream: every variant's deltas as they are
+        generated (tagged by index), each variant's result, then the whole comparison."""
+        body = _compare_body(self._model, messages, variants,
+                             _sampling(max_tokens, temperature, top_p, seed),
+                             {**extra, "stream": True})
+        with self._http.stream("POST", "/v1/steering/compare", json=body) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for(r)
+            for line in r.iter_lines():
+                done, data = _sse_data(line)
+                if done:
+                    return
+                if data is not None:
+                    yield _compare_event(data)
 
 
 class AsyncSteeringClient:
@@ -313,7 +401,7 @@ class AsyncSteeringClient:
     async def presets(self) -> list[str]:
         return [m["id"].split("+", 1)[1] for m in await self.models() if "+" in m["id"]]
 
-    async def chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+    async def chat(self, messages: Messages, *, steering: SteeringLike | None = None,
                    preset: str | None = None, max_tokens: int | None = None,
                    temperature: float | None = None, top_p: float | None = None,
                    seed: int | None = None, **extra: Any) -> ChatResult:
@@ -321,7 +409,7 @@ class AsyncSteeringClient:
                           _sampling(max_tokens, temperature, top_p, seed), extra)
         return _chat_result(await self._post("/v1/chat/completions", body))
 
-    async def stream_chat(self, messages: Messages, *, steering: Steering | dict | None = None,
+    async def stream_chat(self, messages: Messages, *, steering: SteeringLike | None = None,
                           preset: str | None = None, max_tokens: int | None = None,
                           temperature: float | None = None, top_p: float | None = None,
                           seed: int | None = None, **extra: Any) -> AsyncIterator[str]:
@@ -345,3 +433,21 @@ class AsyncSteeringClient:
         body = _compare_body(self._model, messages, variants,
                              _sampling(max_tokens, temperature, top_p, seed), extra)
         return _compare_result(await self._post("/v1/steering/compare", body))
+
+    async def stream_compare(self, messages: Messages, variants: Sequence[Variant], *,
+                             max_tokens: int | None = None, temperature: float | None = None,
+                             top_p: float | None = None, seed: int | None = None,
+                             **extra: Any) -> AsyncIterator[CompareEvent]:
+        body = _compare_body(self._model, messages, variants,
+                             _sampling(max_tokens, temperature, top_p, seed),
+                             {**extra, "stream": True})
+        async with self._http.stream("POST", "/v1/steering/compare", json=body) as r:
+            if r.status_code >= 400:
+                await r.aread()
+                _raise_for(r)
+            async for line in r.aiter_lines():
+                done, data = _sse_data(line)
+                if done:
+                    return
+                if data is not None:
+                    yield _compare_event(data)

@@ -5,7 +5,8 @@ method, and generate with it. Names are imported on first use, so `import steeri
 `steer` command's parser) does not pay for torch.
 
     models/         loading a model (hub id, folder, GGUF, the embedded default), its layer table
-    interventions/  the one kernel, the method table, hooks, steered forwards and generation
+    interventions/  the one kernel, the method table (with token targeting, lists and
+                    conditions), hooks, steered forwards and generation
     packs/          the pack format, the cache, extraction (DiM, ACE, INLP) and selection
     evaluation/     refusal judging, the evaluation grid, geometry, the report
     data/           the shipped prompt sets and their loader
@@ -20,10 +21,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "METHODS": "steering.interventions.catalog",
+    "ComposedSteering": "steering.interventions.methods",
+    "Condition": "steering.interventions.methods",
     "RowSteering": "steering.interventions.methods",
     "SteeringError": "steering.interventions.methods",
     "SteeringSpec": "steering.interventions.methods",
     "build_row": "steering.interventions.methods",
+    "compose": "steering.interventions.methods",
+    "resolve_conditions": "steering.interventions.conditions",
     "generate": "steering.interventions.generate",
     "LoadedModel": "steering.models.loading",
     "load_model": "steering.models.loading",
@@ -35,15 +40,24 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "METHODS", "LoadedModel", "PackError", "RowSteering", "SteeringError", "SteeringPack",
-    "SteeringSpec", "build_row", "ensure_pack", "generate", "load_model", "load_pack",
-    "wrap_model", "__version__",
+    "METHODS", "ComposedSteering", "Condition", "LoadedModel", "PackError", "RowSteering",
+    "SteeringError", "SteeringPack", "SteeringSpec", "build_row", "compose", "ensure_pack",
+    "generate", "load_model", "load_pack", "resolve_conditions", "wrap_model", "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from steering.interventions.catalog import METHODS
+    from steering.interventions.conditions import resolve_conditions
     from steering.interventions.generate import generate
-    from steering.interventions.methods import RowSteering, SteeringError, SteeringSpec, build_row
+    from steering.interventions.methods import (
+        ComposedSteering,
+        Condition,
+        RowSteering,
+        SteeringError,
+        SteeringSpec,
+        build_row,
+        compose,
+    )
     from steering.models.loading import LoadedModel, load_model, wrap_model
     from steering.packs.format import PackError, SteeringPack, load_pack
     from steering.packs.store import ensure_pack

@@ -263,7 +263,8 @@ def test_none_has_no_edits_and_needs_no_pack():
     row = build_row(SteeringSpec("none", 3.0, layers=(1,)), None)
     assert row.edits == {}
     assert row.applied() == {"method": "none", "strength": 0.0, "k": None, "layers": None,
-                             "pack": None}
+                             "pack": None, "apply_to": "all", "generation_window": None,
+                             "when": None, "condition": None}
 
 
 @pytest.mark.parametrize("spec, param", [

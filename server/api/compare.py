@@ -1,8 +1,9 @@
 """A/B comparison of interventions: `POST /v1/steering/compare`, a sibling of chat completions.
 
 One prompt (chat `messages`, or `prompt` as shorthand for one user message), one set of sampling
-parameters, and a list of `variants`, each a preset name or a steering object (optionally naming
-a `preset` whose fields it overrides). The prompt is prepared once, exactly as a chat completion
+parameters, and a list of `variants`, each a preset name, a steering object (optionally naming
+a `preset` whose fields it overrides) or a list of steering objects (bare, or as `{"steering":
+[...], "label": ...}`). The prompt is prepared once, exactly as a chat completion
 would prepare it (limits, template, token budget), and each variant only resolves its own
 steering; all run with the same seed and are submitted to the engine together so they share its
 batches. The response lists, per variant: the completion, whether the evaluation's refusal
@@ -16,20 +17,35 @@ refusal token falls outside that top list its probability counts as 0 and `refus
 is false (the score is then a lower bound, and the token was very unlikely anyway).
 
 A bad variant gets a 4xx whose message starts with `variants[i]:` and whose `param` names it.
+
+With `"stream": true` the variants stream side by side over one server-sent-event stream; every
+event's JSON names its variant by `index`:
+
+    {"type": "start", "seed", "prompt_tokens", "variants": [{"index", "label", "model", "steering"}]}
+    {"type": "delta", "index": i, "text": "..."}          as variant i generates
+    {"type": "variant", "index": i, "result": {...}}      variant i finished (one `variants` entry)
+    {"type": "done", "compare": {...}}                    the whole response, as without stream
+    [DONE]
+
+A variant that fails ends the stream with an in-band error event (`{"error": {...}, "index": i}`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from server.api.errors import APIError, bad_request
-from server.api.jobs import choice_error, collect_until_disconnect, submit_all
+from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
 from server.api.prepare import Job, prepare_chat
 from server.api.protocol import (
     ERROR_RESPONSES,
@@ -38,15 +54,18 @@ from server.api.protocol import (
     CompareVariant,
     VariantResult,
 )
-from server.api.resolve import resolve_steering
+from server.api.resolve import dump, resolve_steering
 from server.api.routing import CheckedBodyRoute
-from server.api.tracker import Tracker
+from server.api.streaming import DONE, error_event
+from server.api.tracker import Choice, Tracker
 from server.context import request_context
 from server.engine import SamplingParams
-from server.security import policy
+from server.security import audit, policy
 from server.security.hardening import check_names
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
+
+log = logging.getLogger(__name__)
 
 COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
@@ -94,7 +113,7 @@ def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
     if isinstance(variant, str):
         model, steering, label = _variant_model(state, body, variant), None, variant
     else:
-        model, steering = _variant_model(state, body, variant.preset), variant.steering()
+        model, steering = _variant_model(state, body, variant.preset), variant.own_steering()
         label = variant.label
     try:
         check_names(model, steering)
@@ -126,7 +145,69 @@ async def prepare_compare(state: ServerState, body: CompareRequest, request_id: 
 # ---- the endpoint -------------------------------------------------------------------------------
 
 
-@router.post(COMPARE, response_model=CompareResponse, responses=ERROR_RESPONSES)
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _Run:
+    """One comparison in flight: its jobs, their trackers, and the results they make."""
+
+    def __init__(self, state: ServerState, body: CompareRequest, jobs: list[Job],
+                 labels: list[str | None]):
+        self.state, self.body, self.jobs, self.labels = state, body, jobs, labels
+        self.trackers = [Tracker(state, job) for job in jobs]
+        self.start = time.perf_counter()
+        self.ids = refusal_token_ids(state.lm.tokenizer)
+
+    def choice(self, i: int) -> Choice:
+        return self.trackers[i].choices[0]
+
+    def error(self, i: int) -> APIError | None:
+        ch = self.choice(i)
+        err = choice_error(self.jobs[i], ch.finish_reason, ch.error,
+                           self.state.settings.request_timeout_s)
+        return _for_variant(i, err) if err is not None else None
+
+    def result(self, i: int) -> VariantResult:
+        job, ch = self.jobs[i], self.choice(i)
+        score, exact = refusal_score_from_logprobs(dict(ch.first_top or []), self.ids)
+        return VariantResult(
+            index=i, label=self.labels[i], model=job.resolved.model,
+            steering=job.resolved.echo(ch.steering), completion=ch.text,
+            finish_reason=ch.finish_reason, is_refusal=is_refusal(ch.text),
+            refusal_score=score, refusal_score_exact=exact, completion_tokens=ch.tokens,
+            time_s=round((ch.finished_at or time.perf_counter()) - self.start, 4),
+            ttft_s=round(ch.first_at - self.start, 4) if ch.first_at is not None else None)
+
+    def response(self, results: list[VariantResult]) -> CompareResponse:
+        return CompareResponse(id="cmp-" + uuid.uuid4().hex, created=int(time.time()),
+                               model=self.body.model or self.state.served_name,
+                               seed=int(self.body.seed), prompt_tokens=self.jobs[0].prompt_tokens,
+                               time_s=round(time.perf_counter() - self.start, 4),
+                               variants=results)
+
+    def finish(self, status: str) -> None:
+        for t in self.trackers:
+            t.finish(status)
+
+    def log(self, request: Request, results: list[VariantResult]) -> None:
+        ctx = request_context(request)
+        decided = [r.steering for r in results]
+        audit.decide_notes(ctx, decided)
+        ctx.log_extra.update({"prompt_tokens": self.jobs[0].prompt_tokens * len(self.jobs),
+                              "completion_tokens": sum(r.completion_tokens for r in results),
+                              "steering": [dump(d) for d in decided]})
+
+    def start_event(self) -> str:
+        return _event({"type": "start", "seed": int(self.body.seed),
+                       "prompt_tokens": self.jobs[0].prompt_tokens,
+                       "variants": [{"index": i, "label": self.labels[i], "model": j.resolved.model,
+                                     "steering": dump(j.resolved.applied)}
+                                    for i, j in enumerate(self.jobs)]})
+
+
+@router.post(COMPARE, response_model=CompareResponse,
+             responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
 async def compare(body: CompareRequest, request: Request):
     state = get_state(request)
     ctx = request_context(request)
@@ -141,40 +222,64 @@ async def compare(body: CompareRequest, request: Request):
     except APIError as exc:
         state.metrics.requests.labels(COMPARE, "n/a", str(exc.status)).inc()
         raise
-    ctx.log_extra.update({"variants": len(jobs), "user": body.user,
-                          "steering": [j.resolved.applied.model_dump() for j in jobs]})
+    ctx.log_extra.update({"variants": len(jobs), "user": body.user, "stream": body.stream,
+                          "steering": [dump(j.resolved.applied) for j in jobs]})
 
     handles = submit_all(state, jobs)  # one choice per variant: handle i is variant i
-    trackers = [Tracker(state, job) for job in jobs]
-    start = time.perf_counter()
+    run = _Run(state, body, jobs, labels)
+    if body.stream:
+        return StreamingResponse(_stream(run, handles, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     completed = await collect_until_disconnect(request, handles,
-                                               lambda i, ev: trackers[i].add(0, ev))
+                                               lambda i, ev: run.trackers[i].add(0, ev))
     if not completed:
-        for t in trackers:
-            t.finish("499")
+        run.finish("499")
         return Response(status_code=499)
-    for i, (job, tr) in enumerate(zip(jobs, trackers)):
-        ch = tr.choices[0]
-        err = choice_error(job, ch.finish_reason, ch.error, state.settings.request_timeout_s)
+    for i in range(len(jobs)):
+        err = run.error(i)
         if err is not None:
-            for t in trackers:
-                t.finish(str(err.status))
-            raise _for_variant(i, err)
-    ids = await state.in_tokenizer_thread(refusal_token_ids, state.lm.tokenizer)
-    results = []
-    for i, (job, tr) in enumerate(zip(jobs, trackers)):
-        tr.finish("200")
-        ch = tr.choices[0]
-        score, exact = refusal_score_from_logprobs(dict(ch.first_top or []), ids)
-        results.append(VariantResult(
-            index=i, label=labels[i], model=job.resolved.model, steering=job.resolved.applied,
-            completion=ch.text, finish_reason=ch.finish_reason, is_refusal=is_refusal(ch.text),
-            refusal_score=score, refusal_score_exact=exact, completion_tokens=ch.tokens,
-            time_s=round((ch.finished_at or time.perf_counter()) - start, 4),
-            ttft_s=round(ch.first_at - start, 4) if ch.first_at is not None else None))
-    ctx.log_extra.update({"prompt_tokens": jobs[0].prompt_tokens * len(jobs),
-                          "completion_tokens": sum(r.completion_tokens for r in results)})
-    return CompareResponse(id="cmp-" + uuid.uuid4().hex, created=int(time.time()),
-                           model=body.model or state.served_name, seed=int(body.seed),
-                           prompt_tokens=jobs[0].prompt_tokens,
-                           time_s=round(time.perf_counter() - start, 4), variants=results)
+            run.finish(str(err.status))
+            raise err
+    run.finish("200")
+    results = [run.result(i) for i in range(len(jobs))]
+    run.log(request, results)
+    return run.response(results)
+
+
+async def _stream(run: _Run, handles: list, request: Request) -> AsyncIterator[str]:
+    status = "200"
+    results: dict[int, VariantResult] = {}
+    try:
+        yield run.start_event()
+        async for i, ev in events(handles):
+            run.trackers[i].add(0, ev)
+            if ev.text:
+                yield _event({"type": "delta", "index": i, "text": ev.text})
+            if ev.finish_reason is None:
+                continue
+            err = run.error(i)
+            if err is not None:
+                status = str(err.status)
+                yield _event({**err.body(), "index": i})
+                break
+            results[i] = run.result(i)
+            yield _event({"type": "variant", "index": i,
+                          "result": results[i].model_dump(mode="json")})
+        else:
+            ordered = [results[i] for i in range(len(run.jobs))]
+            run.log(request, ordered)
+            yield _event({"type": "done", "compare": run.response(ordered).model_dump(mode="json")})
+        yield DONE
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "499"
+        raise
+    except Exception:  # headers are sent: report in-band, details to the log only
+        status = "500"
+        rid = run.jobs[0].request_id.rpartition("-v")[0] or run.jobs[0].request_id
+        log.exception("request %s: compare stream failed", rid)
+        message = f"compare stream failed (request id {rid}); the server log has the details"
+        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
+        yield DONE
+    finally:
+        cancel([h for i, h in enumerate(handles) if not run.choice(i).done])
+        run.finish(status)

@@ -23,6 +23,7 @@ from server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
+from server.api.resolve import dump
 from server.api.responses import respond
 from server.api.routing import CheckedBodyRoute
 from server.api.streaming import stream_response
@@ -44,7 +45,7 @@ async def run_job(state: ServerState, job: Job, request: Request) -> Response:
     tracker = Tracker(state, job)
     ctx = request_context(request)
     ctx.log_extra.update({"model": job.resolved.model, "n": job.n, "stream": job.stream,
-                          "steering": job.resolved.applied.model_dump()})
+                          "steering": dump(job.resolved.applied)})
     if job.stream:
         return stream_response(state, job, tracker, handles, ctx)
     return await respond(state, job, tracker, handles, request)

@@ -64,7 +64,7 @@ def unsupported(param: str, message: str | None = None) -> PydanticCustomError:
                      "unsupported_parameter")
 
 
-def _loc_param(loc: tuple) -> str | None:
+def loc_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p != "body"]
     if not parts:
         return None
@@ -87,12 +87,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
     for err in errors:  # a validator's own error (server.api.protocol) says it all
         if err.get("type") == API_ERROR:
             ctx = err.get("ctx") or {}
-            param = ctx.get("param") or _loc_param(tuple(err.get("loc", ())))
+            param = ctx.get("param") or loc_param(tuple(err.get("loc", ())))
             return bad_request(err.get("msg", "invalid value"), param,
                                ctx.get("code"))
     messages, first_param = [], None
     for err in errors[:5]:
-        param = _loc_param(tuple(err.get("loc", ())))
+        param = loc_param(tuple(err.get("loc", ())))
         first_param = first_param or param
         msg = err.get("msg", "invalid value")
         if err.get("type") == "missing" and param is None:

@@ -52,7 +52,7 @@ class Job:
 
     @property
     def method(self) -> str:
-        return self.resolved.applied.method
+        return self.resolved.method
 
     @property
     def prompt_tokens(self) -> int:

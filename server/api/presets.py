@@ -12,6 +12,10 @@ the request's `steering` object plus an optional `description`:
       more-refusal:
         method: actadd
         strength: calibrated   # the pack's calibrated strength for the method (else 1)
+      ablate-then-refuse:      # a list: `steering` holds the objects, applied in order
+        steering:
+          - {method: ablate}
+          - {method: actadd, strength: calibrated, apply_to: generation, when: {above: 0.5}}
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from server.api.protocol import SteeringParams
+from server.api.protocol import SteeringParams, SteeringValue
 from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED
 
 SEPARATOR = "+"
@@ -40,9 +44,33 @@ class PresetError(ValueError):
 @dataclass(frozen=True)
 class Preset:
     name: str
-    steering: SteeringParams
+    steering: SteeringValue  # one object, or a list
     description: str | None = None
     calibrated: bool = False  # strength: the pack's calibrated strength for the method
+    calibrated_parts: tuple[bool, ...] = ()  # the same per object of a list
+
+    @property
+    def parts(self) -> list[SteeringParams]:
+        return self.steering if isinstance(self.steering, list) else [self.steering]
+
+    def is_calibrated(self, index: int) -> bool:
+        """Whether object `index` takes the pack's calibrated strength."""
+        return self.calibrated_parts[index] if self.calibrated_parts else self.calibrated
+
+
+def _steering_object(entry: object, name: str, source: str) -> tuple[SteeringParams, bool]:
+    if not isinstance(entry, dict):
+        raise PresetError(f"{source}: preset {name!r} must be a mapping")
+    entry = dict(entry)
+    calibrated = entry.get("strength") == CALIBRATED
+    if calibrated:
+        entry["strength"] = 1.0  # the paper's strength where a pack records no calibration
+    try:
+        return SteeringParams.model_validate(entry), calibrated
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors())
+        raise PresetError(f"{source}: preset {name!r} is invalid ({problems})") from None
 
 
 def parse_presets(data: object, source: str = "presets") -> dict[str, Preset]:
@@ -62,17 +90,18 @@ def parse_presets(data: object, source: str = "presets") -> dict[str, Preset]:
             raise PresetError(f"{source}: preset {name!r} must be a mapping")
         entry = dict(entry)
         description = entry.pop("description", None)
-        calibrated = entry.get("strength") == CALIBRATED
-        if calibrated:
-            entry["strength"] = 1.0  # the paper's strength where a pack records no calibration
-        try:
-            steering = SteeringParams.model_validate(entry)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                 for e in exc.errors())
-            raise PresetError(f"{source}: preset {name!r} is invalid ({problems})") from None
-        out[name] = Preset(name, steering, str(description) if description else None,
-                           calibrated)
+        description = str(description) if description else None
+        listed = entry.pop("steering", None)
+        if listed is None:
+            steering, calibrated = _steering_object(entry, name, source)
+            out[name] = Preset(name, steering, description, calibrated)
+            continue
+        if entry or not isinstance(listed, list) or not listed:
+            raise PresetError(f"{source}: preset {name!r}: 'steering' must be a non-empty list "
+                              "of steering objects, with no other field beside 'description'")
+        parts = [_steering_object(e, f"{name}[{i}]", source) for i, e in enumerate(listed)]
+        out[name] = Preset(name, [p for p, _ in parts], description,
+                           any(c for _, c in parts), tuple(c for _, c in parts))
     return out
 
 

@@ -5,7 +5,9 @@ omission would mislead (tools, logit_bias, non-zero penalties, …) are refused 
 validators, which name the field (`param`) and an error `code`. Numbers must be finite everywhere
 (`NaN`/`Infinity` are refused). Requests convert themselves, as vLLM's protocol does:
 `to_sampling_params(max_tokens, choice)` gives the engine's sampling for one choice and
-`SteeringParams.to_spec(pack)` the library's `SteeringSpec`; limits that depend on the server's
+`SteeringParams.to_spec(pack)` the library's `SteeringSpec` (`steering` may be one object or a
+list of them, `parse_steering`: errors name the element, `steering[1].generation_window`);
+limits that depend on the server's
 settings or on the model (context length, token counts) are checked in `server.api.prepare`.
 Stream chunks (`ChatCompletionChunk`, `CompletionChunk`) send `usage` and `steering` only when set.
 """
@@ -18,14 +20,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
 )
 
-from server.api.errors import api_error, unsupported
+from server.api.errors import API_ERROR, api_error, loc_param, unsupported
 from server.engine import SamplingParams
-from steering.interventions.methods import SteeringSpec
+from steering.interventions.catalog import CONTROLS
+from steering.interventions.methods import Condition, SteeringSpec
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -45,6 +49,23 @@ class Strict(BaseModel):
 # ---- requests ----------------------------------------------------------------------------------
 
 
+MAX_STEERING_OBJECTS = 8  # in one request's list
+
+
+class ConditionParams(Strict):
+    """`when`: apply the steering object only if the prompt's score is above / below a
+    threshold (the library checks that exactly one is given)."""
+
+    pack: str | None = Field(None, description="pack whose DiM axis scores the prompt "
+                                               "(default: the steering object's pack)")
+    layer: int | None = Field(None, description="layer read (default: the pack's)")
+    above: float | None = None
+    below: float | None = None
+
+    def to_condition(self) -> Condition:
+        return Condition(pack=self.pack, layer=self.layer, above=self.above, below=self.below)
+
+
 class SteeringParams(Strict):
     """The intervention for this request. Omitted fields take the method's defaults."""
 
@@ -53,12 +74,58 @@ class SteeringParams(Strict):
     k: int | None = Field(None, description="leading INLP directions (INLP methods only)")
     layers: list[int] | None = Field(None, description="layers to edit (default: the method's)")
     pack: str | None = Field(None, description="pack name (default: the model's pack)")
+    apply_to: Literal["all", "prompt", "generation"] | None = Field(
+        None, description=CONTROLS["apply_to"])
+    generation_window: list[int | None] | None = Field(
+        None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
+    when: ConditionParams | None = Field(None, description=CONTROLS["when"])
 
     def to_spec(self, pack: str | None) -> SteeringSpec:
         """The library's spec; `pack` is the pack it runs on (this object's, or the default)."""
+        window = self.generation_window
         return SteeringSpec(method=self.method, strength=float(self.strength), k=self.k,
                             layers=tuple(self.layers) if self.layers is not None else None,
-                            pack=pack)
+                            pack=pack, apply_to=self.apply_to,
+                            generation_window=tuple(window) if window is not None else None,
+                            when=self.when.to_condition() if self.when is not None else None)
+
+
+SteeringValue = SteeringParams | list[SteeringParams]
+
+
+def _steering_object(value: Any, where: str) -> SteeringParams:
+    if isinstance(value, SteeringParams):
+        return value
+    try:
+        return SteeringParams.model_validate(value)
+    except ValidationError as exc:
+        raise nested_error(exc, where) from None
+
+
+def nested_error(exc: ValidationError, where: str):
+    """A nested model's first validation error as an API error whose param starts at `where`."""
+    err = exc.errors()[0]
+    ctx = err.get("ctx") or {}
+    own = err.get("type") == API_ERROR
+    inner = (ctx.get("param") if own else None) or loc_param(tuple(err.get("loc", ())))
+    param = f"{where}.{inner}" if inner else where
+    return api_error(f"{param}: {err.get('msg', 'invalid value')}", param,
+                     ctx.get("code") if own else "invalid_value")
+
+
+def parse_steering(value: Any, where: str = "steering") -> SteeringValue | None:
+    """One steering object or a non-empty list of them; errors name the element's field."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if not value:
+            raise api_error(f"{where} must hold at least one steering object", where,
+                            "empty_steering")
+        if len(value) > MAX_STEERING_OBJECTS:
+            raise api_error(f"{where} may hold at most {MAX_STEERING_OBJECTS} steering objects,"
+                            f" got {len(value)}", where, "too_many_steering_objects")
+        return [_steering_object(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _steering_object(value, where)
 
 
 class StreamOptions(Lenient):
@@ -123,7 +190,13 @@ class _SamplingFields(_Sampling):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    steering: SteeringParams | None = None
+    steering: SteeringParams | list[SteeringParams] | None = Field(
+        None, description="a steering object, or a list of them applied in order")
+
+    @field_validator("steering", mode="before")
+    @classmethod
+    def _steering_shape(cls, value):
+        return parse_steering(value)
 
     # Fields accepted for compatibility but refused when set (name → note on what is allowed).
     UNSUPPORTED: ClassVar[dict[str, str]] = {"logit_bias": "", "presence_penalty": " (only 0)",
@@ -229,17 +302,48 @@ class CompletionRequest(_SamplingFields):
 
 
 class CompareVariant(SteeringParams):
-    """A steering object, optionally on top of a preset (its fields override the preset's)."""
+    """A steering object, optionally on top of a preset (its fields override the preset's), or
+    `steering`: a list of steering objects (then no other steering field)."""
 
     preset: str | None = Field(None, description="preset name whose steering this starts from")
     label: str | None = Field(None, max_length=200, description="shown back in the response")
+    steering: list[SteeringParams] | None = Field(
+        None, description="a list of steering objects, applied in order")
 
-    def steering(self) -> SteeringParams | None:
-        """The steering fields this variant sets (None: the preset's alone)."""
+    @field_validator("steering", mode="before")
+    @classmethod
+    def _steering_list(cls, value):
+        if value is not None and not isinstance(value, list):
+            raise api_error("steering must be a list of steering objects here (or give the "
+                            "object's fields on the variant itself)", "steering")
+        return parse_steering(value)
+
+    @model_validator(mode="after")
+    def _list_or_fields(self):
+        if self.steering is not None and self.model_fields_set - {"preset", "label", "steering"}:
+            raise api_error("a variant with a steering list takes no other steering field",
+                            "steering")
+        return self
+
+    def own_steering(self) -> SteeringValue | None:
+        """The steering this variant sets (None: the preset's alone)."""
+        if self.steering is not None:
+            return self.steering
         fields = self.model_fields_set - {"preset", "label"}
         if fields:
             return SteeringParams(**{f: getattr(self, f) for f in fields})
         return None if self.preset is not None else SteeringParams()
+
+
+def _variant(value: Any, where: str) -> str | CompareVariant:
+    if isinstance(value, str | CompareVariant):
+        return value
+    if isinstance(value, list):  # a bare list of steering objects
+        return CompareVariant(steering=parse_steering(value, where))
+    try:
+        return CompareVariant.model_validate(value)
+    except ValidationError as exc:
+        raise nested_error(exc, where) from None
 
 
 class CompareRequest(_Sampling):
@@ -247,8 +351,19 @@ class CompareRequest(_Sampling):
     messages: list[ChatMessage] | None = None
     prompt: str | None = Field(None, description="shorthand for one user message")
     variants: list[str | CompareVariant] = Field(
-        ..., description="preset names or steering objects; all run with the same seed")
+        ..., description="preset names, steering objects, or lists of steering objects "
+                         "(bare, or as {'steering': [...], 'label': ...}); all run with the "
+                         "same seed")
     seed: int | None = Field(None, ge=0, le=INT64_MAX)
+    stream: bool = Field(False, description="stream every variant over one server-sent-event "
+                                            "stream, events tagged by variant index")
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variant_shapes(cls, value):
+        if not isinstance(value, list):
+            return value
+        return [_variant(v, f"variants[{i}]") for i, v in enumerate(value)]
 
     @field_validator("messages")
     @classmethod
@@ -281,8 +396,13 @@ class CompareRequest(_Sampling):
 # ---- responses ---------------------------------------------------------------------------------
 
 
+class ConditionResult(BaseModel):
+    score: float  # the prompt on the pack's DiM axis (harmless mean 0, harmful mean 1)
+    applied: bool
+
+
 class AppliedSteering(BaseModel):
-    """What was actually applied (defaults resolved)."""
+    """What was actually applied (defaults resolved; a condition once decided at prefill)."""
 
     method: str
     strength: float
@@ -290,6 +410,27 @@ class AppliedSteering(BaseModel):
     layers: list[int] | None = None
     pack: str | None = None
     preset: str | None = None
+    apply_to: str = "all"
+    generation_window: list[int | None] | None = None
+    when: dict[str, Any] | None = None
+    condition: ConditionResult | None = None
+
+    # Controls left at their defaults are left out of the JSON (an untargeted, unconditional
+    # object reads as it always did).
+    DEFAULTS: ClassVar[dict[str, Any]] = {"apply_to": "all", "generation_window": None,
+                                          "when": None, "condition": None}
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        data = handler(self)
+        for name, default in self.DEFAULTS.items():
+            if name in data and data[name] == default and not (name == "condition"
+                                                               and self.when is not None):
+                data.pop(name)
+        return data
+
+
+Applied = AppliedSteering | list[AppliedSteering]  # one object, or a request's list
 
 
 class Usage(BaseModel):
@@ -332,7 +473,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-    steering: AppliedSteering
+    steering: Applied
 
 
 class _OmitUnset(BaseModel):
@@ -378,7 +519,7 @@ class ChatCompletionChunk(_OmitUnset):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    steering: AppliedSteering | None = None
+    steering: Applied | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -403,7 +544,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-    steering: AppliedSteering | None = None
+    steering: Applied | None = None
 
 
 class CompletionChunk(_OmitUnset, CompletionResponse):
@@ -416,7 +557,7 @@ class VariantResult(Lenient):
     index: int
     label: str | None = None
     model: str
-    steering: AppliedSteering
+    steering: Applied
     completion: str
     finish_reason: str | None
     is_refusal: bool
@@ -445,7 +586,7 @@ class ModelCard(BaseModel):
     owned_by: str = "steering-server"
     root: str | None = None
     context_length: int | None = None
-    steering: AppliedSteering | None = None
+    steering: Applied | None = None
     description: str | None = None
 
 

@@ -1,8 +1,14 @@
-"""From a request's `model` and `steering` to the RowSteering the engine applies.
+"""From a request's `model` and `steering` to the steering the engine applies.
 
 The model name picks the base model or a preset (`<served-name>+<preset>`). A `steering` object in
-the body overrides the preset field by field; if it names another method, the preset is dropped
-and the body's object is used alone (a preset's `k` would not fit another method).
+the body overrides a one-object preset field by field; if it names another method, the preset is
+dropped and the body's object is used alone (a preset's `k` would not fit another method). A list
+on either side is taken whole: a body list replaces the preset, a list preset is used as it is
+when the body has no steering. Each object of a list is resolved alone (its errors name it,
+`steering[1].strength`) and the list becomes one `ComposedSteering`.
+
+A condition (`when`) is decided by the engine at prefill; `Resolved.echo(decided)` gives the
+applied steering with its score, from the steering the engine reports on a choice's first event.
 """
 
 from __future__ import annotations
@@ -11,17 +17,45 @@ from dataclasses import dataclass
 
 from server.api.errors import bad_request, not_found
 from server.api.presets import Preset, split_model_name
-from server.api.protocol import AppliedSteering, SteeringParams
+from server.api.protocol import Applied, AppliedSteering, SteeringParams, SteeringValue
 from server.state import ServerState
-from steering.interventions.methods import RowSteering, SteeringError, build_row
+from steering.interventions.methods import RowSteering, Steering, SteeringError, build_row, compose
 
 
 @dataclass
 class Resolved:
     model: str  # the model id echoed back (as the client wrote it)
     preset: Preset | None
-    row: RowSteering
-    applied: AppliedSteering
+    row: Steering  # one object or a list; conditions still undecided
+    applied: Applied  # what the request resolved to (a list for a list)
+
+    def echo(self, decided: Steering | None) -> Applied:
+        """The applied steering with the engine's decided conditions (None: as resolved)."""
+        if decided is None or not any(p.outcome is not None for p in decided.parts):
+            return self.applied
+        return _applied(decided, self.preset, isinstance(self.applied, list))
+
+    @property
+    def parts(self) -> list[AppliedSteering]:
+        return self.applied if isinstance(self.applied, list) else [self.applied]
+
+    @property
+    def method(self) -> str:
+        """The method label of metrics: the method, or "composed" for a list."""
+        return self.applied.method if not isinstance(self.applied, list) else "composed"
+
+
+def dump(applied: Applied) -> dict | list[dict]:
+    """The applied steering as JSON data (log lines)."""
+    if isinstance(applied, list):
+        return [a.model_dump() for a in applied]
+    return applied.model_dump()
+
+
+def _applied(row: Steering, preset: Preset | None, listed: bool) -> Applied:
+    name = preset.name if preset else None
+    parts = [AppliedSteering(**p.applied(), preset=name) for p in row.parts]
+    return parts if listed else parts[0]
 
 
 def resolve_model(state: ServerState, model: str | None) -> tuple[str, Preset | None]:
@@ -46,44 +80,71 @@ def resolve_model(state: ServerState, model: str | None) -> tuple[str, Preset | 
                     param="model", code="model_not_found")
 
 
-def merge(preset: Preset | None, body: SteeringParams | None) -> SteeringParams:
+def merge(preset: Preset | None, body: SteeringValue | None
+          ) -> list[tuple[SteeringParams, bool]]:
+    """The request's steering objects, each with whether it takes the preset's calibrated
+    strength."""
     if preset is None:
-        return body or SteeringParams()
+        parts = body if isinstance(body, list) else [body or SteeringParams()]
+        return [(p, False) for p in parts]
     if body is None:
-        return preset.steering
+        return [(p, preset.is_calibrated(i)) for i, p in enumerate(preset.parts)]
+    if isinstance(body, list) or isinstance(preset.steering, list):
+        return [(p, False) for p in (body if isinstance(body, list) else [body])]
     given = body.model_fields_set
     if "method" in given and body.method != preset.steering.method:
-        return body
-    return preset.steering.model_copy(update={f: getattr(body, f) for f in given})
+        return [(body, False)]
+    merged = preset.steering.model_copy(update={f: getattr(body, f) for f in given})
+    return [(merged, preset.calibrated and "strength" not in given)]
+
+
+def _at(param: str | None, where: str) -> str:
+    """`steering.x` → `steering[1].x` for object 1 of a list (`where` is its name)."""
+    param = param or "steering"
+    if param == "steering" or param.startswith("steering."):
+        return where + param[len("steering"):]
+    return param
+
+
+def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
+                 where: str) -> RowSteering:
+    settings = state.settings
+    if calibrated:
+        pack = state.packs.get(params.pack or state.default_pack or "")
+        strength = pack.calibrated_strength(params.method) if pack is not None else None
+        if strength is not None:
+            params = params.model_copy(update={"strength": strength})
+    lo, hi = settings.strength_min, settings.strength_max  # the operator's range; the library
+    if params.method != "none" and not lo <= params.strength <= hi:  # checks the rest
+        raise bad_request(f"{where}.strength must be between {lo:g} and {hi:g}, "
+                          f"got {params.strength:g}", f"{where}.strength",
+                          code="strength_out_of_range")
+    pack_name = params.pack or state.default_pack
+    for name, field in ((params.pack, "pack"),
+                        (params.when.pack if params.when else None, "when.pack")):
+        if name is not None and name not in state.packs:
+            known = ", ".join(sorted(state.packs)) or "none loaded"
+            raise not_found(f"unknown steering pack {name!r}; loaded packs: {known}",
+                            f"{where}.{field}", code="pack_not_found")
+    pack = state.packs.get(pack_name) if pack_name is not None else None
+    if pack is not None and (why := pack.unsupported(params.method)):
+        raise bad_request(why, f"{where}.method", code="method_not_in_pack")
+    when_pack = state.packs.get(params.when.pack) if params.when and params.when.pack else None
+    try:
+        return build_row(params.to_spec(pack_name), pack, when_pack)
+    except SteeringError as exc:
+        raise bad_request(str(exc), _at(exc.param, where), code="invalid_steering") from None
 
 
 def resolve_steering(state: ServerState, model: str | None,
-                     body: SteeringParams | None) -> Resolved:
+                     body: SteeringValue | None) -> Resolved:
     model_id, preset = resolve_model(state, model)
-    params = merge(preset, body)
-    settings = state.settings
-    if preset is not None and preset.calibrated and params.method == preset.steering.method \
-            and (body is None or "strength" not in body.model_fields_set):
-        pack = state.packs.get(params.pack or state.default_pack or "")
-        calibrated = pack.calibrated_strength(params.method) if pack is not None else None
-        if calibrated is not None:
-            params = params.model_copy(update={"strength": calibrated})
-    lo, hi = settings.strength_min, settings.strength_max  # the operator's range; the library
-    if params.method != "none" and not lo <= params.strength <= hi:  # checks the rest
-        raise bad_request(f"steering.strength must be between {lo:g} and {hi:g}, "
-                          f"got {params.strength:g}", "steering.strength",
-                          code="strength_out_of_range")
-    pack_name = params.pack or state.default_pack
-    pack = None
-    if params.pack is not None and params.pack not in state.packs:
-        known = ", ".join(sorted(state.packs)) or "none loaded"
-        raise not_found(f"unknown steering pack {params.pack!r}; loaded packs: {known}",
-                        "steering.pack", code="pack_not_found")
-    if pack_name is not None:
-        pack = state.packs.get(pack_name)
-    try:
-        row = build_row(params.to_spec(pack_name), pack)
-    except SteeringError as exc:
-        raise bad_request(str(exc), exc.param or "steering", code="invalid_steering") from None
-    applied = AppliedSteering(**row.applied(), preset=preset.name if preset else None)
-    return Resolved(model_id, preset, row, applied)
+    parts = merge(preset, body)
+    listed = isinstance(body, list) or (body is None and preset is not None
+                                        and isinstance(preset.steering, list))
+    rows = []
+    for i, (params, calibrated) in enumerate(parts):
+        where = f"steering[{i}]" if listed else "steering"
+        rows.append(_resolve_one(state, params, calibrated, where))
+    row = compose(rows) if listed else rows[0]
+    return Resolved(model_id, preset, row, _applied(row, preset, listed))

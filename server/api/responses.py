@@ -42,7 +42,7 @@ async def respond(state: ServerState, job: Job, tracker: Tracker, handles: list,
 
 
 def build_response(job: Job, tracker: Tracker) -> ChatCompletionResponse | CompletionResponse:
-    applied = job.resolved.applied
+    applied = job.resolved.echo(tracker.choices[0].steering)  # conditions decided
     if job.kind == "chat":
         choices = [ChatChoice(
             index=ch.index, message=ResponseMessage(content=ch.text),

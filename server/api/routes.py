@@ -6,12 +6,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.errors import APIError, not_found
-from server.api.protocol import AppliedSteering, ErrorResponse, ModelCard, ModelList
+from server.api.protocol import (
+    MAX_STEERING_OBJECTS,
+    AppliedSteering,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from server.api.resolve import resolve_steering
 from server.context import request_context
 from server.security.auth import may_see_internals
 from server.security.policy import effect
 from server.state import ServerState, get_state
+from steering.interventions.catalog import APPLY_TO, CONTROLS
 from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
 
 router = APIRouter()
@@ -32,9 +39,10 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
         try:  # what the preset resolves to with the loaded packs
             applied = resolve_steering(state, model_id, None).applied
         except APIError:  # not loaded yet: show the preset as written
-            p = preset.steering
-            applied = AppliedSteering(method=p.method, strength=p.strength, k=p.k,
-                                      layers=p.layers, pack=p.pack, preset=preset.name)
+            shown = [AppliedSteering(method=p.method, strength=p.strength, k=p.k,
+                                     layers=p.layers, pack=p.pack, preset=preset.name)
+                     for p in preset.parts]
+            applied = shown if isinstance(preset.steering, list) else shown[0]
         cards.append(ModelCard(id=model_id, created=state.started, root=name,
                                context_length=ctx, description=preset.description,
                                steering=applied))
@@ -103,7 +111,27 @@ async def list_methods(request: Request):
                 info["calibrated_strength"] = pack.calibrated_strength(method)
                 entry["packs"][name] = info
         data.append(entry)
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": data, "controls": controls(state)}
+
+
+def controls(state: ServerState) -> dict:
+    """The fields every steering object takes besides its method's (GET /v1/steering/methods)."""
+    return {
+        "apply_to": {"description": CONTROLS["apply_to"], "values": list(APPLY_TO),
+                     "default": "all"},
+        "generation_window": {"description": CONTROLS["generation_window"],
+                              "example": [0, 8]},
+        "when": {"description": CONTROLS["when"],
+                 "fields": {"pack": "default: the steering object's pack",
+                            "layer": "default: the pack's layer",
+                            "above": "threshold (give above or below)", "below": "threshold"},
+                 "packs": {name: {"layer": p.layer, "position": p.position}
+                           for name, p in state.packs.items()},
+                 "example": {"pack": state.default_pack, "above": 0.5}},
+        "list": {"description": CONTROLS["list"], "max_objects": MAX_STEERING_OBJECTS,
+                 "example": [{"method": "ablate"},
+                             {"method": "actadd", "strength": 1.5, "apply_to": "generation"}]},
+    }
 
 
 # ---- probes and metrics -------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Per choice an opening chunk (the assistant role, or the echoed prompt) carrying the applied
 steering, then a chunk per piece of text (with its logprobs), a closing chunk with the finish
-reason; with `stream_options.include_usage` a last chunk with the usage; then `data: [DONE]`.
+reason (and, when the steering has a condition, the steering again with the condition decided at
+prefill: its score and whether it applied); with `stream_options.include_usage` a last chunk with the usage; then `data: [DONE]`.
 A choice that fails ends the stream with an in-band error event (the headers are sent).
 """
 
@@ -73,11 +74,16 @@ class ChunkBuilder:
     def piece(self, c: int, text: str, logprobs) -> str:
         return self._chunk([self._choice(c, text, logprobs=logprobs)]).sse()
 
-    def closing(self, c: int, finish: str) -> str:
-        return self._chunk([self._choice(c, finish=finish)]).sse()
+    def closing(self, c: int, finish: str, decided=None) -> str:
+        extra = {}
+        if any(p.when is not None for p in self.job.resolved.parts):
+            extra["steering"] = self.job.resolved.echo(decided)
+        return self._chunk([self._choice(c, finish=finish)], **extra).sse()
 
     def usage(self, tracker: Tracker) -> str:
-        return self._chunk([], usage=tracker.usage(), steering=self.job.resolved.applied).sse()
+        decided = tracker.choices[0].steering if tracker.choices else None
+        return self._chunk([], usage=tracker.usage(),
+                           steering=self.job.resolved.echo(decided)).sse()
 
     def new_logprobs(self, ch: Choice, since: int):
         """The logprobs `ch` gained after its first `since` tokens, as the chunk carries them."""
@@ -119,7 +125,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     status, outcome = str(err.status), ev.finish_reason
                     yield error_event(err)
                     break
-                yield chunks.closing(c, ch.finish_reason)
+                yield chunks.closing(c, ch.finish_reason, ch.steering)
         else:
             if job.include_usage:
                 yield chunks.usage(tracker)

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 
 from server.api.prepare import Job
 from server.api.protocol import CompletionLogprobs, TokenLogprob, TopLogprob, Usage
+from server.api.resolve import dump
 from server.context import RequestContext
 from server.engine import TokenEvent
+from server.security.audit import decide_notes
 from server.state import ServerState
+from steering.interventions.methods import Steering
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -76,6 +79,7 @@ class Choice:
     last_at: float | None = None
     finished_at: float | None = None
     first_top: list[tuple[int, float]] | None = None  # the first token's top logprobs
+    steering: Steering | None = None  # as the engine applied it (conditions decided)
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     text_logprobs: CompletionLogprobs | None = None
     text_len: int = 0
@@ -118,6 +122,8 @@ class Tracker:
         m = self.method
         if ev.queue_wait_s is not None:
             self.metrics.queue_wait.labels(m).observe(ev.queue_wait_s)
+        if ev.steering is not None:
+            ch.steering = ev.steering
         if ev.token_id is not None:
             ch.tokens += 1
             if ch.first_at is None:
@@ -170,6 +176,10 @@ class Tracker:
     def log_to(self, ctx: RequestContext, outcome: str | None) -> None:
         """Token counts, finish reasons and the outcome into the access and audit lines."""
         usage = self.usage()
+        decided = self.job.resolved.echo(self.choices[0].steering if self.choices else None)
+        if decided is not self.job.resolved.applied:  # conditions decided: log their scores
+            decide_notes(ctx, [decided])
+            ctx.log_extra["steering"] = dump(decided)
         ctx.log_extra.update({
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "finish_reasons": [ch.finish_reason for ch in self.choices],

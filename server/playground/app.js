@@ -1,4 +1,5 @@
-// Steering playground: variants side by side through POST /v1/steering/compare.
+// Steering playground: variants side by side through POST /v1/steering/compare, streamed (one
+// server-sent-event stream whose events name their variant), so columns fill as they generate.
 // No dependencies; talks to the server that serves this page.
 "use strict";
 
@@ -12,6 +13,7 @@ const state = {
   defaultPack: null,
   strength: { min: -8, max: 8 },
   maxVariants: 8,
+  maxSteps: 4,          // interventions per variant
   nextId: 0,
   lastRequest: null,
 };
@@ -67,23 +69,11 @@ function kRange(method) {
   return pack && pack.k ? pack.k : null;
 }
 
-// ---- variants -----------------------------------------------------------------------------------
+// ---- variants and their interventions ------------------------------------------------------------
+// A variant holds one or more interventions (a list, applied in order at every site); each has a
+// method, strength, k, targeting (apply_to, a window of answer tokens) and an optional condition.
 
-function addVariant(initial = {}) {
-  const list = $("#variants");
-  if (list.children.length >= state.maxVariants) {
-    setStatus(`At most ${state.maxVariants} variants.`, "error");
-    return null;
-  }
-  const node = $("#variant-template").content.firstElementChild.cloneNode(true);
-  const id = `v${state.nextId++}`;
-  node.dataset.id = id;
-  for (const [cls, label] of [["method", "method-label"], ["strength", "strength-label"], ["k", "k-label"]]) {
-    const input = $(`.${cls}`, node);
-    input.id = `${id}-${cls}`;
-    $(`.${label}`, node).htmlFor = input.id;
-  }
-  const select = $(".method", node);
+function methodOptions(select) {
   const group = document.createElement("optgroup");
   group.label = "Methods";
   for (const m of state.methods) {
@@ -102,21 +92,89 @@ function addVariant(initial = {}) {
     }
     select.appendChild(pg);
   }
+}
+
+function addVariant(initial = {}) {
+  const list = $("#variants");
+  if (list.children.length >= state.maxVariants) {
+    setStatus(`At most ${state.maxVariants} variants.`, "error");
+    return null;
+  }
+  const node = $("#variant-template").content.firstElementChild.cloneNode(true);
+  node.dataset.id = `v${state.nextId++}`;
+  $(".remove", node).addEventListener("click", () => removeVariant(node));
+  $(".add-step", node).addEventListener("click", () => {
+    const step = addStep(node, { method: "actadd", strength: 1 });
+    if (step) $(".method", step).focus();
+  });
+  list.appendChild(node);
+  for (const step of initial.steps || [initial]) addStep(node, step);
+  relabel();
+  return node;
+}
+
+function addStep(variant, initial = {}) {
+  const steps = $(".steps", variant);
+  if (steps.children.length >= state.maxSteps) {
+    setStatus(`At most ${state.maxSteps} interventions per variant.`, "error");
+    return null;
+  }
+  const node = $("#step-template").content.firstElementChild.cloneNode(true);
+  const id = `s${state.nextId++}`;
+  for (const [cls, label] of [["method", "method-label"], ["strength", "strength-label"],
+    ["k", "k-label"], ["apply-to", "apply-label"], ["window-start", "window-label"],
+    ["when", "when-label"], ["threshold", "threshold-label"]]) {
+    const input = $(`.${cls}`, node);
+    input.id = `${id}-${cls}`;
+    $(`.${label}`, node).htmlFor = input.id;
+  }
+  const select = $(".method", node);
+  methodOptions(select);
   const strength = $(".strength", node);
   strength.min = state.strength.min;
   strength.max = state.strength.max;
   strength.value = initial.strength ?? 1;
   select.value = initial.method || "none";
   if (initial.k) $(".k", node).dataset.want = initial.k;
+  $(".apply-to", node).value = initial.apply_to || "all";
+  if (initial.generation_window) {
+    $(".window-start", node).value = initial.generation_window[0] ?? "";
+    $(".window-end", node).value = initial.generation_window[1] ?? "";
+  }
+  if (initial.when) {
+    $(".when", node).value = initial.when.above !== undefined ? "above" : "below";
+    $(".threshold", node).value = initial.when.above ?? initial.when.below;
+  }
 
   select.addEventListener("change", () => syncControls(node));
+  $(".apply-to", node).addEventListener("change", () => syncControls(node));
+  $(".when", node).addEventListener("change", () => syncControls(node));
   strength.addEventListener("input", () => { $(".strength-value", node).value = strength.value; });
   $(".k", node).addEventListener("input", (e) => { $(".k-value", node).value = e.target.value; });
-  $(".remove", node).addEventListener("click", () => removeVariant(node));
-  list.appendChild(node);
+  $(".remove-step", node).addEventListener("click", () => removeStep(variant, node));
+  steps.appendChild(node);
   syncControls(node);
-  relabel();
+  relabelSteps(variant);
   return node;
+}
+
+function removeStep(variant, node) {
+  node.remove();
+  relabelSteps(variant);
+  const first = $(".step .method", variant);
+  if (first) first.focus();
+  state.lastRequest = null;
+  renderSnippets();
+}
+
+function relabelSteps(variant) {
+  const steps = $(".steps", variant);
+  steps.classList.toggle("single", steps.children.length <= 1);
+  [...steps.children].forEach((step, i) => {
+    $(".step-title", step).textContent = `Intervention ${i + 1}`;
+    $(".remove-step", step).setAttribute("aria-label", `Remove intervention ${i + 1}`);
+  });
+  $(".add-step", variant).disabled = steps.children.length >= state.maxSteps;
 }
 
 function removeVariant(node) {
@@ -143,12 +201,15 @@ function relabel() {
   $("#add-variant").disabled = $("#variants").children.length >= state.maxVariants;
 }
 
+function presetOf(value) {
+  return value.startsWith("preset:") ? state.presets.find((p) => `preset:${p.name}` === value) : null;
+}
+
 function syncControls(node) {
   const value = $(".method", node).value;
   const strength = $(".strength", node);
   const k = $(".k", node);
-  const isPreset = value.startsWith("preset:");
-  const preset = isPreset ? state.presets.find((p) => `preset:${p.name}` === value) : null;
+  const preset = presetOf(value);
   const method = preset ? preset.steering.method : value;
   if (preset) strength.value = preset.steering.strength;
   strength.disabled = method === "none";
@@ -168,25 +229,49 @@ function syncControls(node) {
     $(".k-value", node).value = "—";
     $(".k-hint", node).textContent = "(INLP methods only)";
   }
+  const onAnswer = $(".apply-to", node).value === "generation";
+  for (const cls of ["window-start", "window-end"]) $(`.${cls}`, node).disabled = !onAnswer;
+  $(".window", node).classList.toggle("disabled", !onAnswer);
+  const conditional = $(".when", node).value !== "";
+  $(".threshold", node).disabled = !conditional;
+  $(".threshold", node).closest(".field").classList.toggle("disabled", !conditional);
   renderSnippets();
 }
 
-function variantSpec(node) {
+function stepSpec(node) {
   const value = $(".method", node).value;
   const strength = Number($(".strength", node).value);
   const k = $(".k", node);
-  if (value.startsWith("preset:")) {
-    const name = value.slice("preset:".length);
-    const preset = state.presets.find((p) => p.name === name);
-    const spec = { preset: name };
-    if (preset && preset.steering.method !== "none") spec.strength = strength;
-    if (!k.disabled) spec.k = Number(k.value);
-    return spec;
-  }
-  const spec = { method: value };
-  if (value !== "none") spec.strength = strength;
+  const preset = presetOf(value);
+  const method = preset ? preset.steering.method : value;
+  const spec = preset ? { preset: preset.name } : { method };
+  if (method !== "none") spec.strength = strength;
   if (!k.disabled) spec.k = Number(k.value);
+  const applyTo = $(".apply-to", node).value;
+  const from = $(".window-start", node).value, to = $(".window-end", node).value;
+  if (applyTo === "generation" && (from !== "" || to !== "")) {
+    spec.generation_window = [from === "" ? 0 : Number(from), to === "" ? null : Number(to)];
+  } else if (applyTo !== "all") {
+    spec.apply_to = applyTo;
+  }
+  const when = $(".when", node).value;
+  if (when) spec.when = { [when]: Number($(".threshold", node).value) };
   return spec;
+}
+
+// One intervention: a steering object (may name a preset); several: {"steering": [objects]}
+// (list elements are plain steering objects, so a preset is spelled out as its fields).
+function variantSpec(node) {
+  const steps = [...$(".steps", node).children].map(stepSpec);
+  if (steps.length === 1) return steps[0];
+  return {
+    steering: steps.map((s) => {
+      if (!s.preset) return s;
+      const p = state.presets.find((x) => x.name === s.preset);
+      const { preset, ...rest } = s;
+      return { method: p.steering.method, ...(p.steering.k ? { k: p.steering.k } : {}), ...rest };
+    }),
+  };
 }
 
 function buildRequest() {
@@ -202,7 +287,28 @@ function buildRequest() {
   return body;
 }
 
-// ---- running ----------------------------------------------------------------------------------
+// ---- running: one server-sent-event stream, events tagged by variant ------------------------------
+
+async function* sseEvents(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).trim()).join("\n");
+      if (!data) continue;
+      if (data === "[DONE]") return;
+      yield JSON.parse(data);
+    }
+  }
+}
 
 async function run() {
   const body = buildRequest();
@@ -216,31 +322,63 @@ async function run() {
   const button = $("#run");
   button.disabled = true;
   document.body.classList.add("busy");
-  for (const node of $("#variants").children) {
-    $(".completion", node).className = "completion pending";
-    $(".completion", node).textContent = "Generating…";
+  const nodes = [...$("#variants").children];
+  for (const node of nodes) {
+    const comp = $(".completion", node);
+    comp.className = "completion pending";
+    comp.textContent = "Generating…";
+    delete comp.dataset.text;
+    delete comp.dataset.partial;
     $(".result-meta", node).textContent = "";
+    for (const c of node.querySelectorAll(".condition-result")) { c.textContent = ""; c.className = "condition-result"; }
     node.classList.remove("is-refusal", "is-ok");
   }
   setStatus(`Running ${body.variants.length} variant(s)…`);
   const started = performance.now();
   try {
-    const r = await fetch("/v1/steering/compare", { method: "POST", headers: headers(), body: JSON.stringify(body) });
-    const data = await r.json().catch(() => ({}));
-    if (!r.ok) throw new Error(data.error ? data.error.message : `${r.status} ${r.statusText}`);
-    showResults(data);
-    const refusals = data.variants.filter((v) => v.is_refusal).length;
-    setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(2)} s · seed ${data.seed} · ${refusals} of ${data.variants.length} refused.`, "ok");
+    const r = await fetch("/v1/steering/compare", {
+      method: "POST", headers: headers(), body: JSON.stringify({ ...body, stream: true }),
+    });
+    if (!r.ok) {
+      const data = await r.json().catch(() => ({}));
+      throw new Error(data.error ? data.error.message : `${r.status} ${r.statusText}`);
+    }
+    let summary = null;
+    if (!(r.headers.get("content-type") || "").startsWith("text/event-stream")) {
+      summary = await r.json();  // a server that answers the whole comparison at once
+      summary.variants.forEach((v, i) => showResult(nodes[i], v));
+    }
+    for await (const event of summary ? [] : sseEvents(r)) {
+      if (event.error) throw new Error(event.error.message);
+      if (event.type === "delta") appendDelta(nodes[event.index], event.text);
+      else if (event.type === "variant") showResult(nodes[event.index], event.result);
+      else if (event.type === "done") summary = event.compare;
+    }
+    if (!summary) throw new Error("the stream ended early");
+    highlightDiffs();
+    const refusals = summary.variants.filter((v) => v.is_refusal).length;
+    setStatus(`Done in ${((performance.now() - started) / 1000).toFixed(2)} s · seed ${summary.seed} · ${refusals} of ${summary.variants.length} refused.`, "ok");
   } catch (e) {
-    for (const node of $("#variants").children) {
-      $(".completion", node).className = "completion empty";
-      $(".completion", node).textContent = "No result.";
+    for (const node of nodes) {
+      const comp = $(".completion", node);
+      if (comp.dataset.text !== undefined) continue;
+      comp.className = "completion empty";
+      comp.textContent = "No result.";
     }
     setStatus(`Error: ${e.message}`, "error");
   } finally {
     button.disabled = false;
     document.body.classList.remove("busy");
   }
+}
+
+function appendDelta(node, text) {
+  if (!node || !text) return;
+  const comp = $(".completion", node);
+  const partial = (comp.dataset.partial || "") + text;
+  comp.dataset.partial = partial;
+  comp.className = "completion streaming";
+  comp.textContent = partial;
 }
 
 function badge(text, cls, title) {
@@ -251,33 +389,50 @@ function badge(text, cls, title) {
   return b;
 }
 
-function showResults(data) {
-  const nodes = [...$("#variants").children];
-  data.variants.forEach((v, i) => {
-    const node = nodes[i];
-    if (!node) return;
-    node.classList.toggle("is-refusal", v.is_refusal);
-    node.classList.toggle("is-ok", !v.is_refusal);
-    const meta = $(".result-meta", node);
-    meta.replaceChildren(
-      v.is_refusal ? badge("refusal", "refusal", "the evaluation's refusal matcher fired")
-        : badge("answered", "ok", "no refusal phrase found"),
-      badge(`score ${v.refusal_score === null ? "n/a" : `${v.refusal_score_exact ? "" : "≥ "}${v.refusal_score.toFixed(2)}`}`,
-        "neutral", "log-odds of a refusal opener at the first answer position" +
-        (v.refusal_score_exact ? "" : " (a lower bound: the refusal tokens were outside the top 50)")),
-      badge(`${v.completion_tokens} tok`, "neutral", `finish: ${v.finish_reason}`),
-      badge(`${v.time_s.toFixed(2)} s`, "neutral", "time to the variant's last token"),
-    );
-    const applied = v.steering;
-    const desc = applied.method === "none" ? "unsteered"
-      : `${applied.method} · strength ${applied.strength}${applied.k ? ` · k ${applied.k}` : ""}${applied.preset ? ` · preset ${applied.preset}` : ""}`;
-    meta.appendChild(Object.assign(document.createElement("div"), { className: "applied", textContent: desc }));
-    const comp = $(".completion", node);
-    comp.className = "completion";
-    comp.dataset.text = v.completion;
-    comp.textContent = v.completion || "(empty)";
+function describeApplied(a) {
+  if (a.method === "none" && !a.condition) return a.preset ? `unsteered · preset ${a.preset}` : "unsteered";
+  let out = a.method === "none" ? "none" : `${a.method} · strength ${a.strength}${a.k ? ` · k ${a.k}` : ""}`;
+  if (a.generation_window) out += ` · answer tokens ${a.generation_window[0]}–${a.generation_window[1] ?? "end"}`;
+  else if (a.apply_to && a.apply_to !== "all") out += ` · ${a.apply_to} only`;
+  if (a.preset) out += ` · preset ${a.preset}`;
+  if (a.condition) out += ` · score ${a.condition.score.toFixed(2)} ${a.condition.applied ? "applied" : "skipped"}`;
+  return out;
+}
+
+function showResult(node, v) {
+  if (!node) return;
+  node.classList.toggle("is-refusal", v.is_refusal);
+  node.classList.toggle("is-ok", !v.is_refusal);
+  const meta = $(".result-meta", node);
+  meta.replaceChildren(
+    v.is_refusal ? badge("refusal", "refusal", "the evaluation's refusal matcher fired")
+      : badge("answered", "ok", "no refusal phrase found"),
+    badge(`score ${v.refusal_score === null ? "n/a" : `${v.refusal_score_exact ? "" : "≥ "}${v.refusal_score.toFixed(2)}`}`,
+      "neutral", "log-odds of a refusal opener at the first answer position" +
+      (v.refusal_score_exact ? "" : " (a lower bound: the refusal tokens were outside the top 50)")),
+    badge(`${v.completion_tokens} tok`, "neutral", `finish: ${v.finish_reason}`),
+    badge(`${v.time_s.toFixed(2)} s`, "neutral", "time to the variant's last token"),
+  );
+  const applied = Array.isArray(v.steering) ? v.steering : [v.steering];
+  meta.appendChild(Object.assign(document.createElement("div"), {
+    className: "applied", textContent: applied.map(describeApplied).join(" → "),
+  }));
+  const steps = [...$(".steps", node).children];
+  applied.forEach((a, i) => {
+    const out = steps[i] && $(".condition-result", steps[i]);
+    if (!out) return;
+    if (a.condition) {
+      out.textContent = `prompt score ${a.condition.score.toFixed(3)} → ${a.condition.applied ? "applied" : "not applied"}`;
+      out.className = `condition-result ${a.condition.applied ? "on" : "off"}`;
+    } else {
+      out.textContent = "";
+      out.className = "condition-result";
+    }
   });
-  highlightDiffs();
+  const comp = $(".completion", node);
+  comp.className = "completion";
+  comp.dataset.text = v.completion;
+  comp.textContent = v.completion || "(empty)";
 }
 
 // ---- differences between columns -------------------------------------------------------------
@@ -364,7 +519,7 @@ function renderSnippets() {
     `${keyLine ? "import os\n\n" : ""}import httpx\n\nbody = ${pyLiteral(body)}\n` +
     `r = httpx.post(\n    ${JSON.stringify(url)},\n    json=body${keyLine},\n    timeout=600,\n)\n` +
     `r.raise_for_status()\nfor v in r.json()["variants"]:\n` +
-    `    print(v["index"], v["steering"]["method"], v["is_refusal"], v["completion"][:80])\n`;
+    `    print(v["index"], v["steering"], v["is_refusal"], v["completion"][:80])\n`;
 }
 
 async function copy(targetId, button) {

@@ -2,12 +2,17 @@
 
 Each line holds the time, the server's request id (and the client's `X-Request-ID` as
 `client_request_id`), the key id (never the key; `anonymous` without one), the endpoint, the
-resolved steering (method, strength, k, layers, pack, preset), the final HTTP status and outcome
-(e.g. `client_closed`, `denied`), the token counts, and the SHA-256 of the prompt — never its
+resolved steering (method, strength, k, layers, pack, preset; targeting and the condition with
+its decided score when set; a list as `method: "composed"` with every object under `steering`),
+the final HTTP status and outcome (e.g. `client_closed`, `denied`), the token counts, and the SHA-256 of the prompt — never its
 text. A request refused by policy or rate limit carries `denied` naming the rule. A request
 refused before its steering was resolved — no or a wrong key (401), a route the key may not use
 (403), a body that fails validation (4xx on a POST) — still gets one line, with `event:
 "denied_request"`, the error code and no steering.
+
+Pack uploads and deletions (`server.api.pack_admin`) write one line each at once (`pack_event`:
+`event: "pack_uploaded"` / `"pack_deleted"`, the key id, the pack's name, concept, tensor and
+sidecar SHA-256); a refused attempt gets the `denied_request` line like any other 4xx.
 
 `policy.enforce` notes each request (`note`); `AuditMiddleware` (outside authentication) writes
 the lines once the response has been sent, when status and token counts are known. Each line is
@@ -28,7 +33,7 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.protocol import AppliedSteering
+from server.api.protocol import Applied, AppliedSteering
 from server.context import RequestContext, request_context
 
 audit_log = logging.getLogger("steer.audit")
@@ -52,15 +57,39 @@ def prompt_hash(prompt: str | Iterable[str] | None) -> str | None:
     return hashlib.sha256(data).hexdigest()
 
 
-def note(request: Request, applied: AppliedSteering, *, prompt=None, tokens: int = 0,
+def _object(a: AppliedSteering) -> dict:
+    out = {"method": a.method, "strength": a.strength, "k": a.k, "layers": a.layers,
+           "pack": a.pack, "preset": a.preset}
+    if a.apply_to != "all" or a.generation_window is not None:
+        out.update(apply_to=a.apply_to, generation_window=a.generation_window)
+    if a.when is not None:
+        out.update(when=a.when, condition=a.condition.model_dump() if a.condition else None)
+    return out
+
+
+def steering_fields(applied: Applied) -> dict:
+    """The audit line's steering fields for one object or a list."""
+    if isinstance(applied, list):
+        return {"method": "composed", "preset": applied[0].preset if applied else None,
+                "steering": [_object(a) for a in applied]}
+    return _object(applied)
+
+
+def note(request: Request, applied: Applied, *, prompt=None, tokens: int = 0,
          key_id: str | None = None, endpoint: str | None = None) -> dict:
     """Record one steered request (or compare variant) for the line written after the response."""
     entry = {"key_id": key_id, "endpoint": endpoint or route_path(request.scope),
-             "method": applied.method, "strength": applied.strength, "k": applied.k,
-             "layers": applied.layers, "pack": applied.pack, "preset": applied.preset,
-             "prompt_sha256": prompt_hash(prompt), "tokens_charged": tokens}
+             **steering_fields(applied), "prompt_sha256": prompt_hash(prompt),
+             "tokens_charged": tokens}
     request_context(request).audit.append(entry)
     return entry
+
+
+def decide_notes(ctx: RequestContext, decided: list[Applied]) -> None:
+    """Put the steering as applied (conditions decided at prefill) into the noted lines, one per
+    noted request or compare variant, in order."""
+    for entry, applied in zip(ctx.audit, decided):
+        entry.update(steering_fields(applied))
 
 
 class _AppendHandler(logging.Handler):
@@ -151,6 +180,15 @@ def write_lines(scope: Scope, status: int) -> None:
            "endpoint": route_path(scope)[:256], "method": None, "strength": None, "k": None,
            "layers": None, "pack": None, "preset": None, "status": status,
            "outcome": "denied", "denied": error.get("code"), "param": error.get("param")})
+
+
+def pack_event(request: Request, event: str, **fields) -> None:
+    """One audit line for a pack loaded or unloaded while serving."""
+    state = request.scope.get("state") or {}
+    _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
+           "event": event, "request_id": state.get("request_id"),
+           "client_request_id": state.get("client_request_id"), "key_id": _key_id(state),
+           "endpoint": route_path(request.scope)[:256], **fields})
 
 
 def _emit(line: dict) -> None:

@@ -260,9 +260,15 @@ def check_request(state, req) -> None:
 
 
 def check_names(model: str | None, steering) -> None:
-    """The preset named in `model` and the pack named in `steering` are plain names."""
-    if steering is not None and steering.pack is not None:
-        check_name(steering.pack, "pack", "steering.pack")
+    """The preset named in `model` and the packs named in `steering` (one object or a list) are
+    plain names."""
+    parts = steering if isinstance(steering, list) else [steering]
+    for i, part in enumerate(p for p in parts if p is not None):
+        where = f"steering[{i}]" if isinstance(steering, list) else "steering"
+        if part.pack is not None:
+            check_name(part.pack, "pack", f"{where}.pack")
+        if part.when is not None and part.when.pack is not None:
+            check_name(part.when.pack, "pack", f"{where}.when.pack")
     if model and "+" in model:
         check_name(model.rpartition("+")[2], "preset", "model")
 

@@ -19,7 +19,7 @@ coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = 
 signed per-method bounds, `strength: {actadd: {min: 0, max: 2}}`, and `max_strength` bounds
 |strength| for every method.
 
-    enforce(state, request, applied, prompt=..., tokens=...)   # 403 / 429, or the caller's key
+    enforce(state, request, [applied], prompt=..., tokens=...)   # 403 / 429, or the caller's key
 
 With authentication off (`STEER_AUTH` unset, local use) there is no key and no policy. Rate limits
 are token buckets that may go into debt: a request larger than the bucket is admitted on a full
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 
 from server.api.errors import APIError
-from server.api.protocol import AppliedSteering
+from server.api.protocol import Applied, AppliedSteering
 from server.context import request_context
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
@@ -176,6 +176,10 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
             and applied.preset not in policy.presets:
         raise _forbidden(key_id, "presets", f"preset {applied.preset!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
+    when_pack = (applied.when or {}).get("pack")
+    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs:
+        raise _forbidden(key_id, "packs", f"condition pack {when_pack!r} is not allowed "
+                         f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if applied.method == "none":
         return
     if not policy.lower_refusal and lowers_refusal(applied.method, applied.strength):
@@ -261,16 +265,17 @@ class RateLimiter:
 # ---- the hook ----------------------------------------------------------------------------------
 
 
-def enforce(state, request: Request, applied: AppliedSteering | Sequence[AppliedSteering],
+def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
             = None) -> str | None:
-    """Check the caller's key against every resolved steering of a request (403), charge its rate
-    limits (429) and note the request for the audit log. Returns the key id (None: auth off)."""
+    """Check the caller's key against every resolved steering of a request (403): `variants`
+    holds one entry per steered run (a request, or each compare variant), each one object or a
+    list whose every object is checked. Charges the rate limits (429) and notes each entry for
+    the audit log. Returns the key id (None: auth off)."""
     from server.security import (
         audit,  # local: audit imports nothing from here, keeps the graph flat
     )
 
-    variants = [applied] if isinstance(applied, AppliedSteering) else list(applied)
     key = request_context(request).api_key
     key_id = key.id if key is not None else None
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
@@ -279,7 +284,8 @@ def enforce(state, request: Request, applied: AppliedSteering | Sequence[Applied
         return None
     try:
         for a in variants:
-            check(key.id, key.policy, a)
+            for part in (a if isinstance(a, list) else [a]):
+                check(key.id, key.policy, part)
         limiter: RateLimiter = getattr(state, "rate_limiter", None) or _limiter(state)
         limiter.take(key.id, key.policy, tokens)
     except APIError as exc:
@@ -300,5 +306,5 @@ def enforce_job(state, request: Request | None, job) -> None:
     if request is None:
         return
     texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
-    enforce(state, request, job.resolved.applied, prompt=texts, tokens=job.tokens_charged,
+    enforce(state, request, [job.resolved.applied], prompt=texts, tokens=job.tokens_charged,
             endpoint=job.endpoint)

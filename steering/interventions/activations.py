@@ -80,11 +80,11 @@ def last_logits(lm: LoadedModel, prompts: Sequence[str], hooks: SteeringHooks | 
     for start in _batches(len(prompts), batch_size, desc):
         chunk = prompts[start:start + batch_size]
         rows = [row] * len(chunk) if (row is not None and hooks is not None) else None
+        enc = encode_chats(lm, chunk)
         if hooks is not None:
-            hooks.set_rows(rows)
+            hooks.set_rows(rows, enc["attention_mask"].sum(-1).tolist())
         try:
-            logits = lm.model(**encode_chats(lm, chunk), use_cache=False,
-                              logits_to_keep=1).logits[:, -1, :]
+            logits = lm.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
         finally:
             if hooks is not None:
                 hooks.set_rows(None)

@@ -26,6 +26,19 @@ already on the other side are left alone.
 
 The arithmetic runs in float32 whatever the activations' dtype (a bf16 projection leaves a
 visible residue along the direction), and the result is cast back to that dtype.
+
+Token targeting: an edit may carry a window [lo, hi) over token indices, where a position's token
+index is its distance from the first answer position (the last prompt position, whose output is
+the first generated token, has index 0; generated token i enters at index i; prompt positions are
+negative). Positions outside a row's window keep h exactly (the edited value is discarded with a
+select, not blended), so they compute what the unsteered model computes there.
+
+| targeting | window [lo, hi) |
+|---|---|
+| every position | none |
+| prompt only | [−∞, 0) |
+| generation only | [0, ∞) |
+| generated tokens s … e−1 | [s, e) |
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ class RowEdit:
     alpha: float
     v: torch.Tensor
     one_sided: bool = False  # g = relu (see the module docstring)
+    window: tuple[int, int] | None = None  # token indices [lo, hi) it acts on; None: all
 
     @staticmethod
     def identity(d: int, dtype: torch.dtype = torch.float32) -> RowEdit:
@@ -62,13 +76,15 @@ class RowEdit:
 @dataclass
 class BatchEdit:
     """Stacked per-row parameters for one site. q: [B, d, K], c: [B, d], alpha: [B], v: [B, d],
-    one_sided: [B] bool (None when no row is one-sided)."""
+    one_sided: [B] bool (None when no row is one-sided), window: [B, 2] int64 token-index bounds
+    [lo, hi) (None when every row acts on every position)."""
 
     q: torch.Tensor
     c: torch.Tensor
     alpha: torch.Tensor
     v: torch.Tensor
     one_sided: torch.Tensor | None = None
+    window: torch.Tensor | None = None
 
     @staticmethod
     def stack(rows: list[RowEdit], device: torch.device,
@@ -86,16 +102,32 @@ class BatchEdit:
         one_sided = None
         if any(r.one_sided for r in rows):
             one_sided = torch.tensor([r.one_sided for r in rows], device=device)
-        return BatchEdit(q=q, c=c, alpha=alpha, v=v, one_sided=one_sided)
+        window = None
+        if any(r.window is not None for r in rows):
+            window = torch.tensor([r.window or EVERY_TOKEN for r in rows], dtype=torch.long,
+                                  device=device)
+        return BatchEdit(q=q, c=c, alpha=alpha, v=v, one_sided=one_sided, window=window)
 
     def select(self, index: torch.Tensor) -> BatchEdit:
         return BatchEdit(self.q[index], self.c[index], self.alpha[index], self.v[index],
-                         None if self.one_sided is None else self.one_sided[index])
+                         None if self.one_sided is None else self.one_sided[index],
+                         None if self.window is None else self.window[index])
 
 
-def apply_edit(h: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
+NO_BOUND = 2**62  # an unbounded side of a token window
+EVERY_TOKEN = (-NO_BOUND, NO_BOUND)
+
+
+def window_mask(window: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """[B, 2] bounds and [B, T] token indices → [B, T] bool: the positions inside the window."""
+    return (token_index >= window[:, :1]) & (token_index < window[:, 1:])
+
+
+def apply_edit(h: torch.Tensor, edit: BatchEdit,
+               token_index: torch.Tensor | None = None) -> torch.Tensor:
     """h: [B, T, d] → edited copy, computed in the parameters' dtype (float32 by default) and
-    returned in h's dtype. Cost O(B·T·d·K), small next to a layer's O(B·T·d²)."""
+    returned in h's dtype. Cost O(B·T·d·K), small next to a layer's O(B·T·d²).
+    `token_index` [B, T] (see the module docstring) is needed when the edit has a window."""
     work = edit.c.dtype
     x = h if h.dtype == work else h.to(work)
     out = x
@@ -106,4 +138,9 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
             coords = torch.where(edit.one_sided[:, None, None], coords.clamp_min(0), coords)
         out = out - edit.alpha[:, None, None] * torch.bmm(coords, edit.q.transpose(1, 2))
     out = out + edit.v[:, None, :]
-    return out if out.dtype == h.dtype else out.to(h.dtype)
+    out = out if out.dtype == h.dtype else out.to(h.dtype)
+    if edit.window is not None:
+        if token_index is None:
+            raise ValueError("a targeted edit needs the token index of every position")
+        out = torch.where(window_mask(edit.window, token_index)[..., None], out, h)
+    return out

@@ -23,6 +23,24 @@ kept for the geometry study.
 `strength` keeps its paper meaning (1 = the method as published). A pack may also record a
 calibrated strength per method (`SteeringPack.calibrated_strength`): the value extraction
 measured to reach the method's effect on the validation split.
+
+Three controls sit on top of every method:
+
+| field | what it does | kernel |
+|---|---|---|
+| `apply_to` | "all" (default), "prompt" or "generation" positions | each edit's token window (kernel.py) |
+| `generation_window` | [start, end): only generated tokens start … end−1 (implies "generation") | window [start, end) |
+| `when` | apply only if the prompt's score on a pack's DiM axis is above / below a threshold | decided at prefill (conditions.py) |
+
+A position belongs to the generation when its output is a generated token: the last prompt
+position (it yields token 0) and every decoded token. A list of steering objects is one
+`ComposedSteering`: at each site its parts' edits run in list order, each on the previous one's
+output (sequential application is the definition; the hooks batch it).
+
+The condition score is the position of the prompt's residual (pack layer input, pack position)
+on the DiM axis, t(h) = (h − μ⁻)·r / ‖r‖² with r = μ⁺ − μ⁻: harmless mean 0, harmful mean 1 (the
+axis of `steering.evaluation.geometry.dim_position`; Lee et al. 2024, "Programming Refusal with
+Conditional Activation Steering", use a condition vector the same way).
 """
 
 from __future__ import annotations
@@ -32,8 +50,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from steering.interventions.catalog import DESCRIPTIONS, INLP_METHODS, METHODS  # noqa: F401 (re-exported)
-from steering.interventions.kernel import RowEdit
+from steering.interventions.catalog import (  # noqa: F401 (re-exported)
+    APPLY_TO,
+    DESCRIPTIONS,
+    INLP_METHODS,
+    METHODS,
+)
+from steering.interventions.kernel import NO_BOUND, RowEdit
 from steering.packs.format import SteeringPack
 
 Site = tuple[int, str]  # (layer, "input" | "attn" | "mlp")
@@ -47,6 +70,26 @@ class SteeringError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def at(self, index: int) -> SteeringError:
+        """The same error for element `index` of a steering list (`steering[1].strength`)."""
+        param = self.param or "steering"
+        head, dot, rest = param.partition(".")
+        return SteeringError(str(self), f"{head}[{index}]{dot}{rest}")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`when`: steer only if the prompt's DiM-axis score is above (or below) a threshold."""
+
+    pack: str | None = None  # default: the steering object's pack
+    layer: int | None = None  # default: the pack's layer
+    above: float | None = None
+    below: float | None = None
+
+    def describe(self) -> dict:
+        side = {"above": self.above} if self.above is not None else {"below": self.below}
+        return {"pack": self.pack, "layer": self.layer, **side}
+
 
 @dataclass(frozen=True)
 class SteeringSpec:
@@ -55,19 +98,97 @@ class SteeringSpec:
     k: int | None = None
     layers: tuple[int, ...] | None = None
     pack: str | None = None
+    apply_to: str | None = None  # "all", "prompt", "generation"; None: "all" (or "generation"
+    generation_window: tuple[int, int | None] | None = None  # with a window) [start, end)
+    when: Condition | None = None
+
+
+@dataclass(frozen=True)
+class BoundCondition:
+    """A `Condition` with the pack tensors its score needs (position: the pack's offset)."""
+
+    when: Condition
+    position: int
+    mean_harmful: torch.Tensor
+    mean_harmless: torch.Tensor
+
+    @property
+    def layer(self) -> int:
+        assert self.when.layer is not None
+        return self.when.layer
+
+    def holds(self, score: float) -> bool:
+        if self.when.above is not None:
+            return score > self.when.above
+        return score < self.when.below
+
+
+@dataclass(frozen=True)
+class ConditionOutcome:
+    score: float
+    applied: bool
 
 
 @dataclass
 class RowSteering:
-    """One request's resolved settings and its kernel parameters per site."""
+    """One steering object's resolved settings and its kernel parameters per site."""
 
     spec: SteeringSpec
     edits: dict[Site, RowEdit] = field(default_factory=dict)
+    condition: BoundCondition | None = None
+    outcome: ConditionOutcome | None = None  # set once the condition is decided
+
+    @property
+    def parts(self) -> tuple[RowSteering, ...]:
+        return (self,)
+
+    @property
+    def active(self) -> bool:
+        """Its edits apply: unconditional, or its condition was decided and holds."""
+        return self.condition is None or (self.outcome is not None and self.outcome.applied)
+
+    def decided(self, score: float) -> RowSteering:
+        """This row with its condition decided by `score`."""
+        assert self.condition is not None
+        return replace(self, outcome=ConditionOutcome(score, self.condition.holds(score)))
 
     def applied(self) -> dict:
         s = self.spec
-        return {"method": s.method, "strength": s.strength, "k": s.k,
-                "layers": list(s.layers) if s.layers is not None else None, "pack": s.pack}
+        window = list(s.generation_window) if s.generation_window is not None else None
+        out = {"method": s.method, "strength": s.strength, "k": s.k,
+               "layers": list(s.layers) if s.layers is not None else None, "pack": s.pack,
+               "apply_to": s.apply_to or "all", "generation_window": window,
+               "when": s.when.describe() if s.when is not None else None, "condition": None}
+        if self.outcome is not None:
+            out["condition"] = {"score": self.outcome.score, "applied": self.outcome.applied}
+        return out
+
+
+@dataclass
+class ComposedSteering:
+    """A list of steering objects for one request, applied in list order at each site."""
+
+    parts: tuple[RowSteering, ...]
+
+    def applied(self) -> list[dict]:
+        return [p.applied() for p in self.parts]
+
+
+Steering = RowSteering | ComposedSteering  # what one batch row carries
+
+
+def compose(rows: list[RowSteering] | tuple[RowSteering, ...]) -> Steering:
+    """One request's steering from its list: a single object stays a `RowSteering`."""
+    if len(rows) == 1:
+        return rows[0]
+    if not rows:
+        return RowSteering(SteeringSpec("none", 0.0))
+    return ComposedSteering(tuple(rows))
+
+
+def with_parts(steering: Steering, parts: list[RowSteering]) -> Steering:
+    """`steering` with its parts replaced (same shape: one stays one)."""
+    return parts[0] if isinstance(steering, RowSteering) else ComposedSteering(tuple(parts))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +211,73 @@ def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]
     return every, (every if method == "ablate" else [pack.layer])
 
 
-def build_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
-    """Validate `spec` against `pack` and produce its per-site edits."""
+def build_row(spec: SteeringSpec, pack: SteeringPack | None,
+              condition_pack: SteeringPack | None = None) -> RowSteering:
+    """Validate `spec` against `pack` and produce its per-site edits, each limited to the spec's
+    token window, and its condition bound to `condition_pack` (default: `pack`)."""
+    apply_to, window, bounds = _targeting(spec)
+    condition = _bind_condition(spec.when, condition_pack or pack) if spec.when else None
+    row = _method_row(replace(spec, apply_to=None, generation_window=None, when=None), pack)
+    if row.spec.method == "none":
+        return RowSteering(replace(row.spec, when=condition.when if condition else None),
+                           condition=condition)
+    edits = {site: replace(e, window=bounds) for site, e in row.edits.items()}
+    resolved = replace(row.spec, apply_to=apply_to, generation_window=window,
+                       when=condition.when if condition else None)
+    return RowSteering(resolved, edits, condition)
+
+
+def _targeting(spec: SteeringSpec) -> tuple[str, tuple[int, int | None] | None,
+                                            tuple[int, int] | None]:
+    """(apply_to, window, the edits' token bounds) after validation."""
+    apply_to, window = spec.apply_to, spec.generation_window
+    if apply_to is not None and apply_to not in APPLY_TO:
+        raise SteeringError(f"apply_to must be one of {', '.join(APPLY_TO)}, got {apply_to!r}",
+                            "steering.apply_to")
+    if window is None:
+        apply_to = apply_to or "all"
+        return apply_to, None, {"all": None, "prompt": (-NO_BOUND, 0),
+                                "generation": (0, NO_BOUND)}[apply_to]
+    if apply_to not in (None, "generation"):
+        raise SteeringError("generation_window selects generated tokens: use it with apply_to "
+                            "'generation' (the default when a window is given)",
+                            "steering.generation_window")
+    if len(window) not in (1, 2) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                            for x in window if x is not None):
+        raise SteeringError("generation_window must be [start, end) or [start] with integer "
+                            "token indices", "steering.generation_window")
+    start, end = window[0], (window[1] if len(window) == 2 else None)
+    if start is None or start < 0 or (end is not None and end <= start):
+        raise SteeringError(f"generation_window must satisfy 0 ≤ start < end, got "
+                            f"{list(window)}", "steering.generation_window")
+    if end is not None and end > NO_BOUND:
+        end = None
+    return "generation", (start, end), (start, end if end is not None else NO_BOUND)
+
+
+def _bind_condition(when: Condition, pack: SteeringPack | None) -> BoundCondition:
+    given = [x for x in (when.above, when.below) if x is not None]
+    if len(given) != 1:
+        raise SteeringError("steering.when needs exactly one of 'above' and 'below'",
+                            "steering.when")
+    side = "above" if when.above is not None else "below"
+    if not math.isfinite(given[0]):
+        raise SteeringError(f"steering.when.{side} must be a finite number",
+                            f"steering.when.{side}")
+    if pack is None:
+        raise SteeringError("a condition needs a steering pack, and none is loaded",
+                            "steering.when.pack")
+    layer = when.layer if when.layer is not None else pack.layer
+    if not 0 <= layer < pack.n_layers:
+        raise SteeringError(f"steering.when.layer must be between 0 and {pack.n_layers - 1}, "
+                            f"got {layer}", "steering.when.layer")
+    p = pack.positions.index(pack.position)
+    return BoundCondition(replace(when, pack=pack.name, layer=layer), pack.position,
+                          pack.mean_harmful[layer, p], pack.mean_harmless[layer, p])
+
+
+def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
+    """The method table: `spec`'s per-site edits on every position."""
     method = spec.method
     if method not in METHODS:
         raise SteeringError(f"unknown steering method {method!r}; choose one of "
