@@ -181,7 +181,7 @@ def test_admin_check_fails_closed_when_keys_are_configured_but_no_key_is_seen():
 
     def request(settings):
         app = SimpleNamespace(state=SimpleNamespace(steer=SimpleNamespace(settings=settings)))
-        return SimpleNamespace(state=SimpleNamespace(), app=app)
+        return SimpleNamespace(scope={}, app=app)  # no key in its request context
 
     _require_admin(request(Settings()))  # authentication off: the local operator
     with pytest.raises(APIError) as err:

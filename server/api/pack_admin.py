@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from server.api.errors import APIError, bad_request, not_found
+from server.context import request_context
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
 from server.security.auth import may_see_internals
@@ -42,7 +43,7 @@ class PackUpload(BaseModel):
 
 
 def _require_admin(request: Request) -> None:
-    key = getattr(request.state, "api_key", None)
+    key = request_context(request).api_key
     settings = get_state(request).settings
     if key is None and (settings.auth or settings.keys or settings.keys_file):
         # fail closed: keys are configured, yet the caller's key is not where we look

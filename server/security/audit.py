@@ -184,10 +184,10 @@ def write_lines(scope: Scope, status: int) -> None:
 
 def pack_event(request: Request, event: str, **fields) -> None:
     """One audit line for a pack loaded or unloaded while serving."""
-    state = request.scope.get("state") or {}
+    ctx = request_context(request.scope)
     _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
-           "event": event, "request_id": state.get("request_id"),
-           "client_request_id": state.get("client_request_id"), "key_id": _key_id(state),
+           "event": event, "request_id": ctx.request_id,
+           "client_request_id": ctx.client_request_id, "key_id": _key_id(ctx),
            "endpoint": route_path(request.scope)[:256], **fields})
 
 
