@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import Request
@@ -46,7 +47,10 @@ class ServerState:
     def served_name(self) -> str:
         if self.settings.served_model_name:
             return self.settings.served_model_name
-        return self.lm.name if self.lm is not None else self.settings.model
+        if self.lm is not None:
+            return self.lm.name
+        # still loading: a name, never a local path (a folder or file shows its last part)
+        return PurePath(self.settings.model).name or self.settings.model
 
     async def in_tokenizer_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` in the server's tokenizer thread, off the event loop (chat templates and

@@ -216,4 +216,4 @@ def test_compare_asks_logprobs_of_the_first_token_only(client, monkeypatch):
     assert len(asked) == 2
     for sp in asked:
         assert sp.logprobs and sp.top_logprobs == SCORE_TOP
-        assert getattr(sp, "logprobs_tokens", None) == 1
+        assert sp.logprobs_tokens == 1

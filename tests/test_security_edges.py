@@ -327,3 +327,13 @@ def test_healthz_fails_when_the_engine_thread_dies(tiny_lm, tiny_pack):
         assert not thread.is_alive()
         r = c.get("/healthz")
         assert r.status_code == 503, r.text
+
+
+def test_served_name_shows_no_local_path_while_loading():
+    """Before the model has loaded, /v1/models names it by its last path part, never the path."""
+    from server.observability.metrics import Metrics
+    from server.state import ServerState
+
+    state = ServerState(Settings(model="/srv/private/models/my-model"), Metrics())
+    assert state.served_name == "my-model"
+    assert ServerState(Settings(model="embedded"), Metrics()).served_name == "embedded"

@@ -12,9 +12,10 @@ matcher fires, the refusal score, token counts, time and the applied steering.
 The refusal score is the log-odds of the refusal tokens ("I", "As") at the first answer position
 (`steering.evaluation.refusal`), computed from the **first generated token's logprobs**: the
 engine reports that position's top-`SCORE_TOP` log-probabilities (and only that position's:
-`SamplingParams.logprobs_tokens = 1`) with the variant's steering applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
-refusal token falls outside that top list its probability counts as 0 and `refusal_score_exact`
-is false (the score is then a lower bound, and the token was very unlikely anyway).
+`SamplingParams.logprobs_tokens = 1`) with the variant's steering applied, so no second forward
+(and no race with the engine's steering hooks) is needed. When a refusal token falls outside
+that top list its probability counts as 0 and `refusal_score_exact` is false (the score is then
+a lower bound, and the token was very unlikely anyway).
 
 A bad variant gets a 4xx whose message starts with `variants[i]:` and whose `param` names it.
 
@@ -103,9 +104,7 @@ def _variant_model(state: ServerState, body: CompareRequest, preset: str | None)
 
 def _score_sampling(sp: SamplingParams) -> SamplingParams:
     """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
-    out = replace(sp, logprobs=True, top_logprobs=SCORE_TOP)
-    out.logprobs_tokens = SCORE_POSITIONS  # the engine computes top-k for these tokens only
-    return out
+    return replace(sp, logprobs=True, top_logprobs=SCORE_TOP, logprobs_tokens=SCORE_POSITIONS)
 
 
 def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,

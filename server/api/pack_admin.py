@@ -24,6 +24,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from server.api.errors import APIError, bad_request, not_found
+from server.api.protocol import ERROR_RESPONSES, ErrorResponse
+from server.api.routing import CheckedBodyRoute
 from server.context import request_context
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
@@ -32,7 +34,7 @@ from server.security.hardening import check_name
 from server.state import get_state
 from steering.packs.format import PackError
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedBodyRoute)  # an upload's JSON is parsed once
 
 
 class PackUpload(BaseModel):
@@ -54,7 +56,8 @@ def _require_admin(request: Request) -> None:
                             "in the keys file)", type="permission_error", code="not_admin")
 
 
-@router.post("/v1/steering/packs", status_code=201)
+@router.post("/v1/steering/packs", status_code=201,
+             responses={**ERROR_RESPONSES, 409: {"model": ErrorResponse}})
 async def upload_pack(body: PackUpload, request: Request):
     state = get_state(request)
     state.require_ready()
@@ -86,7 +89,7 @@ async def upload_pack(body: PackUpload, request: Request):
             **pack.describe()}
 
 
-@router.delete("/v1/steering/packs/{name}")
+@router.delete("/v1/steering/packs/{name}", responses=ERROR_RESPONSES)
 async def delete_pack(name: str, request: Request):
     state = get_state(request)
     state.require_ready()

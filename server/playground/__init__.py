@@ -1,1 +1,1 @@
-"""Static files of the web playground (served at /playground by server/api/compare.py)."""
+"""Static files of the web playground (served at /playground by server/api/playground.py)."""
