@@ -222,6 +222,8 @@ def main() -> int:
     ap.add_argument("--precision", default=None,
                     help="the server's precision (default: its own default, auto)")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--skip-plain", action="store_true",
+                    help="skip the plain transformers fp32 reference (minutes on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -233,8 +235,9 @@ def main() -> int:
         print(f"llama.cpp: not measured: {llama['error']}")
     else:
         print(f"llama.cpp, 2 threads, 1 greedy stream: {llama['tokens_per_s']:.2f} tokens/s")
-    reference = plain_generate(args.tokens, args.repeats)
-    print(f"plain transformers generate fp32, 1 greedy stream: {reference:.2f} tokens/s")
+    reference = None if args.skip_plain else plain_generate(args.tokens, args.repeats)
+    if reference is not None:
+        print(f"plain transformers generate fp32, 1 greedy stream: {reference:.2f} tokens/s")
     env = {"PYTHONPATH": str(ROOT)}  # this checkout's code, whatever the venv's editable install
     server_args = ["--precision", args.precision] if args.precision else []
     with ServerProcess(*server_args, env=env, log_path="/tmp/bench-serve.log") as server:
@@ -268,10 +271,10 @@ def main() -> int:
         "precision": precision,
         "llama_cpp_tokens_per_s": round(llama_tps, 3) if llama_tps else None,
         "llama_cpp_error": llama.get("error"),
-        "plain_generate_fp32_tokens_per_s": round(reference, 3),
+        "plain_generate_fp32_tokens_per_s": round(reference, 3) if reference else None,
         "server_single_stream_tokens_per_s": round(single, 3),
         "server_vs_llama_cpp": round(single / llama_tps, 3) if llama_tps else None,
-        "server_vs_plain": round(single / reference, 3),
+        "server_vs_plain": round(single / reference, 3) if reference else None,
         "overhead_by_method": {m: round(r["overhead"], 4) for m, r in singles.items()},
         "concurrency": conc,
         "eight_vs_one": round(eight["tokens_per_s"] / one["tokens_per_s"], 3)

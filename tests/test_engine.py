@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from transformers import DynamicCache
 
 from server.engine import Engine, EngineStopped, GenerationRequest, QueueFull, SamplingParams
 from steering import SteeringSpec, build_row
@@ -283,3 +284,84 @@ def test_growing_kv_layer_appends_in_place_and_matches_concatenation():
     assert torch.equal(grow.keys, before)
     assert torch.equal(grow._kbuf[:, :, :before.shape[2]], before)
     assert not torch.equal(grow._kbuf[:1, :, before.shape[2]], torch.ones(1, 2, 4))
+
+
+def test_one_step_admits_several_short_prompts(tiny_lm, tiny_pack):
+    """TTFT under load (issue 11): short prompts waiting together are all prefilled in one step
+    (up to `prefill_chunk` prompt tokens), not one per decode step; a prompt that does not fit
+    the rest of the step's budget waits for the next."""
+    async def main():
+        engine = Engine(tiny_lm, max_batch=8, prefill_chunk=80)  # prompts: 20, 34, 15 tokens
+        engine._accepting = True  # not started: the test drives the steps
+        for i in range(3):
+            engine.submit(_request(tiny_lm, tiny_pack, i, "none", 4))
+        long = _request(tiny_lm, tiny_pack, 3, "none", 4)
+        long.prompt_ids = long.prompt_ids * 3  # > the budget left after three short prompts
+        engine.submit(long)
+        engine._step()
+        first = (len(engine._rows), engine.stats()["waiting"])
+        engine._step()
+        return first, len(engine._rows) + (engine._prefilling is not None)
+
+    (rows, waiting), later = _run(main())
+    assert rows == 3 and waiting == 1
+    assert later == 4
+
+
+def test_thread_tuner_keeps_the_faster_thread_count():
+    """Decode steps are timed at 1 and at the maximum thread count; the faster one is kept
+    until the next probe (on shared cores one thread can be several times faster)."""
+    from server.engine.threads import ThreadTuner
+
+    tuner = ThreadTuner(max_threads=2, window=2, period=3)
+    speed = {1: 0.1, 2: 0.5}  # a loaded machine: one thread wins
+    for _ in range(4):
+        tuner.record(speed[tuner.threads()])
+    assert tuner.current == 1 and tuner.threads() == 1
+    speed = {1: 0.5, 2: 0.1}  # the cores became free
+    for _ in range(3 + 4):
+        tuner.record(speed[tuner.threads()])
+    assert tuner.current == 2
+    assert not ThreadTuner(max_threads=1).active
+
+
+def test_decode_logits_in_a_padded_batch_are_bit_identical_to_solo():
+    """Row-exact attention: a row decoding in a left-padded batch runs the same attention call
+    as alone (no mask over its own keys), so its logits match bit for bit — at int8 an ulp of
+    difference can flip a rounding step and change the answer. (A regression guard: on the tiny
+    model the batched SDPA call happens to agree too; on the embedded model at int8 it did not,
+    see docs/engine.md.)"""
+    import torch
+
+    from server.engine.attention import use_row_exact_attention
+    from server.engine.core import _left_pad
+    from testkit.tiny import make_tiny
+
+    lm = make_tiny("qwen2", precision="int8")
+    use_row_exact_attention(lm.model)
+    prompts = [[5, 9, 33, 7, 81, 2, 14, 60, 3], [11, 4]]
+    caches, solo, nxt = [], [], [12, 40]
+    with torch.inference_mode():
+        for ids, tok in zip(prompts, nxt, strict=True):
+            cache = DynamicCache()
+            n = len(ids)
+            lm.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
+            caches.append([(layer.keys, layer.values) for layer in cache.layers])
+            out = lm.model(input_ids=torch.tensor([[tok]]), attention_mask=torch.ones(1, n + 1,
+                           dtype=torch.long), position_ids=torch.tensor([[n]]), cache=cache,
+                           use_cache=True)
+            solo.append(out.logits[0, -1])
+        width = max(len(p) for p in prompts)
+        batch = DynamicCache()
+        for i, layers in enumerate(zip(*caches, strict=True)):
+            keys = torch.cat([_left_pad(k, width) for k, _ in layers])
+            values = torch.cat([_left_pad(v, width) for _, v in layers])
+            batch.update(keys, values, i)
+        mask = torch.cat([_left_pad(torch.ones(1, len(p), dtype=torch.long), width)
+                          for p in prompts])
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        out = lm.model(input_ids=torch.tensor([[t] for t in nxt]), attention_mask=mask,
+                       position_ids=torch.tensor([[len(p)] for p in prompts]), cache=batch,
+                       use_cache=True)
+    for i in range(2):
+        assert torch.equal(out.logits[i, -1], solo[i]), i

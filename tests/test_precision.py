@@ -120,7 +120,7 @@ def test_steering_edits_run_in_fp32_on_a_bf16_model(tiny_pack):
     assert lm.precision == "bf16" and lm.dtype == torch.bfloat16
     lm.hooks.set_rows([build_row(SteeringSpec("ablate", 1.0), tiny_pack)])
     try:
-        edit = next(iter(lm.hooks._edits.values()))
+        edit = next(iter(lm.hooks._passes.values()))[0]
         assert edit.q.dtype == torch.float32
         ids = lm.tokenizer(["hello"], return_tensors="pt")["input_ids"]
         with torch.inference_mode():
@@ -200,3 +200,22 @@ def test_int8_model_is_cached_on_disk_and_reloads_without_the_fp32_weights(tmp_p
     monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))
     third = load_model(str(folder), device="cpu", precision="int8")
     assert torch.equal(first.model(ids).logits, third.model(ids).logits)
+
+
+def test_int8_stores_the_embedding_table_in_fp16_and_keeps_the_stream_fp32():
+    """Peak RSS (issue 11): at int8 the input embedding table is fp16 (half its memory), the
+    rows it returns and the residual stream are fp32, and the table's rounding is tiny."""
+    from steering.models.precision import HalfTableEmbedding
+
+    fp32 = make_tiny("qwen2")
+    int8 = make_tiny("qwen2", precision="int8")
+    emb = int8.model.get_input_embeddings()
+    assert isinstance(emb, HalfTableEmbedding) and emb.weight.dtype == torch.float16
+    ids = torch.tensor([[3, 17, 42]])
+    rows = emb(ids)
+    assert rows.dtype == torch.float32 and int8.dtype == torch.float32
+    reference = fp32.model.get_input_embeddings()(ids)
+    assert torch.allclose(rows, reference, rtol=1e-3, atol=1e-6)
+    with torch.inference_mode():
+        hidden = int8.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert all(h.dtype == torch.float32 for h in hidden)

@@ -43,3 +43,25 @@ def test_int8_default_still_steers(int8_lm, real_pack):
         < base_harmful - MARGIN
     assert _score(int8_lm, real_pack, harmless, SteeringSpec("actadd", 1.0)) \
         > base_harmless + MARGIN
+
+
+def test_int8_cache_rebuilds_the_same_model_without_fp32_weights(int8_lm, monkeypatch):
+    """The int8 default loads from its on-disk cache (written by the first int8 load) without
+    touching the fp32 checkpoint, and computes exactly what the converted model computes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from steering import load_model
+    from steering.models import embedded
+    from steering.models.int8_cache import cache_path
+
+    assert cache_path(embedded.embedded_model_dir(), embedded.cache_root()).is_file()
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("the fp32 checkpoint was loaded although the int8 cache exists")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_checkpoint)
+    again = load_model("embedded", device="cpu", precision="auto")
+    ids = int8_lm.tokenizer(["Write a haiku about the sea."], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        assert torch.equal(int8_lm.model(input_ids=ids).logits, again.model(input_ids=ids).logits)

@@ -1,8 +1,9 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
 One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
-(2) advances the prefill of at most one newly admitted request by one chunk — so a long prompt
-never stalls the running ones for more than a chunk — and merges it into the batch when done,
+(2) advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
+(`prefill_chunk`) — several short prompts in one step, a long prompt never stalling the running
+ones for more than a chunk — and merges each into the batch when done,
 (3) runs one batched forward for every running request, each row with its own steering through
 the kernel's per-row path, and samples each row with its own generator. Every request keeps its
 own slot in the batch KV cache: rows are left-padded to a common length with masked positions,
@@ -41,9 +42,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from server.engine.attention import use_row_exact_attention
 from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
 from server.engine.sampling import Draw, RowSampling, draw
+from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.methods import Steering
 from steering.models.loading import LoadedModel
@@ -155,8 +158,14 @@ class _Slot:
 
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
-                 request_timeout_s: float = 600.0, prefill_chunk: int = 512):
+                 request_timeout_s: float = 600.0, prefill_chunk: int = 512,
+                 tune_threads: bool = False):
         self.lm = lm
+        # Opt-in: intra-op threads chosen by measuring decode steps (threads.py); CPU only. Off
+        # by default: fp32 (MKL) matmuls may round differently at another thread count, so a
+        # switch between steps could change a row's last bits.
+        self._threads = ThreadTuner() if tune_threads and lm.device.type == "cpu" else None
+        use_row_exact_attention(lm.model)  # a row attends as it does alone (attention.py)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
@@ -241,6 +250,8 @@ class Engine:
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
+            if self._threads is not None:
+                self._threads.apply()
             try:
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the server
@@ -251,24 +262,14 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         self._reap()
-        if self._prefilling is None:
-            with self._lock:
-                if self._waiting and len(self._rows) < self.max_batch:
-                    self._prefilling = self._waiting.popleft()
-        if self._prefilling is not None:
-            slot = self._prefilling
-            try:
-                self._prefill_chunk()
-            except Exception as exc:  # one request's prefill: it fails alone
-                self._prefilling = None
-                if slot not in self._rows:
-                    self._fail_one(slot, exc)
-                if slot.prefill_cache is None:  # failed while joining the batch cache: all
-                    raise
+        self._prefill_within_budget()
         if self._rows:
             width = self._mask.shape[1] if self._mask is not None else 0
+            started = time.perf_counter()
             try:
                 self._decode()
+                if self._threads is not None:
+                    self._threads.record(time.perf_counter() - started)
             except Exception as exc:
                 if self._failing is not True:  # the batched forward failed, nothing was emitted
                     self._isolate(width, exc)
@@ -292,7 +293,42 @@ class Engine:
             self._finish_slot(s, "cancelled" if s.handle.cancelled else "timeout")
         self._drop_rows(gone)
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_within_budget(self) -> None:
+        """Prefill chunks of waiting requests, one request at a time, until this step has run
+        `prefill_chunk` prompt tokens: several short prompts are admitted in one step (their
+        first tokens do not each wait for a decode step), and the running rows still wait
+        for one chunk's worth of prompt tokens at most. Chunk boundaries depend on the request
+        alone (multiples of `prefill_chunk` from its prompt's start, or from the position a
+        decided condition redoes the prefill from), so it computes the same whatever else is
+        waiting."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None:
+                with self._lock:
+                    if (self._waiting and len(self._rows) < self.max_batch
+                            and self._fits(self._waiting[0], budget)):
+                        self._prefilling = self._waiting.popleft()
+            slot = self._prefilling
+            if slot is None or not self._fits(slot, budget):
+                return
+            try:
+                ran = self._prefill_chunk()
+            except Exception as exc:  # one request's prefill: it fails alone
+                self._prefilling = None
+                if slot not in self._rows:
+                    self._fail_one(slot, exc)
+                if slot.prefill_cache is None:  # failed while joining the batch cache: all
+                    raise
+                return
+            budget -= ran
+
+    def _fits(self, slot: _Slot, budget: int) -> bool:
+        """The step's first chunk always runs; a later one only where it fits the budget left."""
+        chunk = min(len(slot.request.prompt_ids) - slot.prefilled, self.prefill_chunk)
+        return budget == self.prefill_chunk or chunk <= budget
+
+    def _prefill_chunk(self) -> int:
+        """Run the prefilling request's next chunk; returns how many prompt tokens it ran."""
         slot = self._prefilling
         assert slot is not None
         ids = slot.request.prompt_ids
@@ -318,12 +354,13 @@ class Engine:
                 _truncate(slot.prefill_cache, redo)
                 slot.prefilled = redo
         if slot.prefilled < len(ids):
-            return
+            return end - start
         self._prefilling = None
         slot.position = len(ids)
         token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
         if token is not None:
             self._merge(slot, token)
+        return end - start
 
     def _decode(self) -> None:
         device = self.lm.device

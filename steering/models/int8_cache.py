@@ -14,7 +14,9 @@ weights and scales and the rest (embedding, norms) from the stored float tensors
 | checkpoint identity | config.json, every weight file's name and size, its first and last MiB     |
 | code version        | the source of precision.py and of this module, the torch version           |
 
-Any change to the quantization code or the checkpoint gives a new key (stale files are removed).
+Any change to the quantization code or the checkpoint gives a new key. Files of other keys are
+removed once unused for `STALE_DAYS` (not at once: two checkouts or versions sharing one cache
+would otherwise delete each other's file on every start).
 The file is read with plain reads (no memory map), so its pages never count in RSS.
 """
 
@@ -25,6 +27,7 @@ import json
 import logging
 import os
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -32,10 +35,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from steering.models import precision as precision_module
-from steering.models.precision import RowInt8Linear, int8_modules, quantize_int8, release_memory
+from steering.models.precision import (
+    RowInt8Linear,
+    half_embedding_table,
+    int8_modules,
+    quantize_int8,
+    release_memory,
+)
 
 log = logging.getLogger(__name__)
 
+STALE_DAYS = 7
 _EDGE = 1 << 20  # bytes of each weight file's head and tail that enter the key
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _FIELDS = ("int8", "scale", "bias", "inv_smooth")
@@ -62,7 +72,7 @@ def cache_path(folder: Path, root: Path) -> Path:
 
 
 def save(model: nn.Module, path: Path) -> None:
-    """Write the int8 model (after `quantize_int8`) to `path`, atomically; stale keys go."""
+    """Write the int8 model (after `quantize_int8`) to `path`, atomically; long-unused keys go."""
     tensors: dict[str, torch.Tensor] = {}
     linears = int8_modules(model)
     for name, mod in linears.items():
@@ -77,8 +87,9 @@ def save(model: nn.Module, path: Path) -> None:
     release_memory()
     tmp.replace(path)
     stem = path.name.split(".int8-")[0]
+    cutoff = time.time() - STALE_DAYS * 86400
     for stale in path.parent.glob(f"{stem}.int8-*.safetensors"):
-        if stale != path:
+        if stale != path and stale.stat().st_atime < cutoff and stale.stat().st_mtime < cutoff:
             stale.unlink(missing_ok=True)
 
 
@@ -96,6 +107,7 @@ def load(path: Path, config, model_class) -> nn.Module:
                                            parts.get("inv_smooth"))
 
         quantize_int8(model, build=build)
+        half_embedding_table(model)
         state = {k.removeprefix("float/"): f.read(k) for k in f.names if k.startswith("float/")}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:

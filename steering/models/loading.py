@@ -52,7 +52,9 @@ class LoadedModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The residual stream's dtype (fp32 for int8 weights)."""
+        """The residual stream's dtype (fp32 for int8 weights, whose embedding table is fp16)."""
+        if self.precision == "int8":
+            return torch.float32
         return self.model.get_input_embeddings().weight.dtype
 
     @property

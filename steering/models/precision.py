@@ -89,6 +89,7 @@ def apply_precision(model: nn.Module, precision: str, tokenizer=None) -> nn.Modu
     if precision == "int8":
         ranges = activation_ranges(model, tokenizer) if tokenizer is not None else None
         n = quantize_int8(model, act_ranges=ranges)
+        half_embedding_table(model)
         log.info("int8: %d Linear layers quantized (fbgemm, per-row activations%s)", n,
                  ", SmoothQuant" if ranges else "")
         _own_memory(model)
@@ -120,6 +121,32 @@ def release_memory() -> None:
 
 
 # ---- int8 (CPU, fbgemm) ---------------------------------------------------------------------
+
+
+class HalfTableEmbedding(nn.Embedding):
+    """An embedding whose table is stored in fp16 and whose rows come out fp32: the residual
+    stream stays fp32, the table takes half the memory (the embedded model's 151,936 × 896 table:
+    545 → 272 MB, a quarter of the int8 model's RSS). The lookup is the only use of the table
+    (the int8 lm_head has its own copy), and fp16 keeps 11 significant bits: on the embedded
+    model 97.9% of the values are exact in fp16 and the largest error is 2·10⁻⁴ of the largest
+    value — far inside the int8 matmuls' own rounding (docs/engine.md)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def half_embedding_table(model: nn.Module) -> None:
+    """Swap the input embedding for a HalfTableEmbedding (int8 precision; works on meta too)."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, HalfTableEmbedding) or emb.weight.dtype != torch.float32:
+        return
+    half = HalfTableEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx,
+                              device=emb.weight.device, dtype=torch.float16)
+    with torch.no_grad():
+        if not emb.weight.is_meta:
+            half.weight.copy_(emb.weight)
+    half.requires_grad_(False)
+    model.set_input_embeddings(half)
 
 
 class RowInt8Linear(nn.Module):
