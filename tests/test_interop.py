@@ -124,9 +124,35 @@ def test_not_a_gguf_is_refused(tiny_lm, tmp_path):
         read_control_vector(tmp_path / "x.gguf")
 
 
-def test_llama_cpp_runs_the_exported_vector(tiny_pack, tmp_path):
-    pytest.importorskip("llama_cpp")  # optional: only where llama-cpp-python is installed
-    pytest.skip("needs a GGUF of the served model; see docs/packs.md for the manual check")
+def test_llama_cpp_applies_the_exported_vector_like_actadd(tmp_path):
+    """Optional (llama-cpp-python installed): llama.cpp with our exported control vector, fed the
+    same tokens, gives our actadd logits — the layer numbering checked end to end."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from testkit.tiny_gguf import write_qwen2_gguf
+
+    tok = make_tokenizer()
+    lm = build_tiny("qwen2", tok, n_layers=4, tie=False)
+    pack = _random_pack(lm)
+    model_path = write_qwen2_gguf(lm.model, tmp_path / "tiny.gguf", tokenizer=tok)
+    cv = export_control_vector(pack, tmp_path / "cv.gguf", layers=[2, 3], strength=0.5)
+    directions, _ = read_control_vector(cv)
+    n = lm.n_layers
+    buffer = np.zeros(lm.d_model * n, dtype=np.float32)  # llama.cpp's: layer 1 at offset 0
+    for index, vec in directions.items():
+        buffer[(index - 1) * lm.d_model: index * lm.d_model] = vec.numpy()
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=64, logits_all=True, verbose=False)
+    apply = getattr(llama_cpp, "llama_apply_adapter_cvec", None) or \
+        llama_cpp.llama_control_vector_apply
+    data = buffer.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
+    assert apply(llm.ctx, data, buffer.size, lm.d_model, 1, n - 1) == 0
+    ids = tok("Write a haiku about autumn leaves.")["input_ids"]
+    llm.reset()
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad(), lm.hooks.rows([build_row(SteeringSpec("actadd", 0.5, layers=(2, 3)),
+                                                   pack)]):
+        want = lm.model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
 # ---- PEFT LoRA --------------------------------------------------------------------------------
