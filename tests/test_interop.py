@@ -24,6 +24,7 @@ from steering.interop.peft_lora import (
     export_ablation_lora,
 )
 from steering.interventions.activations import encode_chats
+from steering.models.fingerprint import fingerprint
 from steering.packs.format import PackError, SteeringPack
 from testkit.archs import build_tiny
 from testkit.tiny import make_tiny, make_tokenizer
@@ -266,3 +267,27 @@ def test_orthogonalized_gguf_refuses_other_architectures(tmp_path):
     path = write_gguf(tmp_path / "cv.gguf", {"direction.1": np.zeros(64)})
     with pytest.raises(ValueError, match="architecture 'controlvector'"):
         orthogonalize_gguf(path, torch.ones(64), tmp_path / "o.gguf")
+
+
+def test_orthogonalize_command_writes_the_gguf(tmp_path, capsys):
+    from server.cli import main
+    from testkit.tiny_gguf import write_qwen2_gguf
+
+    lm = build_tiny("qwen2", make_tokenizer(), tie=True)
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    pack = _random_pack(lm)
+    pack.meta = {"fingerprint": fingerprint(lm.model)}
+    pack.save(tmp_path / "rand")
+    base = write_qwen2_gguf(lm.model, tmp_path / "base.gguf")
+    args = ["orthogonalize", "--model", str(folder), "--pack", str(tmp_path / "rand"),
+            "--out", str(tmp_path / "ortho")]
+    assert main([*args, "--gguf", str(tmp_path / "o.gguf")]) == 2  # no GGUF to edit
+    assert "--gguf-base" in capsys.readouterr().err
+    assert main([*args, "--gguf", str(tmp_path / "o.gguf"), "--gguf-base", str(base)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["gguf"] == str(tmp_path / "o.gguf")
+    r_hat = pack.dim() / pack.dim().norm()
+    emb = {t.name: t for t in gguf.GGUFReader(report["gguf"]).tensors}["token_embd.weight"]
+    assert np.abs(np.asarray(emb.data) @ r_hat.numpy()).max() < 1e-5
