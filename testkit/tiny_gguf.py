@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,25 @@ TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
              "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
-def write_qwen2_gguf(model, path: str | Path) -> Path:
+def add_tokenizer(w, tokenizer) -> None:
+    """The byte-level BPE tokenizer as llama.cpp's `gpt2` tokenizer metadata."""
+    vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = set(tokenizer.all_special_tokens)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+
+
+def write_qwen2_gguf(model, path: str | Path, tokenizer=None) -> Path:
     """The model's config and fp32 weights as a GGUF (a tied lm_head is left out, as llama.cpp's
-    converter does)."""
+    converter does); with `tokenizer`, its metadata too (what llama.cpp needs to load it)."""
     import gguf
 
     cfg = model.config
@@ -33,9 +50,12 @@ def write_qwen2_gguf(model, path: str | Path) -> Path:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if tokenizer is not None:
+        add_tokenizer(w, tokenizer)
     tied = getattr(cfg, "tie_word_embeddings", False)
     for key, value in model.state_dict().items():
         if key == "lm_head.weight" and tied:

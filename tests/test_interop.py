@@ -24,6 +24,7 @@ from steering.interop.peft_lora import (
     export_ablation_lora,
 )
 from steering.interventions.activations import encode_chats
+from steering.models.fingerprint import fingerprint
 from steering.packs.format import PackError, SteeringPack
 from testkit.archs import build_tiny
 from testkit.tiny import make_tiny, make_tokenizer
@@ -124,9 +125,35 @@ def test_not_a_gguf_is_refused(tiny_lm, tmp_path):
         read_control_vector(tmp_path / "x.gguf")
 
 
-def test_llama_cpp_runs_the_exported_vector(tiny_pack, tmp_path):
-    pytest.importorskip("llama_cpp")  # optional: only where llama-cpp-python is installed
-    pytest.skip("needs a GGUF of the served model; see docs/packs.md for the manual check")
+def test_llama_cpp_applies_the_exported_vector_like_actadd(tmp_path):
+    """Optional (llama-cpp-python installed): llama.cpp with our exported control vector, fed the
+    same tokens, gives our actadd logits — the layer numbering checked end to end."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from testkit.tiny_gguf import write_qwen2_gguf
+
+    tok = make_tokenizer()
+    lm = build_tiny("qwen2", tok, n_layers=4, tie=False)
+    pack = _random_pack(lm)
+    model_path = write_qwen2_gguf(lm.model, tmp_path / "tiny.gguf", tokenizer=tok)
+    cv = export_control_vector(pack, tmp_path / "cv.gguf", layers=[2, 3], strength=0.5)
+    directions, _ = read_control_vector(cv)
+    n = lm.n_layers
+    buffer = np.zeros(lm.d_model * n, dtype=np.float32)  # llama.cpp's: layer 1 at offset 0
+    for index, vec in directions.items():
+        buffer[(index - 1) * lm.d_model: index * lm.d_model] = vec.numpy()
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=64, logits_all=True, verbose=False)
+    apply = getattr(llama_cpp, "llama_apply_adapter_cvec", None) or \
+        llama_cpp.llama_control_vector_apply
+    data = buffer.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float))
+    assert apply(llm.ctx, data, buffer.size, lm.d_model, 1, n - 1) == 0
+    ids = tok("Write a haiku about autumn leaves.")["input_ids"]
+    llm.reset()
+    llm.eval(ids)
+    got = torch.tensor(np.array(llm.scores[:len(ids)]))
+    with torch.no_grad(), lm.hooks.rows([build_row(SteeringSpec("actadd", 0.5, layers=(2, 3)),
+                                                   pack)]):
+        want = lm.model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
 
 
 # ---- PEFT LoRA --------------------------------------------------------------------------------
@@ -240,3 +267,27 @@ def test_orthogonalized_gguf_refuses_other_architectures(tmp_path):
     path = write_gguf(tmp_path / "cv.gguf", {"direction.1": np.zeros(64)})
     with pytest.raises(ValueError, match="architecture 'controlvector'"):
         orthogonalize_gguf(path, torch.ones(64), tmp_path / "o.gguf")
+
+
+def test_orthogonalize_command_writes_the_gguf(tmp_path, capsys):
+    from server.cli import main
+    from testkit.tiny_gguf import write_qwen2_gguf
+
+    lm = build_tiny("qwen2", make_tokenizer(), tie=True)
+    folder = tmp_path / "model"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    pack = _random_pack(lm)
+    pack.meta = {"fingerprint": fingerprint(lm.model)}
+    pack.save(tmp_path / "rand")
+    base = write_qwen2_gguf(lm.model, tmp_path / "base.gguf")
+    args = ["orthogonalize", "--model", str(folder), "--pack", str(tmp_path / "rand"),
+            "--out", str(tmp_path / "ortho")]
+    assert main([*args, "--gguf", str(tmp_path / "o.gguf")]) == 2  # no GGUF to edit
+    assert "--gguf-base" in capsys.readouterr().err
+    assert main([*args, "--gguf", str(tmp_path / "o.gguf"), "--gguf-base", str(base)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["gguf"] == str(tmp_path / "o.gguf")
+    r_hat = pack.dim() / pack.dim().norm()
+    emb = {t.name: t for t in gguf.GGUFReader(report["gguf"]).tensors}["token_embd.weight"]
+    assert np.abs(np.asarray(emb.data) @ r_hat.numpy()).max() < 1e-5
