@@ -312,7 +312,13 @@ def assess_claims(result: dict, geo: dict | None, presets: dict[str, list[str]] 
                 "opposite* (harmless) cluster.",
                 f"nearest class mean harmless for {_pct(s)} of edited harmful activations; mean "
                 f"position {g_flip['harmful_position']:.2f}",
-                "≥ 90% nearest the harmless mean", s >= 0.9, _why_span(pack)))
+                "≥ 90% nearest the harmless mean", s >= 0.9,
+                _why_span(pack) if (pack.get("dim_in_inlp_span") or {}).get("share", 0) < 0.9
+                else f"not the subspace (the DiM direction lies "
+                f"{pack['dim_in_inlp_span']['share']:.0%} inside span(Q)): the flip moves each "
+                "harmful activation across the boundary by its own distance from it, so those "
+                f"near the boundary stay near it; {1 - s:.0%} end past the midpoint (position "
+                "≥ ½)"))
     return claims
 
 
