@@ -56,14 +56,17 @@ def run_engine(lm, prompts: list[str], rows: list, tokens: int, max_batch: int =
                                add_special_tokens=False)["input_ids"]
             handle = engine.submit(GenerationRequest(ids, SamplingParams(
                 max_tokens=tokens, temperature=0.0), row))
-            text, applied, out = "", None, []
+            text, applied, out, last = "", None, [], None
             async for event in handle:
                 applied = applied or event.steering
                 text += event.text
                 if event.token_id is not None:
                     out.append(event.token_id)
-            return {"text": text, "tokens": out,
-                    "steering": applied.applied() if applied is not None else None}
+                last = event
+            if applied is None:
+                raise RuntimeError(f"request ended without a token: {last.finish_reason} "
+                                   f"{last.error}")
+            return {"text": text, "tokens": out, "steering": applied.applied()}
 
         results = await asyncio.gather(*[one(p, r) for p, r in zip(prompts, rows)])
         await engine.shutdown()
@@ -165,10 +168,12 @@ def cmd_conditional(lm, pack, args) -> dict:
             f"ablate when below {below:.3f}": build_row(SteeringSpec(
                 "ablate", 1.0, when=Condition(below=below)), pack)}
     labels = list(rows)
-    plan = {"harmful_val": [0, 2, 4], f"harmless_val[:{args.n}]": [0, 1, 2, 3, 4],
+    # Scores do not depend on the threshold: the conditional ablation's rows report every
+    # prompt's score, so the conditional actadd's applied share (above 0.5) comes from them too.
+    plan = {"harmful_val": [0, 4], f"harmless_val[:{args.n}]": [0, 1, 3, 4],
             "overrefusal": [0, 3, 4]}
     if args.final:
-        plan["harmful_test_jbb"] = [0, 2, 4]
+        plan["harmful_test_jbb"] = [0, 4]
     out: dict = {"below": below, "choice": choice}
     for name, which in plan.items():
         prompts = split(name)
@@ -185,10 +190,14 @@ def cmd_conditional(lm, pack, args) -> dict:
             mine = [r for lab, r in zip(batch_labels, results) if lab == labels[i]]
             entry = {"refusal": rate([is_refusal(r["text"]) for r in mine])}
             conds = [r["steering"]["condition"] for r in mine if r["steering"]["condition"]]
+            extra = ""
             if conds:
                 entry["applied"] = rate([c["applied"] for c in conds])
+                entry["above_0.5"] = rate([c["score"] > 0.5 for c in conds])
+                entry["scores"] = [c["score"] for c in conds]
+                extra = (f" · applied {fmt(entry['applied'])} · score above 0.5 (the "
+                         f"conditional actadd) {fmt(entry['above_0.5'])}")
             out[name][labels[i]] = entry
-            extra = f" · condition applied {fmt(entry['applied'])}" if conds else ""
             print(f"  {labels[i]:<28} refusal {fmt(entry['refusal'])}{extra}")
     return out
 
