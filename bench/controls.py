@@ -48,7 +48,8 @@ def split(name: str) -> list[str]:
 def run_engine(lm, prompts: list[str], rows: list, tokens: int, max_batch: int = 20) -> list[dict]:
     """Greedy completions of (prompt, steering) pairs, all submitted together (mixed batches)."""
     async def main():
-        engine = Engine(lm, max_batch=max_batch, max_queue=len(prompts) + 1)
+        engine = Engine(lm, max_batch=max_batch, max_queue=len(prompts) + 1,
+                        request_timeout_s=24 * 3600.0)  # a long queue on a shared CPU
         await engine.start()
 
         async def one(prompt, row):
@@ -174,6 +175,8 @@ def cmd_conditional(lm, pack, args) -> dict:
             "overrefusal": [0, 3, 4]}
     if args.final:
         plan["harmful_test_jbb"] = [0, 4]
+    if args.sets:
+        plan = {k: v for k, v in plan.items() if k.split("[")[0] in args.sets.split(",")}
     out: dict = {"below": below, "choice": choice}
     for name, which in plan.items():
         prompts = split(name)
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="threshold of the conditional ablation (default: chosen on "
                              "harmful_val, see choose_below)")
     parser.add_argument("--final", action="store_true", help="also measure harmful_test_jbb")
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated splits of `conditional` to run (default: all)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     lm = load_model("embedded", device="cpu", dtype="float32")
