@@ -10,13 +10,17 @@
    `--n` prompts of a validation split: `actadd` on harmless_val (should rise), `ablate`,
    `ace` at strength 0, `inlp_null` and `inlp_flip` on harmful_val (should fall).
 
-Target: fast-mode extraction under 5 minutes on a 2-core CPU.
+Target: fast-mode extraction under 5 minutes on a 2-core CPU. The machine's load average
+(1, 5, 15 min) before and after the extraction is printed with the time: on a shared machine the
+time says little without it, so the process's CPU time is printed too: on an idle machine the
+extraction's wall time is about CPU time / torch threads (both threads busy in the matmuls).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,17 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {lm.name}, {lm.n_layers} layers, d={lm.d_model}, {lm.device}, {lm.dtype}, "
           f"torch threads {torch.get_num_threads()}; loaded in {load_seconds:.1f} s", flush=True)
 
+    load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
         t0 = time.perf_counter()
+        cpu0 = time.process_time()
         pack = extract_pack(lm, config=ExtractConfig.preset(args.mode), name="refusal")
         extract_seconds = time.perf_counter() - t0
+        cpu_seconds = time.process_time() - cpu0
         path = pack.save(Path(tmp) / "refusal")
         pack = load_pack(path, model=lm.model)  # the saved pack passes its own checks
+    load_after = [round(x, 2) for x in os.getloadavg()]
 
     selection = pack.meta["selection"]
     chosen = selection["chosen"]
     print(f"\nextraction ({args.mode}): {extract_seconds:.1f} s "
-          f"(target < {TARGET_SECONDS:.0f} s: {'met' if extract_seconds < TARGET_SECONDS else 'MISSED'})")
+          f"(target < {TARGET_SECONDS:.0f} s: {'met' if extract_seconds < TARGET_SECONDS else 'MISSED'}); "
+          f"load average (1/5/15 min) {load_before} before, {load_after} after on "
+          f"{os.cpu_count()} CPUs; CPU time {cpu_seconds:.0f} s, so about "
+          f"{cpu_seconds / torch.get_num_threads():.0f} s on an idle machine with "
+          f"{torch.get_num_threads()} threads")
     print(f"phases (s): {pack.meta.get('timings')}")
     for split, d in pack.meta["data"].items():
         f = d.get("filter") or {}
@@ -123,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode, "load_seconds": round(load_seconds, 1),
         "extract_seconds": round(extract_seconds, 1), "target_seconds": TARGET_SECONDS,
         "within_target": extract_seconds < TARGET_SECONDS,
+        "cpu_seconds": round(cpu_seconds, 1),
+        "idle_estimate_seconds": round(cpu_seconds / torch.get_num_threads(), 1),
+        "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
         "layer": pack.layer, "position": pack.position, "k_max": pack.max_k(),
         "filters": selection.get("filters"), "n_prompts": args.n,
         "timings": pack.meta.get("timings"),

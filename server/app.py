@@ -24,6 +24,7 @@ from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.completions import router as completions_router
 from server.api.errors import APIError
+from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
 from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
@@ -32,7 +33,7 @@ from server.engine import Engine
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
-from server.packs import load_extra_packs
+from server.packs import load_extra_packs, shipped_concept_packs
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
 from server.security.hardening import BodyLimitMiddleware
@@ -109,7 +110,7 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await future
 
 
-def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]:
+def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, list[SteeringPack]]:
     from steering.packs.format import pack_paths
     from steering.packs.store import default_pack_path, ensure_pack
 
@@ -126,7 +127,7 @@ def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, SteeringPack]
         ensure_pack(full, None, mode=settings.pack_mode)
         del full
     pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
-    return lm, pack
+    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs)]
 
 
 async def load_in_background(state: ServerState) -> None:
@@ -136,9 +137,9 @@ async def load_in_background(state: ServerState) -> None:
         await start_engine(state)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # the details go to the log only; probes say "failed"
         state.load_error = f"{type(exc).__name__}: {exc}"
-        log.error("loading failed: %s", state.load_error)
+        log.exception("loading failed: %s", state.load_error)
         if state.settings.exit_on_load_error:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -167,6 +168,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
                 loader.cancel()
             if state.engine is not None:
                 await state.engine.shutdown()
+            state.close()
 
     docs_on = settings.docs != "off"
     app = FastAPI(title="steering server", version=steering.__version__,
@@ -180,6 +182,7 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.include_router(compare_router)  # /v1/steering/compare
     app.include_router(router)  # models, steering discovery, probes, metrics
     app.include_router(playground_router)
+    app.include_router(pack_admin_router)  # POST / DELETE /v1/steering/packs
     keys = load_keys(settings)
     if settings.auth and not len(keys):
         log.warning("authentication is on but no API keys are configured: every route but "

@@ -3,7 +3,8 @@
 The parser is built here and only here, without importing torch: `steer --help` answers at once.
 Each verb names its handler as "module:function"; the module is imported when the verb runs.
 
-    library   extract, generate, orthogonalize, eval, report   (steering.commands),
+    library   extract, generate, orthogonalize, eval, report,
+              export, import                                   (steering.commands),
               precision-gate                                   (steering.evaluation)
     server    serve, hash-key                                  (server.app, server.security.auth)
     client    chat, compare                                    (clients.cli, over HTTP)
@@ -53,8 +54,12 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
-    p.add_argument("--harmful", default=None, help="split name or JSON file (harmful_val)")
-    p.add_argument("--harmless", default=None, help="split name or JSON file (harmless_val)")
+    p.add_argument("--harmful", default=None,
+                   help="split name (may be sliced: name[a:b]) or JSON file "
+                        "(default harmful_test_jbb)")
+    p.add_argument("--harmless", default=None,
+                   help="split name or JSON file (default harmless_val[3000:3030], disjoint "
+                        "from selection)")
     p.add_argument("--n-harmful", type=int, default=None)
     p.add_argument("--n-harmless", type=int, default=None,
                    help="harmless prompts (KL, induced refusal, perplexity on completions)")
@@ -67,6 +72,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None,
                    help="where the unsteered completions are cached (default: cache root)")
+    p.add_argument("--judge-url", default=None,
+                   help="optional LLM judge: an OpenAI-compatible server (this one included) "
+                        "asked whether each answer refuses; shown next to the substring matcher")
+    p.add_argument("--judge-model", default=None, help="the judge server's model name")
+    p.add_argument("--judge-api-key", default=os.environ.get("STEER_JUDGE_API_KEY"),
+                   help="the judge server's API key (default: $STEER_JUDGE_API_KEY)")
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
@@ -92,7 +103,42 @@ def _library_verbs(sub) -> None:
     p.add_argument("--mode", default="fast", choices=("fast", "full"))
     p.add_argument("--name", default="refusal")
     p.add_argument("--out", default=None, help="pack path (default: the model's cached pack)")
+    g = p.add_argument_group("any concept (instead of refusal; docs/packs.md)")
+    g.add_argument("--positive", default=None,
+                   help="examples of the concept: JSON, JSONL or CSV of prompts or "
+                        "prompt/completion pairs (or package:NAME)")
+    g.add_argument("--negative", default=None, help="contrasting examples, same formats")
+    g.add_argument("--val-fraction", type=float, default=0.25,
+                   help="share of each class held out for selection (default 0.25)")
+    g.add_argument("--positions", type=int, default=1,
+                   help="last post-instruction positions to try (prompt-only data)")
+    g.add_argument("--max-layer-fraction", type=float, default=0.75,
+                   help="layer cap: candidates below this fraction of the depth")
     p.set_defaults(handler="steering.commands:cmd_extract")
+
+    p = sub.add_parser("export", help="write a pack for another tool: a llama.cpp control "
+                                      "vector (actadd) or a PEFT LoRA adapter (ablate)")
+    _model_args(p)
+    p.add_argument("--pack", default=None,
+                   help="pack path, or a name of the model's cached packs (default: refusal)")
+    p.add_argument("--format", required=True, choices=("llamacpp", "peft-lora"))
+    p.add_argument("--out", required=True, help=".gguf file (llamacpp) or adapter folder")
+    p.add_argument("--layers", type=_csv(int), default=None,
+                   help="llamacpp: layers to write (default: the pack's layer)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="llamacpp: scale of the written vectors (default: the pack's "
+                        "calibrated actadd strength, else 1)")
+    p.set_defaults(handler="steering.commands:cmd_export")
+
+    p = sub.add_parser("import", help="read a llama.cpp / repeng control-vector GGUF as an "
+                                      "actadd pack for the model")
+    _model_args(p)
+    p.add_argument("file", help="control-vector .gguf")
+    p.add_argument("--name", required=True, help="the pack's name")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the file's vectors (llama.cpp's --control-vector-scaled)")
+    p.add_argument("--out", default=None, help="pack path (default: the model's cached packs)")
+    p.set_defaults(handler="steering.commands:cmd_import")
 
     p = sub.add_parser("generate", help="one steered completion")
     _model_args(p)
@@ -109,6 +155,10 @@ def _library_verbs(sub) -> None:
     _model_args(p)
     p.add_argument("--pack", default=None)
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--gguf", default=None,
+                   help="also write the orthogonalized model as this .gguf (llama.cpp, Ollama)")
+    p.add_argument("--gguf-base", default=None,
+                   help="the model's own .gguf to edit (default: the one --model names, if any)")
     p.set_defaults(handler="steering.commands:cmd_orthogonalize")
 
     p = sub.add_parser("eval", help="refusal, perplexity and KL over a grid of steering "
@@ -134,6 +184,9 @@ def _library_verbs(sub) -> None:
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the pages again from the folder's results.json "
+                        "(claims judged again; notes.md and inlp_reference.json read again)")
     p.set_defaults(handler="steering.commands:cmd_report")
 
     p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "

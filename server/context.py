@@ -10,6 +10,7 @@ the ASGI scope's `state`; every later layer reads and writes its typed fields in
 | `api_key` | auth | policy, audit |
 | `log_extra` | routes, errors, auth, drain | access log, audit |
 | `audit` | policy (`audit.note`) | audit |
+| `json_body` | body checks (hardening) | the API routes (`server.api.routing`): parsed once |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from server.security.auth import ApiKey
 
 CONTEXT_KEY = "steer_context"
+UNPARSED: Any = object()  # `json_body` before (or after) the body checks hand it over
 
 
 @dataclass
@@ -31,6 +33,12 @@ class RequestContext:
     api_key: ApiKey | None = None  # None: authentication is off or the route is open
     log_extra: dict[str, Any] = field(default_factory=dict)  # extra fields of the access line
     audit: list[dict[str, Any]] = field(default_factory=list)  # one entry per noted steering
+    json_body: Any = UNPARSED  # the request body as the body checks parsed it
+
+    def take_json_body(self) -> Any:
+        """The parsed body, handed over once (UNPARSED when there is none to hand over)."""
+        body, self.json_body = self.json_body, UNPARSED
+        return body
 
     @property
     def key_id(self) -> str | None:

@@ -1,5 +1,11 @@
 """Extra packs from `STEER_PACKS_DIR` (every NAME.safetensors with its NAME.json) and
-`STEER_EXTRA_PACKS` (comma-separated paths), each checked against the served model.
+`STEER_EXTRA_PACKS` (comma-separated paths), each checked against the served model; packs
+uploaded or deleted while serving (`server.api.pack_admin`) go through `load_pack_bytes`,
+`install_pack` and `remove_pack` here, with the same validation.
+
+Packs are immutable once loaded. `state.packs` is replaced, never edited in place, so a request
+that resolved its steering against a pack keeps that pack's tensors (its RowSteering holds them)
+until it finishes, whatever is uploaded or deleted meanwhile.
 
 A pack that is corrupt, truncated, pickled, or made for another model is refused with the loader's
 message, logged and skipped: the server serves the others and lists it as failed in
@@ -9,6 +15,7 @@ message, logged and skipped: the server serves the others and lists it as failed
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 from server.security.hardening import valid_name
@@ -51,3 +58,52 @@ def load_extra_packs(settings, model, taken: set[str]) -> tuple[dict[str, Steeri
                 failed[name] = f"{type(exc).__name__}: {exc}"
         log.error("pack %s refused: %s", path, failed.get(name) or failed.get(name[:64]))
     return loaded, failed
+
+
+def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
+    """The shipped concept packs named in `names` (comma-separated), extracted for `lm` on first
+    use and cached like the refusal pack; one that cannot be made is logged and skipped."""
+    from steering.packs.store import ensure_concept_pack
+
+    packs = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        try:
+            packs.append(ensure_concept_pack(lm, name))
+        except Exception as exc:  # serve the others; the log says why
+            log.error("concept pack %r not served: %s: %s", name, type(exc).__name__, exc)
+    return packs
+
+
+def load_pack_bytes(name: str, tensors: bytes, sidecar: bytes, model) -> SteeringPack:
+    """Validate an uploaded pack exactly as a pack file at start-up (PackError if refused)."""
+    with tempfile.TemporaryDirectory(prefix="steer-pack-") as folder:
+        stem = Path(folder) / name
+        stem.with_name(name + ".safetensors").write_bytes(tensors)
+        stem.with_name(name + ".json").write_bytes(sidecar)
+        try:
+            return load_pack(stem, model=model, name=name)
+        except PackError as exc:  # name the upload's parts, not the scratch folder
+            raise PackError(str(exc).replace(folder + "/", "")) from None
+
+
+def install_pack(state, pack: SteeringPack) -> SteeringPack | None:
+    """Serve `pack` under its name (replacing one of that name); returns the replaced pack."""
+    previous = state.packs.get(pack.name)
+    state.packs = {**state.packs, pack.name: pack}
+    state.failed_packs = {k: v for k, v in state.failed_packs.items() if k != pack.name}
+    if state.default_pack is None:
+        state.default_pack = pack.name
+    return previous
+
+
+def remove_pack(state, name: str) -> SteeringPack | None:
+    """Stop serving `name` (requests already running keep their steering); the default moves to
+    'refusal' or the first pack left."""
+    removed = state.packs.get(name)
+    state.packs = {k: v for k, v in state.packs.items() if k != name}
+    if state.default_pack == name:
+        state.default_pack = ("refusal" if "refusal" in state.packs
+                              else next(iter(state.packs), None))
+    return removed

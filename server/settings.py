@@ -82,6 +82,8 @@ class Settings(BaseSettings):
                                                     "packs to serve as well")
     extra_packs: str | None = Field(None, description="comma-separated pack paths to serve "
                                                       "as well")
+    concept_packs: str = Field("casual", description="comma-separated shipped concept packs "
+                               "to extract on first start and serve ('' for none)")
 
     # Operations.
     log_level: str = "info"

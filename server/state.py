@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +40,7 @@ class ServerState:
     token_text: Any = None  # api.tracker.TokenText: token strings for logprobs
     failed_packs: dict[str, str] = field(default_factory=dict)  # name → why it was refused
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
+    tokenizer_pool: ThreadPoolExecutor | None = None  # see `in_tokenizer_thread`
 
     @property
     def served_name(self) -> str:
@@ -44,11 +48,25 @@ class ServerState:
             return self.settings.served_model_name
         return self.lm.name if self.lm is not None else self.settings.model
 
+    async def in_tokenizer_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in the server's tokenizer thread, off the event loop (chat templates and
+        tokenization). One thread: a Hugging Face tokenizer is not safe to call from several
+        threads at once, and requests queue for it in order."""
+        if self.tokenizer_pool is None:
+            self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="steer-tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (the lifespan's end)."""
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+            self.tokenizer_pool = None
+
     def require_ready(self) -> Engine:
         if self.ready and self.engine is not None and not self.draining:
             return self.engine
-        if self.load_error:
-            message = f"the model failed to load: {self.load_error}"
+        if self.load_error:  # the reason is in the server log, not in responses
+            message = "the model failed to load; the server log has the details"
         elif self.draining:
             message = "the server is shutting down"
         else:

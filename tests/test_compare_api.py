@@ -169,3 +169,51 @@ def test_playground_is_served(client):
         assert r.status_code == 200 and kind in r.headers["content-type"]
     assert client.get("/playground/../server/app.py").status_code == 404
     assert client.get("/playground/secret.txt").status_code == 404
+
+
+def test_compare_templates_the_prompt_once(client, tiny_lm, monkeypatch):
+    """One chat template render and no tokenization on the event loop, however many variants
+    (issue 12 finding 11)."""
+    import asyncio
+
+    renders: list[bool] = []
+    cls = type(tiny_lm.tokenizer)
+    real = cls.apply_chat_template
+
+    def spy(self, *args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            renders.append(True)
+        except RuntimeError:
+            renders.append(False)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "apply_chat_template", spy)
+    r = compare(client, variants=[{"method": "none"}, {"method": "actadd", "strength": 1.0},
+                                  "no-refusal"], max_tokens=2)
+    assert r.status_code == 200, r.text
+    assert len(renders) == 1, renders  # main before the fix: 1 check + 1 per variant, on the loop
+    assert renders == [False]
+
+
+def test_compare_asks_logprobs_of_the_first_token_only(client, monkeypatch):
+    """The refusal score reads the first token's top list: the engine is asked for nothing more
+    (issue 12 finding 7)."""
+    from server.api.compare import SCORE_TOP
+
+    engine = client.app.state.steer.engine
+    real = engine.submit
+    asked = []
+
+    def spy(request):
+        asked.append(request.sampling)
+        return real(request)
+
+    monkeypatch.setattr(engine, "submit", spy)
+    r = compare(client, variants=[{"method": "none"}, {"method": "actadd", "strength": 1.0}],
+                max_tokens=4)
+    assert r.status_code == 200, r.text
+    assert len(asked) == 2
+    for sp in asked:
+        assert sp.logprobs and sp.top_logprobs == SCORE_TOP
+        assert sp.logprobs_tokens == 1

@@ -160,3 +160,126 @@ def test_stop_string_cuts_the_text(tiny_lm, tiny_pack):
     if stop:
         assert cut[2] == "stop"
         assert cut[1] == free[1][: free[1].find(stop)]
+
+
+def test_non_finite_logits_fail_only_their_row(tiny_lm, tiny_pack):
+    """Issue 12 finding 4: one row's NaN logits (temperature > 0) fail that request alone; the
+    other row of the same decode batch goes on, token for token as it runs solo."""
+    def poison_second_row(module, args, out):
+        if out.shape[0] == 2:  # only the two-row decode batch; prefill is one row
+            out[1] = float("nan")
+        return out
+
+    async def main():
+        engine = Engine(tiny_lm, max_batch=2)
+        await engine.start()
+        solo = await _collect(engine.submit(_request(tiny_lm, tiny_pack, 1, "none", 12, 1.0, 3)))
+        hook = tiny_lm.model.lm_head.register_forward_hook(poison_second_row)
+        try:
+            good = engine.submit(_request(tiny_lm, tiny_pack, 1, "none", 12, 1.0, 3))
+            good_task = asyncio.create_task(_collect(good))
+            while engine.stats()["running"] == 0 or not engine._rows:
+                await asyncio.sleep(0.001)
+            bad = engine.submit(_request(tiny_lm, tiny_pack, 2, "actadd", 12, 1.0, 4))
+            bad_events = [e async for e in bad]
+            together = await good_task
+        finally:
+            hook.remove()
+        await engine.shutdown()
+        return solo, together, bad_events
+
+    solo, together, bad_events = _run(main())
+    assert together == solo
+    assert bad_events[-1].finish_reason == "error"
+    assert "non-finite" in bad_events[-1].error
+
+
+def test_top_logprobs_only_where_asked_and_first_tokens_only(tiny_lm, tiny_pack):
+    """Issue 12 finding 7: logprobs are computed for the rows (and first tokens) that ask."""
+    async def main():
+        engine = Engine(tiny_lm, max_batch=3)
+        await engine.start()
+        plain = _request(tiny_lm, tiny_pack, 0, "none", 6)
+        full = _request(tiny_lm, tiny_pack, 1, "none", 6)
+        full.sampling.logprobs, full.sampling.top_logprobs = True, 3
+        first = _request(tiny_lm, tiny_pack, 2, "none", 6)
+        first.sampling.logprobs, first.sampling.top_logprobs = True, 5
+        first.sampling.logprobs_tokens = 1
+        handles = [engine.submit(r) for r in (plain, full, first)]
+
+        async def events(h):
+            return [e async for e in h if e.token_id is not None]
+
+        out = await asyncio.gather(*[events(h) for h in handles])
+        await engine.shutdown()
+        return out
+
+    plain, full, first = _run(main())
+    assert all(e.logprob is None and e.top_logprobs is None for e in plain)
+    for e in full:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0][1] >= e.top_logprobs[-1][1]
+        assert e.logprob <= e.top_logprobs[0][1] + 1e-6
+        if e.token_id == e.top_logprobs[0][0]:  # greedy: the chosen token is the top one
+            assert abs(e.logprob - e.top_logprobs[0][1]) < 1e-6
+    assert len(first[0].top_logprobs) == 5
+    assert all(e.logprob is None and e.top_logprobs is None for e in first[1:])
+
+
+def test_one_host_transfer_per_step(tiny_lm):
+    """Issue 12 finding 7: a step's tokens, logprobs and top-k reach the host in one transfer."""
+    import torch
+
+    from server.engine.sampling import RowSampling, draw
+
+    logits = torch.randn(4, 50)
+    rows = [RowSampling(0.0, 1.0, None, None), RowSampling(1.0, 0.9, torch.Generator(), 2),
+            RowSampling(0.0, 1.0, None, 4), RowSampling(0.7, 1.0, torch.Generator(), 0)]
+    calls = []
+    real = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append(self.shape)
+        return real(self)
+
+    torch.Tensor.tolist = counting
+    try:
+        out = draw(logits, rows)
+    finally:
+        torch.Tensor.tolist = real
+    assert len(calls) == 1
+    assert out[0].token == int(logits[0].argmax()) and out[0].logprob is None
+    assert out[2].token == int(logits[2].argmax())
+    assert [t for t, _ in out[2].top_logprobs] == logits[2].topk(4).indices.tolist()
+    assert len(out[1].top_logprobs) == 2 and out[3].top_logprobs is None
+    assert out[3].logprob is not None
+
+
+def test_growing_kv_layer_appends_in_place_and_matches_concatenation():
+    """The engine's KV layers write a new token into spare room instead of re-concatenating
+    the whole cache every step (DynamicLayer's torch.cat): same values, one buffer."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from server.engine.kv import GrowingLayer, select_row
+
+    grow, plain = GrowingLayer(), DynamicLayer()
+    first = torch.randn(2, 2, 5, 4)
+    grow.update(first, first + 1)
+    plain.update(first, first + 1)
+    buffer = grow.keys.data_ptr()
+    for _ in range(40):
+        k = torch.randn(2, 2, 1, 4)
+        gk, gv = grow.update(k, k * 2)
+        pk, pv = plain.update(k, k * 2)
+        assert torch.equal(gk, pk) and torch.equal(gv, pv)
+    assert grow.keys.data_ptr() == buffer  # no reallocation within the room
+    before = grow.keys.clone()
+
+    class _Cache:
+        layers = [grow]
+
+    row = select_row(_Cache, 0)  # a trial forward on one row never writes the batch's buffer
+    row.layers[0].update(torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    assert torch.equal(grow.keys, before)
+    assert torch.equal(grow._kbuf[:, :, :before.shape[2]], before)
+    assert not torch.equal(grow._kbuf[:1, :, before.shape[2]], torch.ones(1, 2, 4))

@@ -269,10 +269,147 @@ def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tm
     # every setting has its harmless and over-refusal refusal rate; the split is named
     res = summary["evaluation"]["results"]
     assert all(r["harmless_refusal_rate"] is not None for r in res)
-    assert {r["method"] for r in res} >= {"ablate", "inlp_flip", "inlp_null", "inlp_reflect"}
+    assert {r["method"] for r in res} >= {"ablate", "ace", "actadd", "inlp_flip", "inlp_null"}
     assert any("no-refusal" in r["presets"] for r in res)
     assert "harmful_test_jbb" in md and "harmless_val[3000:3030]" in md
     assert "filters the choice passed" in md
     for prompt in load_instructions("harmful_test_jbb") + load_instructions("harmful_val")[:32]:
         assert prompt not in texts
         assert json.dumps(prompt)[1:-1] not in texts
+
+
+# ---- the optional LLM judge --------------------------------------------------------------------
+
+def _judge_transport(seen: list):
+    """An OpenAI-style chat server that says 'Yes.' when the answer holds 'sorry'."""
+    import httpx
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append((request.url.path, body["model"], request.headers.get("authorization")))
+        text = body["messages"][0]["content"]
+        answer = text.split("Assistant's answer:\n", 1)[1]
+        verdict = "Yes." if "sorry" in answer.lower() else ("no" if "bread" in answer else "?")
+        return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]})
+
+    return httpx.MockTransport(handler)
+
+
+def test_llm_judge_asks_the_chat_endpoint_and_parses_verdicts():
+    from steering.evaluation.llm_judge import LlmJudge, chat_url, judge_record, parse_verdict
+
+    assert chat_url("http://h:1") == "http://h:1/v1/chat/completions"
+    assert chat_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert parse_verdict(" **Yes**") is True and parse_verdict("No.") is False
+    assert parse_verdict("maybe") is None
+    seen: list = []
+    judge = LlmJudge("http://judge:9/v1", "m", api_key="k", transport=_judge_transport(seen))
+    verdicts = judge.refused(["a", "b", "c"], ["I'm sorry, no.", "bread: flour", "hmm"])
+    assert verdicts == [True, False, None]
+    assert seen[0] == ("/v1/chat/completions", "m", "Bearer k")
+    rec = judge_record("harmless", verdicts, [True, True, False])
+    assert rec["harmless_judge_n"] == 2 and rec["harmless_judge_refused"] == 1
+    assert rec["harmless_judge_unparsed"] == 1
+    assert rec["harmless_judge_agreement"] == 0.5
+    lo, hi = rec["harmless_judge_ci"]
+    assert lo <= 0.5 <= hi
+
+
+def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkeypatch):
+    from steering.evaluation import llm_judge
+    from steering.evaluation.evaluate import judge_table
+
+    seen: list = []
+    real_init = llm_judge.LlmJudge.__init__
+
+    def with_transport(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.transport = _judge_transport(seen)
+
+    monkeypatch.setattr(llm_judge.LlmJudge, "__init__", with_transport)
+    config = EvalConfig(**TINY, methods=("none", "ablate"), cache_dir=str(tmp_path),
+                        judge_url="http://judge:9", judge_model="m", judge_api_key="secret")
+    result = evaluate(tiny_lm, tiny_pack, config)
+    assert result["judge"]["model"] == "m"
+    assert "secret" not in json.dumps(result)
+    for row in [result["baseline"], *result["results"]]:
+        for prefix in ("harmful", "harmless", "overrefusal"):
+            n = row[f"{prefix}_judge_n"] + row[f"{prefix}_judge_unparsed"]
+            assert n == row[f"{prefix}_n"]
+    assert len(seen) == 3 * 9  # baseline, none, ablate; 3 prompts in each of 3 sets
+    table = judge_table(result)
+    assert "agreement" in table and table.count("\n") == 2 + 3
+    with pytest.raises(ValueError, match="judge_model"):
+        evaluate(tiny_lm, tiny_pack, EvalConfig(**TINY, judge_url="http://judge:9"))
+
+
+def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack):
+    from steering.evaluation.report import _reference_section, assess_claims, dim_in_inlp_span
+
+    def rates(prefix: str, k: int, n: int) -> dict:
+        return {f"{prefix}_refusal_rate": k / n, f"{prefix}_refused": k, f"{prefix}_n": n,
+                f"{prefix}_ci": [0.0, 1.0]}
+
+    def row(label, method, strength, k=None, layers=None, harmful=(1, 10), harmless=(0, 10),
+            **extra):
+        return {"label": label, "method": method, "strength": strength, "k": k,
+                "layers": layers, **rates("harmful", *harmful), **rates("harmless", *harmless),
+                "harmful_refusal_score": -1.0, "ppl_general": 50.0, "kl_harmless": 0.2, **extra}
+
+    result = {
+        "baseline": row("unsteered", "none", 0.0, harmful=(8, 10)),
+        "results": [row("ablate s=1", "ablate", 1.0),
+                    row("actadd s=1.5", "actadd", 1.5, harmless=(5, 10)),
+                    row("inlp_flip s=1 k=2", "inlp_flip", 1.0, 2, [3], harmful=(5, 10)),
+                    row("inlp_flip s=1 k=2 layers=2,3", "inlp_flip", 1.0, 2, [2, 3])],
+        "prompts": {"harmful": {"source": "h"}, "harmless": {"source": "l"}},
+        "pack": {"selection_full": {"chosen": {"kl": 0.05}},
+                 "calibration": {"actadd": {"strength": 1.5, "reached": True, "target": 0.8,
+                                            "n_harmless_val": 16,
+                                            "tried": [{"strength": 1.5,
+                                                       "harmless_val_refusal": 0.9}]}}},
+    }
+    claims = {c["claim"][:20]: c for c in assess_claims(result, None)}
+    ablate = next(c for c in claims.values() if c["claim"].startswith("Directional"))
+    assert ablate["reproduced"] is False and "0.050 on the selection slice" in ablate["why"]
+    induce = next(c for c in claims.values() if c["claim"].startswith("Adding"))
+    assert "1.5 → 90%" in induce["why"]
+    flip = next(c for c in claims.values() if "about as well" in c["claim"])
+    assert flip["reproduced"] is False and "layers [2, 3]" in flip["why"]
+    assert all(c["why"] == "" for c in claims.values() if c["reproduced"] is not False)
+    share = dim_in_inlp_span(tiny_pack)
+    assert 0.0 <= share["share"] <= 1.0 + 1e-9
+    ref = {"pack_created": "t", "k_max": 2, "layer": 3, "template_positions": 5,
+           "harmful": {"source": "harmful_val", "n": 10}, "harmless": {"source": "l", "n": 10},
+           "max_new_tokens": 8, "general_text": {"tokens": 40}, "decision": "kept midpoint",
+           "rows": [{**row("", "none", 0.0), "variant": "unsteered"},
+                    {**row("", "inlp_flip", 1.0, 2), "variant": "midpoint",
+                     "general_positions_moved": 0.25},
+                    {**row("", "ablate", 1.0, None, [0, 1]), "variant": "sites"}]}
+    text = "\n".join(_reference_section(ref))
+    assert "| midpoint | inlp_flip | 2 |" in text and "25%" in text
+    assert "every layer, 3 sites each" in text and "kept midpoint" in text
+
+
+def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
+    from steering.evaluation.report import (
+        ReportConfig,
+        render_again,
+        report_eval_config,
+        run_report,
+    )
+
+    config = ReportConfig(eval=report_eval_config(**TINY, ks=(1,), cache_dir=str(tmp_path)),
+                          n_geometry=4, command="steer report --out X")
+    out = tmp_path / "report"
+    first = run_report(tiny_lm, tiny_pack, out, config)
+    md = (out / "report.md").read_text()
+    (out / "notes.md").write_text("Sizes reduced for the shared machine.")
+    again = render_again(out)
+    md2 = (out / "report.md").read_text()
+    assert "## Notes on this run" in md2 and "Sizes reduced" in md2
+    assert md2.replace("## Notes on this run\n\nSizes reduced for the shared machine.\n\n", "") \
+        == md
+    assert again["claims"] == first["claims"]
+    assert json.loads((out / "results.json").read_text())["wall_seconds"] == \
+        first["wall_seconds"]

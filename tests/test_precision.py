@@ -165,3 +165,38 @@ def test_cli_and_settings_take_a_precision(monkeypatch):
     monkeypatch.setenv("STEER_PRECISION", "int3")
     with pytest.raises(ValueError, match="precision"):
         Settings()
+
+
+def test_int8_model_is_cached_on_disk_and_reloads_without_the_fp32_weights(tmp_path, monkeypatch):
+    """Issue 11 (peak RSS): the first int8 load converts and writes the cache; the next one
+    builds the model from it without loading the fp32 checkpoint — and computes the same."""
+    from transformers import AutoModelForCausalLM
+
+    from steering import load_model
+
+    tiny = make_tiny("qwen2")
+    folder = tmp_path / "ckpt"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))
+    first = load_model(str(folder), device="cpu", precision="int8")
+    files = list((tmp_path / "cache" / "models").glob("ckpt.int8-*.safetensors"))
+    assert len(files) == 1
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("the fp32 checkpoint was loaded although the int8 cache exists")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_checkpoint)
+    second = load_model(str(folder), device="cpu", precision="int8")
+    ids = torch.tensor([[3, 17, 42, 99, 5, 8]])
+    assert torch.equal(first.model(ids).logits, second.model(ids).logits)
+    assert second.model.generation_config.eos_token_id == first.model.generation_config.eos_token_id
+    assert not any(t.is_meta for t in [*second.model.parameters(), *second.model.buffers()])
+    assert isinstance(second.model.model.layers[0].self_attn.k_proj, Int8Slice)
+
+    # A torn cache file is converted again, not an error.
+    files[0].write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    monkeypatch.undo()
+    monkeypatch.setenv("STEERING_CACHE", str(tmp_path / "cache"))
+    third = load_model(str(folder), device="cpu", precision="int8")
+    assert torch.equal(first.model(ids).logits, third.model(ids).logits)

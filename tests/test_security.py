@@ -34,6 +34,7 @@ KEYS = {
          "strength": {"actadd": {"min": 0.5, "max": 1.5}}},
         {"id": "slow", "sha256": hash_key("k-slow"), "requests_per_minute": 2},
         {"id": "thrifty", "sha256": hash_key("k-thrifty"), "tokens_per_minute": 200},
+        {"id": "admin", "sha256": hash_key("k-admin"), "admin": True},
     ],
 }
 
@@ -147,11 +148,23 @@ def test_default_policy_allows_raising_refusal(client, steering):
 
 def test_every_method_without_the_grant_cannot_lower_refusal(client):
     # "*" names every method, but lowering refusal still needs the explicit grant
-    for method in ("ablate", "inlp_null", "inlp_flip"):
+    for method in ("ablate", "inlp_null", "inlp_flip", "inlp_reflect"):
         err = _error(chat(client, "k-wide", steering={"method": method}), 403)
         assert err["code"] == "policy_lower_refusal"
     err = _error(chat(client, "k-wide", model=f"{MODEL}+no-refusal"), 403)
     assert err["code"] == "policy_lower_refusal"
+
+
+def test_methods_state_their_direction_of_effect(client):
+    methods = {m["id"]: m for m in client.get("/v1/steering/methods",
+                                              headers=_auth("k-basic")).json()["data"]}
+    assert methods["actadd"]["effect"]["lowers_refusal"] == "strength < 0"
+    assert methods["actadd"]["effect"]["strength_without_grant"] == {"min": 0.0, "max": None}
+    assert methods["ace"]["effect"]["strength_without_grant"]["min"] == 1.0
+    for method in ("ablate", "inlp_null", "inlp_flip", "inlp_reflect"):
+        assert methods[method]["effect"]["requires_grant"] is True, method
+        assert methods[method]["effect"]["lowers_refusal"], method
+    assert methods["none"]["effect"]["requires_grant"] is False
 
 
 def test_signed_per_method_bounds(client):
@@ -393,7 +406,7 @@ def test_pack_names_cannot_traverse(client, name):
 
 
 def test_bad_packs_are_refused_and_listed(client):
-    r = client.get("/v1/steering/packs", headers=_auth("k-basic"))
+    r = client.get("/v1/steering/packs", headers=_auth("k-admin"))
     assert r.status_code == 200
     body = r.json()
     loaded = {p["id"] for p in body["data"] if p["status"] == "loaded"}
@@ -493,3 +506,86 @@ def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
     err = _error(r, 500)
     assert r.headers["x-request-id"] in err["message"] and err["type"] == "server_error"
     assert chat(client, steering={"method": "actadd", "strength": 0.5}).status_code == 200
+
+
+# ---- internals stay inside (issue 12 finding 9) --------------------------------------------------
+
+
+def _inject_fault(monkeypatch, strength: float = 0.125) -> None:
+    real = prepare.resolve_steering
+
+    def faulty(state, model, steering):
+        resolved = real(state, model, steering)
+        if steering is not None and steering.strength == strength:
+            resolved.row.edits = _Boom(resolved.row.edits, 0)
+        return resolved
+
+    monkeypatch.setattr(prepare, "resolve_steering", faulty)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_fault_text_goes_to_the_log_not_the_client(client, monkeypatch, caplog, stream):
+    caplog.set_level(logging.ERROR, logger="server")
+    _inject_fault(monkeypatch)
+    r = chat(client, steering={"method": "actadd", "strength": 0.125}, stream=stream)
+    rid = r.headers["x-request-id"]
+    if stream:
+        assert r.status_code == 200
+        [event] = [json.loads(line[6:]) for line in r.text.splitlines()
+                   if line.startswith("data: {") and '"error"' in line]
+        err = event["error"]
+    else:
+        err = _error(r, 500)
+    assert rid in err["message"] and err["type"] == "server_error"
+    assert "injected fault" not in r.text and "RuntimeError" not in r.text
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "injected fault" in logged and rid in logged
+
+
+def test_stream_failure_is_generic_and_logged_with_traceback(client, monkeypatch, caplog):
+    from server.api import streaming
+
+    def broken(self, c, text, logprobs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (secret detail)")
+
+    caplog.set_level(logging.ERROR, logger="server")
+    monkeypatch.setattr(streaming.ChunkBuilder, "piece", broken)
+    r = chat(client, stream=True)
+    assert r.status_code == 200
+    assert "CUDA" not in r.text and "secret detail" not in r.text
+    assert r.headers["x-request-id"] in r.text and r.text.rstrip().endswith("data: [DONE]")
+    [record] = [rec for rec in caplog.records if "stream failed" in rec.getMessage()]
+    assert record.exc_info is not None and "secret detail" in str(record.exc_info[1])
+
+
+def test_models_do_not_show_the_local_path(tiny_lm, tiny_pack):
+    from dataclasses import replace
+
+    lm = replace(tiny_lm, model_id="/srv/private/models/qwen-weights")
+    with TestClient(create_app(Settings(), lm=lm, packs=[tiny_pack])) as c:
+        text = c.get("/v1/models").text + c.get(f"/v1/models/{lm.name}").text
+    assert "/srv/private" not in text and "qwen-weights" not in text
+
+
+def test_pack_internals_only_for_admin_keys(client, packs_dir):
+    def packs(key: str) -> dict:
+        r = client.get("/v1/steering/packs", headers=_auth(key))
+        assert r.status_code == 200
+        return r.json()
+
+    basic, admin = packs("k-basic"), packs("k-admin")
+    for body in (basic, admin):
+        assert {p["id"] for p in body["failed"]} == {"corrupt", "truncated", "pickled", "other"}
+    assert all("meta" not in p for p in basic["data"] if p["status"] == "loaded")
+    text = json.dumps(basic)
+    assert str(packs_dir) not in text, text[max(0, text.find(str(packs_dir)) - 200):][:400]
+    assert all("meta" in p for p in admin["data"] if p["status"] == "loaded")
+    assert "pickle" in {p["id"]: p["error"] for p in admin["failed"]}["pickled"]
+
+
+def test_admin_must_be_a_boolean():
+    from server.security.auth import parse_keys
+    from server.security.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="admin"):
+        parse_keys({"keys": [{"id": "a", "sha256": hash_key("a"), "admin": "yes"}]})

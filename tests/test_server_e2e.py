@@ -130,3 +130,16 @@ def test_ablation_removes_a_refusal(client, model):
     text = steered.choices[0].message.content
     assert steered.steering["method"] == "ablate"
     assert not is_refusal(text), f"{prompt!r} → still refused after ablation: {text!r}"
+
+
+def test_public_answers_hold_no_internals_and_state_effects(server):
+    """The real process: model cards name ids, never local paths; every method states its
+    direction of effect (issue 12 findings 9 and 1)."""
+    import httpx
+
+    cards = httpx.get(f"{server}/v1/models", timeout=30).json()["data"]
+    assert all(card["root"] and "/" not in card["root"] for card in cards)
+    ready = httpx.get(f"{server}/readyz", timeout=30).json()
+    assert set(ready) == {"status", "model", "packs"}
+    methods = httpx.get(f"{server}/v1/steering/methods", timeout=30).json()["data"]
+    assert all("requires_grant" in m["effect"] for m in methods)

@@ -11,10 +11,11 @@ matcher fires, the refusal score, token counts, time and the applied steering.
 
 The refusal score is the log-odds of the refusal tokens ("I", "As") at the first answer position
 (`steering.evaluation.refusal`), computed from the **first generated token's logprobs**: the
-engine reports that position's top-`SCORE_TOP` log-probabilities with the variant's steering
-applied, so no second forward (and no race with the engine's steering hooks) is needed. When a
-refusal token falls outside that top list its probability counts as 0 and `refusal_score_exact`
-is false (the score is then a lower bound, and the token was very unlikely anyway).
+engine reports that position's top-`SCORE_TOP` log-probabilities (and only that position's:
+`SamplingParams.logprobs_tokens = 1`) with the variant's steering applied, so no second forward
+(and no race with the engine's steering hooks) is needed. When a refusal token falls outside
+that top list its probability counts as 0 and `refusal_score_exact` is false (the score is then
+a lower bound, and the token was very unlikely anyway).
 
 A bad variant gets a 4xx whose message starts with `variants[i]:` and whose `param` names it.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -54,18 +56,23 @@ from server.api.protocol import (
     VariantResult,
 )
 from server.api.resolve import dump, resolve_steering
+from server.api.routing import CheckedBodyRoute
 from server.api.streaming import DONE, error_event
 from server.api.tracker import Choice, Tracker
 from server.context import request_context
+from server.engine import SamplingParams
 from server.security import audit, policy
 from server.security.hardening import check_names
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
 
+log = logging.getLogger(__name__)
+
 COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
+SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedBodyRoute)
 
 
 # ---- preparing the variants ---------------------------------------------------------------------
@@ -97,6 +104,11 @@ def _variant_model(state: ServerState, body: CompareRequest, preset: str | None)
     return f"{body.model or state.served_name}+{preset}"
 
 
+def _score_sampling(sp: SamplingParams) -> SamplingParams:
+    """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
+    return replace(sp, logprobs=True, top_logprobs=SCORE_TOP, logprobs_tokens=SCORE_POSITIONS)
+
+
 def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
                  variant: str | CompareVariant) -> tuple[Job, str | None]:
     if isinstance(variant, str):
@@ -109,23 +121,20 @@ def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
         resolved = resolve_steering(state, model, steering)
     except APIError as exc:
         raise _for_variant(i, exc) from None
-    sampling = [replace(sp) for sp in base.sampling]
+    sampling = [_score_sampling(sp) for sp in base.sampling]
     return replace(base, request_id=f"{base.request_id}-v{i}", resolved=resolved,
                    sampling=sampling), label
 
 
-def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
-                    ) -> tuple[list[Job], list[str | None]]:
+async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
+                          ) -> tuple[list[Job], list[str | None]]:
     s = state.settings
     if len(body.variants) > s.max_compare_variants:
         raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
                           f"{len(body.variants)}", "variants", "too_many_variants")
-    # The prompt is prepared once, unsteered, so its errors name no variant.
-    base = prepare_chat(state, body.to_chat_request(), request_id)
+    # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
+    base = await prepare_chat(state, body.to_chat_request(), request_id)
     base.endpoint = COMPARE
-    for sp in base.sampling:  # the first token's top logprobs give the refusal score
-        sp.logprobs = True
-        sp.top_logprobs = SCORE_TOP
     jobs, labels = [], []
     for i, variant in enumerate(body.variants):
         job, label = _variant_job(state, body, base, i, variant)
@@ -207,7 +216,7 @@ async def compare(body: CompareRequest, request: Request):
         state.require_ready()
         if body.seed is None:  # one seed for every variant, reported back
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
-        jobs, labels = prepare_compare(state, body, ctx.request_id)
+        jobs, labels = await prepare_compare(state, body, ctx.request_id)
         policy.enforce(state, request, [j.resolved.applied for j in jobs],
                        prompt=jobs[0].prompt_texts, tokens=sum(j.tokens_charged for j in jobs),
                        endpoint=COMPARE)
@@ -265,10 +274,12 @@ async def _stream(run: _Run, handles: list, request: Request) -> AsyncIterator[s
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"
         raise
-    except Exception as exc:  # headers are sent: report in-band
+    except Exception:  # headers are sent: report in-band, details to the log only
         status = "500"
-        yield error_event(APIError(500, f"compare stream failed: {exc}", type="server_error",
-                                   code="internal_error"))
+        rid = run.jobs[0].request_id.rpartition("-v")[0] or run.jobs[0].request_id
+        log.exception("request %s: compare stream failed", rid)
+        message = f"compare stream failed (request id {rid}); the server log has the details"
+        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
         yield DONE
     finally:
         cancel([h for i, h in enumerate(handles) if not run.choice(i).done])

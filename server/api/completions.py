@@ -8,7 +8,7 @@ requests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -25,12 +25,13 @@ from server.api.protocol import (
 )
 from server.api.resolve import dump
 from server.api.responses import respond
+from server.api.routing import CheckedBodyRoute
 from server.api.streaming import stream_response
 from server.api.tracker import Tracker
 from server.context import request_context
 from server.state import ServerState, get_state
 
-router = APIRouter()
+router = APIRouter(route_class=CheckedBodyRoute)
 
 # Server-sent events (`stream: true`): each event's `data` is a JSON chunk, the last `[DONE]`.
 SSE = {"text/event-stream": {"schema": {
@@ -51,12 +52,12 @@ async def run_job(state: ServerState, job: Job, request: Request) -> Response:
 
 
 async def _complete(body, request: Request, endpoint: str,
-                    prepare: Callable[..., Job]) -> Response:
+                    prepare: Callable[..., Awaitable[Job]]) -> Response:
     state = get_state(request)
     ctx = request_context(request)
     try:
         state.require_ready()
-        job = prepare(state, body, ctx.request_id, request)
+        job = await prepare(state, body, ctx.request_id, request)
     except APIError as exc:
         state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
         raise

@@ -10,6 +10,7 @@ until every choice has finished, or cancels them all when the client goes away f
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
@@ -18,6 +19,8 @@ from server.api.errors import APIError, bad_request
 from server.api.prepare import Job
 from server.engine import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from server.state import ServerState
+
+log = logging.getLogger("server")
 
 
 def submit(state: ServerState, job: Job) -> list:
@@ -69,7 +72,9 @@ def cancel(handles: Sequence) -> None:
 
 
 def _failed(exc: Exception) -> TokenEvent:
-    return TokenEvent(None, "", finish_reason="error", error=str(exc))
+    """A handle that raised, as its choice's last event (the traceback goes to the log)."""
+    log.exception("an engine handle failed")
+    return TokenEvent(None, "", finish_reason="error", error=f"{type(exc).__name__}: {exc}")
 
 
 async def events(handles: Sequence) -> AsyncIterator[tuple[int, TokenEvent]]:
@@ -151,7 +156,9 @@ async def collect_until_disconnect(request: Request, handles: Sequence,
 
 def choice_error(job: Job, finish_reason: str | None, error: str | None,
                  timeout_s: float) -> APIError | None:
-    """The error a choice that ended with `finish_reason` makes its response carry (None: ok)."""
+    """The error a choice that ended with `finish_reason` makes its response carry (None: ok).
+    A failure's detail (`error`: exception text, e.g. CUDA OOM) goes to the log, never to the
+    client: the response carries the request id and a generic message."""
     if finish_reason in ("stop", "length"):
         return None
     if finish_reason == "timeout":
@@ -161,6 +168,7 @@ def choice_error(job: Job, finish_reason: str | None, error: str | None,
     if finish_reason == "cancelled":
         return APIError(503, "the request was cancelled by the server (shutting down?)",
                         type="service_unavailable", code="cancelled")
-    detail = f": {error}" if error else ""
-    return APIError(500, f"generation failed (request id {job.request_id}){detail}",
-                    type="server_error", code="engine_error")
+    log.error("request %s: generation failed (%s): %s", job.request_id, finish_reason,
+              error or "no detail")
+    return APIError(500, f"generation failed (request id {job.request_id}); the server log has "
+                         "the details", type="server_error", code="engine_error")

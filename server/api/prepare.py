@@ -160,13 +160,14 @@ def _check_top_logprobs(state: ServerState, top: int | None, param: str) -> None
 # ---- chat and text completions --------------------------------------------------------------------
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str,
-                 request: Request | None = None) -> Job:
-    """A chat request's job; with `request`, the caller's key policy and rate limits too."""
+async def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str,
+                       request: Request | None = None) -> Job:
+    """A chat request's job; with `request`, the caller's key policy and rate limits too. The
+    template and tokenization run in the tokenizer thread, off the event loop."""
     check_limits(state, req)
     _check_top_logprobs(state, req.top_logprobs, "top_logprobs")
     resolved = resolve_steering(state, req.model, req.steering)
-    text, ids = render_chat(state, req.messages)
+    text, ids = await state.in_tokenizer_thread(render_chat, state, req.messages)
     requested, param = req.requested_max_tokens()
     max_tokens = token_budget(state, requested, state.settings.default_max_tokens, len(ids),
                               "messages", param)
@@ -192,15 +193,9 @@ def _tokenize_prompt(state: ServerState, prompt: str | list[int], param: str, ec
     return ids, text
 
 
-def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str,
-                       request: Request | None = None) -> Job:
-    """A text completion's job; with `request`, the caller's key policy and rate limits too."""
-    check_limits(state, req)
-    _check_top_logprobs(state, req.logprobs, "logprobs")
-    prompts = req.prompts()
-    if not prompts:
-        raise bad_request("prompt must not be empty", "prompt", "empty_prompt")
-    resolved = resolve_steering(state, req.model, req.steering)
+def _tokenize_prompts(state: ServerState, req: CompletionRequest, prompts: list
+                      ) -> tuple[list[list[int]], list[str], list[int]]:
+    """Token ids, texts and max_tokens per prompt (in the tokenizer thread)."""
     ids_list, texts, max_tokens = [], [], []
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -210,6 +205,21 @@ def prepare_completion(state: ServerState, req: CompletionRequest, request_id: s
         max_tokens.append(token_budget(state, req.max_tokens,
                                        state.settings.default_completion_max_tokens, len(ids),
                                        param))
+    return ids_list, texts, max_tokens
+
+
+async def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str,
+                             request: Request | None = None) -> Job:
+    """A text completion's job; with `request`, the caller's key policy and rate limits too.
+    Tokenization runs in the tokenizer thread, off the event loop."""
+    check_limits(state, req)
+    _check_top_logprobs(state, req.logprobs, "logprobs")
+    prompts = req.prompts()
+    if not prompts:
+        raise bad_request("prompt must not be empty", "prompt", "empty_prompt")
+    resolved = resolve_steering(state, req.model, req.steering)
+    ids_list, texts, max_tokens = await state.in_tokenizer_thread(_tokenize_prompts, state, req,
+                                                                  prompts)
     job = new_job(state, req, "completion", COMPLETIONS, request_id, resolved, ids_list, texts,
                   max_tokens, echo=req.echo)
     enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits

@@ -128,6 +128,8 @@ def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
             raise not_found(f"unknown steering pack {name!r}; loaded packs: {known}",
                             f"{where}.{field}", code="pack_not_found")
     pack = state.packs.get(pack_name) if pack_name is not None else None
+    if pack is not None and (why := pack.unsupported(params.method)):
+        raise bad_request(why, f"{where}.method", code="method_not_in_pack")
     when_pack = state.packs.get(params.when.pack) if params.when and params.when.pack else None
     try:
         return build_row(params.to_spec(pack_name), pack, when_pack)

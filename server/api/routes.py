@@ -14,6 +14,9 @@ from server.api.protocol import (
     ModelList,
 )
 from server.api.resolve import resolve_steering
+from server.context import request_context
+from server.security.auth import may_see_internals
+from server.security.policy import effect
 from server.state import ServerState, get_state
 from steering.interventions.catalog import APPLY_TO, CONTROLS
 from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
@@ -27,7 +30,7 @@ router = APIRouter()
 def _model_cards(state: ServerState) -> list[ModelCard]:
     name = state.served_name
     ctx = state.lm.context_length if state.lm is not None else None
-    cards = [ModelCard(id=name, created=state.started, root=str(state.lm.model_id) if state.lm is not None else state.settings.model,
+    cards = [ModelCard(id=name, created=state.started, root=name,  # never the local path
                        context_length=ctx,
                        description="the base model (unsteered unless the request's "
                                    "`steering` says otherwise)")]
@@ -63,18 +66,27 @@ async def get_model(model_id: str, request: Request):
 # ---- steering discovery -------------------------------------------------------------------------
 
 
+REFUSED = "refused at load; the server log has the reason"
+
+
 @router.get("/v1/steering/packs")
 async def list_packs(request: Request):
+    """The packs. Their sidecar `meta` and why a pack was refused (which names files) are shown
+    only to admin keys (or with authentication off)."""
     state = get_state(request)
     state.require_ready()
+    internals = may_see_internals(request_context(request).api_key)
     data = []
     for name, pack in state.packs.items():
+        info = pack.describe()
+        if not internals:
+            info.pop("meta", None)
         data.append({"id": name, "object": "steering.pack", "default": name == state.default_pack,
-                     "status": "loaded", **pack.describe()})
-    for name, error in state.failed_packs.items():  # refused at load (server/packs.py)
-        data.append({"id": name, "object": "steering.pack", "default": False,
-                     "status": "failed", "error": error})
-    failed = [{"id": name, "error": error} for name, error in state.failed_packs.items()]
+                     "status": "loaded", **info})
+    failed = [{"id": name, "error": error if internals else REFUSED}
+              for name, error in state.failed_packs.items()]  # refused at load (server/packs.py)
+    data += [{"id": f["id"], "object": "steering.pack", "default": False, "status": "failed",
+              "error": f["error"]} for f in failed]
     return {"object": "list", "data": data, "failed": failed}
 
 
@@ -88,7 +100,7 @@ async def list_methods(request: Request):
         entry = {"id": method, "object": "steering.method", "description": DESCRIPTIONS[method],
                  "strength": None if method == "none" else
                  {"min": s.strength_min, "max": s.strength_max, "default": 1.0},
-                 "uses_k": method in INLP_METHODS, "packs": {}}
+                 "uses_k": method in INLP_METHODS, "effect": effect(method), "packs": {}}
         if method != "none":
             for name, pack in packs.items():
                 if method in INLP_METHODS and not pack.inlp:
@@ -143,8 +155,8 @@ async def readyz(request: Request):
                 "packs": sorted(state.packs)}
     status = "failed" if state.load_error else "draining" if state.draining else "loading"
     body = {"status": status}
-    if state.load_error:
-        body["error"] = state.load_error
+    if state.load_error:  # the reason is in the server log, not in a public probe
+        body["error"] = "the model failed to load; the server log has the details"
     return JSONResponse(body, status_code=503,
                         headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from server.context import RequestContext
 from server.state import ServerState
 
 DONE = "data: [DONE]\n\n"
+log = logging.getLogger("server")
 
 
 def error_event(err: APIError) -> str:
@@ -131,9 +133,10 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
     except (asyncio.CancelledError, GeneratorExit):
         status, outcome = "499", "client_closed"
         raise
-    except Exception as exc:  # headers are sent: report in-band
+    except Exception:  # headers are sent: report in-band, the details to the log only
         status, outcome = "500", "error"
-        message = f"stream failed (request id {job.request_id}): {exc}"
+        log.exception("request %s: stream failed", job.request_id)
+        message = f"stream failed (request id {job.request_id}); the server log has the details"
         yield error_event(APIError(500, message, type="server_error", code="internal_error"))
         yield DONE
     finally:

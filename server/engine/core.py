@@ -29,7 +29,6 @@ The serving layer uses only:
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import threading
@@ -43,6 +42,8 @@ import torch
 from transformers import DynamicCache
 
 from server.engine.detok import Detokenizer
+from server.engine.kv import new_cache, select_row
+from server.engine.sampling import Draw, RowSampling, draw
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.methods import Steering
 from steering.models.loading import LoadedModel
@@ -69,6 +70,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's extension)
     logprobs: bool = False
     top_logprobs: int = 0
+    logprobs_tokens: int | None = None  # logprobs for the first N generated tokens only (None: all)
 
 
 @dataclass
@@ -295,7 +297,7 @@ class Engine:
         assert slot is not None
         ids = slot.request.prompt_ids
         if slot.prefill_cache is None:
-            slot.prefill_cache = DynamicCache()
+            slot.prefill_cache = new_cache()
             slot.gate = ConditionGate.open(slot.request.steering, len(ids))
         start, end = slot.prefilled, min(len(ids), slot.prefilled + self.prefill_chunk)
         device = self.lm.device
@@ -307,7 +309,7 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
                 position_ids=torch.arange(start, end, device=device)[None],
-                past_key_values=slot.prefill_cache, use_cache=True, logits_to_keep=1)
+                cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
         slot.prefilled = end
         if end == len(ids) and gate is not None:
             slot.gate = None
@@ -332,7 +334,7 @@ class Engine:
         self.lm.hooks.set_rows([s.request.steering for s in self._rows],
                                [len(s.request.prompt_ids) for s in self._rows])
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
-                            position_ids=positions, past_key_values=self._cache, use_cache=True)
+                            position_ids=positions, cache=self._cache, use_cache=True)
         self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
@@ -345,56 +347,55 @@ class Engine:
     # ---- sampling and events --------------------------------------------------------------------
 
     def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
-        """Sample one token per row and send its event; None where the request finished."""
-        logits = logits.float()
-        # Only when some row asks for logprobs: a full-vocabulary softmax per row is not free.
-        logprobs = torch.log_softmax(logits, dim=-1) if any(
-            s.request.sampling.logprobs for s in slots) else None
+        """Sample one token per row and send its event; None where the request finished. A row
+        that cannot be sampled (non-finite logits) fails alone."""
+        draws = draw(logits, [_row_sampling(s) for s in slots])
         result: list[int | None] = []
-        for i, slot in enumerate(slots):
-            sp = slot.request.sampling
-            if sp.temperature <= 0:
-                token = int(torch.argmax(logits[i]))
-            else:
-                token = _sample(logits[i], sp.temperature, sp.top_p, slot.generator)
-            slot.generated += 1
-            event = TokenEvent(token_id=token, text="")
-            if sp.logprobs:
-                event.logprob = float(logprobs[i, token])
-                if sp.top_logprobs:
-                    top = torch.topk(logprobs[i], sp.top_logprobs)
-                    event.top_logprobs = [(int(t), float(v))
-                                          for v, t in zip(top.values, top.indices)]
-            if slot.first_event:
-                event.queue_wait_s = time.monotonic() - slot.submitted
-                event.steering = slot.request.steering
-                slot.first_event = False
-            finish = None
-            if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-                finish = "stop"
-                event.text = slot.detok.finish()
-            else:
-                event.text, hit_stop = slot.detok.add(token)
-                if hit_stop:
-                    finish = "stop"
-                elif (slot.generated >= sp.max_tokens
-                      or slot.position + 1 >= self.lm.context_length):
-                    finish = "length"
-                    event.text += slot.detok.finish()
-            event.finish_reason = finish
-            slot.handle._push(event)
-            result.append(None if finish else token)
+        for slot, d in zip(slots, draws, strict=True):
+            if d.error is not None:
+                self._fail_one(slot, FloatingPointError(d.error), reset_hooks=False)
+                result.append(None)
+                continue
+            result.append(self._emit(slot, d))
         return result
+
+    def _emit(self, slot: _Slot, d: Draw) -> int | None:
+        """Send one row's token event; its token, or None when the request finished."""
+        sp = slot.request.sampling
+        token = d.token
+        slot.generated += 1
+        event = TokenEvent(token_id=token, text="", logprob=d.logprob,
+                           top_logprobs=d.top_logprobs)
+        if slot.first_event:
+            event.queue_wait_s = time.monotonic() - slot.submitted
+            event.steering = slot.request.steering
+            slot.first_event = False
+        finish = None
+        if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+            finish = "stop"
+            event.text = slot.detok.finish()
+        else:
+            event.text, hit_stop = slot.detok.add(token)
+            if hit_stop:
+                finish = "stop"
+            elif (slot.generated >= sp.max_tokens
+                  or slot.position + 1 >= self.lm.context_length):
+                finish = "length"
+                event.text += slot.detok.finish()
+        event.finish_reason = finish
+        slot.handle._push(event)
+        return None if finish else token
 
     def _finish_slot(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         slot.handle._push(TokenEvent(token_id=None, text="", finish_reason=reason, error=error))
 
-    def _fail_one(self, slot: _Slot, exc: Exception) -> None:
+    def _fail_one(self, slot: _Slot, exc: Exception, reset_hooks: bool = True) -> None:
         log.error("request %s failed in the engine: %s: %s", slot.request.request_id,
                   type(exc).__name__, exc)
         self._finish_slot(slot, "error", f"internal error in the engine: "
                                          f"{type(exc).__name__}: {exc}")
-        self.lm.hooks.set_rows(None)  # forget edits half-built for the failed rows
+        if reset_hooks:
+            self.lm.hooks.set_rows(None)  # forget edits half-built for the failed rows
 
     def _isolate(self, width: int, exc: Exception) -> None:
         """The batched decode raised: undo its partial cache growth, retry each row alone on a
@@ -408,17 +409,14 @@ class Engine:
         device = self.lm.device
         bad: list[int] = []
         for i, slot in enumerate(self._rows):
-            solo = copy.copy(self._cache)
-            solo.layers = [copy.copy(layer) for layer in self._cache.layers]
-            for layer in solo.layers:
-                layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            solo = select_row(self._cache, i)
             mask = torch.cat([self._mask[i:i + 1],
                               torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
             try:
                 self.lm.hooks.set_rows([slot.request.steering], [len(slot.request.prompt_ids)])
                 self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
                               position_ids=torch.tensor([[slot.position]], device=device),
-                              past_key_values=solo, use_cache=True)
+                              cache=solo, use_cache=True)
             except Exception as row_exc:
                 bad.append(i)
                 self._fail_one(slot, row_exc)
@@ -498,16 +496,8 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> int:
-    # A tiny temperature would overflow the logits to inf (then NaN): floor it (≈ greedy).
-    probs = torch.softmax(logits / max(temperature, 1e-4), dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        keep = cumulative - sorted_probs < top_p
-        keep[0] = True  # always the most likely token (a subnormal top_p rounds to 0 in fp32)
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _row_sampling(slot: _Slot) -> RowSampling:
+    sp = slot.request.sampling
+    wants = sp.logprobs and (sp.logprobs_tokens is None or slot.generated < sp.logprobs_tokens)
+    return RowSampling(sp.temperature, sp.top_p, slot.generator,
+                       (sp.top_logprobs or 0) if wants else None)

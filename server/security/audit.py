@@ -10,6 +10,10 @@ refused before its steering was resolved — no or a wrong key (401), a route th
 (403), a body that fails validation (4xx on a POST) — still gets one line, with `event:
 "denied_request"`, the error code and no steering.
 
+Pack uploads and deletions (`server.api.pack_admin`) write one line each at once (`pack_event`:
+`event: "pack_uploaded"` / `"pack_deleted"`, the key id, the pack's name, concept, tensor and
+sidecar SHA-256); a refused attempt gets the `denied_request` line like any other 4xx.
+
 `policy.enforce` notes each request (`note`); `AuditMiddleware` (outside authentication) writes
 the lines once the response has been sent, when status and token counts are known. Each line is
 one `write` of one JSON object and a newline. `STEER_AUDIT_LOG` also appends them to a file.
@@ -176,6 +180,15 @@ def write_lines(scope: Scope, status: int) -> None:
            "endpoint": route_path(scope)[:256], "method": None, "strength": None, "k": None,
            "layers": None, "pack": None, "preset": None, "status": status,
            "outcome": "denied", "denied": error.get("code"), "param": error.get("param")})
+
+
+def pack_event(request: Request, event: str, **fields) -> None:
+    """One audit line for a pack loaded or unloaded while serving."""
+    ctx = request_context(request.scope)
+    _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
+           "event": event, "request_id": ctx.request_id,
+           "client_request_id": ctx.client_request_id, "key_id": _key_id(ctx),
+           "endpoint": route_path(request.scope)[:256], **fields})
 
 
 def _emit(line: dict) -> None:

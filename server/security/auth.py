@@ -13,6 +13,7 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
         max_k: 4
         requests_per_minute: 60
         tokens_per_minute: 20000
+        admin: true              # may see internals: pack metadata, why a pack was refused
       - id: bob
         sha256: …
 
@@ -57,6 +58,13 @@ class ApiKey:
     id: str
     sha256: str
     policy: Policy
+    admin: bool = False  # sees internals (pack metadata, refused packs' reasons); no extra steering
+
+
+def may_see_internals(key: ApiKey | None) -> bool:
+    """Whether a caller may see server internals. On a route that needs a key, `None` means
+    authentication is off: the caller is the operator on a local server."""
+    return key is None or key.admin
 
 
 class KeyStore:
@@ -94,9 +102,12 @@ def parse_keys(data: object, source: str = "keys") -> KeyStore:
                               "(keys are never stored in clear)")
         if key_id in ids or digest in hashes:
             raise PolicyError(f"{where}: duplicate id or key")
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise PolicyError(f"{where}.admin: expected true or false")
         ids.add(key_id)
         hashes.add(digest)
-        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where)))
+        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where), admin))
     return KeyStore(keys)
 
 

@@ -9,7 +9,9 @@ other printable unicode pass. Parsing flags non-finite numbers and a regex flags
 so a clean body costs one parse and one pass over its containers; a flagged one is walked value by
 value with one iterator per open container (O(n) time, O(depth) extra memory; the path is rebuilt
 only for the error) to name the field, and
-bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop.
+bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop. The
+parsed body is kept in the request context, and the API routes validate it without parsing the
+bytes again (`server.api.routing`).
 `check_request`, `check_names` and `check_prompt_tokens` are called by `server.api.prepare`.
 """
 
@@ -19,10 +21,12 @@ import asyncio
 import json
 import math
 import re
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import APIError, bad_request
+from server.context import UNPARSED, request_context
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
 MAX_DEPTH = 64
@@ -143,15 +147,16 @@ def _too_deep(value) -> bool:
     return False
 
 
-def check_json(body: bytes) -> None:
-    """Refuse (400) what `_walk` refuses, at C speed for the common case.
+def check_json(body: bytes) -> Any:
+    """Refuse (400) what `_walk` refuses, at C speed for the common case; return the parsed body
+    (`UNPARSED` when it is empty or not JSON: FastAPI's parser then reports it).
 
     The parser flags `NaN`/`Infinity` as it goes and regexes over the raw bytes flag escapes that
     can decode to NUL or a lone surrogate and numbers that can overflow; only a flagged body (or a too-deep one) is walked
     value by value to name the offending field, so a 1 MiB array of numbers costs one parse and
     one pass over its containers instead of a Python call per value."""
     if not body.strip():
-        return
+        return UNPARSED
     flagged = False
 
     def _constant(name: str) -> _NonFinite:
@@ -162,17 +167,18 @@ def check_json(body: bytes) -> None:
     try:
         data = json.loads(body, parse_constant=_constant)
     except ValueError:  # JSONDecodeError, bad UTF-8: FastAPI's own parser reports it
-        return
+        return UNPARSED
     except RecursionError:
         raise bad_request(f"the JSON body is nested deeper than {MAX_DEPTH} levels", None,
                           "invalid_json") from None
     if not (flagged or _SUSPECT_ESCAPE.search(body) or _SUSPECT_NUMBER.search(body)
             or _too_deep(data)):
-        return
+        return data
     problem = _walk(data)
     if problem:
         message, param = problem
         raise bad_request(f"{param}: {message}" if param else message, param, "invalid_value")
+    return data
 
 
 class BodyLimitMiddleware:
@@ -211,12 +217,13 @@ class BodyLimitMiddleware:
         body = b"".join(chunks)
         try:
             if len(body) > OFF_LOOP_BYTES:
-                await asyncio.to_thread(check_json, body)
+                parsed = await asyncio.to_thread(check_json, body)
             else:
-                check_json(body)
+                parsed = check_json(body)
         except APIError as err:
             await err.response()(scope, receive, send)
             return
+        request_context(scope).json_body = parsed  # the routes use it: one parse per body
         replayed = False
 
         async def replay() -> Message:

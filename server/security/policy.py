@@ -12,6 +12,7 @@ true`); without it a key may only keep or raise refusal. Per method, which stren
     ablate      —                 any strength            refused
     inlp_null   —                 any strength            refused
     inlp_flip   —                 any strength            refused
+    inlp_reflect harmless prompts harmful prompts         refused
 
 (ACE, Marshall et al. 2024 eq. 3: h' = h − r̂r̂ᵀ(h − μ⁻) + α·‖r‖·r̂, so α = 0 sets the refusal
 coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = h + α·r.) On top of that a key may set
@@ -42,7 +43,7 @@ from server.context import request_context
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
           "tokens_per_minute", "lower_refusal", "strength")
-LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip")
+LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip", "inlp_reflect")
 # Without the `lower_refusal` grant: the strengths that keep or raise refusal (lo, hi).
 SAFE_STRENGTH = {"actadd": (0.0, None), "ace": (1.0, None)}
 EFFECTS = {  # what /v1/steering/methods states per method
@@ -52,6 +53,9 @@ EFFECTS = {  # what /v1/steering/methods states per method
     "ablate": {"raises_refusal": None, "lowers_refusal": "any strength"},
     "inlp_null": {"raises_refusal": None, "lowers_refusal": "any strength"},
     "inlp_flip": {"raises_refusal": None, "lowers_refusal": "any strength"},
+    # two-sided: every activation changes side, so harmful prompts lose refusal too
+    "inlp_reflect": {"raises_refusal": "on harmless prompts",
+                     "lowers_refusal": "on harmful prompts, any strength"},
 }
 
 

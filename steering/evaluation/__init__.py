@@ -1,6 +1,7 @@
 """Evaluation: is an answer a refusal, and how do methods compare on a model.
 
-Lives here: refusal judging and scores, the evaluation grid (refusal, perplexity, KL), the
-geometry of edited activations, and the HTML/Markdown report with its plots.
+Lives here: refusal judging and scores (the substring matcher, an optional LLM judge over HTTP),
+the evaluation grid (refusal, perplexity, KL), the geometry of edited activations, and the
+HTML/Markdown report with its plots.
 May import: `steering.models`, `steering.interventions`, `steering.packs`, `steering.data`.
 """

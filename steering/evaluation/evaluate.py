@@ -35,7 +35,12 @@ from tqdm.auto import tqdm
 
 from steering import __version__
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
-from steering.evaluation.refusal import is_refusal, refusal_score, refusal_token_ids
+from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-exported)
+    is_refusal,
+    refusal_score,
+    refusal_token_ids,
+    wilson_interval,
+)
 from steering.interventions.activations import encode_chats, with_positions
 from steering.interventions.methods import (
     INLP_METHODS,
@@ -92,17 +97,6 @@ def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion k/n (95% by default; Wilson 1927)."""
-    if n <= 0:
-        return (math.nan, math.nan)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def rate_record(prefix: str, texts: Sequence[str]) -> dict:
     """`<prefix>_refusal_rate`, `_refused`, `_n` and `_ci` (Wilson 95%) of completions."""
     refused = sum(is_refusal(t) for t in texts)
@@ -138,9 +132,13 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 2, 4)  # INLP leading-k sweep (the pack's maximum is always added)
     batch_size: int = 16
     cache_dir: str | None = None  # unsteered completions; None: <cache root>/eval
+    judge_url: str | None = None  # optional LLM judge (OpenAI-compatible server); None: off
+    judge_model: str | None = None
+    judge_api_key: str | None = None  # never written to the outputs
 
     def settings(self) -> dict:
         d = asdict(self)
+        d["judge_api_key"] = "set" if self.judge_api_key else None
         d["methods"] = list(self.methods)
         d["ks"] = list(self.ks)
         d["strengths"] = {m: list(s) for m, s in (self.strengths or DEFAULT_STRENGTHS).items()}
@@ -178,7 +176,8 @@ def spec_label(spec: SteeringSpec) -> str:
     if spec.method == "none":
         return "none"
     label = f"{spec.method} s={spec.strength:g}"
-    return label + (f" k={spec.k}" if spec.k is not None else "")
+    label += f" k={spec.k}" if spec.k is not None else ""
+    return label + (f" layers={','.join(map(str, spec.layers))}" if spec.layers else "")
 
 
 # ---- model passes ---------------------------------------------------------------------------
@@ -417,6 +416,10 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
     out["harmless_examples"] = texts[nh:nh + 3]
     if data.overrefusal:
         out.update(rate_record("overrefusal", texts[nh + nl:]))
+    if config.judge_url:
+        out.update(_judged(config, prompts, texts, {"harmful": (0, nh),
+                                                     "harmless": (nh, nh + nl),
+                                                     "overrefusal": (nh + nl, len(prompts))}))
     nll, n, logits_l = sequence_nll(lm, data.harmless_seqs, data.completion_lens, row,
                                     max(1, bs // 2), desc=f"{label}: perplexity (completions)",
                                     answer_logits=True)
@@ -431,10 +434,26 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
     return out, logits_l
 
 
+def _judged(config: EvalConfig, prompts: list[str], texts: list[str],
+            spans: dict[str, tuple[int, int]]) -> dict:
+    """The LLM judge's verdicts on every completion, per prompt set next to the matcher's."""
+    from steering.evaluation.llm_judge import LlmJudge, judge_record
+
+    verdicts = LlmJudge(config.judge_url, config.judge_model,
+                        config.judge_api_key).refused(prompts, texts)
+    out: dict = {}
+    for prefix, (a, b) in spans.items():
+        if b > a:
+            out.update(judge_record(prefix, verdicts[a:b], [is_refusal(t) for t in texts[a:b]]))
+    return out
+
+
 def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | None = None,
              grid: Sequence[SteeringSpec] | None = None) -> dict:
     """Measure the unsteered baseline and every setting of the grid; a JSON-ready dict."""
     config = config or EvalConfig()
+    if config.judge_url and not config.judge_model:
+        raise ValueError("an LLM judge needs a model name (judge_model / --judge-model)")
     t0 = time.perf_counter()
     grid = list(grid) if grid is not None else build_grid(pack, config.methods,
                                                           config.strengths, config.ks)
@@ -454,17 +473,28 @@ def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | No
         "tool_version": __version__,
         "model": {"id": lm.model_id, "name": lm.name, "fingerprint": fingerprint(lm.model)["arch"],
                   "chat_template_hash": template_hash(lm.tokenizer),
-                  "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", "")},
+                  "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                  "precision": getattr(lm, "precision", None)},
         "pack": _pack_summary(pack),
         "settings": config.settings(),
         "refusal_token_ids": tok_ids,
         "generation": {**GENERATION, "max_new_tokens": config.max_new_tokens,
                        "kernel_dtype": "float32"},
         "prompts": data.hashes,
+        "judge": _judge_summary(config),
         "baseline": {"label": "unsteered", **baseline},
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _judge_summary(config: EvalConfig) -> dict | None:
+    if not config.judge_url:
+        return None
+    from steering.evaluation.llm_judge import JUDGE_INSTRUCTION
+
+    return {"url": config.judge_url, "model": config.judge_model,
+            "instruction": JUDGE_INSTRUCTION}
 
 
 def _pack_summary(pack: SteeringPack | None) -> dict | None:
@@ -519,6 +549,40 @@ def markdown_table(result: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def judge_table(result: dict) -> str:
+    """Substring matcher and LLM judge side by side, with their agreement ("" without a judge)."""
+    if not result.get("judge"):
+        return ""
+    p = result["prompts"]
+    sets = [s for s in ("harmful", "harmless", "overrefusal") if s in p]
+    head = "| setting | " + " | ".join(
+        f"{s} ({p[s]['source']}): substring | judge | agreement" for s in sets) + " |\n"
+    head += "|---" * (1 + 3 * len(sets)) + "|\n"
+    lines = []
+    for r in [result["baseline"], *result["results"]]:
+        cells = [r["label"]]
+        for s in sets:
+            if r.get(f"{s}_judge_n") is None:
+                cells += ["–", "–", "–"]
+                continue
+            agree = r[f"{s}_judge_agreement"]
+            cells += [_rate(r, s), _judge_rate(r, s),
+                      "nan" if math.isnan(agree) else f"{agree:.0%}"
+                      + (f" ({r[f'{s}_judge_unparsed']} unparsed)"
+                         if r[f"{s}_judge_unparsed"] else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _judge_rate(r: dict, prefix: str) -> str:
+    rate = r[f"{prefix}_judge_refusal_rate"]
+    if rate is None or math.isnan(rate):
+        return "–"
+    ci = r[f"{prefix}_judge_ci"]
+    return (f"{rate:.2f} ({r[f'{prefix}_judge_refused']}/{r[f'{prefix}_judge_n']}) "
+            f"[{ci[0]:.2f}, {ci[1]:.2f}]")
+
+
 def write_outputs(result: dict, json_path: str | Path | None = None,
                   markdown_path: str | Path | None = None) -> None:
     if json_path:
@@ -526,7 +590,7 @@ def write_outputs(result: dict, json_path: str | Path | None = None,
         Path(json_path).write_text(json.dumps(result, indent=2, default=_json_default))
     if markdown_path:
         Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(markdown_table(result))
+        Path(markdown_path).write_text(markdown_table(result) + "\n" + judge_table(result))
 
 
 def _json_default(x):

@@ -63,3 +63,14 @@ def refusal_score_from_logprobs(logprobs: Mapping[int, float], token_ids: list[i
     r = min(max(r, 0.0), 1.0)
     exact = all(t in logprobs for t in token_ids)
     return math.log(r + EPS) - math.log(1 - r + EPS), exact
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion k/n (95% by default; Wilson 1927)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -9,10 +9,16 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 
 from steering.interventions.hooks import SteeringHooks
-from steering.models import embedded
+from steering.models import embedded, int8_cache
 from steering.models.gguf import convert_gguf_to_folder
 from steering.models.layers import ResidualLayout, discover, hidden_size
 from steering.models.precision import apply_precision, load_dtype, resolve_precision
@@ -97,12 +103,14 @@ def choose_precision(precision: str | None, dtype: str | None, device: torch.dev
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
-               gguf_cache: bool = True, precision: str | None = None) -> LoadedModel:
+               gguf_cache: bool = True, precision: str | None = None,
+               cache_int8: bool = True) -> LoadedModel:
     """Load `spec`: "embedded", a folder, a `.gguf` file, or a hub id (from the local hub cache).
 
     `precision` (steering.models.precision): auto, fp32, bf16, fp16, int8, int4. None keeps the
     library's full-precision default (fp32 on CPU, bf16 on CUDA, or `dtype` when given); the
-    `steer` command line and the server pass `auto` (int8 on CPU).
+    `steer` command line and the server pass `auto` (int8 on CPU). `cache_int8`: keep the
+    converted int8 model on disk and load it from there next time (steering.models.int8_cache).
     """
     dev = resolve_device(device)
     prec = choose_precision(precision, dtype, dev)
@@ -126,14 +134,56 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         name = Path(spec).name if Path(spec).exists() else spec.split("/")[-1]
     log.info("loading model %s on %s in %s", folder, dev, prec)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
-    model.to(dev)
-    model.eval()
-    model.requires_grad_(False)
     _prepare_tokenizer(tokenizer)
-    apply_precision(model, prec, tokenizer)
+    cached = _int8_cache_file(folder, prec, dev) if cache_int8 else None
+    model = _load_cached_int8(cached, folder) if cached is not None else None
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+        model.to(dev)
+        model.eval()
+        model.requires_grad_(False)
+        apply_precision(model, prec, tokenizer)
+        if cached is not None:
+            _save_cached_int8(model, cached)
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=spec, name=name.lower(),
                        precision=prec)
+
+
+def _int8_cache_file(folder: str | Path, precision: str, device: torch.device) -> Path | None:
+    """Where the int8 conversion of a local checkpoint folder is cached (None: not cached)."""
+    folder = Path(folder)
+    if precision != "int8" or device.type != "cpu" or not (folder / "config.json").is_file():
+        return None
+    try:
+        return int8_cache.cache_path(folder, embedded.cache_root())
+    except OSError as exc:
+        log.warning("int8 cache unavailable: %s", exc)
+        return None
+
+
+def _load_cached_int8(path: Path, folder: str | Path) -> PreTrainedModel | None:
+    if not path.is_file():
+        return None
+    try:
+        model = int8_cache.load(path, AutoConfig.from_pretrained(folder), AutoModelForCausalLM)
+    except Exception as exc:  # a torn or foreign file: convert again (and overwrite it)
+        log.warning("int8 cache %s unusable (%s: %s); converting again", path,
+                    type(exc).__name__, exc)
+        return None
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.eval()
+    model.requires_grad_(False)
+    log.info("int8 model loaded from its cache %s", path)
+    return model
+
+
+def _save_cached_int8(model: PreTrainedModel, path: Path) -> None:
+    try:
+        int8_cache.save(model, path)
+        log.info("int8 model cached at %s", path)
+    except OSError as exc:  # a read-only cache only costs the next start its conversion
+        log.warning("could not write the int8 cache %s: %s", path, exc)
 
 
 def _gguf_cache_folder(path: Path) -> Path:

@@ -42,6 +42,7 @@ import ctypes
 import gc
 import logging
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -106,12 +107,12 @@ def _own_memory(model: nn.Module) -> None:
             for name, buf in list(mod.named_buffers(recurse=False)):
                 if buf is not None:
                     setattr(mod, name, buf.clone())
+    release_memory()
+
+
+def release_memory() -> None:
+    """Collect, then hand the conversion's freed heap back to the OS (glibc keeps it otherwise)."""
     gc.collect()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    """Hand the conversion's freed heap back to the OS (glibc keeps it otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -129,23 +130,50 @@ class RowInt8Linear(nn.Module):
                  smooth: torch.Tensor | None = None):
         super().__init__()
         w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
         inv = None
         if smooth is not None:
             w = w * smooth.float()[None]
             inv = (1.0 / smooth.float())[None]
-        self.register_buffer("inv_smooth", inv, persistent=False)
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
         with warnings.catch_warnings():  # quantized tensors are deprecated (docs/engine.md)
             warnings.simplefilter("ignore", UserWarning)
             qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long),
                                                  axis=0, dtype=torch.qint8)
+        self._setup(qweight, bias, inv)
+
+    def _setup(self, qweight: torch.Tensor, bias: torch.Tensor | None,
+               inv_smooth: torch.Tensor | None) -> None:
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("inv_smooth", inv_smooth, persistent=False)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(),
                              persistent=False)
         pin = torch.zeros(1, self.in_features)
         pin[0, 0], pin[0, 1 % self.in_features] = -1.0, 1.0
         self.register_buffer("_pin", pin, persistent=False)
+
+    @classmethod
+    def from_int8(cls, int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                  inv_smooth: torch.Tensor | None = None) -> RowInt8Linear:
+        """Rebuild from `int8_state` (the cached form: no float weight is ever materialized)."""
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch._make_per_channel_quantized_tensor(
+                int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        mod._setup(qweight, bias, inv_smooth)
+        return mod
+
+    def int8_state(self) -> dict[str, torch.Tensor]:
+        """The int8 weight, its per-channel scales, bias and 1/s: what `from_int8` takes."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        state = {"int8": qweight.int_repr(), "scale": qweight.q_per_channel_scales().double()}
+        if self.bias is not None:
+            state["bias"] = self.bias
+        if self.inv_smooth is not None:
+            state["inv_smooth"] = self.inv_smooth
+        return state
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> RowInt8Linear:
@@ -156,11 +184,12 @@ class RowInt8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         if self.inv_smooth is not None:
             rows = rows * self.inv_smooth
-        amax = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        # a_b = max_i |x_b,i| (one kernel: the ∞-norm), then the pinned [x_b / a_b; pin] batch.
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-12)
         pinned = torch.cat([rows / amax, self._pin])
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1] * amax
+        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1].mul_(amax)
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
@@ -176,15 +205,10 @@ class SharedInputInt8(nn.Module):
     product), so fusing changes no result — only the number of kernel calls (7 → 4 per layer).
     """
 
-    def __init__(self, linears: list[nn.Linear], smooth: torch.Tensor | None):
+    def __init__(self, linear: RowInt8Linear, n: int):
         super().__init__()
-        weight = torch.cat([m.weight.detach() for m in linears])
-        bias = None
-        if any(m.bias is not None for m in linears):
-            bias = torch.cat([m.bias.detach() if m.bias is not None else
-                              torch.zeros(m.out_features, dtype=m.weight.dtype) for m in linears])
-        self.linear = RowInt8Linear(weight, bias, smooth)
-        self.n = len(linears)
+        self.linear = linear  # the siblings' weights stacked along the output axis
+        self.n = n
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
         self._left = 0
@@ -224,12 +248,18 @@ def _smooth(act: torch.Tensor | None, weights: list[torch.Tensor],
     return act.clamp_min(1e-5) ** alpha / w ** (1 - alpha)
 
 
+Int8Builder = Callable[[str, list[nn.Linear]], RowInt8Linear]
+
+
 def quantize_int8(model: nn.Module, lm_head: bool = True,
                   act_ranges: dict[str, torch.Tensor] | None = None,
-                  alpha: float = 0.5, fuse: bool = True) -> int:
+                  alpha: float = 0.5, fuse: bool = True, build: Int8Builder | None = None) -> int:
     """Replace every nn.Linear (lm_head included) with int8 (RowInt8Linear, or slices of a
     SharedInputInt8 for q/k/v and gate/up); returns how many Linears were replaced.
     `act_ranges`: per-input-channel max |x| by module name (`activation_ranges`) → SmoothQuant.
+    `build(name, linears)`: makes the int8 module for the Linear(s) `name` (the first sibling's
+    name when fused) — by default quantized from their weights; the int8 cache passes one that
+    reads stored int8 tensors instead (then the model may live on the meta device).
 
     A tied lm_head gets its own int8 copy; the input embedding keeps its fp32 table (a lookup
     reads one row per token, so its precision costs no time).
@@ -238,6 +268,19 @@ def quantize_int8(model: nn.Module, lm_head: bool = True,
         raise RuntimeError("this PyTorch build has no fbgemm quantized engine (int8)")
     torch.backends.quantized.engine = "fbgemm"
     ranges = act_ranges or {}
+
+    def from_weights(name: str, linears: list[nn.Linear]) -> RowInt8Linear:
+        if len(linears) == 1:
+            weight, bias = linears[0].weight.detach(), linears[0].bias
+            return RowInt8Linear(weight, bias, _smooth(ranges.get(name), [weight], alpha))
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias.detach() if m.bias is not None else
+                              torch.zeros(m.out_features, dtype=m.weight.dtype) for m in linears])
+        return RowInt8Linear(weight, bias, _smooth(ranges.get(name), [weight], alpha))
+
+    build = build or from_weights
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     targets = {name: mod for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and (lm_head or mod is not out)}
@@ -253,22 +296,27 @@ def quantize_int8(model: nn.Module, lm_head: bool = True,
         if len(members) > 1 and len({targets[f"{prefix}{c}"].in_features
                                      for c in members}) == 1:
             linears = [targets[f"{prefix}{c}"] for c in members]
-            fused = SharedInputInt8(linears, _smooth(ranges.get(name),
-                                                     [m.weight for m in linears], alpha))
+            fused = SharedInputInt8(build(name, linears), len(linears))
             start = 0
             for c, m in zip(members, linears, strict=True):
                 setattr(parent, c, Int8Slice(fused, start, start + m.out_features))
                 start += m.out_features
                 done.add(f"{prefix}{c}")
             continue
-        setattr(parent, child, RowInt8Linear.from_linear(
-            mod, _smooth(ranges.get(name), [mod.weight], alpha)))
+        setattr(parent, child, build(name, [mod]))
         done.add(name)
     config = getattr(model, "config", None)
     if lm_head and getattr(config, "tie_word_embeddings", False):
         # The tie now points at a module without `.weight`; keep transformers from re-tying.
         config.tie_word_embeddings = False
     return len(targets)
+
+
+def int8_modules(model: nn.Module) -> dict[str, RowInt8Linear]:
+    """Each int8 module by the name `quantize_int8` built it under (a fused group's int8 Linear
+    sits at `<first sibling>.group.linear`)."""
+    return {name.removesuffix(".group.linear"): mod for name, mod in model.named_modules()
+            if isinstance(mod, RowInt8Linear)}
 
 
 CALIBRATION_PROMPTS = 12  # per class, from the training splits (never the test split)

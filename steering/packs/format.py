@@ -1,12 +1,17 @@
 """Steering packs: what extraction produces for one model.
 
-`NAME.safetensors` holds the tensors, `NAME.json` the sidecar (model identity and fingerprint,
-chat-template hash, chosen layer and position, selection scores, data hashes, tool version,
-creation time). Packs load only from safetensors — never pickle — and loading checks shapes,
-finiteness and, given a model, that the pack was made for it.
+`NAME.safetensors` holds the tensors, `NAME.json` the sidecar (`format_version`, the concept,
+model identity and fingerprint, chat-template hash, chosen layer and position, the `hook` layout
+and the `vectors` with the operation each was made for — see `steering.packs.identity` — the
+selection scores, data hashes, tool version, creation time). Packs load only from safetensors —
+never pickle — and loading checks the format version, shapes, finiteness, the vectors' operations
+and, given a model, that the pack was made for it and for its hook layout. A sidecar of format
+version 1 (before `hook` and `vectors` existed) loads as what it was: an extracted pack at the
+block inputs with every operation. The full description is docs/packs.md.
 
 Tensors:
-  mean_harmful, mean_harmless   [L, P, d]  class means at every layer input × post-instruction position
+  mean_harmful, mean_harmless   [L, P, d]  class means (positive, negative) at every layer input ×
+                                           read position (the refusal pack: harmful, harmless)
   inlp.<layer>.directions       [n, d]     INLP directions, orthonormal rows, leading first
   inlp.<layer>.accuracy         [n]        held-out accuracy of the classifier that found each one
   inlp.<layer>.boundary         [n]        offset along each direction of the class boundary
@@ -23,7 +28,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from steering.packs.identity import (
+    METHOD_OPERATION,
+    IdentityError,
+    check_hook,
+    check_vectors,
+    default_vectors,
+    hook_layout,
+    layout_mismatch,
+    methods_for,
+    operations,
+)
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before `hook` and `vectors` (read as an extracted pack)
 
 
 class PackError(ValueError):
@@ -96,9 +114,47 @@ class SteeringPack:
         """INLP directions available at the default layers."""
         return min((self.inlp[layer].count for layer in self.inlp_default_layers), default=0)
 
+    # ---- what the pack is for ----------------------------------------------------------------
+
+    @property
+    def vectors(self) -> dict:
+        return self.meta.get("vectors") or default_vectors(self.inlp_layers)
+
+    @property
+    def hook(self) -> dict:
+        return self.meta.get("hook") or hook_layout(n_layers=self.n_layers)
+
+    @property
+    def operations(self) -> frozenset[str]:
+        ops = operations(self.vectors)
+        return ops if self.inlp else ops - {"inlp"}
+
+    @property
+    def methods(self) -> list[str]:
+        """The steering methods this pack's vectors were made for."""
+        return methods_for(self.operations)
+
+    @property
+    def concept(self) -> str:
+        concept = self.meta.get("concept")
+        return str(concept.get("name")) if isinstance(concept, dict) else "refusal"
+
+    def unsupported(self, method: str) -> str | None:
+        """Why `method` cannot use this pack (None: it can, or `method` needs no pack)."""
+        op = METHOD_OPERATION.get(method)
+        if op is None or op in self.operations:
+            return None
+        return (f"pack {self.name!r} holds vectors made for {', '.join(sorted(self.operations))}"
+                f" ({', '.join(self.methods)}); method {method!r} needs '{op}'")
+
     def describe(self) -> dict:
         return {
             "name": self.name,
+            "concept": self.concept,
+            "methods": self.methods,
+            "hook": self.hook,
+            "format_version": self.meta.get("format_version", FORMAT_VERSION),
+            "created": self.meta.get("created"),
             "layer": self.layer,
             "position": self.position,
             "positions": self.positions,
@@ -129,13 +185,15 @@ class SteeringPack:
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tensors_path), metadata={"format": "steering-pack"})
         sidecar = {
+            **{k: v for k, v in self.meta.items() if k not in {"name", "positions", "layer",
+                                                               "position", "format_version"}},
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "positions": self.positions,
             "layer": self.layer,
             "position": self.position,
-            **{k: v for k, v in self.meta.items() if k not in {"name", "positions", "layer",
-                                                               "position", "format_version"}},
+            "hook": self.hook,
+            "vectors": self.vectors,
         }
         sidecar_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
         return tensors_path
@@ -194,6 +252,11 @@ def load_pack(path: str | Path, model=None, name: str | None = None) -> Steering
         raise PackError(f"pack sidecar {sidecar_path} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise PackError(f"pack sidecar {sidecar_path} must hold a JSON object")
+    version = meta.setdefault("format_version", 1)
+    if version not in READABLE_VERSIONS:
+        raise PackError(f"pack sidecar {sidecar_path} has format_version {version!r}; this "
+                        f"library reads versions {', '.join(map(str, READABLE_VERSIONS))} "
+                        "(a newer tool wrote it, or it is not a steering pack)")
     for key in ("mean_harmful", "mean_harmless"):
         if key not in tensors:
             raise PackError(f"pack {tensors_path} has no tensor {key!r}")
@@ -233,6 +296,12 @@ def load_pack(path: str | Path, model=None, name: str | None = None) -> Steering
     for key, t in tensors.items():
         if not torch.isfinite(t).all():
             raise PackError(f"pack tensor {key!r} has non-finite values")
+    if version >= 2:
+        try:
+            check_hook(meta.get("hook"), n_layers)
+            check_vectors(meta.get("vectors"), set(tensors))
+        except IdentityError as exc:
+            raise PackError(f"pack sidecar {sidecar_path}: {exc}") from None
     pack = SteeringPack(
         name=name or meta.get("name") or tensors_path.stem,
         mean_harmful=mh, mean_harmless=ml, positions=positions, layer=layer,
@@ -256,6 +325,9 @@ def check_compatible(pack: SteeringPack, model) -> None:
     if pack.n_layers != fp["n_layers"]:
         raise PackError(f"pack {pack.name!r} covers {pack.n_layers} layers, "
                         f"model has {fp['n_layers']}")
+    mismatch = layout_mismatch(pack.hook, model)
+    if mismatch:
+        raise PackError(f"pack {pack.name!r} was made for another hook layout: {mismatch}")
     want = pack.meta.get("fingerprint")
     if not want:
         raise PackError(f"pack {pack.name!r} has no model fingerprint in its sidecar")

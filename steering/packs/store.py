@@ -1,4 +1,5 @@
-"""Where a model's default pack lives, and getting one (extracting it on first use)."""
+"""Where a model's default packs live, and getting one (extracting it on first use): the refusal
+pack, and the shipped concept packs (`steering.data.contrastive.SHIPPED_CONCEPTS`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from steering.models.embedded import cache_root
 from steering.models.fingerprint import fingerprint
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack, load_pack, pack_paths
+from steering.packs.identity import hook_layout
 
 log = logging.getLogger(__name__)
 
@@ -45,5 +47,32 @@ def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fa
     else:
         log.info("no steering pack at %s: extracting one (%s mode)", tensors, mode)
     pack = extract_pack(lm, config=ExtractConfig.preset(mode), name=name)
+    pack.meta.setdefault("hook", hook_layout(lm.model))
+    pack.save(target)
+    return pack
+
+
+def ensure_concept_pack(lm: LoadedModel, name: str) -> SteeringPack:
+    """The cached pack of shipped concept `name`, extracted on first use (or when the cached one
+    comes from another concept-extraction version)."""
+    from steering.data.contrastive import SHIPPED_CONCEPTS, load_examples
+    from steering.packs.concept import CONCEPT_VERSION, extract_concept
+
+    try:
+        shipped = SHIPPED_CONCEPTS[name]
+    except KeyError:
+        raise ValueError(f"no shipped concept {name!r} (known: "
+                         f"{', '.join(sorted(SHIPPED_CONCEPTS))})") from None
+    target = default_pack_path(lm, name)
+    if pack_paths(target)[0].is_file():
+        pack = load_pack(target, model=lm.model, name=name)
+        if pack.meta.get("concept_version") == CONCEPT_VERSION:
+            return pack
+        log.info("cached concept pack %s is from another extraction version: extracting again",
+                 target)
+    else:
+        log.info("no %r concept pack at %s: extracting one", name, target)
+    pack = extract_concept(lm, load_examples(shipped.positive), load_examples(shipped.negative),
+                           name, sources=(shipped.positive, shipped.negative))
     pack.save(target)
     return pack
