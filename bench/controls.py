@@ -48,7 +48,8 @@ def split(name: str) -> list[str]:
 def run_engine(lm, prompts: list[str], rows: list, tokens: int, max_batch: int = 20) -> list[dict]:
     """Greedy completions of (prompt, steering) pairs, all submitted together (mixed batches)."""
     async def main():
-        engine = Engine(lm, max_batch=max_batch, max_queue=len(prompts) + 1)
+        engine = Engine(lm, max_batch=max_batch, max_queue=len(prompts) + 1,
+                        request_timeout_s=24 * 3600.0)  # a long queue on a shared CPU
         await engine.start()
 
         async def one(prompt, row):
@@ -56,14 +57,17 @@ def run_engine(lm, prompts: list[str], rows: list, tokens: int, max_batch: int =
                                add_special_tokens=False)["input_ids"]
             handle = engine.submit(GenerationRequest(ids, SamplingParams(
                 max_tokens=tokens, temperature=0.0), row))
-            text, applied, out = "", None, []
+            text, applied, out, last = "", None, [], None
             async for event in handle:
                 applied = applied or event.steering
                 text += event.text
                 if event.token_id is not None:
                     out.append(event.token_id)
-            return {"text": text, "tokens": out,
-                    "steering": applied.applied() if applied is not None else None}
+                last = event
+            if applied is None:
+                raise RuntimeError(f"request ended without a token: {last.finish_reason} "
+                                   f"{last.error}")
+            return {"text": text, "tokens": out, "steering": applied.applied()}
 
         results = await asyncio.gather(*[one(p, r) for p, r in zip(prompts, rows)])
         await engine.shutdown()
@@ -165,10 +169,14 @@ def cmd_conditional(lm, pack, args) -> dict:
             f"ablate when below {below:.3f}": build_row(SteeringSpec(
                 "ablate", 1.0, when=Condition(below=below)), pack)}
     labels = list(rows)
-    plan = {"harmful_val": [0, 2, 4], f"harmless_val[:{args.n}]": [0, 1, 2, 3, 4],
+    # Scores do not depend on the threshold: the conditional ablation's rows report every
+    # prompt's score, so the conditional actadd's applied share (above 0.5) comes from them too.
+    plan = {"harmful_val": [0, 4], f"harmless_val[:{args.n}]": [0, 1, 3, 4],
             "overrefusal": [0, 3, 4]}
     if args.final:
-        plan["harmful_test_jbb"] = [0, 2, 4]
+        plan["harmful_test_jbb"] = [0, 4]
+    if args.sets:
+        plan = {k: v for k, v in plan.items() if k.split("[")[0] in args.sets.split(",")}
     out: dict = {"below": below, "choice": choice}
     for name, which in plan.items():
         prompts = split(name)
@@ -185,10 +193,14 @@ def cmd_conditional(lm, pack, args) -> dict:
             mine = [r for lab, r in zip(batch_labels, results) if lab == labels[i]]
             entry = {"refusal": rate([is_refusal(r["text"]) for r in mine])}
             conds = [r["steering"]["condition"] for r in mine if r["steering"]["condition"]]
+            extra = ""
             if conds:
                 entry["applied"] = rate([c["applied"] for c in conds])
+                entry["above_0.5"] = rate([c["score"] > 0.5 for c in conds])
+                entry["scores"] = [c["score"] for c in conds]
+                extra = (f" · applied {fmt(entry['applied'])} · score above 0.5 (the "
+                         f"conditional actadd) {fmt(entry['above_0.5'])}")
             out[name][labels[i]] = entry
-            extra = f" · condition applied {fmt(entry['applied'])}" if conds else ""
             print(f"  {labels[i]:<28} refusal {fmt(entry['refusal'])}{extra}")
     return out
 
@@ -204,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="threshold of the conditional ablation (default: chosen on "
                              "harmful_val, see choose_below)")
     parser.add_argument("--final", action="store_true", help="also measure harmful_test_jbb")
+    parser.add_argument("--sets", default=None,
+                        help="comma-separated splits of `conditional` to run (default: all)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     lm = load_model("embedded", device="cpu", dtype="float32")

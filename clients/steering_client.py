@@ -129,14 +129,16 @@ class CompareResult:
 
 @dataclass
 class CompareEvent:
-    """One event of a streamed compare: `type` is "delta" (new `text` of variant `index`),
-    "variant" (variant `index` finished: `result`) or "done" (all finished: `compare`)."""
+    """One event of a streamed compare: `type` is "start" (the variants, in `raw`), "delta"
+    (new `text` of variant `index`), "variant" (variant `index` finished: `result`) or "done"
+    (all finished: `compare`)."""
 
     type: str
     index: int | None = None
     text: str = ""
     result: VariantResult | None = None
     compare: CompareResult | None = None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
 
 # ---- request building and parsing (shared by both clients) --------------------------------------
@@ -244,10 +246,11 @@ def _sse_data(line: str) -> tuple[bool, dict[str, Any] | None]:
 def _compare_event(data: dict[str, Any]) -> CompareEvent:
     kind = data.get("type", "")
     if kind == "variant":
-        return CompareEvent(kind, data.get("index"), result=_variant_result(data["result"]))
+        return CompareEvent(kind, data.get("index"), result=_variant_result(data["result"]),
+                            raw=data)
     if kind == "done":
-        return CompareEvent(kind, compare=_compare_result(data["compare"]))
-    return CompareEvent(kind, data.get("index"), text=data.get("text") or "")
+        return CompareEvent(kind, compare=_compare_result(data["compare"]), raw=data)
+    return CompareEvent(kind, data.get("index"), text=data.get("text") or "", raw=data)
 
 
 def _sse_delta(line: str) -> tuple[bool, str | None]:

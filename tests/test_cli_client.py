@@ -32,6 +32,36 @@ def test_parse_variant():
         parse_variant("bogus:1")
 
 
+def test_parse_variant_lists_targeting_conditions():
+    assert parse_variant("ablate+actadd:4,generation,above=0.5") == {
+        "label": "ablate+actadd:4,generation,above=0.5",
+        "steering": [{"method": "ablate"}, {"method": "actadd", "strength": 4.0,
+                                            "apply_to": "generation", "when": {"above": 0.5}}]}
+    assert parse_variant("actadd:2,window=3-") == {"method": "actadd", "strength": 2.0,
+                                                   "generation_window": [3, None],
+                                                   "label": "actadd:2,window=3-"}
+    assert parse_variant("no-refusal,prompt") == {"preset": "no-refusal", "apply_to": "prompt",
+                                                  "label": "no-refusal,prompt"}
+    for bad in ("actadd,window=3", "actadd,when-pack=x", "ablate+no-refusal", "actadd,nope"):
+        with pytest.raises(ValueError):
+            parse_variant(bad)
+
+
+def test_compare_lists_and_conditions(url, capsys):
+    rc = main(["compare", "--url", url, "--max-tokens", "4", "--width", "160",
+               "-v", "none", "-v", "ablate+actadd:2,window=0-2", "-v", "actadd:2,above=-50", Q])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "ablate 1 + actadd 2 tokens 0-2" in out and "score" in out and " on" in out
+
+
+def test_chat_steer_option(url, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{Q}\n"))
+    assert main(["chat", "--url", url, "--max-tokens", "3", "--steer",
+                 "ablate+actadd:1,generation,below=50"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def test_render_table_fits_width():
     table = render_table([(["[0] a"], "x " * 50), (["[1] b"], "short")], 60)
     assert all(len(line) <= 60 for line in table.splitlines())

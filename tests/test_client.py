@@ -10,6 +10,7 @@ import pytest
 from clients import (
     AsyncSteeringClient,
     CompareResult,
+    Condition,
     Steering,
     SteeringClient,
     SteeringServerError,
@@ -41,6 +42,28 @@ def test_steering_to_dict():
     assert Steering().to_dict() == {"method": "none"}
     assert Steering("inlp_flip", strength=1.5, k=2, layers=[1]).to_dict() == {
         "method": "inlp_flip", "strength": 1.5, "k": 2, "layers": [1]}
+
+
+def test_steering_controls_to_dict():
+    s = Steering("actadd", strength=2, generation_window=(0, None), when=Condition(above=0.5))
+    assert s.to_dict() == {"method": "actadd", "strength": 2, "generation_window": [0, None],
+                           "when": {"above": 0.5}}
+    assert Steering("ablate", apply_to="prompt").to_dict() == {"method": "ablate",
+                                                               "apply_to": "prompt"}
+
+
+def test_lists_conditions_and_the_streamed_compare(client):
+    both = [Steering("ablate"), Steering("actadd", strength=2.0, when=Condition(above=-50))]
+    res = client.chat(PROMPT, steering=both, **GREEDY)
+    assert [s["method"] for s in res.steering] == ["ablate", "actadd"]
+    assert res.steering[1]["condition"]["applied"] is True
+    events = list(client.stream_compare(PROMPT, [Steering(), both], **GREEDY))
+    assert events[0].type == "start" and events[-1].type == "done"
+    results = {e.index: e.result for e in events if e.type == "variant"}
+    texts = {i: "".join(e.text for e in events if e.type == "delta" and e.index == i)
+             for i in results}
+    assert texts[1] == results[1].completion == res.text
+    assert events[-1].compare.variants[1].steering == results[1].steering
 
 
 def test_models_and_presets(client):

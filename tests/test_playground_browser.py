@@ -174,3 +174,65 @@ def test_playground_remove_variant_and_keyboard_focus(server_url, driver):
         "return document.activeElement.classList.contains('method')")
     _columns(driver)[before].find_element(By.CSS_SELECTOR, "button.remove").click()
     assert len(_columns(driver)) == before
+
+
+def test_playground_list_and_conditional_variants_stream(server_url, driver):
+    """A variant with two interventions (ablate on the answer, then actadd) and a conditional
+    variant: both stream into their columns; the condition's score and decision are shown."""
+    _open(driver, server_url)
+    for col in _columns(driver)[1:]:
+        col.find_element(By.CSS_SELECTOR, "button.remove").click()
+    add = driver.find_element(By.ID, "add-variant")
+    add.click()
+    add.click()
+    listed, conditional = _columns(driver)[1], _columns(driver)[2]
+
+    first = listed.find_element(By.CSS_SELECTOR, ".step")
+    Select(first.find_element(By.CSS_SELECTOR, "select.method")).select_by_value("ablate")
+    Select(first.find_element(By.CSS_SELECTOR, "select.apply-to")).select_by_value("generation")
+    window_start = first.find_element(By.CSS_SELECTOR, "input.window-start")
+    assert window_start.is_enabled()
+    window_start.send_keys("0")
+    first.find_element(By.CSS_SELECTOR, "input.window-end").send_keys("6")
+    listed.find_element(By.CSS_SELECTOR, "button.add-step").click()
+    steps = listed.find_elements(By.CSS_SELECTOR, ".step")
+    assert len(steps) == 2
+    Select(steps[1].find_element(By.CSS_SELECTOR, "select.method")).select_by_value("actadd")
+    _set_range(driver, steps[1].find_element(By.CSS_SELECTOR, "input.strength"), 2)
+
+    step = conditional.find_element(By.CSS_SELECTOR, ".step")
+    Select(step.find_element(By.CSS_SELECTOR, "select.method")).select_by_value("actadd")
+    threshold = step.find_element(By.CSS_SELECTOR, "input.threshold")
+    assert not threshold.is_enabled()  # no condition yet
+    Select(step.find_element(By.CSS_SELECTOR, "select.when")).select_by_value("above")
+    assert threshold.is_enabled()
+    threshold.clear()
+    threshold.send_keys("-50")
+
+    max_tokens = _by_label(driver, "Max tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("10")
+    curl = driver.find_element(By.ID, "curl-snippet").text
+    assert '"steering"' in curl and '"generation_window"' in curl and '"when"' in curl
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, 90).until(
+        lambda d: "Done" in d.find_element(By.ID, "status").text
+        or "Error" in d.find_element(By.ID, "status").text)
+    assert "Done" in driver.find_element(By.ID, "status").text, \
+        driver.find_element(By.ID, "status").text
+
+    cols = _columns(driver)
+    for col in cols:
+        assert col.find_element(By.CSS_SELECTOR, ".completion").text.strip()
+    applied = cols[1].find_element(By.CSS_SELECTOR, ".applied").text
+    assert "ablate" in applied and "actadd" in applied and "answer tokens 0–6" in applied
+    result = cols[2].find_element(By.CSS_SELECTOR, ".condition-result").text
+    assert "prompt score" in result and "applied" in result and "not applied" not in result
+    assert "score" in cols[2].find_element(By.CSS_SELECTOR, ".applied").text
+    # The run streamed: the page asked for an event stream.
+    assert driver.execute_script(
+        "return performance.getEntriesByType('resource').some(e => "
+        "e.name.endsWith('/v1/steering/compare'))")
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
+    driver.save_screenshot(str(ARTIFACTS / "playground-controls.png"))

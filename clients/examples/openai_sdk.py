@@ -28,7 +28,19 @@ r = client.chat.completions.create(
 print("inlp_flip: ", r.choices[0].message.content)
 print("applied:   ", r.model_extra.get("steering"))
 
-# 3. A preset by model name, streamed.
+# 3. Steering controls: a list applied in order, generation-only targeting, and a condition
+#    (actadd only when the prompt scores above 0.5 on the refusal direction's axis).
+r = client.chat.completions.create(
+    model=model, messages=question, max_tokens=48, temperature=0,
+    extra_body={"steering": [
+        {"method": "ablate", "apply_to": "generation"},
+        {"method": "actadd", "strength": 1.5, "generation_window": [0, 8],
+         "when": {"above": 0.5}},
+    ]})
+print("controls:  ", r.choices[0].message.content)
+print("applied:   ", r.model_extra.get("steering"))  # condition: {score, applied} per object
+
+# 4. A preset by model name, streamed.
 print("preset:     ", end="")
 stream = client.chat.completions.create(model=f"{model}+ablate", messages=question,
                                         max_tokens=48, temperature=0, stream=True)
@@ -37,7 +49,7 @@ for chunk in stream:
         print(chunk.choices[0].delta.content, end="", flush=True)
 print()
 
-# 4. The compare endpoint is not part of the OpenAI API: call it with the SDK's raw `post`.
+# 5. The compare endpoint is not part of the OpenAI API: call it with the SDK's raw `post`.
 result = client.post("/steering/compare", cast_to=object, body={
     "model": model, "messages": question, "max_tokens": 32, "temperature": 0,
     "variants": ["no-refusal", {"method": "none"}, {"method": "actadd", "strength": 1.0}]})

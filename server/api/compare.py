@@ -84,6 +84,8 @@ def _variant_param(i: int, param: str | None) -> str:
         return base
     if param.startswith("steering."):
         return f"{base}.{param[len('steering.'):]}"
+    if param.startswith("steering["):  # an object of the variant's list
+        return f"{base}.{param}"
     if param == "model":
         return f"{base}.preset"
     return f"{base} ({param})"

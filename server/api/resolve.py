@@ -8,7 +8,8 @@ when the body has no steering. Each object of a list is resolved alone (its erro
 `steering[1].strength`) and the list becomes one `ComposedSteering`.
 
 A condition (`when`) is decided by the engine at prefill; `Resolved.echo(decided)` gives the
-applied steering with its score, from the steering the engine reports on a choice's first event.
+applied steering with its score, from the steering the engine reports on a choice's first event
+(a text completion of several prompts echoes the first prompt's; each prompt is decided alone).
 """
 
 from __future__ import annotations

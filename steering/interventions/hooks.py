@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit
+from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit, window_mask
 from steering.interventions.methods import Site, Steering
 from steering.models.layers import ResidualLayout
 
@@ -40,6 +40,7 @@ class SteeringHooks:
         self._identity: RowEdit | None = None
         self._offsets: torch.Tensor | None = None  # [B] prompt length − 1, for targeted rows
         self._token_index: torch.Tensor | None = None  # [B, T] of the current forward
+        self._masks: dict[int, torch.Tensor] = {}  # per window tensor, this forward
         self._handles = []
         if root is not None:
             self._handles.append(root.register_forward_pre_hook(self._positions_hook,
@@ -63,7 +64,7 @@ class SteeringHooks:
         if lengths == (self._key or (None, None))[1] and self._same_rows(key):
             return  # same rows as the last forward (the decode loop's common case)
         self._key = (key, lengths)  # holds the rows, so their ids cannot be reused while cached
-        self._passes, self._offsets, self._token_index = {}, None, None
+        self._passes, self._offsets, self._token_index, self._masks = {}, None, None, {}
         if not rows:
             return
         per_row = [[p.edits for p in r.parts if p.active and p.edits] for r in rows]
@@ -81,7 +82,13 @@ class SteeringHooks:
                                  for edits in lists], self.device)  # fp32 kernel
                 for j in range(max(len(edits) for edits in lists))]
             targeted |= any(p.window is not None for p in self._passes[site])
-        if targeted:
+        if targeted:  # equal windows share one tensor, so each forward computes its mask once
+            shared: dict[tuple, torch.Tensor] = {}
+            for passes in self._passes.values():
+                for p in passes:
+                    if p.window is not None:
+                        p.window = shared.setdefault(tuple(map(tuple, p.window.tolist())),
+                                                     p.window)
             if lengths is None or len(lengths) != len(rows):
                 self._passes = {}
                 raise ValueError("targeted steering (apply_to, generation_window) needs the "
@@ -123,7 +130,18 @@ class SteeringHooks:
         if positions is None or positions.ndim != 2:
             raise RuntimeError("targeted steering needs the forward's position_ids [B, T]")
         self._token_index = positions.to(self.device) - self._offsets[:, None]
+        self._masks = {}
         return None
+
+    def _mask(self, edit: BatchEdit) -> torch.Tensor | None:
+        if edit.window is None:
+            return None
+        if self._token_index is None:
+            raise RuntimeError("targeted steering needs the forward's position_ids [B, T]")
+        mask = self._masks.get(id(edit.window))
+        if mask is None:
+            mask = self._masks[id(edit.window)] = window_mask(edit.window, self._token_index)
+        return mask
 
     def _apply(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         passes = self._passes.get(site)
@@ -134,7 +152,7 @@ class SteeringHooks:
                                f"batch ({h.shape[0]}) at layer {site[0]}")
         x = h if h.dtype == torch.float32 else h.float()
         for edit in passes:  # list order: each part edits the previous one's output
-            x = apply_edit(x, edit, self._token_index)
+            x = apply_edit(x, edit, mask=self._mask(edit))
         return x if x.dtype == h.dtype else x.to(h.dtype)
 
     def _input_hook(self, layer: int):

@@ -123,11 +123,12 @@ def window_mask(window: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor
     return (token_index >= window[:, :1]) & (token_index < window[:, 1:])
 
 
-def apply_edit(h: torch.Tensor, edit: BatchEdit,
-               token_index: torch.Tensor | None = None) -> torch.Tensor:
+def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """h: [B, T, d] → edited copy, computed in the parameters' dtype (float32 by default) and
     returned in h's dtype. Cost O(B·T·d·K), small next to a layer's O(B·T·d²).
-    `token_index` [B, T] (see the module docstring) is needed when the edit has a window."""
+    `token_index` [B, T] (see the module docstring) is needed when the edit has a window, unless
+    `mask` = window_mask(edit.window, token_index) is given (computed once for many sites)."""
     work = edit.c.dtype
     x = h if h.dtype == work else h.to(work)
     out = x
@@ -140,7 +141,9 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit,
     out = out + edit.v[:, None, :]
     out = out if out.dtype == h.dtype else out.to(h.dtype)
     if edit.window is not None:
-        if token_index is None:
-            raise ValueError("a targeted edit needs the token index of every position")
-        out = torch.where(window_mask(edit.window, token_index)[..., None], out, h)
+        if mask is None:
+            if token_index is None:
+                raise ValueError("a targeted edit needs the token index of every position")
+            mask = window_mask(edit.window, token_index)
+        out = torch.where(mask[..., None], out, h)
     return out
