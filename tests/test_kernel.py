@@ -41,6 +41,25 @@ def test_mixed_rows_equal_solo_rows():
         torch.testing.assert_close(mixed[i:i + 1], solo, rtol=0, atol=1e-6)
 
 
+def test_a_row_is_bit_identical_to_its_solo_run_at_model_width():
+    """Mixed batch = solo to the last bit, at the embedded model's width, with the rows' k
+    zero-padded to the widest (16) and for a decode step (T = 1) as for a prefill chunk (T = 7).
+    A GEMM over the batch (bmm) fails this: its blocking follows the batch's shape."""
+    d = 896
+    gen = torch.Generator().manual_seed(11)
+    rows = [RowEdit(_orthonormal(d, k, 20 + k), torch.randn(d, generator=gen), alpha,
+                    torch.zeros(d), one_sided=one_sided)
+            for k, alpha, one_sided in ((1, 1.0, False), (2, 2.0, True), (4, 1.0, False),
+                                        (16, 2.0, False), (1, 1.0, True))]
+    rows.insert(2, RowEdit.identity(d))
+    for t in (1, 7):
+        h = torch.randn(len(rows), t, d, generator=gen) * 4
+        mixed = apply_edit(h, BatchEdit.stack(rows, torch.device("cpu")))
+        for i, row in enumerate(rows):
+            solo = apply_edit(h[i:i + 1], BatchEdit.stack([row], torch.device("cpu")))
+            assert torch.equal(mixed[i:i + 1], solo), (t, i)
+
+
 def test_reflection_twice_is_identity():
     d = 12
     q, c = _orthonormal(d, 2, 3), torch.randn(d)
@@ -51,6 +70,7 @@ def test_reflection_twice_is_identity():
 
 
 def test_one_sided_moves_only_the_positive_side():
+    torch.manual_seed(0)  # so that some rows have z <= 0 on every coordinate
     d = 10
     q, c = _orthonormal(d, 2, 4), torch.randn(d)
     h = torch.randn(1, 50, d)

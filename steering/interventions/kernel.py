@@ -9,7 +9,8 @@ Ravfogel et al. 2020 for the INLP projections)
     g(z) = relu(z)      (one-sided: only coordinates on the positive side of c are moved)
 
 applied per row of a batch: each row b has its own Q_b (zero-padded to the batch's widest k — a
-zero column contributes nothing), c_b, α_b, v_b and one-sided flag, so one call serves a batch
+zero column contributes an exact zero; see `_subspace_part` for why a row's result is bit-identical
+to its solo run), c_b, α_b, v_b and one-sided flag, so one call serves a batch
 that mixes methods. A row with α_b = 0 and v_b = 0 is left exactly unchanged.
 
 The one-sided form is the counterfactual intervention of AlterRep (Ravfogel et al. 2021, §3):
@@ -133,11 +134,7 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     x = h if h.dtype == work else h.to(work)
     out = x
     if edit.q.shape[-1] > 0:
-        centered = x - edit.c[:, None, :]
-        coords = torch.bmm(centered, edit.q)  # [B, T, K]: coordinates z in the subspace
-        if edit.one_sided is not None:  # g = relu on the one-sided rows only
-            coords = torch.where(edit.one_sided[:, None, None], coords.clamp_min(0), coords)
-        out = out - edit.alpha[:, None, None] * torch.bmm(coords, edit.q.transpose(1, 2))
+        out = out - edit.alpha[:, None, None] * _subspace_part(x - edit.c[:, None, :], edit)
     out = out + edit.v[:, None, :]
     out = out if out.dtype == h.dtype else out.to(h.dtype)
     if edit.window is not None:
@@ -147,3 +144,26 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
             mask = window_mask(edit.window, token_index)
         out = torch.where(mask[..., None], out, h)
     return out
+
+
+def _subspace_part(centered: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
+    """Σ_j g(z_j) q_j with z_j = ⟨h − c, q_j⟩, one column j at a time, in the order j = 0, 1, …
+
+    Batch invariance: a row's result must not depend on the other rows of its batch (mixed
+    batch = solo, bit for bit). A GEMM (`bmm`) does not give that: its blocking, hence the order
+    in which it adds a row's products, follows the shapes of the whole batch (measured: a row's
+    [T, d] × [d, K] product differs in the last bits between a batch of one and a batch of eight,
+    and again when K is zero-padded to the batch's widest row). Here each z_j is a reduction over
+    the contiguous d axis of one row — the same loop whatever B, T or K — and the sum over j is
+    accumulated elementwise in column order, so a zero-padded column (z_j = 0, q_j = 0) adds an
+    exact zero and a row computes exactly what it computes alone."""
+    q_cols = edit.q.transpose(1, 2)  # [B, K, d]
+    total = None
+    for j in range(q_cols.shape[1]):
+        q_j = q_cols[:, None, j, :]  # [B, 1, d]
+        z_j = (centered * q_j).sum(-1, keepdim=True)  # [B, T, 1]
+        if edit.one_sided is not None:  # g = relu on the one-sided rows only
+            z_j = torch.where(edit.one_sided[:, None, None], z_j.clamp_min(0), z_j)
+        term = z_j * q_j
+        total = term if total is None else total + term
+    return total
