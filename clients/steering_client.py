@@ -253,15 +253,12 @@ def _compare_event(data: dict[str, Any]) -> CompareEvent:
     return CompareEvent(kind, data.get("index"), text=data.get("text") or "", raw=data)
 
 
-def _sse_delta(line: str) -> tuple[bool, str | None]:
-    """(done, text delta) from one server-sent-event line of a chat stream."""
-    done, data = _sse_data(line)
-    if data is None:
-        return done, None
+def _chat_delta(data: dict[str, Any]) -> str | None:
+    """The text delta of one chat-stream chunk (None for a usage-only chunk)."""
     choices = data.get("choices") or []
     if not choices:
-        return False, None
-    return False, (choices[0].get("delta") or {}).get("content") or None
+        return None
+    return (choices[0].get("delta") or {}).get("content") or None
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -325,16 +322,9 @@ class SteeringClient:
         """Yields the completion's text deltas as they are generated."""
         body = _chat_body(self.model(), messages, steering, preset, True,
                           _sampling(max_tokens, temperature, top_p, seed), extra)
-        with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code >= 400:
-                r.read()
-                _raise_for(r)
-            for line in r.iter_lines():
-                done, delta = _sse_delta(line)
-                if done:
-                    return
-                if delta:
-                    yield delta
+        for data in self._sse_events("/v1/chat/completions", body):
+            if delta := _chat_delta(data):
+                yield delta
 
     def compare(self, messages: Messages, variants: Sequence[Variant], *,
                 max_tokens: int | None = None, temperature: float | None = None,
@@ -354,7 +344,12 @@ class SteeringClient:
         body = _compare_body(self._model, messages, variants,
                              _sampling(max_tokens, temperature, top_p, seed),
                              {**extra, "stream": True})
-        with self._http.stream("POST", "/v1/steering/compare", json=body) as r:
+        for data in self._sse_events("/v1/steering/compare", body):
+            yield _compare_event(data)
+
+    def _sse_events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST `body` and yield each server-sent event's JSON payload until [DONE]."""
+        with self._http.stream("POST", path, json=body) as r:
             if r.status_code >= 400:
                 r.read()
                 _raise_for(r)
@@ -363,7 +358,7 @@ class SteeringClient:
                 if done:
                     return
                 if data is not None:
-                    yield _compare_event(data)
+                    yield data
 
 
 class AsyncSteeringClient:
@@ -418,16 +413,9 @@ class AsyncSteeringClient:
                           seed: int | None = None, **extra: Any) -> AsyncIterator[str]:
         body = _chat_body(await self.model(), messages, steering, preset, True,
                           _sampling(max_tokens, temperature, top_p, seed), extra)
-        async with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code >= 400:
-                await r.aread()
-                _raise_for(r)
-            async for line in r.aiter_lines():
-                done, delta = _sse_delta(line)
-                if done:
-                    return
-                if delta:
-                    yield delta
+        async for data in self._sse_events("/v1/chat/completions", body):
+            if delta := _chat_delta(data):
+                yield delta
 
     async def compare(self, messages: Messages, variants: Sequence[Variant], *,
                       max_tokens: int | None = None, temperature: float | None = None,
@@ -444,7 +432,11 @@ class AsyncSteeringClient:
         body = _compare_body(self._model, messages, variants,
                              _sampling(max_tokens, temperature, top_p, seed),
                              {**extra, "stream": True})
-        async with self._http.stream("POST", "/v1/steering/compare", json=body) as r:
+        async for data in self._sse_events("/v1/steering/compare", body):
+            yield _compare_event(data)
+
+    async def _sse_events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async with self._http.stream("POST", path, json=body) as r:
             if r.status_code >= 400:
                 await r.aread()
                 _raise_for(r)
@@ -453,4 +445,4 @@ class AsyncSteeringClient:
                 if done:
                     return
                 if data is not None:
-                    yield _compare_event(data)
+                    yield data
