@@ -427,8 +427,9 @@ class Engine:
         slot.handle._push(TokenEvent(token_id=None, text="", finish_reason=reason, error=error))
 
     def _fail_one(self, slot: _Slot, exc: Exception, reset_hooks: bool = True) -> None:
+        # the traceback goes to the server log (the client gets the one-line message only)
         log.error("request %s failed in the engine: %s: %s", slot.request.request_id,
-                  type(exc).__name__, exc)
+                  type(exc).__name__, exc, exc_info=exc)
         self._finish_slot(slot, "error", f"internal error in the engine: "
                                          f"{type(exc).__name__}: {exc}")
         if reset_hooks:
