@@ -43,6 +43,21 @@ def test_row_int8_linear_is_row_isolated_and_close_to_fp32():
     assert q(x.reshape(2, 3, 64)).shape == (2, 3, 48)
 
 
+def test_fixed_grid_equals_fbgemm_dynamic_path_on_a_pinned_batch():
+    """The fixed [−1, 1] grid (scale 2/127, zero point 64) is exactly the grid fbgemm's dynamic
+    path measures on rows rescaled to max |x| = 1 plus a pin row [−1, 1, 0, …]."""
+    torch.manual_seed(0)
+    q = RowInt8Linear.from_linear(torch.nn.Linear(96, 80))
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 96) * torch.rand(rows, 1) * 10
+        x[0, 5] = x.abs().max() * 2  # a positive maximum as well as negative ones
+        amax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        pin = torch.zeros(1, 96)
+        pin[0, 0], pin[0, 1] = -1.0, 1.0
+        dynamic = torch.ops.quantized.linear_dynamic(torch.cat([x / amax, pin]), q._packed, True)
+        assert torch.equal(q(x), dynamic[:-1] * amax + q.bias)
+
+
 def test_stock_dynamic_quantization_is_not_row_isolated():
     """Why RowInt8Linear exists: torch.ao's dynamic Linear shares one scale across rows."""
     torch.manual_seed(0)

@@ -355,11 +355,13 @@ class Engine:
                 slot.prefilled = redo
         if slot.prefilled < len(ids):
             return end - start
-        self._prefilling = None
         slot.position = len(ids)
         token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
         if token is not None:
             self._merge(slot, token)
+        # only now: `stats()` (hence a draining shutdown) must never see the request in neither
+        # place, or the loop could stop with it in the batch
+        self._prefilling = None
         return end - start
 
     def _decode(self) -> None:

@@ -16,9 +16,11 @@ the op behind `torch.ao.nn.quantized.dynamic.Linear`) with one change that makes
 The stock module picks one activation scale for the whole input tensor (min/max over all rows),
 so a row's result would depend on the other rows in the batch: steered rows next to an unsteered
 one, or a long prompt's outlier token, would change each other's rounding — mixed batch ≠ solo.
-`RowInt8Linear` instead rescales every row to max |x| = 1 and appends one pin row [−1, 1, 0, …],
-so the tensor's min/max — hence the quantization grid — is the same fixed [−1, 1] for every row in
-every batch; the integer GEMM is exact and the row's scale is multiplied back afterwards:
+`RowInt8Linear` instead rescales every row to max |x| = 1 and quantizes it on one fixed grid —
+the 7-bit grid on [−1, 1] (scale 2/127, zero point 64, what fbgemm's dynamic path picks for a
+tensor whose min/max are −1 and 1) — through fbgemm's linear that takes the input's scale
+instead of measuring it (`linear_with_input_q_dq_qweight_dq_output_fp32`). The integer GEMM is
+exact and the row's scale is multiplied back afterwards:
 
     y_b = a_b · W_q · q(x_b / a_b) + bias          a_b = max_i |x_b,i|,  q: 7-bit grid on [−1, 1]
 
@@ -149,6 +151,13 @@ def half_embedding_table(model: nn.Module) -> None:
     model.set_input_embeddings(half)
 
 
+# The 7-bit activation grid on [−1, 1]: bit-identical to `linear_dynamic(…, reduce_range=True)` on
+# a tensor pinned to min −1 / max 1 (checked in tests/test_precision.py), without the pin row and
+# without measuring the range each call.
+_GRID_SCALE, _GRID_ZERO_POINT = 2.0 / 127, 64
+_int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+
 class RowInt8Linear(nn.Module):
     """A Linear with int8 per-channel weights and per-row int8 activations (module docstring).
     `smooth`: SmoothQuant's per-input-channel scales s (y = (W·diag(s)) · (x / s))."""
@@ -175,9 +184,6 @@ class RowInt8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(),
                              persistent=False)
-        pin = torch.zeros(1, self.in_features)
-        pin[0, 0], pin[0, 1 % self.in_features] = -1.0, 1.0
-        self.register_buffer("_pin", pin, persistent=False)
 
     @classmethod
     def from_int8(cls, int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -207,17 +213,16 @@ class RowInt8Linear(nn.Module):
         return cls(linear.weight, linear.bias, smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, dtype = x.shape, x.dtype
-        rows = x.reshape(-1, self.in_features).float()
+        dtype = x.dtype
+        rows = x if dtype == torch.float32 else x.float()  # [..., in]: any leading shape
         if self.inv_smooth is not None:
             rows = rows * self.inv_smooth
-        # a_b = max_i |x_b,i| (one kernel: the ∞-norm), then the pinned [x_b / a_b; pin] batch.
-        amax = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_min_(1e-12)
-        pinned = torch.cat([rows / amax, self._pin])
-        y = torch.ops.quantized.linear_dynamic(pinned, self._packed, True)[:-1].mul_(amax)
+        # a_b = max_i |x_b,i| (one kernel: the ∞-norm), then x_b / a_b on the fixed grid.
+        amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
+        y = _int8_linear(rows / amax, _GRID_SCALE, _GRID_ZERO_POINT, self._packed).mul_(amax)
         if self.bias is not None:
             y = y.add_(self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
@@ -259,7 +264,7 @@ class Int8Slice(nn.Module):
         self.in_features, self.out_features = group.linear.in_features, end - start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group.output(x)[..., self.start:self.end].contiguous()
+        return self.group.output(x)[..., self.start:self.end]  # a view: consumers reshape it
 
 
 # Siblings that read one input, by architecture family (llama, qwen2/3, mistral, gemma, phi3 …).
