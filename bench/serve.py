@@ -8,8 +8,9 @@ Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
    2 cores); where that fails the bench says so and goes on without it.
 2. plain transformers `generate` in fp32, no server: the old reference;
 3. the real server process at `--precision` (default: the server's default, auto → int8 on
-   CPU): unsteered and each method, with the steering overhead per decoded token (median
-   inter-token latency vs unsteered);
+   CPU): unsteered, each method and issue 13's row kinds (a targeted edit, a list of two, a
+   conditional one), with the steering overhead per decoded token (median inter-token latency
+   vs unsteered);
 4. 1/4/8/16/32 concurrent streaming clients, methods mixed at random, a ~40-token prompt:
    aggregate output tokens/s, TTFT and inter-token latency p50/p99;
 5. the server's RSS: peak (VmHWM, includes loading the fp32 checkpoint before quantizing) and
@@ -158,13 +159,30 @@ class RssSampler:
 MODEL = {"id": "qwen2.5-coder-0.5b-instruct"}
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, method: str, prompt: str,
-                     tokens: int) -> dict:
+def method_steering(method: str) -> dict | None:
+    """The `steering` body of one plain method (None: unsteered)."""
+    if method == "none":
+        return None
+    return {"method": method, "strength": 0.0 if method == "ace" else 1.0}
+
+
+# Issue 13's row kinds, measured beside the plain methods: a targeted edit, a list of two
+# edits, a conditional edit (its condition is scored on the prompt at prefill).
+CONTROL_ROWS = {
+    "actadd@generation": {"method": "actadd", "strength": 1.0, "apply_to": "generation"},
+    "[ablate,actadd]": [{"method": "ablate"}, {"method": "actadd", "strength": 1.0}],
+    "ablate when>0.4": {"method": "ablate", "when": {"pack": "refusal", "above": 0.4}},
+}
+ROWS = {**{m: method_steering(m) for m in METHODS}, **CONTROL_ROWS}
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, steering: dict | list | None,
+                     prompt: str, tokens: int) -> dict:
     body = {"model": MODEL["id"], "messages": [{"role": "user", "content": prompt}],
             "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
-    if method != "none":
-        body["steering"] = {"method": method, "strength": 0.0 if method == "ace" else 1.0}
+    if steering is not None:
+        body["steering"] = steering
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None
@@ -188,12 +206,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, method: str, prompt: s
 async def single_streams(url: str, tokens: int, repeats: int) -> dict[str, dict]:
     out = {}
     async with httpx.AsyncClient(timeout=600) as client:
-        await stream_one(client, url, "none", PROMPTS[0], 4)  # warm-up
-        for method in METHODS:
-            runs = [await stream_one(client, url, method, PROMPTS[0], tokens)
+        await stream_one(client, url, None, PROMPTS[0], 4)  # warm-up
+        for name, steering in ROWS.items():
+            runs = [await stream_one(client, url, steering, PROMPTS[0], tokens)
                     for _ in range(repeats)]
             itl = [x for r in runs for x in r["itl"]]
-            out[method] = {
+            out[name] = {
                 "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs),
                 "itl_median_ms": 1000 * statistics.median(itl),
             }
@@ -204,7 +222,8 @@ async def concurrent(url: str, clients: int, tokens: int, rng: random.Random) ->
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as c:
         t0 = time.perf_counter()
         runs = await asyncio.gather(*[
-            stream_one(c, url, rng.choice(METHODS), PROMPTS[i % len(PROMPTS)], tokens)
+            stream_one(c, url, method_steering(rng.choice(METHODS)), PROMPTS[i % len(PROMPTS)],
+                       tokens)
             for i in range(clients)])
         wall = time.perf_counter() - t0
     itl = [x for r in runs for x in r["itl"]]
@@ -252,10 +271,10 @@ def main() -> int:
         peak_kb = server.rss_kb("VmHWM")
     base = singles["none"]["itl_median_ms"]
     print(f"\nserver ({precision}), one stream, {n_prompt}-token prompt")
-    print(f"{'method':<10} {'tokens/s':>9} {'ITL ms':>8} {'overhead':>9}")
-    for method, r in singles.items():
+    print(f"{'steering':<18} {'tokens/s':>9} {'ITL ms':>8} {'overhead':>9}")
+    for name, r in singles.items():
         r["overhead"] = r["itl_median_ms"] / base - 1
-        print(f"{method:<10} {r['tokens_per_s']:>9.2f} {r['itl_median_ms']:>8.1f} "
+        print(f"{name:<18} {r['tokens_per_s']:>9.2f} {r['itl_median_ms']:>8.1f} "
               f"{100 * r['overhead']:>8.1f}%")
     print(f"\n{'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8}   (ms)")
@@ -283,12 +302,16 @@ def main() -> int:
         "rss_serving_max_mb": round(sampler.peak_kb / 1024, 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
     }
-    worst = max(v for m, v in summary["overhead_by_method"].items() if m != "none")
+    overheads = summary["overhead_by_method"]
+    worst = max(v for m, v in overheads.items() if m in METHODS and m != "none")
+    worst_rows = max(v for m, v in overheads.items() if m in CONTROL_ROWS)
     checks = [
         ("one stream >= 0.7x llama.cpp", summary["server_vs_llama_cpp"],
          summary["server_vs_llama_cpp"] is not None and summary["server_vs_llama_cpp"] >= 0.7),
         ("steering overhead <= 3% per token (worst method)", f"{100 * worst:+.1f}%",
          worst <= 0.03),
+        ("the same for targeted / list / conditional rows (issue 13)", f"{100 * worst_rows:+.1f}%",
+         worst_rows <= 0.03),
         ("8 streams >= 4x one", summary["eight_vs_one"],
          summary["eight_vs_one"] is not None and summary["eight_vs_one"] >= 4),
         ("TTFT p50 <= 2 s at 8 streams", f"{eight['ttft_p50_ms']:.0f} ms" if eight else None,
