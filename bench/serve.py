@@ -4,8 +4,8 @@
 
 Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
 1. llama.cpp (llama-cpp-python 0.3.36, 2 threads) on the same GGUF the embedded model ships as.
-   The first run pip-installs it into <cache root>/bench-llamacpp (a source build: ~10 min on
-   2 cores); where that fails the bench says so and goes on without it.
+   The first run pip-installs it into <cache root>/bench-llamacpp-noamx (a native source build
+   with Intel AMX off, ~10 min on 2 cores); where that fails the bench says so and goes on.
 2. plain transformers `generate` in fp32, no server: the old reference;
 3. the real server process at `--precision` (default: the server's default, auto → int8 on
    CPU): unsteered, each method and issue 13's row kinds (a targeted edit, a list of two, a
@@ -80,13 +80,17 @@ def llama_cpp(tokens: int, repeats: int) -> dict:
     """llama.cpp on the embedded GGUF, in a child process with its own site dir."""
     from steering.models import embedded
 
-    site = embedded.cache_root() / "bench-llamacpp"
+    site = embedded.cache_root() / "bench-llamacpp-noamx"
     if not (site / "llama_cpp").is_dir():
         print(f"installing {LLAMA_CPP} into {site} (first run; a source build, ~10 min)...",
               flush=True)
+        # Native build without Intel AMX: a VM may report AMX in CPUID without enabling its
+        # tile state (seen here: SIGILL at `tilezero` in ggml's AMX matmul); AVX-512/VNNI stay.
+        amx_off = "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        env = {**os.environ, "CMAKE_ARGS": f"{os.environ.get('CMAKE_ARGS', '')} {amx_off}"}
         done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pip", "install",
-                               "--quiet", "--target", str(site), LLAMA_CPP],
-                              capture_output=True, text=True)
+                               "--quiet", "--no-cache-dir", "--target", str(site), LLAMA_CPP],
+                              capture_output=True, text=True, env=env)
         if done.returncode != 0:
             return {"error": f"pip install {LLAMA_CPP} failed: {done.stderr.strip()[-300:]}"}
     gguf = site / "embedded.gguf"

@@ -76,7 +76,8 @@ class RowEdit:
 
 @dataclass
 class BatchEdit:
-    """Stacked per-row parameters for one site. q: [B, d, K], c: [B, d], alpha: [B], v: [B, d],
+    """Stacked per-row parameters for one site. q: [B, d, K] (and q_cols, its [B, K, d]
+    contiguous copy), c: [B, d], alpha: [B], v: [B, d],
     one_sided: [B] bool (None when no row is one-sided), window: [B, 2] int64 token-index bounds
     [lo, hi) (None when every row acts on every position)."""
 
@@ -86,6 +87,17 @@ class BatchEdit:
     v: torch.Tensor
     one_sided: torch.Tensor | None = None
     window: torch.Tensor | None = None
+    q_cols: torch.Tensor | None = None  # q as [B, K, d], contiguous: the kernel's layout
+
+    def __post_init__(self) -> None:
+        if self.q_cols is None:
+            self.q_cols = self.q.transpose(1, 2).contiguous()
+        # Broadcast-ready views, made once per batch of rows (a decode loop reuses them).
+        self._c = self.c[:, None, :]
+        self._alpha = self.alpha[:, None, None]
+        self._v = self.v[:, None, :] if bool(self.v.any()) else None  # + 0 is exact: skip it
+        self._cols = self.q_cols[:, None]  # [B, 1, K, d]
+        self._columns = self.q_cols[:, None].unbind(2)  # K × [B, 1, d]
 
     @staticmethod
     def stack(rows: list[RowEdit], device: torch.device,
@@ -112,7 +124,8 @@ class BatchEdit:
     def select(self, index: torch.Tensor) -> BatchEdit:
         return BatchEdit(self.q[index], self.c[index], self.alpha[index], self.v[index],
                          None if self.one_sided is None else self.one_sided[index],
-                         None if self.window is None else self.window[index])
+                         None if self.window is None else self.window[index],
+                         self.q_cols[index])
 
 
 NO_BOUND = 2**62  # an unbounded side of a token window
@@ -134,8 +147,9 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     x = h if h.dtype == work else h.to(work)
     out = x
     if edit.q.shape[-1] > 0:
-        out = out - edit.alpha[:, None, None] * _subspace_part(x - edit.c[:, None, :], edit)
-    out = out + edit.v[:, None, :]
+        out = out - edit._alpha * _subspace_part(x - edit._c, edit)
+    if edit._v is not None:
+        out = out + edit._v
     out = out if out.dtype == h.dtype else out.to(h.dtype)
     if edit.window is not None:
         if mask is None:
@@ -147,23 +161,36 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
 
 
 def _subspace_part(centered: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
-    """Σ_j g(z_j) q_j with z_j = ⟨h − c, q_j⟩, one column j at a time, in the order j = 0, 1, …
+    """Σ_j g(z_j) q_j with z_j = ⟨h − c, q_j⟩, batch-invariant.
 
-    Batch invariance: a row's result must not depend on the other rows of its batch (mixed
-    batch = solo, bit for bit). A GEMM (`bmm`) does not give that: its blocking, hence the order
-    in which it adds a row's products, follows the shapes of the whole batch (measured: a row's
-    [T, d] × [d, K] product differs in the last bits between a batch of one and a batch of eight,
-    and again when K is zero-padded to the batch's widest row). Here each z_j is a reduction over
-    the contiguous d axis of one row — the same loop whatever B, T or K — and the sum over j is
+    A row's result must not depend on the other rows of its batch (mixed batch = solo, bit for
+    bit). A GEMM (`bmm`) does not give that: its blocking, hence the order in which it adds a
+    row's products, follows the shapes of the whole batch (measured: a row's [T, d] × [d, K]
+    product differs in the last bits between a batch of one and a batch of eight, and again when
+    K is zero-padded to the batch's widest row). Here every z_j is a reduction over the
+    contiguous d axis of one row — the same loop whatever B, T or K — and the sum over j is
     accumulated elementwise in column order, so a zero-padded column (z_j = 0, q_j = 0) adds an
-    exact zero and a row computes exactly what it computes alone."""
-    q_cols = edit.q.transpose(1, 2)  # [B, K, d]
-    total = None
-    for j in range(q_cols.shape[1]):
-        q_j = q_cols[:, None, j, :]  # [B, 1, d]
-        z_j = (centered * q_j).sum(-1, keepdim=True)  # [B, T, 1]
-        if edit.one_sided is not None:  # g = relu on the one-sided rows only
-            z_j = torch.where(edit.one_sided[:, None, None], z_j.clamp_min(0), z_j)
-        term = z_j * q_j
-        total = term if total is None else total + term
+    exact zero and a row computes exactly what it computes alone. Cost: two kernels for all the
+    z_j, one fused multiply-add per column."""
+    z = _coordinates(centered, edit._cols)  # [B, T, K]; q_cols is contiguous along d
+    if edit.one_sided is not None:  # g = relu on the one-sided rows only
+        z = torch.where(edit.one_sided[:, None, None], z.clamp_min(0), z)
+    weights, columns = z.split(1, dim=-1), edit._columns  # K × [B, T, 1] and K × [B, 1, d]
+    total = weights[0] * columns[0]
+    for w, q in zip(weights[1:], columns[1:]):
+        total = total.addcmul_(w, q)
     return total
+
+
+_CHUNK = 1 << 20  # elements of the [B, t, K, d] product formed at once (4 MiB in fp32)
+
+
+def _coordinates(centered: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """z[b, t, j] = Σ_i centered[b, t, i] · cols[b, 0, j, i]: a product and a sum over the last
+    axis, in chunks of positions so that a long prefill never forms a large [B, T, K, d]."""
+    batch, tokens, _ = centered.shape
+    step = max(1, _CHUNK // max(1, batch * cols.shape[2] * cols.shape[3]))
+    if tokens <= step:  # a decode step, a short prefill
+        return torch.linalg.vecdot(centered.unsqueeze(2), cols)
+    return torch.cat([torch.linalg.vecdot(centered[:, s:s + step].unsqueeze(2), cols)
+                      for s in range(0, tokens, step)], dim=1)
