@@ -28,6 +28,7 @@ import logging
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -99,12 +100,18 @@ def load(path: Path, config, model_class) -> nn.Module:
     config.tie_word_embeddings = False  # the int8 lm_head is its own module (quantize_int8)
     with torch.device("meta"):
         model = model_class.from_config(config, dtype=torch.float32)
-    with _TensorFile(path) as f:
+    with _TensorFile(path) as f, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        # fbgemm's weight packing is most of the load (3.8 of 6.3 s here) and releases the GIL:
+        # read each module's tensors in turn, pack them on every core.
+        names = dict.fromkeys(k.split("/")[1] for k in f.names if k.startswith("int8/"))
+        packed = {}
+        for name in names:
+            parts = {k: f.read(f"int8/{name}/{k}") for k in _FIELDS if f"int8/{name}/{k}" in f}
+            packed[name] = pool.submit(RowInt8Linear.from_int8, parts["int8"], parts["scale"],
+                                       parts.get("bias"), parts.get("inv_smooth"))
 
         def build(name: str, linears: list[nn.Linear]) -> RowInt8Linear:
-            parts = {k: f.read(f"int8/{name}/{k}") for k in _FIELDS if f"int8/{name}/{k}" in f}
-            return RowInt8Linear.from_int8(parts["int8"], parts["scale"], parts.get("bias"),
-                                           parts.get("inv_smooth"))
+            return packed[name].result()
 
         quantize_int8(model, build=build)
         half_embedding_table(model)
