@@ -86,7 +86,9 @@ def llama_cpp(tokens: int, repeats: int) -> dict:
               flush=True)
         # Native build without Intel AMX: a VM may report AMX in CPUID without enabling its
         # tile state (seen here: SIGILL at `tilezero` in ggml's AMX matmul); AVX-512/VNNI stay.
-        amx_off = "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+        # GGML_NATIVE's -march=native turns AMX back on, so the compiler is told not to.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        amx_off = f"-DCMAKE_C_FLAGS='{no_amx}' -DCMAKE_CXX_FLAGS='{no_amx}'"
         env = {**os.environ, "CMAKE_ARGS": f"{os.environ.get('CMAKE_ARGS', '')} {amx_off}"}
         done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pip", "install",
                                "--quiet", "--no-cache-dir", "--target", str(site), LLAMA_CPP],

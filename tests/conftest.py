@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,16 +46,23 @@ def real_pack(real_lm):
     return ensure_pack(real_lm)
 
 
-@pytest.fixture(scope="module")
-def real_server():
-    """A real `steer serve` process on the embedded model, on a free loopback port."""
+@contextmanager
+def serve_real(env: dict[str, str]):
+    """A real `steer serve` process on the embedded model with `env`, on a free loopback port."""
     if not real_model_enabled():
         pytest.skip("STEERING_SKIP_REAL set")
     from testkit.server import ServerProcess
 
-    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"})
+    proc = ServerProcess(env=env)
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """The real server at fp32 (the figures the real tests assert were measured at fp32)."""
+    with serve_real({"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"}) as proc:
+        yield proc

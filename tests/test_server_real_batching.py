@@ -30,17 +30,10 @@ def server(request):
     if request.param == "fp32":
         yield request.getfixturevalue("real_server")
         return
-    from testkit.server import ServerProcess
-    from tests.conftest import real_model_enabled
+    from tests.conftest import serve_real
 
-    if not real_model_enabled():
-        pytest.skip("STEERING_SKIP_REAL set")
-    proc = ServerProcess(env={"STEER_DEVICE": "cpu", "STEER_PRECISION": "int8"})
-    try:
-        proc.wait_ready()
+    with serve_real({"STEER_DEVICE": "cpu", "STEER_PRECISION": "int8"}) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 _MODEL: dict[str, str] = {}
