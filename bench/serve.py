@@ -213,9 +213,13 @@ async def single_streams(url: str, tokens: int, repeats: int) -> dict[str, dict]
     out = {}
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_one(client, url, None, PROMPTS[0], 4)  # warm-up
-        for name, steering in ROWS.items():
-            runs = [await stream_one(client, url, steering, PROMPTS[0], tokens)
-                    for _ in range(repeats)]
+        # Round-robin: repeat r runs every row once, so a drift in the shared machine's speed
+        # hits every row alike instead of showing up as one method's "overhead".
+        by_row: dict[str, list[dict]] = {name: [] for name in ROWS}
+        for _ in range(repeats):
+            for name, steering in ROWS.items():
+                by_row[name].append(await stream_one(client, url, steering, PROMPTS[0], tokens))
+        for name, runs in by_row.items():
             itl = [x for r in runs for x in r["itl"]]
             out[name] = {
                 "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs),
