@@ -92,10 +92,11 @@ class BatchEdit:
     def __post_init__(self) -> None:
         if self.q_cols is None:
             self.q_cols = self.q.transpose(1, 2).contiguous()
-        # Broadcast-ready views, made once per batch of rows (a decode loop reuses them).
-        self._c = self.c[:, None, :]
-        self._alpha = self.alpha[:, None, None]
-        self._v = self.v[:, None, :] if bool(self.v.any()) else None  # + 0 is exact: skip it
+        # Broadcast-ready views, made once per batch of rows (a decode loop reuses them). A
+        # term that is exact to skip is None: − 0 (c = 0, ablation), × 1 (α = 1), + 0 (v = 0).
+        self._c = self.c[:, None, :] if bool(self.c.any()) else None
+        self._alpha = self.alpha[:, None, None] if bool((self.alpha != 1).any()) else None
+        self._v = self.v[:, None, :] if bool(self.v.any()) else None
         self._cols = self.q_cols[:, None]  # [B, 1, K, d]
         self._columns = self.q_cols[:, None].unbind(2)  # K × [B, 1, d]
 
@@ -147,7 +148,8 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     x = h if h.dtype == work else h.to(work)
     out = x
     if edit.q.shape[-1] > 0:
-        out = out - edit._alpha * _subspace_part(x - edit._c, edit)
+        part = _subspace_part(x if edit._c is None else x - edit._c, edit)
+        out = out - (part if edit._alpha is None else edit._alpha * part)
     if edit._v is not None:
         out = out + edit._v
     out = out if out.dtype == h.dtype else out.to(h.dtype)
