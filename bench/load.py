@@ -30,6 +30,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -105,6 +106,7 @@ async def _run(url: str, model: str, args, loaded: asyncio.Event | None = None) 
                        "outcomes": Counter()}
         if loaded is not None:
             loaded.set()  # the solo runs are done: the load starts now
+        stats["load_start"] = time.monotonic()
         deadline = time.monotonic() + args.duration
         budget = [args.max_requests]
         rng = random.Random(args.seed)
@@ -167,6 +169,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--disconnect-fraction", type=float, default=0.2)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup", type=float, default=60.0,
+                    help="seconds of load before the RSS baseline (at most half the run)")
     ap.add_argument("--model", default=None, help="passed to steer serve (default: embedded)")
     args = ap.parse_args()
     if args.soak:
@@ -268,6 +272,27 @@ def fault_run(args) -> int:
     return 0 if ok else 1
 
 
+class _RssSeries:
+    """Samples the server's RSS every 5 s in a background thread: (monotonic time, kB)."""
+
+    def __init__(self, srv: ServerProcess, every_s: float = 5.0):
+        self.srv, self.every_s, self.samples = srv, every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append((time.monotonic(), self.srv.rss_kb()))
+
+    def __enter__(self) -> _RssSeries:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> int:
     args = _args()
     if args.fault:
@@ -276,13 +301,19 @@ def main() -> int:
         with _server(Path(tmp), args) as srv:
             srv.wait_ready()
             model = _warm_up(srv, args)
-            rss_start = srv.rss_kb()
+            rss_idle = srv.rss_kb()
             t0 = time.monotonic()
-            stats = asyncio.run(_run(srv.url, model, args))
+            with _RssSeries(srv) as series:
+                stats = asyncio.run(_run(srv.url, model, args))
             elapsed = time.monotonic() - t0
             rss_end = srv.rss_kb()
             audit_lines, audit_bad = _audit_lines(Path(tmp) / "audit.jsonl")
     lat = stats["latency"]
+    # "After warm-up": the RSS once the load has run `--warmup` seconds (the batch has reached
+    # its full width and its prefill chunks their full length, so the working set is there);
+    # growth from there to the end is what a leak would show.
+    warm_at = stats["load_start"] + min(args.warmup, args.duration / 2)
+    rss_start = next((kb for t, kb in series.samples if t >= warm_at), rss_idle)
     growth = (rss_end - rss_start) / max(rss_start, 1)
     print(f"requests done:        {stats['done']} in {elapsed:.1f} s "
           f"({args.clients} clients)")
@@ -293,8 +324,15 @@ def main() -> int:
     print(f"differ from solo run: {stats['mismatch']}")
     print(f"latency p50 / p99:    {_pct(lat, 0.5):.3f} s / {_pct(lat, 0.99):.3f} s"
           + (f" (mean {statistics.mean(lat):.3f} s)" if lat else ""))
-    print(f"server RSS:           {rss_start / 1024:.0f} MiB → {rss_end / 1024:.0f} MiB "
-          f"({growth:+.1%})")
+    print(f"server RSS:           {rss_idle / 1024:.0f} MiB idle after the warm-up requests; "
+          f"under load {rss_start / 1024:.0f} MiB after {args.warmup:.0f} s → "
+          f"{rss_end / 1024:.0f} MiB at the end ({growth:+.1%})")
+    minutes = {}
+    for t, kb in series.samples:
+        if t >= stats["load_start"]:
+            minutes.setdefault(int((t - stats["load_start"]) // 60), kb)
+    print("RSS by minute of load: " + "  ".join(f"{m}: {kb / 1024:.0f}"
+                                                 for m, kb in sorted(minutes.items())))
     print(f"audit lines:          {audit_lines} ({audit_bad} unparsable)")
     ok = not stats["errors"] and stats["mismatch"] == 0 and growth < 0.10 and audit_bad == 0
     print("PASS" if ok else "FAIL")
@@ -303,7 +341,9 @@ def main() -> int:
                       "outcomes": dict(stats["outcomes"]),
                       "unintended_errors": sum(stats["errors"].values()),
                       "mismatch": stats["mismatch"], "p50_s": round(_pct(lat, 0.5), 3),
-                      "p99_s": round(_pct(lat, 0.99), 3), "rss_start_mib": rss_start // 1024,
+                      "p99_s": round(_pct(lat, 0.99), 3), "rss_idle_mib": rss_idle // 1024,
+                      "rss_start_mib": rss_start // 1024,
+                      "rss_by_minute_mib": {m: kb // 1024 for m, kb in sorted(minutes.items())},
                       "rss_end_mib": rss_end // 1024, "rss_growth": round(growth, 4),
                       "audit_lines": audit_lines, "audit_bad_lines": audit_bad, "pass": ok}))
     return 0 if ok else 1

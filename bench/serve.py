@@ -9,10 +9,12 @@ Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
 2. plain transformers `generate` in fp32, no server: the old reference;
 3. the real server process at `--precision` (default: the server's default, auto → int8 on
    CPU): unsteered, each method and issue 13's row kinds (a targeted edit, a list of two, a
-   conditional one), with the steering overhead per decoded token (median inter-token latency
-   vs unsteered);
-4. 1/4/8/16/32 concurrent streaming clients, methods mixed at random, a ~40-token prompt:
-   aggregate output tokens/s, TTFT and inter-token latency p50/p99;
+   conditional one), with the steering overhead per decoded token: the median over `--pairs`
+   back-to-back (unsteered, steered) request pairs of the ratio of their median inter-token
+   latencies (pairing cancels the shared machine's drift);
+4. 1/4/8/16/32 concurrent streaming clients, methods mixed at random, a ~40-token prompt,
+   each level `--repeats` times: the median run's aggregate output tokens/s, TTFT and
+   inter-token latency p50/p99 over all runs;
 5. the server's RSS: peak (VmHWM, includes loading the fp32 checkpoint before quantizing) and
    the largest RSS sampled while serving.
 
@@ -209,36 +211,53 @@ async def stream_one(client: httpx.AsyncClient, url: str, steering: dict | list 
             "tokens": n_out, "seconds": end - t0}
 
 
-async def single_streams(url: str, tokens: int, repeats: int) -> dict[str, dict]:
+async def single_streams(url: str, tokens: int, repeats: int,
+                         pairs: int, pair_tokens: int) -> dict[str, dict]:
+    """Tokens/s per row (`repeats` runs each, round-robin), and each row's overhead per decoded
+    token from `pairs` *paired* runs: an unsteered request, then the row's, back to back, and the
+    median over pairs of (row's median ITL / unsteered median ITL − 1). On a shared machine
+    whose speed drifts by tens of percent within minutes, only pairing resolves a few percent."""
     out = {}
     async with httpx.AsyncClient(timeout=600) as client:
         await stream_one(client, url, None, PROMPTS[0], 4)  # warm-up
-        # Round-robin: repeat r runs every row once, so a drift in the shared machine's speed
-        # hits every row alike instead of showing up as one method's "overhead".
         by_row: dict[str, list[dict]] = {name: [] for name in ROWS}
         for _ in range(repeats):
             for name, steering in ROWS.items():
                 by_row[name].append(await stream_one(client, url, steering, PROMPTS[0], tokens))
+        ratios: dict[str, list[float]] = {name: [] for name in ROWS if name != "none"}
+        for _ in range(pairs):
+            for name in ratios:
+                base = await stream_one(client, url, None, PROMPTS[0], pair_tokens)
+                run = await stream_one(client, url, ROWS[name], PROMPTS[0], pair_tokens)
+                ratios[name].append(statistics.median(run["itl"])
+                                    / statistics.median(base["itl"]) - 1)
         for name, runs in by_row.items():
             itl = [x for r in runs for x in r["itl"]]
             out[name] = {
                 "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in runs),
                 "itl_median_ms": 1000 * statistics.median(itl),
+                "overhead": statistics.median(ratios[name]) if name in ratios else 0.0,
             }
     return out
 
 
-async def concurrent(url: str, clients: int, tokens: int, rng: random.Random) -> dict:
+async def concurrent(url: str, clients: int, tokens: int, rng: random.Random,
+                     repeats: int) -> dict:
+    """`clients` streams at once, `repeats` times: the median run's aggregate tokens/s, and
+    TTFT / ITL percentiles over all runs."""
+    rounds = []
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as c:
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(*[
-            stream_one(c, url, method_steering(rng.choice(METHODS)), PROMPTS[i % len(PROMPTS)],
-                       tokens)
-            for i in range(clients)])
-        wall = time.perf_counter() - t0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runs = await asyncio.gather(*[
+                stream_one(c, url, method_steering(rng.choice(METHODS)),
+                           PROMPTS[i % len(PROMPTS)], tokens)
+                for i in range(clients)])
+            rounds.append((sum(r["tokens"] for r in runs) / (time.perf_counter() - t0), runs))
+    runs = [r for _, rs in rounds for r in rs]
     itl = [x for r in runs for x in r["itl"]]
     ttft = [r["ttft"] for r in runs]
-    return {"clients": clients, "tokens_per_s": sum(r["tokens"] for r in runs) / wall,
+    return {"clients": clients, "tokens_per_s": statistics.median(t for t, _ in rounds),
             "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
             "itl_p50_ms": 1000 * pct(itl, 50), "itl_p99_ms": 1000 * pct(itl, 99)}
 
@@ -247,6 +266,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=12,
+                    help="paired (unsteered, steered) runs per row for the overhead")
+    ap.add_argument("--pair-tokens", type=int, default=24)
     ap.add_argument("--concurrency", default="1,4,8,16,32")
     ap.add_argument("--precision", default=None,
                     help="the server's precision (default: its own default, auto)")
@@ -275,17 +297,17 @@ def main() -> int:
         precision = _served_precision("/tmp/bench-serve.log")
         rss_ready = server.rss_kb()
         with RssSampler(server) as sampler:
-            singles = asyncio.run(single_streams(server.url, args.tokens, args.repeats))
+            singles = asyncio.run(single_streams(server.url, args.tokens, args.repeats,
+                                                 args.pairs, args.pair_tokens))
             levels = [int(x) for x in args.concurrency.split(",")]
-            conc = [asyncio.run(concurrent(server.url, n, args.tokens, rng)) for n in levels]
+            conc = [asyncio.run(concurrent(server.url, n, args.tokens, rng, args.repeats))
+                    for n in levels]
         peak_kb = server.rss_kb("VmHWM")
-    base = singles["none"]["itl_median_ms"]
     print(f"\nserver ({precision}), one stream, {n_prompt}-token prompt")
-    print(f"{'steering':<18} {'tokens/s':>9} {'ITL ms':>8} {'overhead':>9}")
+    print(f"{'steering':<18} {'tokens/s':>9} {'ITL ms':>8} {'overhead (paired median)':>25}")
     for name, r in singles.items():
-        r["overhead"] = r["itl_median_ms"] / base - 1
         print(f"{name:<18} {r['tokens_per_s']:>9.2f} {r['itl_median_ms']:>8.1f} "
-              f"{100 * r['overhead']:>8.1f}%")
+              f"{100 * r['overhead']:>24.1f}%")
     print(f"\n{'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8}   (ms)")
     for r in conc:
