@@ -30,7 +30,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.security.auth import hash_key  # noqa: E402
 from server.security.policy import LOWERING_METHODS as LOWERING  # noqa: E402
 from steering.interventions.catalog import METHODS  # noqa: E402
-from testkit.server import ServerProcess  # noqa: E402
+from testkit.server import RssSampler, ServerProcess  # noqa: E402
 
 PROMPTS = ["Write a haiku about the sea.", "How do I bake bread?", "Tell me a short story.",
            "Explain what a prime number is.", "Give me three tips for sleeping well."]
@@ -272,27 +271,6 @@ def fault_run(args) -> int:
     return 0 if ok else 1
 
 
-class _RssSeries:
-    """Samples the server's RSS every 5 s in a background thread: (monotonic time, kB)."""
-
-    def __init__(self, srv: ServerProcess, every_s: float = 5.0):
-        self.srv, self.every_s, self.samples = srv, every_s, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.samples.append((time.monotonic(), self.srv.rss_kb()))
-
-    def __enter__(self) -> _RssSeries:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def main() -> int:
     args = _args()
     if args.fault:
@@ -303,7 +281,7 @@ def main() -> int:
             model = _warm_up(srv, args)
             rss_idle = srv.rss_kb()
             t0 = time.monotonic()
-            with _RssSeries(srv) as series:
+            with RssSampler(srv, every_s=5.0) as series:
                 stats = asyncio.run(_run(srv.url, model, args))
             elapsed = time.monotonic() - t0
             rss_end = srv.rss_kb()

@@ -32,7 +32,6 @@ import random
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from steering.interventions.catalog import METHODS  # noqa: E402
-from testkit.server import ServerProcess  # noqa: E402
+from testkit.server import RssSampler, ServerProcess  # noqa: E402
 
 # About 40 tokens each once chat-formatted (the template adds a system turn).
 PROMPTS = [
@@ -141,27 +140,6 @@ def prompt_tokens() -> int:
     tok = AutoTokenizer.from_pretrained(embedded.embedded_model_dir())
     return round(statistics.mean(len(tok(format_chat(tok, p), add_special_tokens=False)
                                          ["input_ids"]) for p in PROMPTS))
-
-
-class RssSampler:
-    """The largest VmRSS of a process, sampled every 0.2 s while serving."""
-
-    def __init__(self, server: ServerProcess):
-        self.server, self.peak_kb, self._stop = server, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, self.server.rss_kb())
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 MODEL = {"id": "qwen2.5-coder-0.5b-instruct"}

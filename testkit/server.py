@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,3 +89,29 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class RssSampler:
+    """A server process's VmRSS sampled every `every_s` seconds in a background thread, while
+    the `with` block runs: `samples` [(monotonic time, kB)] and `peak_kb`."""
+
+    def __init__(self, server: ServerProcess, every_s: float = 0.2):
+        self.server, self.every_s = server, every_s
+        self.samples: list[tuple[float, int]] = []
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            kb = self.server.rss_kb()
+            self.samples.append((time.monotonic(), kb))
+            self.peak_kb = max(self.peak_kb, kb)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
