@@ -222,9 +222,17 @@ def test_composition_equals_sequential_application(tiny_lm, tiny_pack):
     for i, row in enumerate(rows):
         solo = _forward(tiny_lm, [prompts[i]], [row])[:, -1]
         torch.testing.assert_close(mixed[i:i + 1], solo, atol=1e-5, rtol=0)
-    # order matters (else the checks above prove little)
-    a, b = (_forward(tiny_lm, [prompt], [r])[0, -1] for r in rows[:2])
+    # order matters where two parts edit the same site (else the checks above prove little):
+    # ace then actadd at the pack layer's input, and the reverse
+    ace_all = build_row(SteeringSpec("ace", 1.0), tiny_pack)
+    a, b = (_forward(tiny_lm, [prompt], [compose(p)])[0, -1]
+            for p in ([ace_all, actadd], [actadd, ace_all]))
     assert (a - b).abs().max() > 1e-4
+    # ablation and actadd share no site (ablation edits layer 0's input and the writes), so
+    # actadd's vector stays in the stream in either order
+    a, b = (_forward(tiny_lm, [prompt], [r])[0, -1] for r in rows[:2])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - _forward(tiny_lm, [prompt], [ablate])[0, -1]).abs().max() > 1e-4
 
 
 def test_composition_in_the_engine_mixed_equals_solo(tiny_lm, tiny_pack, none_row):

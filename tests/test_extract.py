@@ -124,3 +124,22 @@ def test_unknown_strength_words_are_rejected(bad):
 
     with pytest.raises(PresetError, match="strength"):
         parse_presets({"x": {"method": "actadd", "strength": bad}})
+
+
+def test_judging_only_kl_passing_candidates_keeps_the_choice():
+    """`_candidate_scores` judges bypass and induce only where KL passes (everywhere when none
+    does): on any score table, hiding the other candidates' rates leaves `select` unchanged."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        full = [cand(i, rng.choice([0.0, 0.1, 0.2]), rng.choice([0.3, 0.5, 0.7]),
+                     rng.choice([0.05, 0.2]), rng.random()) for i in range(6)]
+        if any(c["kl"] < 0.1 for c in full):
+            staged = [c if c["kl"] < 0.1 else {**c, "bypass_rate": None, "induce_rate": None,
+                                                "bypass_score": None} for c in full]
+        else:
+            staged = [dict(c) for c in full]
+        a, fa = select(full, 0.1, 0.5)
+        b, fb = select(staged, 0.1, 0.5)
+        assert (a["layer"], fa) == (b["layer"], fb)

@@ -544,8 +544,10 @@ def _selection_section(pack: dict) -> list[str]:
         passes = ", ".join(k for k, v in (c.get("passes") or {}).items() if v) or "none"
         mark = " **(chosen)**" if (c["layer"], c["position"]) == (chosen.get("layer"),
                                                                   chosen.get("position")) else ""
-        lines.append(f"| {c['layer']}{mark} | {c['position']} | {c['bypass_rate']:.0%} | "
-                     f"{c['induce_rate']:.0%} | {c['kl']:.3f} | {passes} |")
+        bypass, induce = (f"{c[k]:.0%}" if c.get(k) is not None else "not judged (KL)"
+                          for k in ("bypass_rate", "induce_rate"))
+        lines.append(f"| {c['layer']}{mark} | {c['position']} | {bypass} | {induce} | "
+                     f"{c['kl']:.3f} | {passes} |")
     cal = pack.get("calibration") or {}
     if cal:
         lines += ["", "Calibrated strengths (validation split; `strength: 1` keeps the papers' "

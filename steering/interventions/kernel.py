@@ -9,7 +9,7 @@ Ravfogel et al. 2020 for the INLP projections)
     g(z) = relu(z)      (one-sided: only coordinates on the positive side of c are moved)
 
 applied per row of a batch: each row b has its own Q_b (zero-padded to the batch's widest k — a
-zero column contributes an exact zero; see `_subspace_part` for why a row's result is bit-identical
+zero column contributes an exact zero; see `_subtract_subspace_part` for why a row's result is bit-identical
 to its solo run), c_b, α_b, v_b and one-sided flag, so one call serves a batch
 that mixes methods. A row with α_b = 0 and v_b = 0 is left exactly unchanged.
 
@@ -146,10 +146,7 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     `mask` = window_mask(edit.window, token_index) is given (computed once for many sites)."""
     work = edit.c.dtype
     x = h if h.dtype == work else h.to(work)
-    out = x
-    if edit.q.shape[-1] > 0:
-        part = _subspace_part(x if edit._c is None else x - edit._c, edit)
-        out = out - (part if edit._alpha is None else edit._alpha * part)
+    out = x if edit.q.shape[-1] == 0 else _subtract_subspace_part(x, edit)
     if edit._v is not None:
         out = out + edit._v
     out = out if out.dtype == h.dtype else out.to(h.dtype)
@@ -162,8 +159,8 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     return out
 
 
-def _subspace_part(centered: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
-    """Σ_j g(z_j) q_j with z_j = ⟨h − c, q_j⟩, batch-invariant.
+def _subtract_subspace_part(x: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
+    """x − α Σ_j g(z_j) q_j with z_j = ⟨x − c, q_j⟩, batch-invariant.
 
     A row's result must not depend on the other rows of its batch (mixed batch = solo, bit for
     bit). A GEMM (`bmm`) does not give that: its blocking, hence the order in which it adds a
@@ -173,15 +170,19 @@ def _subspace_part(centered: torch.Tensor, edit: BatchEdit) -> torch.Tensor:
     contiguous d axis of one row — the same loop whatever B, T or K — and the sum over j is
     accumulated elementwise in column order, so a zero-padded column (z_j = 0, q_j = 0) adds an
     exact zero and a row computes exactly what it computes alone. Cost: two kernels for all the
-    z_j, one fused multiply-add per column."""
-    z = _coordinates(centered, edit._cols)  # [B, T, K]; q_cols is contiguous along d
+    z_j, one for α, one fused multiply-add per column subtracting from x (an ablation at
+    strength 1: three kernels)."""
+    z = _coordinates(x if edit._c is None else x - edit._c, edit._cols)  # [B, T, K]
     if edit.one_sided is not None:  # g = relu on the one-sided rows only
         z = torch.where(edit.one_sided[:, None, None], z.clamp_min(0), z)
-    weights, columns = z.split(1, dim=-1), edit._columns  # K × [B, T, 1] and K × [B, 1, d]
-    total = weights[0] * columns[0]
+    if edit._alpha is not None:  # α_b g(z) (skipped when every α is 1: × 1 is exact)
+        z = edit._alpha * z
+    columns = edit._columns  # K × [B, 1, d]
+    weights = (z,) if len(columns) == 1 else z.split(1, dim=-1)  # K × [B, T, 1]
+    out = torch.addcmul(x, weights[0], columns[0], value=-1.0)
     for w, q in zip(weights[1:], columns[1:]):
-        total = total.addcmul_(w, q)
-    return total
+        out.addcmul_(w, q, value=-1.0)
+    return out
 
 
 _CHUNK = 1 << 20  # elements of the [B, t, K, d] product formed at once (4 MiB in fp32)

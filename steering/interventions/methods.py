@@ -4,7 +4,7 @@
 |-----------|-----------------------|------------------------|--------------|------------------------|-------|
 | none      | –                     | –                      | 0            | 0                      | – |
 | actadd    | –                     | –                      | 0            | strength · r_l         | input of layer l (default: the pack's layer) |
-| ablate    | r̂                     | 0                      | strength     | 0                      | every layer: input, attention and MLP outputs |
+| ablate    | r̂                     | 0                      | strength     | 0                      | every layer's attention and MLP outputs, and the input of layer 0 (see below) |
 | ace       | r̂_l                   | harmless mean μ⁻_l     | 1            | strength · ‖r_l‖ · r̂_l | input of layer l |
 | inlp_null | first k INLP dirs     | boundary point         | strength     | 0                      | INLP layer(s), one-sided |
 | inlp_flip | first k INLP dirs     | boundary point         | 2 · strength | 0                      | INLP layer(s), one-sided |
@@ -19,6 +19,13 @@ the counterfactual intervention Rocchetti & Ferrara 2026 study (toward the harml
 `inlp_reflect` is the two-sided reflection h' = h − 2·QQᵀ(h − c): harmful activations land among
 harmless ones and harmless ones among harmful ones (it raises refusal on harmless prompts); it is
 kept for the geometry study.
+
+Ablation edits where the residual stream is written: the stream entering the chosen layers (the
+embedding, by default) and every attention and MLP output in them — the sites of Arditi et al.'s
+weight orthogonalization (§4.1; `orthogonalize.py`), 49 on a 24-layer model. At strength 1 this is
+their ablation of every block input too (a sum of projected writes is already ⟂ r̂), with a third
+fewer kernel calls; at strength s each write keeps (1 − s) of its r̂ component, and in a list an
+edit made after the ablation at a block input (e.g. actadd) stays in the stream.
 
 `strength` keeps its paper meaning (1 = the method as published). A pack may also record a
 calibrated strength per method (`SteeringPack.calibrated_strength`): the value extraction
@@ -306,8 +313,12 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
 
     if method == "ablate":
         q = _unit(pack.dim())[:, None]
+        chosen = set(layers)
         for layer in layers:
-            for kind in SITE_KINDS:
+            # The stream entering a run of chosen layers, then every write inside it: at
+            # strength 1 a block input after an ablated block is already ⟂ r̂ (§4.1's
+            # equivalence with weight orthogonalization), so projecting it again changes nothing.
+            for kind in SITE_KINDS if layer - 1 not in chosen else SITE_KINDS[1:]:
                 edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
     elif method in ("actadd", "ace"):
         for layer in layers:

@@ -16,7 +16,9 @@ selected layer (Rocchetti & Ferrara 2026), and a calibrated strength per method.
    strength 1 (filter: ≥ `induce_threshold`), KL of the harmless first-token distribution under
    ablation (filter: < `kl_threshold`), layers below `max_layer_fraction` of the depth. Which
    filters the chosen candidate passed is recorded; when none passes both, selection falls back to
-   the KL filter alone (then to none) and says so.
+   the KL filter alone (then to none) and says so. KL is judged first for every candidate, and
+   bypass and induce only for those passing it (all of them when none does): the same choice
+   for less than half the work (`_candidate_scores`).
 4. **Calibration**: for actadd and ace, the smallest strength of `calibrate_strengths` that
    induces refusal on ≥ `calibrate_target` of the harmless val prompts, with its WikiText
    perplexity; suppression methods are recorded at strength 1 with their val refusal rates.
@@ -33,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import torch
-from tqdm.auto import tqdm
 
 from steering import __version__
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
@@ -76,7 +77,7 @@ class ExtractConfig:
     calibrate_general_tokens: int = 64
     inlp_layers_around: int = 2
     inlp: InlpConfig = field(default_factory=InlpConfig)
-    batch_size: int = 16
+    batch_size: int = 32  # a decode step costs about the same at 16 and 32 rows (weights)
 
     @staticmethod
     def preset(mode: str) -> ExtractConfig:
@@ -108,24 +109,54 @@ def _keep(prompts: list[str], refused: list[bool], want_refused: bool, minimum: 
                   "applied": applied, "rule": "refused" if want_refused else "answered"}
 
 
-def _candidate_scores(lm: LoadedModel, scratch: SteeringPack, layer: int, pos: int,
-                      harmful: list[str], harmless: list[str], base_l: torch.Tensor,
-                      tok_ids: list[int], config: ExtractConfig) -> dict:
-    scratch.layer, scratch.position = layer, pos
-    ablate = build_row(SteeringSpec("ablate", 1.0), scratch)
-    add = build_row(SteeringSpec("actadd", 1.0), scratch)
-    nh, nl = len(harmful), len(harmless)
-    j = judge(lm, harmful + harmless + harmless, [ablate] * nh + [add] * nl + [ablate] * nl,
-              config.judge_tokens, config.batch_size)
-    return {
-        "layer": layer, "position": pos,
-        "bypass_rate": rate(j.refused[:nh]),
-        "bypass_score": float(refusal_score(j.first_logits[:nh], tok_ids).mean()),
-        "induce_rate": rate(j.refused[nh:nh + nl]),
-        "induce_score": float(refusal_score(j.first_logits[nh:nh + nl], tok_ids).mean()),
-        "kl": _kl(base_l, j.first_logits[nh + nl:]),
-        "ablate_harmless_rate": rate(j.refused[nh + nl:]),
-    }
+def _candidate_scores(lm: LoadedModel, scratch: SteeringPack,
+                      candidates: list[tuple[int, int]], harmful: list[str], harmless: list[str],
+                      base_l: torch.Tensor, tok_ids: list[int], config: ExtractConfig
+                      ) -> list[dict]:
+    """Arditi et al.'s criteria for every (layer, position) candidate, in two batched passes
+    (each row carries its own candidate's edits, so one pass judges many candidates):
+
+    1. ablation on the harmless val prompts, every candidate: the KL filter (and ablation's
+       harmless refusal rate);
+    2. bypass (ablation on harmful val) and induce (actadd s=1 on harmless val) for the
+       candidates that pass KL — for all of them when none does. `select` never picks a
+       candidate failing KL while one passes, so skipping the others cannot change the choice;
+       their rates are recorded as None (not judged)."""
+
+    def rows(method: str) -> list:
+        out = []
+        for layer, pos in candidates:
+            scratch.layer, scratch.position = layer, pos
+            out.append(build_row(SteeringSpec(method, 1.0), scratch))
+        return out
+
+    nc, nh, nl = len(candidates), len(harmful), len(harmless)
+    ablate, add = rows("ablate"), rows("actadd")
+    kl = judge(lm, harmless * nc, [r for r in ablate for _ in range(nl)], config.judge_tokens,
+               config.batch_size, desc="selection: KL")
+    scores = []
+    for i, (layer, pos) in enumerate(candidates):
+        part = slice(i * nl, (i + 1) * nl)
+        scores.append({"layer": layer, "position": pos, "kl": _kl(base_l, kl.first_logits[part]),
+                       "ablate_harmless_rate": rate(kl.refused[part]), "bypass_rate": None,
+                       "bypass_score": None, "induce_rate": None, "induce_score": None})
+    finalists = [i for i, s in enumerate(scores) if s["kl"] < config.kl_threshold] or list(
+        range(nc))
+    prompts, steer = [], []
+    for i in finalists:
+        prompts += harmful + harmless
+        steer += [ablate[i]] * nh + [add[i]] * nl
+    j = judge(lm, prompts, steer, config.judge_tokens, config.batch_size,
+              desc="selection: bypass, induce")
+    for n, i in enumerate(finalists):
+        at = n * (nh + nl)
+        bypass, induce = slice(at, at + nh), slice(at + nh, at + nh + nl)
+        scores[i].update(
+            bypass_rate=rate(j.refused[bypass]),
+            bypass_score=float(refusal_score(j.first_logits[bypass], tok_ids).mean()),
+            induce_rate=rate(j.refused[induce]),
+            induce_score=float(refusal_score(j.first_logits[induce], tok_ids).mean()))
+    return scores
 
 
 def select(scores: list[dict], kl_threshold: float, induce_threshold: float
@@ -134,13 +165,15 @@ def select(scores: list[dict], kl_threshold: float, induce_threshold: float
     threshold and induced refusal at least `induce_threshold`, the lowest bypass rate (ties: the
     higher induce rate, then the lower first-token bypass score). Without such a candidate: the
     KL filter alone, then no filter. Returns the chosen candidate and the filters it passed."""
-    for s in scores:
+    for s in scores:  # induce None: not judged (`_candidate_scores`)
         s["passes"] = {"kl": s["kl"] < kl_threshold,
-                       "induce": s["induce_rate"] >= induce_threshold}
+                       "induce": s["induce_rate"] is not None
+                       and s["induce_rate"] >= induce_threshold}
     both = [s for s in scores if all(s["passes"].values())]
     low_kl = [s for s in scores if s["passes"]["kl"]]
     filters = "kl+induce" if both else ("kl" if low_kl else "none")
-    chosen = min(both or low_kl or scores,
+    judged = [s for s in scores if s["bypass_rate"] is not None]
+    chosen = min(both or low_kl or judged or scores,
                  key=lambda s: (s["bypass_rate"], -s["induce_rate"], s["bypass_score"]))
     return chosen, filters
 
@@ -151,20 +184,36 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
     from steering.evaluation.evaluate import perplexity, sequence_nll
 
     out: dict[str, dict] = {}
-    nl = len(harmless)
+    nh, nl = len(harmful), len(harmless)
     rates: dict[str, list[tuple[float, float]]] = {m: [] for m in INDUCE_METHODS}
-    todo = list(INDUCE_METHODS)
+    if config.calibrate_strengths[:1] == (1.0,) and bypass.get("induce_rate") is not None:
+        rates["actadd"].append((1.0, bypass["induce_rate"]))  # judged in selection already
+    extra = [build_row(SteeringSpec(m, 1.0), pack) for m in ("inlp_flip", "inlp_null")
+             ] if pack.inlp else []  # INLP's val rates ride along with the first round
+
+    def reached(m: str) -> bool:
+        return any(r >= config.calibrate_target for _, r in rates[m])
+
     for s in config.calibrate_strengths:
-        if not todo:
-            break
+        todo = [m for m in INDUCE_METHODS if not reached(m) and s not in dict(rates[m])]
+        if not todo and not extra:
+            if all(map(reached, INDUCE_METHODS)):
+                break
+            continue
         rows = [build_row(SteeringSpec(m, s), pack) for m in todo]
-        j = judge(lm, harmless * len(todo), [r for r in rows for _ in range(nl)],
-                  config.judge_tokens, config.batch_size)
-        for i, m in enumerate(list(todo)):
-            r = rate(j.refused[i * nl:(i + 1) * nl])
-            rates[m].append((s, r))
-            if r >= config.calibrate_target:
-                todo.remove(m)
+        prompts = harmless * len(rows) + (harmful + harmless) * len(extra)
+        steer = [r for r in rows for _ in range(nl)] + [r for r in extra for _ in range(nh + nl)]
+        j = judge(lm, prompts, steer, config.judge_tokens, config.batch_size,
+                  desc=f"calibration: strength {s}")
+        for i, m in enumerate(todo):
+            rates[m].append((s, rate(j.refused[i * nl:(i + 1) * nl])))
+        for i, (m, row) in enumerate(zip(("inlp_flip", "inlp_null"), extra)):
+            at = len(rows) * nl + i * (nh + nl)
+            part = j.refused[at:at + nh + nl]
+            out[m] = {"strength": 1.0, "k": row.spec.k, "harmful_val_refusal": rate(part[:nh]),
+                      "harmless_val_refusal": rate(part[nh:]), "n_harmful_val": nh,
+                      "n_harmless_val": nl}
+        extra = []
     general = [lm.tokenizer(t, add_special_tokens=True)["input_ids"]
                [: config.calibrate_general_tokens]
                for t in load_general_text(config.calibrate_general)]
@@ -187,16 +236,6 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
     out["ablate"] = {"strength": 1.0, "harmful_val_refusal": bypass["bypass_rate"],
                      "harmless_val_refusal": bypass["ablate_harmless_rate"],
                      "n_harmful_val": len(harmful), "n_harmless_val": nl}
-    if pack.inlp:
-        nh = len(harmful)
-        rows = [build_row(SteeringSpec(m, 1.0), pack) for m in ("inlp_flip", "inlp_null")]
-        j = judge(lm, (harmful + harmless) * 2, [r for r in rows for _ in range(nh + nl)],
-                  config.judge_tokens, config.batch_size)
-        for i, (m, row) in enumerate(zip(("inlp_flip", "inlp_null"), rows)):
-            part = j.refused[i * (nh + nl):(i + 1) * (nh + nl)]
-            out[m] = {"strength": 1.0, "k": row.spec.k, "harmful_val_refusal": rate(part[:nh]),
-                      "harmless_val_refusal": rate(part[nh:]), "n_harmful_val": nh,
-                      "n_harmless_val": nl}
     out["unsteered"] = base_rates
     return out
 
@@ -258,8 +297,7 @@ def extract_pack(lm: LoadedModel, harmful_train: list[str] | None = None,
     candidates = [(layer, pos) for pos in cand_positions for layer in cand_layers]
     scratch = SteeringPack(name=name, mean_harmful=mean_h, mean_harmless=mean_l,
                            positions=positions, layer=0, position=positions[-1])
-    scores = [_candidate_scores(lm, scratch, layer, pos, val_h, val_l, base_l, tok_ids, config)
-              for layer, pos in tqdm(candidates, desc="selecting direction")]
+    scores = _candidate_scores(lm, scratch, candidates, val_h, val_l, base_l, tok_ids, config)
     chosen, filters = select(scores, config.kl_threshold, config.induce_threshold)
     if filters != "kl+induce":
         log.warning("no candidate passed the KL and induce filters; selected with %s", filters)

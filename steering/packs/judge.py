@@ -13,6 +13,13 @@ Every row carries its own steering (the kernel applies a different edit per row)
 `generate` call scores several candidates or strengths at once; rows are sorted by prompt length
 so batches pad little. With `capture`, the unsteered prefill's residual stream is recorded too
 (training-prompt activations and their refusal judgement in one pass).
+
+The chat template's opening (system turn and the user header: 24 of a prompt's ~41 tokens on the
+embedded model) is the same for every prompt, so its keys and values are computed once per
+distinct steering row and every batch starts from them: each row is laid out as
+[shared prefix][padding][rest of its prompt], with position ids that skip the padding, which is
+the row's own sequence with the same positions and the same edits at every position — about half
+the prefill work of extraction.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from steering.evaluation.refusal import is_refusal
-from steering.interventions.activations import encode_chats
 from steering.interventions.methods import RowSteering
+from steering.models.chat import format_chat
 from steering.models.loading import LoadedModel
 
 JUDGE_TOKENS = 5
@@ -50,8 +58,11 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
     rows = list(rows) if rows is not None else [None] * n
     if len(rows) != n:
         raise ValueError("need one steering row (or None) per prompt")
-    lengths = [len(p) for p in prompts]
-    order = sorted(range(n), key=lambda i: lengths[i])
+    texts_in = [format_chat(lm.tokenizer, p) for p in prompts]
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts_in]
+    shared = _shared_prefix(ids, keep=max(capture, 1))
+    prefixes = _PrefixCache(lm, ids[0][:shared]) if shared else None
+    order = sorted(range(n), key=lambda i: len(ids[i]))
     refused: list[bool] = [False] * n
     texts: list[str] = [""] * n
     first = torch.empty(0)
@@ -65,7 +76,7 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
         def make(index: int):
             def hook(module, args, kwargs):
                 h = args[0] if args else kwargs["hidden_states"]
-                if h.shape[1] > 1:  # the prefill, not a decode step
+                if h.shape[1] > 1 and not (prefixes and prefixes.computing):  # the prompt
                     captured[index] = h[:, -capture:, :].float().cpu()
             return hook
 
@@ -76,11 +87,12 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
     try:
         for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
             index = order[start:start + batch_size]
-            enc = encode_chats(lm, [prompts[i] for i in index])
-            enc.pop("position_ids")  # generate derives them from the attention mask
             batch_rows = [rows[i] for i in index]
             steer = None if all(r is None for r in batch_rows) else [
                 r if r is not None else _NONE for r in batch_rows]
+            enc = _layout([ids[i] for i in index], shared, pad, lm.device)
+            if prefixes is not None:
+                enc["cache"] = prefixes.for_rows(steer or [None] * len(index))
             lm.hooks.set_rows(steer)
             try:
                 out = lm.model.generate(**enc, max_new_tokens=n_tokens, do_sample=False,
@@ -105,6 +117,63 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
         for h in handles:
             h.remove()
     return Judged(refused, first, texts, residuals)
+
+
+def _shared_prefix(ids: list[list[int]], keep: int) -> int:
+    """Length of the token prefix all prompts share, leaving at least `keep` tokens of each."""
+    if len(ids) < 2:
+        return 0
+    n = min(len(x) for x in ids) - keep
+    head = ids[0]
+    for x in ids[1:]:
+        while n > 0 and x[:n] != head[:n]:
+            n -= 1
+    return max(n, 0)
+
+
+def _layout(ids: list[list[int]], shared: int, pad: int, device: torch.device) -> dict:
+    """[shared prefix][left padding][rest] per row, its attention mask (0 on the padding)."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for r, x in enumerate(ids):
+        input_ids[r, :shared], mask[r, :shared] = torch.tensor(x[:shared]), 1
+        rest = x[shared:]
+        input_ids[r, width - len(rest):], mask[r, width - len(rest):] = torch.tensor(rest), 1
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+class _PrefixCache:
+    """Keys and values of the shared prefix, once per distinct steering row."""
+
+    def __init__(self, lm: LoadedModel, prefix: list[int]):
+        self.lm, self.ids = lm, torch.tensor([prefix], device=lm.device)
+        self.computing = False
+        self._by_row: dict[int, tuple[RowSteering | None, list]] = {}
+
+    def _one(self, row: RowSteering | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        key = id(row)
+        if key not in self._by_row:
+            self.lm.hooks.set_rows(None if row is None or row is _NONE else [row])
+            self.computing = True
+            try:
+                cache = DynamicCache(config=self.lm.model.config)
+                self.lm.model(input_ids=self.ids, cache=cache, use_cache=True,
+                              logits_to_keep=1)
+            finally:
+                self.computing = False
+                self.lm.hooks.set_rows(None)
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+            self._by_row[key] = (row, kv)  # holds the row, so its id is not reused
+        return self._by_row[key][1]
+
+    def for_rows(self, rows: Sequence[RowSteering | None]) -> DynamicCache:
+        per_row = [self._one(r) for r in rows]
+        cache = DynamicCache(config=self.lm.model.config)
+        for layer in range(len(per_row[0])):
+            cache.update(torch.cat([kv[layer][0] for kv in per_row]),
+                         torch.cat([kv[layer][1] for kv in per_row]), layer)
+        return cache
 
 
 def _none_row() -> RowSteering:
