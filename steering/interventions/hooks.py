@@ -23,7 +23,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit, window_mask
+from steering.interventions.kernel import (
+    BatchEdit,
+    RowEdit,
+    apply_edit,
+    project_out,
+    window_mask,
+)
 from steering.interventions.methods import Site, Steering
 from steering.models.layers import ResidualLayout
 
@@ -36,6 +42,7 @@ class SteeringHooks:
         self.model_dtype = dtype  # the residual stream's dtype; the edits stay fp32
         self.dtype = torch.float32
         self._passes: dict[Site, list[BatchEdit]] = {}
+        self._plain: dict[Site, torch.Tensor] = {}  # sites whose one pass is a plain projection
         self._key: tuple | None = None
         self._identity: RowEdit | None = None
         self._offsets: torch.Tensor | None = None  # [B] prompt length − 1, for targeted rows
@@ -65,6 +72,7 @@ class SteeringHooks:
             return  # same rows as the last forward (the decode loop's common case)
         self._key = (key, lengths)  # holds the rows, so their ids cannot be reused while cached
         self._passes, self._offsets, self._token_index, self._masks = {}, None, None, {}
+        self._plain = {}
         if not rows:
             return
         per_row = [[p.edits for p in r.parts if p.active and p.edits] for r in rows]
@@ -82,6 +90,8 @@ class SteeringHooks:
                                  for edits in lists], self.device)  # fp32 kernel
                 for j in range(max(len(edits) for edits in lists))]
             targeted |= any(p.window is not None for p in self._passes[site])
+            if len(self._passes[site]) == 1 and self._passes[site][0]._projection is not None:
+                self._plain[site] = self._passes[site][0]._projection
         if targeted:  # equal windows share one tensor, so each forward computes its mask once
             shared: dict[tuple, torch.Tensor] = {}
             for passes in self._passes.values():
@@ -90,7 +100,7 @@ class SteeringHooks:
                         p.window = shared.setdefault(tuple(map(tuple, p.window.tolist())),
                                                      p.window)
             if lengths is None or len(lengths) != len(rows):
-                self._passes = {}
+                self._passes, self._plain = {}, {}
                 raise ValueError("targeted steering (apply_to, generation_window) needs the "
                                  "prompt length of every row")
             self._offsets = torch.tensor([n - 1 for n in lengths], device=self.device)
@@ -119,7 +129,7 @@ class SteeringHooks:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._passes = {}
+        self._passes, self._plain = {}, {}
 
     # ---- hooks ---------------------------------------------------------------------------------
 
@@ -145,14 +155,15 @@ class SteeringHooks:
 
     def _apply(self, site: Site, h: torch.Tensor) -> torch.Tensor:
         passes = self._passes.get(site)
-        if passes is None:
-            return h
+        return h if passes is None else self._run(passes, site, h)
+
+    def _run(self, passes: list[BatchEdit], site: Site, h: torch.Tensor) -> torch.Tensor:
         if h.shape[0] != passes[0].alpha.shape[0]:
             raise RuntimeError(f"steering rows ({passes[0].alpha.shape[0]}) do not match the "
                                f"batch ({h.shape[0]}) at layer {site[0]}")
         x = h if h.dtype == torch.float32 else h.float()
         for edit in passes:  # list order: each part edits the previous one's output
-            x = apply_edit(x, edit, mask=self._mask(edit))
+            x = apply_edit(x, edit, mask=None if edit.window is None else self._mask(edit))
         return x if x.dtype == h.dtype else x.to(h.dtype)
 
     def _input_hook(self, layer: int):
@@ -171,10 +182,15 @@ class SteeringHooks:
 
     def _output_hook(self, site: Site):
         def hook(module, args, output):
-            if site not in self._passes:
+            q = self._plain.get(site)  # the common case (ablation), with the least Python
+            if (q is not None and isinstance(output, torch.Tensor)
+                    and output.dtype == torch.float32 and output.shape[0] == q.shape[0]):
+                return project_out(output, q)
+            passes = self._passes.get(site)
+            if passes is None:
                 return None
             if isinstance(output, tuple):
-                return (self._apply(site, output[0]), *output[1:])
-            return self._apply(site, output)
+                return (self._run(passes, site, output[0]), *output[1:])
+            return self._run(passes, site, output)
 
         return hook
