@@ -175,8 +175,8 @@ def _why_span(pack: dict) -> str:
 def _why_flip(res: list[dict], flip: dict, abl: dict) -> str:
     multi = [r for r in res if r["method"] == "inlp_flip" and not _one_site(r)]
     text = (f"the flip edits one site (layer {flip['layers'][0] if flip.get('layers') else '?'}"
-            f" input, {flip['k']} directions) where ablation edits every layer's input, "
-            "attention and MLP outputs")
+            f" input, {flip['k']} directions) where ablation edits the stream at every layer "
+            "(layer 0's input, every attention and MLP output)")
     for r in multi:
         text += (f"; the flip at layers {r['layers']} (k={r['k']}): {_ci(r, 'harmful')}, "
                  f"WikiText PPL {r['ppl_general']:.2f}")
@@ -501,7 +501,7 @@ def _reference_section(ref: dict | None) -> list[str]:
         moved = r.get("general_positions_moved")
         variant = r["variant"]
         if variant == "sites":
-            variant = ("every layer, 3 sites each" if r["method"] == "ablate" else
+            variant = ("every layer's writes" if r["method"] == "ablate" else
                        f"midpoint, layers {','.join(map(str, r['layers']))}")
         lines.append(f"| {variant} | {r.get('method', '–')} | {r.get('k') or '–'} | "
                      f"{_ci(r, 'harmful')} | {_ci(r, 'harmless')} | {r['ppl_general']:.2f} | "
