@@ -1,6 +1,6 @@
 import torch
 
-from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit
+from steering.interventions.kernel import BatchEdit, RowEdit, apply_edit, project_out
 
 
 def _orthonormal(d, k, seed=0):
@@ -122,3 +122,22 @@ def test_bf16_activations_are_edited_in_fp32():
     torch.testing.assert_close(out.float(), exact, atol=2.0, rtol=1e-2)  # one bf16 rounding
     # the bf16 result equals the fp32 result rounded once, not a bf16 chain of roundings
     assert torch.equal(out, exact.bfloat16())
+
+
+def test_project_out_is_the_general_path_bit_for_bit():
+    """The hooks call `project_out` for a plain projection (ablation at strength 1) instead of
+    `apply_edit`: a row's result must not depend on which of the two its batch took."""
+    torch.manual_seed(0)
+    d = 896
+    for b, t in ((1, 1), (3, 1), (2, 17), (8, 5)):
+        q = torch.randn(d, 1)
+        q /= q.norm()
+        edit = BatchEdit.stack([RowEdit(q=q, c=torch.zeros(d), alpha=1.0, v=torch.zeros(d))] * b,
+                               torch.device("cpu"))
+        assert edit._projection is not None
+        h = 3 * torch.randn(b, t, d)
+        mixed = BatchEdit.stack([RowEdit(q=q, c=torch.zeros(d), alpha=1.0, v=torch.zeros(d))] * b
+                                + [RowEdit.identity(d)], torch.device("cpu"))
+        assert mixed._projection is None  # the identity row's α = 0: the general path
+        general = apply_edit(torch.cat([h, h[:1]]), mixed)[:b]
+        assert torch.equal(project_out(h, edit._projection), general)

@@ -100,8 +100,9 @@ class BatchEdit:
         self._cols = self.q_cols[:, None]  # [B, 1, K, d]
         self._columns = self.q_cols[:, None].unbind(2)  # K × [B, 1, d]
         # A plain projection (ablation at strength 1: K = 1, c = 0, α = 1, v = 0, two-sided,
-        # every position) is three kernels and no bookkeeping: it runs at 49 sites per token,
-        # and on a 2-core CPU each small kernel between two matmuls costs ~15–20 µs.
+        # every position): the hooks call `project_out` on it directly, three kernels and no
+        # bookkeeping (49 sites per token; on a 2-core CPU each small kernel between two
+        # matmuls costs ~15–20 µs).
         plain = (self.q.shape[-1] == 1 and self._c is None and self._alpha is None
                  and self._v is None and self.one_sided is None and self.window is None)
         self._projection = self._columns[0] if plain else None
@@ -152,9 +153,6 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
     `mask` = window_mask(edit.window, token_index) is given (computed once for many sites)."""
     work = edit.c.dtype
     x = h if h.dtype == work else h.to(work)
-    if edit._projection is not None:
-        out = project_out(x, edit._projection)
-        return out if out.dtype == h.dtype else out.to(h.dtype)
     out = x if edit.q.shape[-1] == 0 else _subtract_subspace_part(x, edit)
     if edit._v is not None:
         out = out + edit._v
@@ -169,8 +167,9 @@ def apply_edit(h: torch.Tensor, edit: BatchEdit, token_index: torch.Tensor | Non
 
 
 def project_out(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x − ⟨x, q⟩ q per row (x: [B, T, d], q: [B, 1, d], fp32): a `BatchEdit` that is a plain
-    projection, computed as the general path computes it, bit for bit."""
+    """x − ⟨x, q⟩ q per row (x: [B, T, d], q: [B, 1, d], fp32): a `BatchEdit` whose
+    `_projection` is q, computed as `apply_edit` computes it, bit for bit (same mul, sum and
+    addcmul)."""
     return torch.addcmul(x, (x * q).sum(-1, keepdim=True), q, value=-1.0)
 
 

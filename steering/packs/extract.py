@@ -172,8 +172,7 @@ def select(scores: list[dict], kl_threshold: float, induce_threshold: float
     both = [s for s in scores if all(s["passes"].values())]
     low_kl = [s for s in scores if s["passes"]["kl"]]
     filters = "kl+induce" if both else ("kl" if low_kl else "none")
-    judged = [s for s in scores if s["bypass_rate"] is not None]
-    chosen = min(both or low_kl or judged or scores,
+    chosen = min(both or low_kl or scores,  # all judged when none passes KL
                  key=lambda s: (s["bypass_rate"], -s["induce_rate"], s["bypass_score"]))
     return chosen, filters
 
@@ -197,8 +196,6 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
     for s in config.calibrate_strengths:
         todo = [m for m in INDUCE_METHODS if not reached(m) and s not in dict(rates[m])]
         if not todo and not extra:
-            if all(map(reached, INDUCE_METHODS)):
-                break
             continue
         rows = [build_row(SteeringSpec(m, s), pack) for m in todo]
         prompts = harmless * len(rows) + (harmful + harmless) * len(extra)

@@ -152,9 +152,10 @@ class _PrefixCache:
         self._by_row: dict[int, tuple[RowSteering | None, list]] = {}
 
     def _one(self, row: RowSteering | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        row = None if row is _NONE else row  # one unsteered prefix
         key = id(row)
         if key not in self._by_row:
-            self.lm.hooks.set_rows(None if row is None or row is _NONE else [row])
+            self.lm.hooks.set_rows(None if row is None else [row])
             self.computing = True
             try:
                 cache = DynamicCache(config=self.lm.model.config)
