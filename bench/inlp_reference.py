@@ -7,15 +7,16 @@ position; the kernel edits every position with one reference c. Three choices fo
 flip (AlterRep: h' = h − 2·Q·relu(Qᵀ(h − c))), same Q, same single site (the pack's default INLP
 layer), at the k values of `--ks`:
 
-- `midpoint` (today's): c = Q·b, b the class boundary (midpoint of the class means) at the
+- `midpoint` (the product's until 2026-12-02): c = Q·b, b the class boundary (midpoint of the class means) at the
   selected position, applied at every position;
 - `reference-free`: c = 0, the bias-free projection of the INLP authors' code (Ravfogel et al.
-  2020 project with P = I − QQᵀ, no offset), made one-sided on z = Qᵀh;
+  2020 project with P = I − QQᵀ, no offset), made one-sided on z = Qᵀh (the product's
+  `inlp_null`/`inlp_flip` since 2026-12-02);
 - `position-aware`: at each post-instruction template position p, c_p = Q·Qᵀ·m_p with m_p the
   midpoint of the pack's class means at that position; positions where no class means exist
   (the instruction, generated tokens, plain text) are left alone.
 
-Then the product's own flip (`build_row`, midpoint reference) at every INLP layer of the pack
+Then the product's own flip (`build_row`) at every INLP layer of the pack
 (`steering.layers`), to compare one site with several.
 
 For each: refusal on harmful_val (the split selection uses; never the test split) and on a

@@ -155,54 +155,56 @@ def test_inlp_directions_point_toward_the_harmful_mean(tiny_pack):
     assert (q @ mu_h - b > 0).all() and (q @ mu_l - b < 0).all()
 
 
-def test_inlp_flip_maps_the_harmful_mean_to_the_harmless_side(tiny_lm, tiny_pack):
+def test_inlp_flip_negates_the_harmful_side_coordinates(tiny_lm, tiny_pack):
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_flip", 1.0), tiny_pack)
+    # Reference-free (c = 0): z = Qᵀh, the positive coordinates are negated, z → −|z|.
+    assert torch.count_nonzero(row.edits[(layer, "input")].c) == 0
     flipped = edit_vector(row, (layer, "input"), mu_h)
-    before, after, harmless = q @ mu_h - b, q @ flipped - b, q @ mu_l - b
-    assert (before > 1e-6).all()
-    # Every direction: the harmful mean ends on the harmless side, at the harmless mean's
-    # coordinate (the reflection of the harmful mean across the midpoint).
-    assert (torch.sign(after) == torch.sign(harmless)).all()
-    torch.testing.assert_close(after, harmless, atol=1e-5, rtol=1e-5)
+    before = q @ mu_h
+    assert (before > 0).any()
+    torch.testing.assert_close(q @ flipped, -before.abs(), atol=1e-5, rtol=1e-5)
     # The component outside span(Q) is untouched.
     moved = flipped - mu_h
     torch.testing.assert_close(moved, q.T @ (q @ moved), atol=1e-6, rtol=0)
-    # One-sided: the harmless mean (already on the harmless side) is left where it is.
-    torch.testing.assert_close(edit_vector(row, (layer, "input"), mu_l), mu_l, atol=1e-6,
-                               rtol=0)
-    # The two-sided reflection moves it to the harmful mean's coordinates instead.
+    # One-sided: a vector whose coordinates are all negative is left where it is.
+    negative = mu_l - q.T @ ((q @ mu_l).abs() + 1.0)
+    assert (q @ negative < 0).all()
+    torch.testing.assert_close(edit_vector(row, (layer, "input"), negative), negative,
+                               atol=1e-6, rtol=0)
+    # The two-sided reflection crosses the class boundary: the harmless mean moves to the
+    # harmful mean's coordinates.
     reflect = build_row(SteeringSpec("inlp_reflect", 1.0), tiny_pack)
-    torch.testing.assert_close(q @ edit_vector(reflect, (layer, "input"), mu_l) - b, before,
+    torch.testing.assert_close(q @ edit_vector(reflect, (layer, "input"), mu_l) - b, before - b,
                                atol=1e-5, rtol=1e-5)
 
-    # Through the model, per token: every coordinate ends on the harmless side,
-    # z → −|z|, and the two-sided reflection's mean is the flipped harmful mean.
+    # Through the model, per token: every coordinate ends non-positive, z → −|z|, and the
+    # two-sided reflection's mean is the reflected harmful mean (the harmless mean's coordinates).
     prompts = load_instructions("harmful_train")[: tiny_pack.meta["data"]["harmful_train"]["n"]]
     plain, _ = capture_inputs(tiny_lm, prompts, None)
     steered, _ = capture_inputs(tiny_lm, prompts, row)
-    z0 = plain[layer][:, tiny_pack.position].double() @ q.T - b
-    z1 = steered[layer][:, tiny_pack.position].double() @ q.T - b
+    z0 = plain[layer][:, tiny_pack.position].double() @ q.T
+    z1 = steered[layer][:, tiny_pack.position].double() @ q.T
     torch.testing.assert_close(z1, -z0.abs(), atol=1e-4, rtol=1e-3)
     reflected, _ = capture_inputs(tiny_lm, prompts, reflect)
     mean_reflected = reflected[layer][:, tiny_pack.position].double().mean(0)
-    torch.testing.assert_close(q @ mean_reflected - b, harmless, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(q @ mean_reflected - b, q @ mu_l - b, atol=1e-4, rtol=1e-3)
 
 
-def test_inlp_null_projects_onto_the_boundary(tiny_lm, tiny_pack):
+def test_inlp_null_zeroes_the_harmful_side_coordinates(tiny_lm, tiny_pack):
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_null", 1.0), tiny_pack)
-    torch.testing.assert_close(q @ edit_vector(row, (layer, "input"), mu_h), b, atol=1e-5,
-                               rtol=1e-5)
-    torch.testing.assert_close(edit_vector(row, (layer, "input"), mu_l), mu_l, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q @ edit_vector(row, (layer, "input"), mu_h),
+                               (q @ mu_h).clamp_max(0), atol=1e-5, rtol=1e-5)
     # Through the model, every token's coordinates become min(z, 0): none is left on the
-    # harmful side, the harmless-side ones do not move.
+    # harmful side, the negative ones do not move.
     plain, mask = capture_inputs(tiny_lm, PROMPTS, None)
     steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
-    z0 = plain[layer][mask].double() @ q.T - b
-    z1 = steered[layer][mask].double() @ q.T - b
+    z0 = plain[layer][mask].double() @ q.T
+    z1 = steered[layer][mask].double() @ q.T
+    assert (z0 > 0).any() and (z0 < 0).any()
     torch.testing.assert_close(z1, z0.clamp_max(0), atol=1e-4, rtol=1e-4)
 
 
@@ -225,9 +227,9 @@ def test_k_truncation(tiny_lm, tiny_pack):
     # k = 1 flips the leading coordinate only; k = max flips them all.
     out1 = edit_vector(one, (layer, "input"), mu_h)
     outk = edit_vector(full, (layer, "input"), mu_h)
-    torch.testing.assert_close(q[0] @ out1 - b[0], q[0] @ mu_l - b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q[0] @ out1, -(q[0] @ mu_h).abs(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q[1:] @ out1, q[1:] @ mu_h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(q @ outk - b, q @ mu_l - b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q @ outk, -(q @ mu_h).abs(), atol=1e-5, rtol=1e-5)
 
     # ... and through the model the two give different next-token logits.
     enc = encode_chats(tiny_lm, PROMPTS)

@@ -13,10 +13,10 @@ DESCRIPTIONS = {
     "actadd": "activation addition of the DiM vector (induces refusal at strength > 0)",
     "ablate": "directional ablation of the DiM direction at every layer (removes refusal)",
     "ace": "affine concept editing: strength 0 = no refusal, 1 = refusal",
-    "inlp_null": "INLP one-sided nullspace projection: harmful-side activations moved onto the "
-                 "class boundary (weaker suppression)",
-    "inlp_flip": "INLP one-sided counterfactual flip (AlterRep): harmful-side activations "
-                 "reflected across the class boundary, harmless ones untouched (suppresses "
+    "inlp_null": "INLP one-sided nullspace projection: coordinates on the harmful side of the "
+                 "INLP directions set to zero (weaker suppression)",
+    "inlp_flip": "INLP one-sided counterfactual flip (AlterRep): coordinates on the harmful "
+                 "side of the INLP directions negated, the others untouched (suppresses "
                  "refusal)",
     "inlp_reflect": "INLP two-sided reflection across the class boundary: every activation "
                     "changes side, so harmless prompts move toward refusal (geometry studies)",

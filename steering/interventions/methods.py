@@ -6,19 +6,24 @@
 | actadd    | –                     | –                      | 0            | strength · r_l         | input of layer l (default: the pack's layer) |
 | ablate    | r̂                     | 0                      | strength     | 0                      | every layer's attention and MLP outputs, and the input of layer 0 (see below) |
 | ace       | r̂_l                   | harmless mean μ⁻_l     | 1            | strength · ‖r_l‖ · r̂_l | input of layer l |
-| inlp_null | first k INLP dirs     | boundary point         | strength     | 0                      | INLP layer(s), one-sided |
-| inlp_flip | first k INLP dirs     | boundary point         | 2 · strength | 0                      | INLP layer(s), one-sided |
+| inlp_null | first k INLP dirs     | 0 (reference-free)     | strength     | 0                      | INLP layer(s), one-sided |
+| inlp_flip | first k INLP dirs     | 0 (reference-free)     | 2 · strength | 0                      | INLP layer(s), one-sided |
 | inlp_reflect | first k INLP dirs  | boundary point         | 2 · strength | 0                      | INLP layer(s), two-sided |
 
-For INLP the reference point c is the class boundary (midpoint of the class means along each
-direction) and the directions point toward the harmful class, so z = Qᵀ(h − c) > 0 on the harmful
-side. `inlp_null` and `inlp_flip` are one-sided (the kernel's g = relu; AlterRep, Ravfogel et al.
-2021): only coordinates on the harmful side move, onto the boundary (α = 1, h' = h − Q·relu(z))
-or across it (α = 2, h' = h − 2·Q·relu(z)); harmless activations are left as they are. This is
-the counterfactual intervention Rocchetti & Ferrara 2026 study (toward the harmless class).
-`inlp_reflect` is the two-sided reflection h' = h − 2·QQᵀ(h − c): harmful activations land among
-harmless ones and harmless ones among harmful ones (it raises refusal on harmless prompts); it is
-kept for the geometry study.
+The INLP directions point toward the harmful class. `inlp_null` and `inlp_flip` are one-sided
+and reference-free (c = 0, the bias-free linear maps of the INLP authors' code; the kernel's
+g = relu; AlterRep, Ravfogel et al. 2021): with z = Qᵀh, only the coordinates on the harmful
+(positive) side move, to zero (α = 1, h' = h − Q·relu(z)) or to their negative (α = 2,
+h' = h − 2·Q·relu(z)); negative coordinates are left as they are. This is the counterfactual
+intervention Rocchetti & Ferrara 2026 study (toward the harmless class), and the form their
+claims refer to. Why not the class boundary as c: the boundary is the midpoint of the
+*last-position* class means, but the edit runs at every position, where the stream's
+coordinates sit elsewhere; `bench/inlp_reference.py` measured both (docs/report/notes.md):
+on validation prompts the boundary-referenced flip at k = 2 left 23% harmful refusal, the
+reference-free one 0%, at +1.5% WikiText perplexity, harmless refusal 5% vs 0%.
+`inlp_reflect` is the two-sided reflection across the class boundary, h' = h − 2·QQᵀ(h − c)
+with c the boundary point: harmful activations land among harmless ones and harmless ones among
+harmful ones (it raises refusal on harmless prompts); it is kept for the geometry study.
 
 Ablation edits where the residual stream is written: the stream entering the chosen layers (the
 embedding, by default) and every attention and MLP output in them — the sites of Arditi et al.'s
@@ -341,7 +346,9 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
         for layer in layers:
             inl = pack.inlp[layer]
             q = inl.directions[:k].T.contiguous()  # [d, k]
-            c = q @ inl.boundary[:k]  # the boundary point inside span(Q)
+            # The reflection crosses the class boundary (the boundary point inside span(Q));
+            # the one-sided edits are reference-free (see the module docstring).
+            c = q @ inl.boundary[:k] if method == "inlp_reflect" else zeros
             edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros,
                                               one_sided=one_sided)
         spec = replace(spec, k=k)
