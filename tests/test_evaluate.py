@@ -413,3 +413,20 @@ def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
     assert again["claims"] == first["claims"]
     assert json.loads((out / "results.json").read_text())["wall_seconds"] == \
         first["wall_seconds"]
+
+
+def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_mean(tiny_pack):
+    from steering.evaluation.report import _why_null, inlp_zero_position
+
+    zero = inlp_zero_position(tiny_pack)
+    layer = zero["layer"]
+    p = tiny_pack._pos_index(None)
+    mu_h = tiny_pack.mean_harmful[layer, p].double()
+    mu_l = tiny_pack.mean_harmless[layer, p].double()
+    q = tiny_pack.inlp[layer].directions.double()
+    assert len(zero["positions"]) == q.shape[0]
+    # On direction i, the point at fraction t_i of the way from μ⁻ to μ⁺ has coordinate 0.
+    for qi, t in zip(q, zero["positions"]):
+        gap = abs(float(qi @ (mu_h - mu_l)))
+        assert abs(float(qi @ (mu_l + t * (mu_h - mu_l)))) < 1e-2 * gap
+    assert "reference-free" in _why_null({"inlp_zero_position": zero})

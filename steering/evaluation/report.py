@@ -172,6 +172,18 @@ def _why_span(pack: dict) -> str:
             f"{share['layer']}), the rest of the class difference is left as it was")
 
 
+def _why_null(pack: dict) -> str:
+    zero = pack.get("inlp_zero_position")
+    if zero is None:
+        return _why_span(pack)
+    where = ", ".join(f"{t:.2f}" for t in zero["positions"])
+    return (f"the product's null is reference-free (c = 0: `bench/inlp_reference.py` measured it "
+            "the stronger suppressor): it moves a harmful-side coordinate to 0, not to the class "
+            f"boundary, and along the {len(zero['positions'])} INLP directions (layer "
+            f"{zero['layer']}) 0 lies at {where} of the way from the harmless to the harmful "
+            "class mean (the boundary: ½)")
+
+
 def _why_flip(res: list[dict], flip: dict, abl: dict) -> str:
     multi = [r for r in res if r["method"] == "inlp_flip" and not _one_site(r)]
     text = (f"the flip edits one site (layer {flip['layers'][0] if flip.get('layers') else '?'}"
@@ -304,7 +316,7 @@ def assess_claims(result: dict, geo: dict | None, presets: dict[str, list[str]] 
                 "clusters.",
                 f"mean DiM-axis position of edited harmful activations {t:.2f} (harmless 0, "
                 f"harmful 1); nearest mean harmless for {_pct(g_null['harmful_nearest_harmless'])}",
-                "mean position between 0.3 and 0.7", 0.3 <= t <= 0.7, _why_span(pack)))
+                "mean position between 0.3 and 0.7", 0.3 <= t <= 0.7, _why_null(pack)))
         if g_flip:
             s = g_flip["harmful_nearest_harmless"]
             claims.append(_claim(
@@ -332,6 +344,20 @@ def dim_in_inlp_span(pack: SteeringPack) -> dict | None:
     r = pack.dim(layer).double()
     r = r / r.norm().clamp_min(1e-12)
     return {"layer": layer, "k": int(q.shape[0]), "share": float(((q @ r) ** 2).sum())}
+
+
+def inlp_zero_position(pack: SteeringPack) -> dict | None:
+    """Where the reference-free one-sided edits put a harmful-side coordinate (z = 0), per INLP
+    direction at the default INLP layer, on that direction's class axis: harmless mean 0,
+    harmful mean 1, the class boundary ½ (t = −qᵀμ⁻ / qᵀ(μ⁺ − μ⁻))."""
+    if not pack.max_k():
+        return None
+    layer = pack.inlp_default_layers[0]
+    q = pack.inlp[layer].directions.double()
+    p = pack._pos_index(None)
+    mu_h, mu_l = pack.mean_harmful[layer, p].double(), pack.mean_harmless[layer, p].double()
+    t = -(q @ mu_l) / (q @ (mu_h - mu_l))
+    return {"layer": layer, "positions": [round(float(x), 3) for x in t]}
 
 
 # ---- plots --------------------------------------------------------------------------------------
@@ -811,6 +837,7 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
         r["presets"] = presets.get(r["label"], [])
     meta = pack.meta or {}
     result["pack"] = {**(result["pack"] or {}), "dim_in_inlp_span": dim_in_inlp_span(pack),
+                      "inlp_zero_position": inlp_zero_position(pack),
                       "selection_full": meta.get("selection"),
                       "calibration": meta.get("calibration"), "data": meta.get("data"),
                       "extract_seconds": meta.get("extract_seconds"),
