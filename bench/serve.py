@@ -10,8 +10,8 @@ Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
 3. the real server process at `--precision` (default: the server's default, auto → int8 on
    CPU): unsteered, each method and issue 13's row kinds (a targeted edit, a list of two, a
    conditional one), with the steering overhead per decoded token: the median over `--pairs`
-   back-to-back (unsteered, steered) request pairs of the ratio of their median inter-token
-   latencies (pairing cancels the shared machine's drift);
+   back-to-back (unsteered, steered) request pairs, in alternating order, of the ratio of
+   their median inter-token latencies (pairing cancels the shared machine's drift);
 4. 1/4/8/16/32 concurrent streaming clients, methods mixed at random, a ~40-token prompt,
    each level `--repeats` times: the median run's aggregate output tokens/s, TTFT and
    inter-token latency p50/p99 over all runs;
@@ -203,10 +203,14 @@ async def single_streams(url: str, tokens: int, repeats: int,
             for name, steering in ROWS.items():
                 by_row[name].append(await stream_one(client, url, steering, PROMPTS[0], tokens))
         ratios: dict[str, list[float]] = {name: [] for name in ROWS if name != "none"}
-        for _ in range(pairs):
+        for i in range(pairs):
             for name in ratios:
-                base = await stream_one(client, url, None, PROMPTS[0], pair_tokens)
-                run = await stream_one(client, url, ROWS[name], PROMPTS[0], pair_tokens)
+                # Alternate which of the pair runs first: the second request of a pair was
+                # measured a few percent slower whatever it was.
+                order = [None, ROWS[name]] if i % 2 == 0 else [ROWS[name], None]
+                first = await stream_one(client, url, order[0], PROMPTS[0], pair_tokens)
+                second = await stream_one(client, url, order[1], PROMPTS[0], pair_tokens)
+                base, run = (first, second) if i % 2 == 0 else (second, first)
                 ratios[name].append(statistics.median(run["itl"])
                                     / statistics.median(base["itl"]) - 1)
         for name, runs in by_row.items():

@@ -4,9 +4,9 @@ server's noise). One run prints a table and one JSON line.
     .venv/bin/python bench/step_overhead.py [--batch 1] [--steps 200] [--precision auto]
 
 The embedded model (its default pack) runs one decode step (T = 1, a ~40-token KV cache, cropped
-back after each step) for each row below, round-robin, `--steps` times; the table gives each
-row's median step time and its ratio to the unsteered step. Round-robin interleaving spreads the
-shared machine's drift over every row alike; the server-level figure (`bench/serve.py`) adds the
+back after each step) for each row below, round-robin in a rotating order, `--steps` times; the
+table gives each row's median step time and its ratio to the unsteered step. Round-robin
+interleaving spreads the shared machine's drift over every row alike; the server-level figure (`bench/serve.py`) adds the
 engine's per-token work, which is the same steered or not. Target (issue 11): ≤ 3% per method.
 """
 
@@ -71,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(5):  # warm-up
             for steering in rows.values():
                 step(steering)
-        for _ in range(args.steps):
-            for name, steering in rows.items():
-                times[name].append(step(steering))
+        names = list(rows)
+        for i in range(args.steps):
+            # The order rotates every round: no row always follows the same one (a fixed
+            # order showed a few percent of bias on the row after the longest one).
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                times[name].append(step(rows[name]))
     lm.hooks.set_rows(None)
     base = statistics.median(times["none"])
     result = {name: {"ms": 1000 * statistics.median(v),
