@@ -132,6 +132,22 @@ def test_ablation_removes_a_refusal(client, model):
     assert not is_refusal(text), f"{prompt!r} → still refused after ablation: {text!r}"
 
 
+def test_no_refusal_preset_does_not_raise_refusal_on_benign_prompts(client, model):
+    """Issue 15: the preset promising "no refusal" (once a two-sided flip: 43% vs 10% on harmless
+    prompts) must not add refusals of benign requests, through the served model name."""
+    prompts = (load_instructions("harmless_val[3000:3012]")
+               + load_instructions("overrefusal")[:12])
+
+    def refused(name: str) -> int:
+        with ThreadPoolExecutor(8) as pool:  # one batch: the engine steers per row
+            texts = pool.map(lambda p: ask(client, name, p, max_tokens=8).choices[0]
+                             .message.content, prompts)
+            return sum(is_refusal(t) for t in texts)
+
+    base, steered = refused(model), refused(f"{model}+no-refusal")
+    assert steered <= base + 2, f"benign refusals {base}/{len(prompts)} -> {steered}"
+
+
 def test_public_answers_hold_no_internals_and_state_effects(server):
     """The real process: model cards name ids, never local paths; every method states its
     direction of effect (issue 12 findings 9 and 1)."""

@@ -53,7 +53,7 @@ class GateConfig:
     harmful: str | None = None  # JSON file; None: ../shared/data/harmful_test_jbb.json if present
     harmless: str = "harmless_val"
     n_harmful: int = 100
-    n_harmless: int = 32
+    n_harmless: int = 100  # one prompt = 1 point: the gate compares rates to 5 points
     max_new_tokens: int = 16
     n_general: int = 16  # WikiText paragraphs
     general_tokens: int = 128
