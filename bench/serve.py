@@ -3,9 +3,13 @@
     .venv/bin/python bench/serve.py [--tokens 64] [--concurrency 1,4,8,16,32] [--precision auto]
 
 Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
-1. llama.cpp (llama-cpp-python 0.3.36, 2 threads) on the same GGUF the embedded model ships as.
-   The first run pip-installs it into <cache root>/bench-llamacpp-noamx (a native source build
-   with Intel AMX off, ~10 min on 2 cores); where that fails the bench says so and goes on.
+1. llama.cpp (llama-cpp-python 0.3.36, 2 threads) on the same GGUF the embedded model ships as,
+   in a child process that stays loaded while the server runs: `--rounds` alternating rounds
+   of one llama.cpp stream and one unsteered server stream, the ratio being the median of the
+   rounds' ratios (a machine whose speed drifts between phases moved a sequential ratio from
+   0.93 to 0.61 between two runs). The first run pip-installs it into
+   <cache root>/bench-llamacpp-noamx (a native source build with Intel AMX off, ~10 min on 2
+   cores); where that fails the bench says so and goes on.
 2. plain transformers `generate` in fp32, no server: the old reference;
 3. the real server process at `--precision` (default: the server's default, auto → int8 on
    CPU): unsteered, each method and issue 13's row kinds (a targeted edit, a list of two, a
@@ -62,49 +66,92 @@ def pct(xs: list[float], q: float) -> float:
 # ---- llama.cpp ------------------------------------------------------------------------------
 
 _LLAMA_SCRIPT = r"""
-import json, statistics, sys, time
+import json, sys, time
 from llama_cpp import Llama
-path, prompt, tokens, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, prompt, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 llm = Llama(model_path=path, n_threads=2, n_ctx=1024, verbose=False, seed=0)
 messages = [{"role": "user", "content": prompt}]
 llm.create_chat_completion(messages=messages, max_tokens=4, temperature=0.0)  # warm-up
-rates = []
-for _ in range(repeats):
+print("ready", flush=True)
+for line in sys.stdin:  # one greedy stream per "run" line, its tokens/s on one line
     t0 = time.perf_counter()
     out = llm.create_chat_completion(messages=messages, max_tokens=tokens, temperature=0.0)
-    rates.append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
-print(json.dumps({"tokens_per_s": statistics.median(rates), "runs": rates}))
+    print(json.dumps(out["usage"]["completion_tokens"] / (time.perf_counter() - t0)), flush=True)
 """
 
 
-def llama_cpp(tokens: int, repeats: int) -> dict:
-    """llama.cpp on the embedded GGUF, in a child process with its own site dir."""
-    from steering.models import embedded
+class LlamaCpp:
+    """llama.cpp on the embedded GGUF in a child process with its own site dir, kept alive so
+    that its runs can alternate with the server's (`rate()`: one greedy stream's tokens/s).
+    `error` says why it is not available (then `rate()` is never called)."""
 
-    site = embedded.cache_root() / "bench-llamacpp-noamx"
-    if not (site / "llama_cpp").is_dir():
-        print(f"installing {LLAMA_CPP} into {site} (first run; a source build, ~10 min)...",
-              flush=True)
-        # Native build without Intel AMX: a VM may report AMX in CPUID without enabling its
-        # tile state (seen here: SIGILL at `tilezero` in ggml's AMX matmul); AVX-512/VNNI stay.
-        # GGML_NATIVE's -march=native turns AMX back on, so the compiler is told not to.
-        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-        amx_off = f"-DCMAKE_C_FLAGS='{no_amx}' -DCMAKE_CXX_FLAGS='{no_amx}'"
-        env = {**os.environ, "CMAKE_ARGS": f"{os.environ.get('CMAKE_ARGS', '')} {amx_off}"}
-        done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pip", "install",
-                               "--quiet", "--no-cache-dir", "--target", str(site), LLAMA_CPP],
-                              capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            return {"error": f"pip install {LLAMA_CPP} failed: {done.stderr.strip()[-300:]}"}
-    gguf = site / "embedded.gguf"
-    if not gguf.is_file():
-        embedded.assemble_gguf(gguf)
-    env = {**os.environ, "PYTHONPATH": str(site)}
-    run = subprocess.run([sys.executable, "-c", _LLAMA_SCRIPT, str(gguf), PROMPTS[0],
-                          str(tokens), str(repeats)], capture_output=True, text=True, env=env)
-    if run.returncode != 0:
-        return {"error": f"llama.cpp run failed: {run.stderr.strip()[-300:]}"}
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    def __init__(self, tokens: int):
+        self.tokens, self.proc, self.error = tokens, None, None
+        try:
+            self._start()
+        except (OSError, RuntimeError) as exc:
+            self.error = str(exc)[-300:]
+
+    def _start(self) -> None:
+        from steering.models import embedded
+
+        site = embedded.cache_root() / "bench-llamacpp-noamx"
+        if not (site / "llama_cpp").is_dir():
+            print(f"installing {LLAMA_CPP} into {site} (first run; a source build, ~10 min)...",
+                  flush=True)
+            # Native build without Intel AMX: a VM may report AMX in CPUID without enabling
+            # its tile state (seen here: SIGILL at `tilezero` in ggml's AMX matmul); AVX-512 and
+            # VNNI stay. GGML_NATIVE's -march=native turns AMX back on, so the compiler is told
+            # not to.
+            no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            amx_off = f"-DCMAKE_C_FLAGS='{no_amx}' -DCMAKE_CXX_FLAGS='{no_amx}'"
+            env = {**os.environ, "CMAKE_ARGS": f"{os.environ.get('CMAKE_ARGS', '')} {amx_off}"}
+            done = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pip", "install",
+                                   "--quiet", "--no-cache-dir", "--target", str(site),
+                                   LLAMA_CPP], capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"pip install {LLAMA_CPP} failed: {done.stderr.strip()}")
+        gguf = site / "embedded.gguf"
+        if not gguf.is_file():
+            embedded.assemble_gguf(gguf)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LLAMA_SCRIPT, str(gguf), PROMPTS[0], str(self.tokens)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(site)})
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"llama.cpp did not start: {self.proc.stderr.read().strip()}")
+
+    def rate(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"llama.cpp run failed: {self.proc.stderr.read().strip()[-300:]}")
+        return float(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+async def side_by_side(url: str, llama: LlamaCpp, tokens: int, rounds: int) -> dict:
+    """llama.cpp and the server's unsteered stream, alternating (which goes first alternates
+    too), `rounds` times: each one's median tokens/s and the median of the per-round ratios —
+    the two runs of a round see the same state of the shared machine."""
+    ours, theirs = [], []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(rounds):
+            if i % 2:
+                theirs.append(llama.rate())
+            r = await stream_one(client, url, None, PROMPTS[0], tokens)
+            ours.append(r["tokens"] / r["seconds"])
+            if not i % 2:
+                theirs.append(llama.rate())
+    return {"llama_cpp": statistics.median(theirs), "server": statistics.median(ours),
+            "ratio": statistics.median(a / b for a, b in zip(ours, theirs)),
+            "llama_cpp_runs": theirs, "server_runs": ours}
 
 
 # ---- plain transformers -----------------------------------------------------------------------
@@ -255,6 +302,8 @@ def main() -> int:
     ap.add_argument("--precision", default=None,
                     help="the server's precision (default: its own default, auto)")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--rounds", type=int, default=8,
+                    help="alternating llama.cpp / server rounds for the one-stream ratio")
     ap.add_argument("--skip-plain", action="store_true",
                     help="skip the plain transformers fp32 reference (minutes on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
@@ -262,12 +311,6 @@ def main() -> int:
     rng = random.Random(args.seed)
 
     n_prompt = prompt_tokens()
-    llama = {"error": "skipped (--skip-llama-cpp)"} if args.skip_llama_cpp else \
-        llama_cpp(args.tokens, args.repeats)
-    if "error" in llama:
-        print(f"llama.cpp: not measured: {llama['error']}")
-    else:
-        print(f"llama.cpp, 2 threads, 1 greedy stream: {llama['tokens_per_s']:.2f} tokens/s")
     reference = None if args.skip_plain else plain_generate(args.tokens, args.repeats)
     if reference is not None:
         print(f"plain transformers generate fp32, 1 greedy stream: {reference:.2f} tokens/s")
@@ -278,6 +321,23 @@ def main() -> int:
         MODEL["id"] = server.served_model()
         precision = _served_precision("/tmp/bench-serve.log")
         rss_ready = server.rss_kb()
+        llama, paired = None, None
+        if not args.skip_llama_cpp:
+            llama = LlamaCpp(args.tokens)
+            if llama.error is None:
+                try:
+                    paired = asyncio.run(side_by_side(server.url, llama, args.tokens,
+                                                      args.rounds))
+                except RuntimeError as exc:
+                    llama.error = str(exc)
+                finally:
+                    llama.close()
+            if paired is None:
+                print(f"llama.cpp: not measured: {llama.error}")
+        if paired is not None:
+            print(f"llama.cpp, 2 threads, 1 greedy stream: {paired['llama_cpp']:.2f} tokens/s; "
+                  f"the server unsteered in the same {args.rounds} alternating rounds: "
+                  f"{paired['server']:.2f} (ratio {paired['ratio']:.3f})")
         with RssSampler(server) as sampler:
             singles = asyncio.run(single_streams(server.url, args.tokens, args.repeats,
                                                  args.pairs, args.pair_tokens))
@@ -298,15 +358,17 @@ def main() -> int:
     one = next((r for r in conc if r["clients"] == 1), None)
     eight = next((r for r in conc if r["clients"] == 8), None)
     single = singles["none"]["tokens_per_s"]
-    llama_tps = llama.get("tokens_per_s")
+    llama_tps = paired["llama_cpp"] if paired else None
+    llama_error = "skipped (--skip-llama-cpp)" if llama is None else llama.error
     summary = {
         "bench": "serve", "tokens": args.tokens, "prompt_tokens": n_prompt,
         "precision": precision,
         "llama_cpp_tokens_per_s": round(llama_tps, 3) if llama_tps else None,
-        "llama_cpp_error": llama.get("error"),
+        "llama_cpp_error": None if paired else llama_error,
+        "side_by_side": paired,
         "plain_generate_fp32_tokens_per_s": round(reference, 3) if reference else None,
         "server_single_stream_tokens_per_s": round(single, 3),
-        "server_vs_llama_cpp": round(single / llama_tps, 3) if llama_tps else None,
+        "server_vs_llama_cpp": round(paired["ratio"], 3) if paired else None,
         "server_vs_plain": round(single / reference, 3) if reference else None,
         "overhead_by_method": {m: round(r["overhead"], 4) for m, r in singles.items()},
         "concurrency": conc,
