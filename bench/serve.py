@@ -142,6 +142,7 @@ async def side_by_side(url: str, llama: LlamaCpp, tokens: int, rounds: int) -> d
     the two runs of a round see the same state of the shared machine."""
     ours, theirs = [], []
     async with httpx.AsyncClient(timeout=600) as client:
+        await stream_one(client, url, None, PROMPTS[0], tokens)  # warm-up (a fresh server)
         for i in range(rounds):
             if i % 2:
                 theirs.append(llama.rate())

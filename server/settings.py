@@ -52,6 +52,9 @@ class Settings(BaseSettings):
                                           "requests may finish before the rest get 503 "
                                           "(default: request_timeout_s)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 / 503")
+    event_loop_nice: int = Field(10, ge=0, le=19, description="on CPU, the HTTP event loop "
+                                 "thread's niceness once the engine runs (0: leave it), so the "
+                                 "decode step's matmul threads win the cores (docs/engine.md)")
 
     # Input hardening (4xx beyond these; see server/security/hardening.py).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (413)")

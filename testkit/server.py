@@ -73,6 +73,14 @@ class ServerProcess:
                 return int(line.split()[1])
         return 0
 
+    def thread_niceness(self) -> dict[int, int]:
+        """Each thread's niceness (Linux /proc), by thread id; the main thread's id is the pid."""
+        out = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = int(fields[16])  # field 19 of stat: nice
+        return out
+
     def stop(self, timeout_s: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -677,3 +677,27 @@ def test_templating_and_tokenization_run_off_the_event_loop(client, tokenizer_ca
     kinds = {name for name, _ in tokenizer_calls}
     assert kinds == {"__call__", "apply_chat_template"}
     assert not any(on_loop for _, on_loop in tokenizer_calls), tokenizer_calls
+
+
+def test_yield_cores_lowers_only_the_calling_threads_priority():
+    import os
+    import threading
+
+    from server.app import yield_cores_to_the_engine
+
+    if not hasattr(os, "setpriority"):
+        pytest.skip("no per-thread priorities here")
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def loop_thread():
+        yield_cores_to_the_engine(7)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        yield_cores_to_the_engine(0)  # 0: leave it as it is
+        seen["zero"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=loop_thread)
+    t.start()
+    t.join()
+    assert seen["after"] == max(7, main_before) and seen["zero"] == seen["after"]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before

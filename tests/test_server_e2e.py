@@ -17,7 +17,12 @@ START_TIMEOUT_S = 1200  # model load takes seconds; a first start also extracts 
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(server_process):
+    return server_process.url
+
+
+@pytest.fixture(scope="module")
+def server_process(tmp_path_factory):
     from conftest import real_model_enabled
 
     if not real_model_enabled():
@@ -31,7 +36,7 @@ def server(tmp_path_factory):
             proc.wait_ready(START_TIMEOUT_S)
         except RuntimeError as exc:
             pytest.fail(str(exc))
-        yield proc.url
+        yield proc
     finally:
         proc.stop()
 
@@ -146,6 +151,14 @@ def test_no_refusal_preset_does_not_raise_refusal_on_benign_prompts(client, mode
 
     base, steered = refused(model), refused(f"{model}+no-refusal")
     assert steered <= base + 2, f"benign refusals {base}/{len(prompts)} -> {steered}"
+
+
+def test_the_event_loop_thread_yields_the_cores_to_the_engine(server_process, client, model):
+    ask(client, model, "Say hello.", max_tokens=2)  # the engine's matmul threads exist now
+    nice = server_process.thread_niceness()
+    pid = server_process.proc.pid
+    assert nice[pid] == 10, nice  # the main thread runs the event loop (STEER_EVENT_LOOP_NICE)
+    assert sum(n == 0 for tid, n in nice.items() if tid != pid) >= 2, nice  # engine + OpenMP
 
 
 def test_public_answers_hold_no_internals_and_state_effects(server):
