@@ -157,8 +157,11 @@ def test_the_event_loop_thread_yields_the_cores_to_the_engine(server_process, cl
     ask(client, model, "Say hello.", max_tokens=2)  # the engine's matmul threads exist now
     nice = server_process.thread_niceness()
     pid = server_process.proc.pid
-    assert nice[pid] == 10, nice  # the main thread runs the event loop (STEER_EVENT_LOOP_NICE)
-    assert sum(n == 0 for tid, n in nice.items() if tid != pid) >= 2, nice  # engine + OpenMP
+    # The server inherits this process's niceness (in-process app tests may have raised it).
+    base = min(nice.values())
+    assert nice[pid] == max(10, base), nice  # the main thread runs the event loop
+    if base < 10:
+        assert sum(n == base for tid, n in nice.items() if tid != pid) >= 2, nice  # engine, OMP
 
 
 def test_public_answers_hold_no_internals_and_state_effects(server):
