@@ -6,8 +6,8 @@ server's noise). One run prints a table and one JSON line.
 The embedded model (its default pack) runs one decode step (T = 1, a ~40-token KV cache, cropped
 back after each step) for each row below, round-robin in a rotating order, `--steps` times; the
 table gives each row's median step time and its ratio to the unsteered step. Round-robin
-interleaving spreads the shared machine's drift over every row alike; the server-level figure (`bench/serve.py`) adds the
-engine's per-token work, which is the same steered or not. Target (issue 11): ≤ 3% per method.
+interleaving spreads the shared machine's drift over every row alike; the server-level figure
+(`bench/serve.py`) adds the engine's per-token work, which is the same steered or not. Target (issue 11): ≤ 3% per method.
 """
 
 from __future__ import annotations

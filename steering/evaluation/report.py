@@ -354,9 +354,7 @@ def inlp_zero_position(pack: SteeringPack) -> dict | None:
         return None
     layer = pack.inlp_default_layers[0]
     q = pack.inlp[layer].directions.double()
-    p = pack._pos_index(None)
-    mu_h, mu_l = pack.mean_harmful[layer, p].double(), pack.mean_harmless[layer, p].double()
-    t = -(q @ mu_l) / (q @ (mu_h - mu_l))
+    t = -(q @ pack.harmless_mean(layer).double()) / (q @ pack.dim(layer).double())
     return {"layer": layer, "positions": [round(float(x), 3) for x in t]}
 
 
