@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import steering.interventions.hooks as hooks_module
 from steering import SteeringSpec, build_row
 from steering.interventions.activations import encode_chats, last_logits
 from steering.interventions.generate import generate
@@ -123,3 +124,30 @@ def test_remove_detaches_every_hook():
         assert not torch.allclose(plain, steered)
         hooks.remove()
         assert torch.equal(lm.model(**enc).logits, plain)
+
+
+def test_plain_projection_path_covers_both_writers_and_equals_the_general_path(tiny_lm, rows):
+    """Ablation at strength 1 takes the hooks' short path at every write into the stream —
+    the attention's output (first in a tuple) and the MLP's — and it computes exactly what the
+    general kernel path computes."""
+    ablate = next(r for r in rows if r.spec.method == "ablate")
+    hooks, enc = tiny_lm.hooks, encode_chats(tiny_lm, PROMPTS[:2])
+    calls = []
+    original = hooks_module.project_out
+
+    def counting(x, q):
+        calls.append(x.shape)
+        return original(x, q)
+
+    with torch.no_grad():
+        hooks.set_rows([ablate, ablate])
+        try:
+            hooks_module.project_out = counting
+            short = tiny_lm.model(**enc, use_cache=False).logits
+        finally:
+            hooks_module.project_out = original
+        assert len(calls) == 2 * tiny_lm.hooks.layout.n_layers
+        hooks._plain = {}  # the same rows through the general path
+        general = tiny_lm.model(**enc, use_cache=False).logits
+        hooks.set_rows(None)
+    assert torch.equal(short, general)

@@ -183,9 +183,13 @@ class SteeringHooks:
     def _output_hook(self, site: Site):
         def hook(module, args, output):
             q = self._plain.get(site)  # the common case (ablation), with the least Python
-            if (q is not None and isinstance(output, torch.Tensor)
-                    and output.dtype == torch.float32 and output.shape[0] == q.shape[0]):
-                return project_out(output, q)
+            if q is not None:
+                # A writer returns its output alone (an MLP) or first in a tuple (attention).
+                y = output[0] if isinstance(output, tuple) else output
+                if (isinstance(y, torch.Tensor) and y.dtype == torch.float32
+                        and y.shape[0] == q.shape[0]):
+                    y = project_out(y, q)
+                    return (y, *output[1:]) if isinstance(output, tuple) else y
             passes = self._passes.get(site)
             if passes is None:
                 return None
