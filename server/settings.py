@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float | None = Field(None, gt=0, description="on SIGTERM, how long running "
                                           "requests may finish before the rest get 503 "
                                           "(default: request_timeout_s)")
+    prefix_cache: int = Field(16, ge=0, description="chat-template openings kept per steering "
+                              "of the prompt (0: off; docs/engine.md, server/engine/prefix.py)")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429 / 503")
     event_loop_nice: int = Field(10, ge=0, le=19, description="on CPU, the HTTP event loop "
                                  "thread's niceness once the engine runs (0: leave it), so the "

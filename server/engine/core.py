@@ -45,6 +45,7 @@ from transformers import DynamicCache
 from server.engine.attention import use_row_exact_attention
 from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
+from server.engine.prefix import PrefixCache, prompt_edits_key, template_opening
 from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
@@ -159,8 +160,12 @@ class _Slot:
 class Engine:
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
                  request_timeout_s: float = 600.0, prefill_chunk: int = 512,
-                 tune_threads: bool = False):
+                 tune_threads: bool = False, prefix_cache: int = 16):
         self.lm = lm
+        # The chat template's opening is prefilled as a chunk of its own and its keys/values
+        # kept per steering of the prompt (prefix.py); `prefix_cache` entries, 0: no split.
+        self.prefixes = (PrefixCache(template_opening(lm.tokenizer), prefix_cache)
+                         if prefix_cache > 0 else None)
         # Opt-in: intra-op threads chosen by measuring decode steps (threads.py); CPU only. Off
         # by default: fp32 (MKL) matmuls may round differently at another thread count, so a
         # switch between steps could change a row's last bits.
@@ -191,7 +196,7 @@ class Engine:
     async def start(self) -> None:
         if self._thread is not None:
             return
-        self._accepting = True
+        self._accepting, self._stopping = True, False  # a shut-down engine may start again
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -336,9 +341,19 @@ class Engine:
             slot.prefill_cache = new_cache()
             slot.gate = ConditionGate.open(slot.request.steering, len(ids))
         start, end = slot.prefilled, min(len(ids), slot.prefilled + self.prefill_chunk)
+        gate = slot.gate  # undecided conditions: prefill unsteered and capture their residuals
+        opening = self.prefixes.boundary(ids) if self.prefixes is not None else None
+        key = None
+        if opening is not None and start < opening < end:
+            end = opening  # the opening is always a chunk of its own (prefix.py)
+            if start == 0 and not (gate and gate.reads_before(opening)):
+                key = prompt_edits_key(None if gate else slot.request.steering)
+                cached = self.prefixes.restore(key)
+                if cached is not None:
+                    slot.prefill_cache, slot.prefilled = cached, opening
+                    return 0
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
-        gate = slot.gate  # undecided conditions: prefill unsteered and capture their residuals
         self.lm.hooks.set_rows(None if gate else [slot.request.steering], [len(ids)])
         with gate.capture(self.lm, start, end) if gate else nullcontext():
             out = self.lm.model(
@@ -347,6 +362,8 @@ class Engine:
                 position_ids=torch.arange(start, end, device=device)[None],
                 cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
         slot.prefilled = end
+        if key is not None:
+            self.prefixes.store(key, slot.prefill_cache)
         if end == len(ids) and gate is not None:
             slot.gate = None
             slot.request.steering, redo = gate.decide()

@@ -109,6 +109,10 @@ class ConditionGate:
         assert cond is not None
         return cond.layer, max(0, self.prompt_length + cond.position)
 
+    def reads_before(self, position: int) -> bool:
+        """Some pending condition reads a prompt position before `position`."""
+        return any(self._where(self.steering.parts[j])[1] < position for j in self._pending)
+
     @contextmanager
     def capture(self, lm: LoadedModel, start: int, end: int) -> Iterator[None]:
         """Record, during an unsteered forward over prompt positions [start, end), the residual
