@@ -153,6 +153,36 @@ def test_no_refusal_preset_does_not_raise_refusal_on_benign_prompts(client, mode
     assert steered <= base + 2, f"benign refusals {base}/{len(prompts)} -> {steered}"
 
 
+def _metric(server, name):
+    import httpx
+
+    for line in httpx.get(f"{server}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_the_template_opening_is_cached_per_steering(server, client, model):
+    """The chat template's opening is computed once per steering of the prompt: a second
+    ablated request (another prompt) reuses the first one's, and answers exactly as it did
+    before the entry existed."""
+    steer = {"steering": {"method": "ablate", "strength": 0.75}}  # a strength no other test uses
+    prompts = ["Name three colours of the rainbow.", "Name three primary colours."]
+    misses, hits = (_metric(server, "steer_prefix_cache_misses"),
+                    _metric(server, "steer_prefix_cache_hits"))
+    first = [ask(client, model, p, max_tokens=12, logprobs=True, extra_body=steer)
+             for p in prompts]
+    assert _metric(server, "steer_prefix_cache_misses") == misses + 1
+    assert _metric(server, "steer_prefix_cache_hits") == hits + 1
+    again = [ask(client, model, p, max_tokens=12, logprobs=True, extra_body=steer)
+             for p in prompts]
+    assert _metric(server, "steer_prefix_cache_hits") == hits + 3
+    for a, b in zip(first, again, strict=True):
+        assert a.choices[0].message.content == b.choices[0].message.content
+        assert ([t.logprob for t in a.choices[0].logprobs.content]
+                == [t.logprob for t in b.choices[0].logprobs.content])
+
+
 def test_the_event_loop_thread_yields_the_cores_to_the_engine(server_process, client, model):
     ask(client, model, "Say hello.", max_tokens=2)  # the engine's matmul threads exist now
     nice = server_process.thread_niceness()

@@ -24,7 +24,7 @@ The serving layer uses only:
         ...
     handle.cancel()                            # frees the slot at the next step
     await engine.shutdown()                    # stop admitting, finish running, stop the loop
-    engine.stats()                             # {"running": int, "waiting": int}
+    engine.stats()                             # {"running": int, "waiting": int, prefix cache}
 """
 
 from __future__ import annotations
@@ -241,7 +241,11 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
         running = len(self._rows) + (1 if self._prefilling is not None else 0)
-        return {"running": running, "waiting": waiting}
+        out = {"running": running, "waiting": waiting}
+        if self.prefixes is not None:
+            out["prefix_cache_hits"] = self.prefixes.hits
+            out["prefix_cache_misses"] = self.prefixes.misses
+        return out
 
     # ---- the loop -------------------------------------------------------------------------------
 

@@ -47,12 +47,19 @@ class Metrics:
         self.running = Gauge("steer_requests_running", "Generations decoding now", registry=r)
         self.waiting = Gauge("steer_requests_waiting", "Generations waiting in the queue",
                              registry=r)
+        self.prefix_hits = Gauge("steer_prefix_cache_hits", "Prefills whose chat-template "
+                                 "opening came from the prefix cache, since start", registry=r)
+        self.prefix_misses = Gauge("steer_prefix_cache_misses", "Prefills that computed the "
+                                   "chat-template opening, since start", registry=r)
         self._stats: Callable[[], dict] | None = None
         self.running.set_function(lambda: self._stat("running"))
         self.waiting.set_function(lambda: self._stat("waiting"))
+        self.prefix_hits.set_function(lambda: self._stat("prefix_cache_hits"))
+        self.prefix_misses.set_function(lambda: self._stat("prefix_cache_misses"))
 
     def bind_stats(self, stats: Callable[[], dict] | None) -> None:
-        """Read the running / waiting gauges from `stats()` (the engine's) at scrape time."""
+        """Read the engine's gauges (running, waiting, prefix cache) from `stats()` at scrape
+        time."""
         self._stats = stats
 
     def _stat(self, key: str) -> float:
