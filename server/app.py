@@ -81,7 +81,7 @@ async def start_engine(state: ServerState) -> None:
     if state.lm.device.type == "cpu":
         yield_cores_to_the_engine(s.event_loop_nice)
     state.engine = engine
-    state.metrics.bind_stats(engine.stats)
+    state.metrics.bind_stats(lambda: {**engine.stats(), **engine.prefix_stats()})
     state.ready = True
     log.info("ready: serving %s with packs %s and presets %s", state.served_name,
              sorted(state.packs), sorted(state.presets))

@@ -24,7 +24,7 @@ The serving layer uses only:
         ...
     handle.cancel()                            # frees the slot at the next step
     await engine.shutdown()                    # stop admitting, finish running, stop the loop
-    engine.stats()                             # {"running": int, "waiting": int, prefix cache}
+    engine.stats()                             # {"running": int, "waiting": int}
 """
 
 from __future__ import annotations
@@ -241,11 +241,12 @@ class Engine:
         with self._lock:
             waiting = len(self._waiting)
         running = len(self._rows) + (1 if self._prefilling is not None else 0)
-        out = {"running": running, "waiting": waiting}
-        if self.prefixes is not None:
-            out["prefix_cache_hits"] = self.prefixes.hits
-            out["prefix_cache_misses"] = self.prefixes.misses
-        return out
+        return {"running": running, "waiting": waiting}
+
+    def prefix_stats(self) -> dict[str, int]:
+        """Prefills that reused / computed the template's opening since start (prefix.py)."""
+        p = self.prefixes
+        return {"prefix_cache_hits": p.hits if p else 0, "prefix_cache_misses": p.misses if p else 0}
 
     # ---- the loop -------------------------------------------------------------------------------
 
