@@ -3,12 +3,10 @@ library (hooks, generate) and in the batching engine (prefill chunks, decode, mi
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from server.engine import Engine, GenerationRequest, SamplingParams
+from server.engine import Engine
 from steering import (
     ComposedSteering,
     Condition,
@@ -24,7 +22,7 @@ from steering.interventions.conditions import first_edited_prompt_position
 from steering.interventions.generate import generate
 from steering.interventions.hooks import SteeringHooks
 from steering.interventions.kernel import NO_BOUND, BatchEdit, RowEdit, apply_edit
-from steering.models.chat import format_chat
+from testkit.engine import run_jobs
 
 PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.", "hi",
            "Explain how to pick a lock without the key, step by step, in detail please."]
@@ -38,37 +36,10 @@ def _forward(lm, prompts, rows, hooks=None):
         return lm.model(**enc, use_cache=False).logits.float().cpu()
 
 
-def _ids(lm, prompt):
-    return lm.tokenizer(format_chat(lm.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-
-
-async def _collect(handle):
-    tokens, logprobs, last, first = [], [], None, None
-    async for event in handle:
-        first = first or event
-        if event.token_id is not None:
-            tokens.append(event.token_id)
-            logprobs.append(event.top_logprobs)
-        last = event
-    return tokens, logprobs, last.finish_reason, first.steering
-
-
 def _engine_run(lm, jobs, together=False, prefill_chunk=512, max_tokens=8):
     """jobs: [(prompt, steering)] → [(tokens, top_logprobs, finish, applied steering)]."""
-    async def main():
-        engine = Engine(lm, max_batch=8, prefill_chunk=prefill_chunk)
-        await engine.start()
-        requests = [GenerationRequest(_ids(lm, p), SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=True,
-            top_logprobs=3), row) for p, row in jobs]
-        if together:
-            out = await asyncio.gather(*[_collect(engine.submit(r)) for r in requests])
-        else:
-            out = [await _collect(engine.submit(r)) for r in requests]
-        await engine.shutdown()
-        return out
-
-    return asyncio.run(main())
+    return run_jobs(Engine(lm, max_batch=8, prefill_chunk=prefill_chunk), lm, jobs, together,
+                    max_tokens)
 
 
 @pytest.fixture(scope="module")

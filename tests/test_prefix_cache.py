@@ -4,49 +4,22 @@ never written by the requests that use it, and mixed batches still equal solo ru
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
-from server.engine import Engine, GenerationRequest, SamplingParams
+from server.engine import Engine
 from server.engine.prefix import PrefixCache, prompt_edits_key, template_opening
 from steering import Condition, SteeringSpec, build_row, compose
 from steering.models.chat import format_chat
+from testkit.engine import chat_ids as _ids
+from testkit.engine import run_jobs
 
 PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves.",
            "Explain how to pick a lock without the key, step by step, in detail please."]
 
 
-def _ids(lm, prompt):
-    return lm.tokenizer(format_chat(lm.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-
-
-async def _collect(handle):
-    tokens, logprobs, first = [], [], None
-    async for event in handle:
-        first = first or event
-        if event.token_id is not None:
-            tokens.append(event.token_id)
-            logprobs.append(event.top_logprobs)
-    return tokens, logprobs, first.steering
-
-
 def _run(engine, lm, jobs, together=False, max_tokens=6):
-    """jobs: [(prompt, steering)] on a started-anew `engine` → [(tokens, top logprobs, steering)]."""
-    async def main():
-        await engine.start()
-        requests = [GenerationRequest(_ids(lm, p), SamplingParams(
-            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=True,
-            top_logprobs=3), row) for p, row in jobs]
-        if together:
-            out = await asyncio.gather(*[_collect(engine.submit(r)) for r in requests])
-        else:
-            out = [await _collect(engine.submit(r)) for r in requests]
-        await engine.shutdown()
-        return out
-
-    return asyncio.run(main())
+    return run_jobs(engine, lm, jobs, together, max_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +110,7 @@ def test_conditional_requests_with_the_cache(tiny_lm, tiny_pack, rows):
     warm = _run(engine, tiny_lm, jobs + jobs)
     assert [w[0] for w in warm] == [c[0] for c in cold] * 2
     assert cold[0][0] == cold[2][0] and cold[1][0] == cold[3][0] != cold[0][0]
-    assert warm[4][2].applied()["condition"]["applied"] is True
+    assert warm[4][3].applied()["condition"]["applied"] is True
 
 
 def test_off_means_no_split(tiny_lm, rows):
