@@ -16,10 +16,10 @@ PROMPTS = ["Tell me a joke.", "How do I bake bread at home with little equipment
 
 def test_the_shared_prefix_is_the_template_opening(tiny_lm):
     ids = [encode_chats(tiny_lm, [p])["input_ids"][0].tolist() for p in PROMPTS]
-    n = judge_module._shared_prefix(ids, keep=5)
+    n = judge_module.shared_prefix_length(ids, keep=5)
     assert n > 0 and all(x[:n] == ids[0][:n] for x in ids)
     assert all(len(x) - n >= 5 for x in ids)
-    assert judge_module._shared_prefix(ids[:1], keep=1) == 0  # one prompt: nothing to share
+    assert judge_module.shared_prefix_length(ids[:1], keep=1) == 0  # one prompt: nothing to share
 
 
 def test_prefix_sharing_matches_full_forwards(tiny_lm, tiny_pack, monkeypatch):
@@ -31,7 +31,7 @@ def test_prefix_sharing_matches_full_forwards(tiny_lm, tiny_pack, monkeypatch):
     try:
         shared = judge(tiny_lm, PROMPTS, rows, n_tokens=4, batch_size=3, capture=3)
         widest, embedded[:] = max(embedded), []
-        monkeypatch.setattr(judge_module, "_shared_prefix", lambda ids, keep: 0)
+        monkeypatch.setattr(judge_module, "shared_prefix_length", lambda ids, keep: 0)
         full = judge(tiny_lm, PROMPTS, rows, n_tokens=4, batch_size=3, capture=3)
         assert widest < max(embedded)
     finally:

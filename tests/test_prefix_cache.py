@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from server.engine import Engine
-from server.engine.prefix import PrefixCache, prompt_edits_key, template_opening
+from server.engine.prefix import PrefixCache, prompt_edits_key
 from steering import Condition, SteeringSpec, build_row, compose
-from steering.models.chat import format_chat
+from steering.models.chat import format_chat, template_opening
 from testkit.engine import chat_ids as _ids
 from testkit.engine import run_jobs
 

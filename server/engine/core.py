@@ -45,11 +45,12 @@ from transformers import DynamicCache
 from server.engine.attention import use_row_exact_attention
 from server.engine.detok import Detokenizer
 from server.engine.kv import new_cache, select_row
-from server.engine.prefix import PrefixCache, prompt_edits_key, template_opening
+from server.engine.prefix import PrefixCache, prompt_edits_key
 from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.methods import Steering
+from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,8 @@ attention computes exactly what it computes on the concatenated tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -68,13 +70,19 @@ def new_cache() -> DynamicCache:
     return cache
 
 
+def cache_of(layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache over these (keys, values) per layer that never writes into them: a layer's first
+    append copies into a buffer of its own (`GrowingLayer._owns` is false for a foreign tensor)."""
+    cache = new_cache()
+    for keys, values in layers:
+        layer = GrowingLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
 def select_row(cache: DynamicCache, i: int) -> DynamicCache:
     """Row i of `cache` as a cache of its own that shares no buffer with it (a trial forward on
     it never writes into the batch's buffers)."""
-    solo = new_cache()
-    for layer in cache.layers:
-        row = GrowingLayer()
-        row.lazy_initialization(layer.keys, layer.values)
-        row.keys, row.values = layer.keys[i:i + 1], layer.values[i:i + 1]
-        solo.layers.append(row)
-    return solo
+    return cache_of((layer.keys[i:i + 1], layer.values[i:i + 1]) for layer in cache.layers)

@@ -40,6 +40,29 @@ def post_instruction_length(tokenizer) -> int:
     return max(n, 1)
 
 
+def shared_prefix_length(ids: Sequence[Sequence[int]], keep: int) -> int:
+    """Length of the token prefix all prompts share, leaving at least `keep` tokens of each."""
+    if len(ids) < 2:
+        return 0
+    n = min(len(x) for x in ids) - keep
+    head = list(ids[0])
+    for x in ids[1:]:
+        while n > 0 and list(x[:n]) != head[:n]:
+            n -= 1
+    return max(n, 0)
+
+
+_PROBES = ("a", "Z?", "1 2", "\u00bfqu\u00e9?")  # user messages with nothing in common
+
+
+def template_opening(tokenizer) -> list[int]:
+    """The tokens every single-message chat prompt starts with: the template's opening (for Qwen
+    its default system turn and the user header)."""
+    ids = [tokenizer(format_chat(tokenizer, p), add_special_tokens=False)["input_ids"]
+           for p in _PROBES]
+    return ids[0][: shared_prefix_length(ids, keep=1)]
+
+
 def template_hash(tokenizer) -> str:
     format_chat(tokenizer, "x")  # installs the fallback where the tokenizer has none
     return hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16]

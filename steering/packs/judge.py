@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from steering.evaluation.refusal import is_refusal
 from steering.interventions.methods import RowSteering
-from steering.models.chat import format_chat
+from steering.models.chat import format_chat, shared_prefix_length
 from steering.models.loading import LoadedModel
 
 JUDGE_TOKENS = 5
@@ -60,7 +60,7 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
         raise ValueError("need one steering row (or None) per prompt")
     texts_in = [format_chat(lm.tokenizer, p) for p in prompts]
     ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts_in]
-    shared = _shared_prefix(ids, keep=max(capture, 1))
+    shared = shared_prefix_length(ids, keep=max(capture, 1))
     prefixes = _PrefixCache(lm, ids[0][:shared]) if shared else None
     order = sorted(range(n), key=lambda i: len(ids[i]))
     refused: list[bool] = [False] * n
@@ -117,18 +117,6 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
         for h in handles:
             h.remove()
     return Judged(refused, first, texts, residuals)
-
-
-def _shared_prefix(ids: list[list[int]], keep: int) -> int:
-    """Length of the token prefix all prompts share, leaving at least `keep` tokens of each."""
-    if len(ids) < 2:
-        return 0
-    n = min(len(x) for x in ids) - keep
-    head = ids[0]
-    for x in ids[1:]:
-        while n > 0 and x[:n] != head[:n]:
-            n -= 1
-    return max(n, 0)
 
 
 def _layout(ids: list[list[int]], shared: int, pad: int, device: torch.device) -> dict:
