@@ -26,52 +26,41 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from steering.interventions.schema import ConditionObject, SteeringObject
+
 Messages = str | Sequence[dict[str, Any]]
 
 
-@dataclass
-class Condition:
+class Condition(ConditionObject):
     """`when`: apply the steering only if the prompt's score on a pack's DiM axis (harmless mean
-    0, harmful mean 1) is above or below a threshold. Give exactly one of `above`, `below`."""
-
-    above: float | None = None
-    below: float | None = None
-    pack: str | None = None
-    layer: int | None = None
+    0, harmful mean 1) is above or below a threshold. Give exactly one of `above`, `below`.
+    (The server's own schema, `steering.interventions.schema`.)"""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return self.model_dump(exclude_none=True)
 
 
-@dataclass
-class Steering:
-    """The `steering` object of a request; fields left as None take the server's defaults.
+class Steering(SteeringObject):
+    """The `steering` object of a request (the server's own schema, so a typo fails here);
+    fields left unset take the server's defaults: `Steering("actadd", strength=2)`.
 
     `apply_to`: "all", "prompt" or "generation"; `generation_window`: [start, end) of generated
-    tokens (end may be None); `when`: a `Condition`. A request may carry a list of these."""
+    tokens (end may be None); `when`: a `Condition` (or a dict). A request may carry a list."""
 
-    method: str = "none"
-    strength: float | None = None
-    k: int | None = None
-    layers: list[int] | None = None
-    pack: str | None = None
-    apply_to: str | None = None
-    generation_window: list[int | None] | None = None
-    when: Condition | dict[str, Any] | None = None
+    def __init__(self, method: str | None = None, /, **fields: Any):
+        fields = {k: v for k, v in fields.items() if v is not None}  # None: the server's default
+        if method is not None:
+            fields["method"] = method
+        super().__init__(**fields)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "when"}
-        if self.generation_window is not None:
-            out["generation_window"] = list(self.generation_window)
-        if self.when is not None:
-            out["when"] = (self.when.to_dict() if isinstance(self.when, Condition)
-                           else dict(self.when))
-        return out
+        return {"method": self.method,
+                **self.model_dump(exclude_unset=True, exclude_none=True, exclude={"method"})}
 
 
 SteeringLike = Steering | dict[str, Any] | Sequence[Steering | dict[str, Any]]

@@ -28,8 +28,7 @@ from pydantic import (
 
 from server.api.errors import API_ERROR, api_error, loc_param, unsupported
 from server.engine import SamplingParams
-from steering.interventions.catalog import CONTROLS
-from steering.interventions.methods import Condition, SteeringSpec
+from steering.interventions.schema import ConditionObject, SteeringObject
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -52,42 +51,9 @@ class Strict(BaseModel):
 MAX_STEERING_OBJECTS = 8  # in one request's list
 
 
-class ConditionParams(Strict):
-    """`when`: apply the steering object only if the prompt's score is above / below a
-    threshold (the library checks that exactly one is given)."""
-
-    pack: str | None = Field(None, description="pack whose DiM axis scores the prompt "
-                                               "(default: the steering object's pack)")
-    layer: int | None = Field(None, description="layer read (default: the pack's)")
-    above: float | None = None
-    below: float | None = None
-
-    def to_condition(self) -> Condition:
-        return Condition(pack=self.pack, layer=self.layer, above=self.above, below=self.below)
-
-
-class SteeringParams(Strict):
-    """The intervention for this request. Omitted fields take the method's defaults."""
-
-    method: str = Field("none", description="none, actadd, ablate, ace, inlp_null, inlp_flip, inlp_reflect")
-    strength: float = Field(1.0, description="scale of the edit; bounds are configured")
-    k: int | None = Field(None, description="leading INLP directions (INLP methods only)")
-    layers: list[int] | None = Field(None, description="layers to edit (default: the method's)")
-    pack: str | None = Field(None, description="pack name (default: the model's pack)")
-    apply_to: Literal["all", "prompt", "generation"] | None = Field(
-        None, description=CONTROLS["apply_to"])
-    generation_window: list[int | None] | None = Field(
-        None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
-    when: ConditionParams | None = Field(None, description=CONTROLS["when"])
-
-    def to_spec(self, pack: str | None) -> SteeringSpec:
-        """The library's spec; `pack` is the pack it runs on (this object's, or the default)."""
-        window = self.generation_window
-        return SteeringSpec(method=self.method, strength=float(self.strength), k=self.k,
-                            layers=tuple(self.layers) if self.layers is not None else None,
-                            pack=pack, apply_to=self.apply_to,
-                            generation_window=tuple(window) if window is not None else None,
-                            when=self.when.to_condition() if self.when is not None else None)
+# The steering object's schema is the library's, shared with the clients.
+ConditionParams = ConditionObject
+SteeringParams = SteeringObject
 
 
 SteeringValue = SteeringParams | list[SteeringParams]

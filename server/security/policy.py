@@ -3,7 +3,8 @@
 A policy is checked against the *resolved* steering (after a preset is expanded and the body's
 `steering` merged in), so a preset cannot lend a key a method it may not use. It speaks in the
 direction of effect: a request that *lowers* refusal needs an explicit grant (`lower_refusal:
-true`); without it a key may only keep or raise refusal. Per method, which strengths do what:
+true`); without it a key may only keep or raise refusal. Per method, which strengths do what
+(each method's record in `steering.interventions.catalog` states it; this table is its reading):
 
     method      raises refusal    lowers refusal          without the grant
     none        —                 —                       allowed
@@ -39,40 +40,37 @@ from fastapi import Request
 from server.api.errors import APIError
 from server.api.protocol import Applied, AppliedSteering
 from server.context import request_context
+from steering.interventions.catalog import REGISTRY
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
           "tokens_per_minute", "lower_refusal", "strength")
-LOWERING_METHODS = ("ablate", "inlp_null", "inlp_flip", "inlp_reflect")
-# Without the `lower_refusal` grant: the strengths that keep or raise refusal (lo, hi).
-SAFE_STRENGTH = {"actadd": (0.0, None), "ace": (1.0, None)}
-EFFECTS = {  # what /v1/steering/methods states per method
-    "none": {"raises_refusal": None, "lowers_refusal": None},
-    "actadd": {"raises_refusal": "strength > 0", "lowers_refusal": "strength < 0"},
-    "ace": {"raises_refusal": "strength > 1", "lowers_refusal": "strength < 1"},
-    "ablate": {"raises_refusal": None, "lowers_refusal": "any strength"},
-    "inlp_null": {"raises_refusal": None, "lowers_refusal": "any strength"},
-    "inlp_flip": {"raises_refusal": None, "lowers_refusal": "any strength"},
-    # two-sided: every activation changes side, so harmful prompts lose refusal too
-    "inlp_reflect": {"raises_refusal": "on harmless prompts",
-                     "lowers_refusal": "on harmful prompts, any strength"},
-}
+# The refusal-lowering methods and strengths come from each method's record
+# (steering.interventions.catalog: `lowers`, `raises`).
+LOWERING_METHODS = tuple(m.name for m in REGISTRY.values()
+                         if m.lowers is not None and m.lowers.everything)
 
 
 def lowers_refusal(method: str, strength: float) -> bool:
     """Whether steering with `method` at `strength` pushes the model away from refusing."""
-    if method in LOWERING_METHODS:
-        return True
-    lo, _ = SAFE_STRENGTH.get(method, (None, None))
-    return lo is not None and strength < lo
+    return method in REGISTRY and REGISTRY[method].lowers_refusal(strength)
+
+
+def _safe_floor(method: str) -> float | None:
+    """The least strength a key without the grant may use (None: no floor or never)."""
+    bounds = REGISTRY[method].strength_without_grant if method in REGISTRY else None
+    return bounds[0] if bounds else None
 
 
 def effect(method: str) -> dict:
     """The method's direction of effect and the strengths a key without the grant may use."""
-    lo, hi = SAFE_STRENGTH.get(method, (None, None))
-    return {**EFFECTS.get(method, {}), "requires_grant": method in LOWERING_METHODS,
-            "strength_without_grant": None if method in LOWERING_METHODS else
-            {"min": lo, "max": hi}}
+    m = REGISTRY[method]
+    bounds = m.strength_without_grant
+    return {"raises_refusal": m.raises.describe() if m.raises else None,
+            "lowers_refusal": m.lowers.describe() if m.lowers else None,
+            "requires_grant": bounds is None,
+            "strength_without_grant": None if bounds is None else
+            {"min": bounds[0], "max": bounds[1]}}
 
 
 class PolicyError(ValueError):
@@ -183,7 +181,7 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
     if applied.method == "none":
         return
     if not policy.lower_refusal and lowers_refusal(applied.method, applied.strength):
-        lo, _ = SAFE_STRENGTH.get(applied.method, (None, None))
+        lo = _safe_floor(applied.method)
         allowed = "never" if lo is None else f"only at strength ≥ {lo:g}"
         raise _forbidden(key_id, "lower_refusal", f"{applied.method} at strength "
                          f"{applied.strength:g} lowers refusal, which needs the explicit "

@@ -42,6 +42,7 @@ from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-expo
     wilson_interval,
 )
 from steering.interventions.activations import encode_chats, with_positions
+from steering.interventions.catalog import REGISTRY
 from steering.interventions.methods import (
     INLP_METHODS,
     METHODS,
@@ -58,10 +59,7 @@ from steering.packs.format import SteeringPack
 log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
-    "actadd": (1.0,), "ablate": (1.0,), "ace": (0.0, 1.0), "inlp_null": (1.0,),
-    "inlp_flip": (1.0,),
-}
-INDUCE_METHODS = ("actadd", "ace")
+    m.name: m.eval_strengths for m in REGISTRY.values() if m.eval_strengths}
 
 
 # ---- metrics on plain tensors and strings ----------------------------------------------------
@@ -383,7 +381,7 @@ def prepare_data(lm: LoadedModel, config: EvalConfig) -> EvalData:
 
 def is_induce_setting(spec: SteeringSpec | None) -> bool:
     """actadd / ace at strength > 0 add refusal: their harmful-prompt refusal is not measured."""
-    return spec is not None and spec.method in INDUCE_METHODS and spec.strength > 0
+    return spec is not None and REGISTRY[spec.method].purpose(spec.strength) == "induce"
 
 
 def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: EvalConfig,

@@ -34,15 +34,15 @@ import torch.nn.functional as F
 
 from steering.data.prompts import load_general_text, load_instructions
 from steering.evaluation.refusal import is_refusal
+from steering.interventions.catalog import REGISTRY, eval_grid
 from steering.interventions.generate import generate
 from steering.interventions.methods import SteeringSpec, build_row
 from steering.models.chat import format_chat
 from steering.models.loading import LoadedModel, load_model
 
 # (label, method, strength): the server's defaults, ACE at both ends of its scale.
-VARIANTS = (("none", "none", 1.0), ("actadd", "actadd", 1.0), ("ablate", "ablate", 1.0),
-            ("ace s=0", "ace", 0.0), ("ace s=1", "ace", 1.0), ("inlp_null", "inlp_null", 1.0),
-            ("inlp_flip", "inlp_flip", 1.0))
+VARIANTS = (("none", "none", 1.0), *(
+    (m if len(REGISTRY[m].eval_strengths) == 1 else f"{m} s={s:g}", m, s) for m, s in eval_grid()))
 HARMFUL_TEST = "harmful_test_jbb.json"
 MAX_REFUSAL_POINTS = 5.0
 MAX_PPL_INCREASE = 0.05

@@ -1,26 +1,156 @@
-"""The method names and one-line descriptions (torch-free: the command line and clients read them).
+"""What each steering method *is*: one `Method` record per method (torch-free: the command line,
+the clients, the server's policy and schema, the evaluation grid and the report read it).
 
-The math of each method is in `steering.interventions.methods`.
+A method is this record plus its kernel parameters, the row builder registered for it in
+`steering.interventions.methods` (`@builder("name")`); the math of each is in that module's table.
+Adding a method: docs/architecture.md, "Adding a method".
+
+Effect on refusal is stated per strength range, in the papers' terms:
+
+| method | raises refusal (harmless prompts) | lowers refusal (harmful prompts) |
+|---|---|---|
+| actadd | strength > 0 | strength < 0 |
+| ace | strength > 0 (toward the harmful mean) | strength < 1 (0: the harmless mean) |
+| ablate, inlp_null, inlp_flip | never | any strength |
+| inlp_reflect | any strength | any strength |
+
+(ActAdd: h' = h + s·r, Arditi et al. 2024; ACE: h' = h − r̂r̂ᵀ(h − μ⁻) + s·‖r‖·r̂, Marshall et al.
+2024 eq. 3, so s = 0 puts the refusal coordinate at the harmless mean's and s = 1 at the harmful
+mean's.) The server's policy derives from `lowers`: a key without the refusal-lowering grant may
+use a method only at strengths outside that range.
 """
 
 from __future__ import annotations
 
-METHODS = ("none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip", "inlp_reflect")
-INLP_METHODS = ("inlp_null", "inlp_flip", "inlp_reflect")
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Strengths:
+    """The strengths s with lo < s < hi (None: unbounded on that side); `Strengths()` is all."""
+
+    lo: float | None = None
+    hi: float | None = None
+
+    def __contains__(self, s: float) -> bool:
+        return (self.lo is None or s > self.lo) and (self.hi is None or s < self.hi)
+
+    @property
+    def everything(self) -> bool:
+        return self.lo is None and self.hi is None
+
+    def describe(self) -> str:
+        if self.everything:
+            return "any strength"
+        if self.lo is None:
+            return f"strength < {self.hi:g}"
+        if self.hi is None:
+            return f"strength > {self.lo:g}"
+        return f"{self.lo:g} < strength < {self.hi:g}"
+
+    def complement(self) -> tuple[float | None, float | None] | None:
+        """The closed range [lo, hi] outside this one, if it is one interval (None: empty)."""
+        if self.everything:
+            return None
+        if self.lo is None:
+            return (self.hi, None)
+        if self.hi is None:
+            return (None, self.lo)
+        return None  # two intervals: not needed by any method
+
+
+Family = Literal["none", "dim", "affine", "inlp"]
+Layers = Literal["none", "pack", "every", "inlp"]  # default layers: the pack's, all, INLP's
+
+
+@dataclass(frozen=True)
+class Method:
+    """One steering method: everything the server, the evaluation and the clients need."""
+
+    name: str
+    family: Family
+    description: str  # one line, shown by /v1/steering/methods and the command line
+    operation: str | None  # the pack vector operation it needs (steering.packs.identity)
+    layers: Layers  # default layers
+    raises: Strengths | None  # strengths that raise refusal on harmless prompts (None: never)
+    lowers: Strengths | None  # strengths that lower refusal on harmful prompts (None: never)
+    eval_strengths: tuple[float, ...] = ()  # the evaluation grid's and the precision gate's
+    calibrated: bool = False  # extraction calibrates the strength that reaches its effect
+    uses_k: bool = False  # takes `k`, the number of leading directions
+    paper: str = ""
+
+    def purpose(self, strength: float) -> Literal["induce", "suppress", "other"]:
+        """What a setting is for: it only raises refusal (induce), only lowers it (suppress),
+        or does both or neither (other)."""
+        up = self.raises is not None and strength in self.raises
+        down = self.lowers is not None and strength in self.lowers
+        if up and not down:
+            return "induce"
+        if down and not up:
+            return "suppress"
+        return "other"
+
+    def lowers_refusal(self, strength: float) -> bool:
+        return self.lowers is not None and strength in self.lowers
+
+    @property
+    def strength_without_grant(self) -> tuple[float | None, float | None] | None:
+        """[lo, hi] a key without the refusal-lowering grant may use (None: refused)."""
+        if self.lowers is None:
+            return (None, None)
+        return self.lowers.complement()
+
+
+ALWAYS = Strengths()
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("none", "none", "the unsteered model", None, "none", None, None),
+    Method("actadd", "dim", "activation addition of the DiM vector (induces refusal at "
+           "strength > 0)", "add", "pack", raises=Strengths(lo=0.0), lowers=Strengths(hi=0.0),
+           eval_strengths=(1.0,), calibrated=True, paper="Arditi et al. 2024"),
+    Method("ablate", "dim", "directional ablation of the DiM direction at every layer "
+           "(removes refusal)", "ablate", "every", raises=None, lowers=ALWAYS,
+           eval_strengths=(1.0,), paper="Arditi et al. 2024"),
+    Method("ace", "affine", "affine concept editing: strength 0 = no refusal, 1 = refusal",
+           "affine", "pack", raises=Strengths(lo=0.0), lowers=Strengths(hi=1.0),
+           eval_strengths=(0.0, 1.0), calibrated=True, paper="Marshall et al. 2024"),
+    Method("inlp_null", "inlp", "INLP one-sided nullspace projection: coordinates on the "
+           "harmful side of the INLP directions set to zero (weaker suppression)", "inlp",
+           "inlp", raises=None, lowers=ALWAYS, eval_strengths=(1.0,), uses_k=True,
+           paper="Rocchetti & Ferrara 2026"),
+    Method("inlp_flip", "inlp", "INLP one-sided counterfactual flip (AlterRep): coordinates "
+           "on the harmful side of the INLP directions negated, the others untouched "
+           "(suppresses refusal)", "inlp", "inlp", raises=None, lowers=ALWAYS,
+           eval_strengths=(1.0,), uses_k=True,
+           paper="Rocchetti & Ferrara 2026; Ravfogel et al. 2021"),
+    Method("inlp_reflect", "inlp", "INLP two-sided reflection across the class boundary: "
+           "every activation changes side, so harmless prompts move toward refusal (geometry "
+           "studies)", "inlp", "inlp", raises=ALWAYS, lowers=ALWAYS, uses_k=True),
+)}
+
+
+def method(name: str) -> Method:
+    """The record of `name` (KeyError for an unknown one; `methods.build_row` names the field)."""
+    return REGISTRY[name]
+
+
+def methods_where(**fields) -> tuple[str, ...]:
+    """Names of the methods whose record has every given field value (`family="inlp"`)."""
+    return tuple(m.name for m in REGISTRY.values()
+                 if all(getattr(m, k) == v for k, v in fields.items()))
+
+
+METHODS = tuple(REGISTRY)
+INLP_METHODS = methods_where(uses_k=True)
+CALIBRATED_METHODS = methods_where(calibrated=True)  # actadd, ace
+DESCRIPTIONS = {m.name: m.description for m in REGISTRY.values()}
 APPLY_TO = ("all", "prompt", "generation")  # which positions a steering object edits
-DESCRIPTIONS = {
-    "none": "the unsteered model",
-    "actadd": "activation addition of the DiM vector (induces refusal at strength > 0)",
-    "ablate": "directional ablation of the DiM direction at every layer (removes refusal)",
-    "ace": "affine concept editing: strength 0 = no refusal, 1 = refusal",
-    "inlp_null": "INLP one-sided nullspace projection: coordinates on the harmful side of the "
-                 "INLP directions set to zero (weaker suppression)",
-    "inlp_flip": "INLP one-sided counterfactual flip (AlterRep): coordinates on the harmful "
-                 "side of the INLP directions negated, the others untouched (suppresses "
-                 "refusal)",
-    "inlp_reflect": "INLP two-sided reflection across the class boundary: every activation "
-                    "changes side, so harmless prompts move toward refusal (geometry studies)",
-}
+
+
+def eval_grid() -> list[tuple[str, float]]:
+    """(method, strength) of the evaluation grid and the precision gate, in registry order."""
+    return [(m.name, s) for m in REGISTRY.values() for s in m.eval_strengths]
 
 CALIBRATED = "calibrated"
 

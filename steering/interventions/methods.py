@@ -58,6 +58,7 @@ Conditional Activation Steering", use a condition vector the same way).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -67,52 +68,14 @@ from steering.interventions.catalog import (  # noqa: F401 (re-exported)
     DESCRIPTIONS,
     INLP_METHODS,
     METHODS,
+    REGISTRY,
 )
 from steering.interventions.kernel import NO_BOUND, RowEdit
+from steering.interventions.spec import Condition, SteeringError, SteeringSpec  # noqa: F401
 from steering.packs.format import SteeringPack
 
 Site = tuple[int, str]  # (layer, "input" | "attn" | "mlp")
 SITE_KINDS = ("input", "attn", "mlp")
-
-
-class SteeringError(ValueError):
-    """Settings that cannot be applied; `param` names the offending field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-    def at(self, index: int) -> SteeringError:
-        """The same error for element `index` of a steering list (`steering[1].strength`)."""
-        param = self.param or "steering"
-        head, dot, rest = param.partition(".")
-        return SteeringError(str(self), f"{head}[{index}]{dot}{rest}")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """`when`: steer only if the prompt's DiM-axis score is above (or below) a threshold."""
-
-    pack: str | None = None  # default: the steering object's pack
-    layer: int | None = None  # default: the pack's layer
-    above: float | None = None
-    below: float | None = None
-
-    def describe(self) -> dict:
-        side = {"above": self.above} if self.above is not None else {"below": self.below}
-        return {"pack": self.pack, "layer": self.layer, **side}
-
-
-@dataclass(frozen=True)
-class SteeringSpec:
-    method: str = "none"
-    strength: float = 1.0
-    k: int | None = None
-    layers: tuple[int, ...] | None = None
-    pack: str | None = None
-    apply_to: str | None = None  # "all", "prompt", "generation"; None: "all" (or "generation"
-    generation_window: tuple[int, int | None] | None = None  # with a window) [start, end)
-    when: Condition | None = None
 
 
 @dataclass(frozen=True)
@@ -208,6 +171,8 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_layers(layers: tuple[int, ...], allowed: list[int], what: str) -> None:
+    if len(set(layers)) != len(layers):
+        raise SteeringError("steering layers must not repeat a layer", "steering.layers")
     bad = [layer for layer in layers if layer not in allowed]
     if bad:
         shown = f"{allowed[0]}–{allowed[-1]}" if len(allowed) > 3 else str(allowed)
@@ -216,11 +181,92 @@ def _check_layers(layers: tuple[int, ...], allowed: list[int], what: str) -> Non
 
 
 def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]:
-    """(allowed, default) layers of `method` on `pack` (the `sites` column of the table)."""
-    if method in INLP_METHODS:
+    """(allowed, default) layers of `method` on `pack` (the record's `layers`)."""
+    if REGISTRY[method].layers == "inlp":
         return list(pack.inlp_layers), list(pack.inlp_default_layers)
     every = list(range(pack.n_layers))
-    return every, (every if method == "ablate" else [pack.layer])
+    return every, (every if REGISTRY[method].layers == "every" else [pack.layer])
+
+
+# ---- the row builders: one per method record (steering.interventions.catalog) ------------------
+
+Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], tuple[dict, SteeringSpec]]
+BUILDERS: dict[str, Builder] = {}
+
+
+def builder(name: str) -> Callable[[Builder], Builder]:
+    """Register the kernel parameters of method `name`: (spec, pack, layers) → (edits per site,
+    the spec with its defaults resolved)."""
+    def register(fn: Builder) -> Builder:
+        assert name in REGISTRY, f"{name!r} has no Method record in catalog.py"
+        BUILDERS[name] = fn
+        return fn
+    return register
+
+
+@builder("ablate")
+def _ablate(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
+    q, zeros, s = _unit(pack.dim())[:, None], torch.zeros(pack.d_model), float(spec.strength)
+    chosen, edits = set(layers), {}
+    for layer in layers:
+        # The stream entering a run of chosen layers, then every write inside it: at strength 1
+        # a block input after an ablated block is already ⟂ r̂ (§4.1's equivalence with weight
+        # orthogonalization), so projecting it again changes nothing.
+        for kind in SITE_KINDS if layer - 1 not in chosen else SITE_KINDS[1:]:
+            edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
+    return edits, spec
+
+
+@builder("actadd")
+def _actadd(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
+    d, s = pack.d_model, float(spec.strength)
+    return {(layer, "input"): RowEdit(q=torch.zeros(d, 0), c=torch.zeros(d), alpha=0.0,
+                                      v=s * pack.dim(layer)) for layer in layers}, spec
+
+
+@builder("ace")
+def _ace(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
+    """Marshall et al. 2024 eq. 3: project to the harmless mean, add s·r."""
+    edits = {}
+    for layer in layers:
+        r = pack.dim(layer)
+        r_hat = _unit(r)
+        edits[(layer, "input")] = RowEdit(q=r_hat[:, None], c=pack.harmless_mean(layer),
+                                          alpha=1.0, v=float(spec.strength) * r.norm() * r_hat)
+    return edits, spec
+
+
+def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha: float,
+          one_sided: bool, boundary: bool):
+    k_max = min(pack.inlp[layer].count for layer in layers)
+    k = spec.k if spec.k is not None else k_max
+    if not 1 <= k <= k_max:
+        raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
+                            f"got {k}", "steering.k")
+    zeros, edits = torch.zeros(pack.d_model), {}
+    for layer in layers:
+        inl = pack.inlp[layer]
+        q = inl.directions[:k].T.contiguous()  # [d, k]
+        # The reflection crosses the class boundary (the boundary point inside span(Q)); the
+        # one-sided edits are reference-free (see the module docstring).
+        c = q @ inl.boundary[:k] if boundary else zeros
+        edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros, one_sided=one_sided)
+    return edits, replace(spec, k=k)
+
+
+@builder("inlp_null")
+def _inlp_null(spec, pack, layers):
+    return _inlp(spec, pack, layers, float(spec.strength), one_sided=True, boundary=False)
+
+
+@builder("inlp_flip")
+def _inlp_flip(spec, pack, layers):
+    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, boundary=False)
+
+
+@builder("inlp_reflect")
+def _inlp_reflect(spec, pack, layers):
+    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=False, boundary=True)
 
 
 def build_row(spec: SteeringSpec, pack: SteeringPack | None,
@@ -301,56 +347,16 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     if pack is None:
         raise SteeringError(f"method {method!r} needs a steering pack, and none is loaded",
                             "steering.pack")
-    if spec.k is not None and method not in INLP_METHODS:
+    if spec.k is not None and not REGISTRY[method].uses_k:
         raise SteeringError(f"k applies to INLP methods only, not {method!r}", "steering.k")
     if spec.layers is not None and not spec.layers:
         raise SteeringError("steering layers must not be empty (omit them for the method's "
                             "default layers)", "steering.layers")
-    d = pack.d_model
-    if method in INLP_METHODS and not pack.inlp:
+    if REGISTRY[method].uses_k and not pack.inlp:
         raise SteeringError(f"pack {pack.name!r} has no INLP directions", "steering.pack")
     allowed, default = layer_choice(method, pack)
     layers = spec.layers if spec.layers is not None else tuple(default)
     _check_layers(layers, allowed, method)
-    edits: dict[Site, RowEdit] = {}
-    zeros = torch.zeros(d)
-    s = float(spec.strength)
-
-    if method == "ablate":
-        q = _unit(pack.dim())[:, None]
-        chosen = set(layers)
-        for layer in layers:
-            # The stream entering a run of chosen layers, then every write inside it: at
-            # strength 1 a block input after an ablated block is already ⟂ r̂ (§4.1's
-            # equivalence with weight orthogonalization), so projecting it again changes nothing.
-            for kind in SITE_KINDS if layer - 1 not in chosen else SITE_KINDS[1:]:
-                edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
-    elif method in ("actadd", "ace"):
-        for layer in layers:
-            r = pack.dim(layer)
-            if method == "actadd":
-                edits[(layer, "input")] = RowEdit(q=torch.zeros(d, 0), c=zeros, alpha=0.0,
-                                                  v=s * r)
-            else:  # ACE, Marshall et al. 2024 eq. 3: project to the harmless mean, add s·r
-                r_hat = _unit(r)
-                edits[(layer, "input")] = RowEdit(q=r_hat[:, None], c=pack.harmless_mean(layer),
-                                                  alpha=1.0, v=s * r.norm() * r_hat)
-    else:  # INLP
-        k_max = min(pack.inlp[layer].count for layer in layers)
-        k = spec.k if spec.k is not None else k_max
-        if not 1 <= k <= k_max:
-            raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
-                                f"got {k}", "steering.k")
-        alpha = s if method == "inlp_null" else 2.0 * s
-        one_sided = method != "inlp_reflect"
-        for layer in layers:
-            inl = pack.inlp[layer]
-            q = inl.directions[:k].T.contiguous()  # [d, k]
-            # The reflection crosses the class boundary (the boundary point inside span(Q));
-            # the one-sided edits are reference-free (see the module docstring).
-            c = q @ inl.boundary[:k] if method == "inlp_reflect" else zeros
-            edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros,
-                                              one_sided=one_sided)
-        spec = replace(spec, k=k)
+    edits, spec = BUILDERS[method](spec, pack, tuple(layers))
     resolved = replace(spec, layers=tuple(sorted(set(layers))), pack=pack.name)
     return RowSteering(resolved, edits)

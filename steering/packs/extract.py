@@ -39,6 +39,7 @@ import torch
 from steering import __version__
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
 from steering.evaluation.refusal import refusal_score, refusal_token_ids
+from steering.interventions.catalog import CALIBRATED_METHODS
 from steering.interventions.methods import SteeringSpec, build_row
 from steering.models.chat import post_instruction_length, template_hash
 from steering.models.fingerprint import fingerprint
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 # Bumped whenever extraction changes what a pack contains or how it is chosen; cached packs with
 # an older version are extracted again (steering.packs.store.ensure_pack).
 EXTRACT_VERSION = 2
-INDUCE_METHODS = ("actadd", "ace")
 
 @dataclass
 class ExtractConfig:
@@ -184,7 +184,7 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
 
     out: dict[str, dict] = {}
     nh, nl = len(harmful), len(harmless)
-    rates: dict[str, list[tuple[float, float]]] = {m: [] for m in INDUCE_METHODS}
+    rates: dict[str, list[tuple[float, float]]] = {m: [] for m in CALIBRATED_METHODS}
     if config.calibrate_strengths[:1] == (1.0,) and bypass.get("induce_rate") is not None:
         rates["actadd"].append((1.0, bypass["induce_rate"]))  # judged in selection already
     extra = [build_row(SteeringSpec(m, 1.0), pack) for m in ("inlp_flip", "inlp_null")
@@ -194,7 +194,7 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
         return any(r >= config.calibrate_target for _, r in rates[m])
 
     for s in config.calibrate_strengths:
-        todo = [m for m in INDUCE_METHODS if not reached(m) and s not in dict(rates[m])]
+        todo = [m for m in CALIBRATED_METHODS if not reached(m) and s not in dict(rates[m])]
         if not todo and not extra:
             continue
         rows = [build_row(SteeringSpec(m, s), pack) for m in todo]
@@ -221,7 +221,7 @@ def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless
         return perplexity(nll, n)
 
     base_ppl = ppl(None)
-    for m in INDUCE_METHODS:
+    for m in CALIBRATED_METHODS:
         reached = [(s, r) for s, r in rates[m] if r >= config.calibrate_target]
         s, r = reached[0] if reached else max(rates[m], key=lambda x: (x[1], -x[0]))
         out[m] = {"strength": s, "reached": bool(reached), "harmless_val_refusal": r,

@@ -25,9 +25,10 @@ outputs), and the depth. A model whose layout differs gets a clear refusal.
 
 from __future__ import annotations
 
+from steering.interventions.catalog import REGISTRY
+
 OPERATIONS = ("add", "ablate", "affine", "inlp")
-METHOD_OPERATION = {"actadd": "add", "ablate": "ablate", "ace": "affine", "inlp_null": "inlp",
-                    "inlp_flip": "inlp", "inlp_reflect": "inlp"}
+METHOD_OPERATION = {m.name: m.operation for m in REGISTRY.values() if m.operation}
 SITES = ("block_input",)
 LAYER_NUMBERING = "block_index"
 HOOK_KEYS = ("site", "layer_numbering", "n_layers")

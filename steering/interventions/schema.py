@@ -1,0 +1,66 @@
+"""The steering object on the wire: one pydantic schema for the server's request body and the
+clients (torch-free).
+
+The server's protocol (`server.api.protocol`) takes these models as they are; the Python client
+(`clients.steering_client`) subclasses them with a positional `method`. Unknown fields are refused
+(a typo in a steering object must not pass silently) and numbers must be finite. `to_spec` gives
+the library's `SteeringSpec`; what depends on a pack (layers, k) is checked by `build_row`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steering.interventions.catalog import CONTROLS, METHODS
+from steering.interventions.spec import Condition, SteeringSpec
+
+MAX_LAYERS = 256  # entries in `layers` (more than any served model has)
+
+
+class ConditionObject(BaseModel):
+    """`when`: apply the steering object only if the prompt's score on a pack's DiM axis
+    (harmless mean 0, harmful mean 1) is above / below a threshold; exactly one of the two
+    (checked by the library)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    pack: str | None = Field(None, max_length=128, description="pack whose DiM axis scores the "
+                                                                "prompt (default: the steering "
+                                                                "object's pack)")
+    layer: int | None = Field(None, description="layer read (default: the pack's)")
+    above: float | None = None
+    below: float | None = None
+
+    def to_condition(self) -> Condition:
+        return Condition(pack=self.pack, layer=self.layer, above=self.above, below=self.below)
+
+
+class SteeringObject(BaseModel):
+    """The intervention for a request. Omitted fields take the method's defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: str = Field("none", max_length=64, description=", ".join(METHODS))
+    strength: float = Field(1.0, description="scale of the edit (1 = the method as published); "
+                                             "bounds are configured")
+    k: int | None = Field(None, description="leading INLP directions (INLP methods only)")
+    layers: list[int] | None = Field(None, max_length=MAX_LAYERS,
+                                     description="layers to edit (default: the method's)")
+    pack: str | None = Field(None, max_length=128,
+                             description="pack name (default: the model's pack)")
+    apply_to: Literal["all", "prompt", "generation"] | None = Field(
+        None, description=CONTROLS["apply_to"])
+    generation_window: list[int | None] | None = Field(
+        None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
+    when: ConditionObject | None = Field(None, description=CONTROLS["when"])
+
+    def to_spec(self, pack: str | None) -> SteeringSpec:
+        """The library's spec; `pack` is the pack it runs on (this object's, or the default)."""
+        window = self.generation_window
+        return SteeringSpec(method=self.method, strength=float(self.strength), k=self.k,
+                            layers=tuple(self.layers) if self.layers is not None else None,
+                            pack=pack, apply_to=self.apply_to,
+                            generation_window=tuple(window) if window is not None else None,
+                            when=self.when.to_condition() if self.when is not None else None)
