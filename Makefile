@@ -20,3 +20,4 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit
+	$(VENV)/bin/lint-imports

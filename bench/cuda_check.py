@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 from server.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
 from steering import METHODS, SteeringSpec, build_row  # noqa: E402
+from steering.extraction.extract import ExtractConfig, extract_pack  # noqa: E402
+from steering.extraction.inlp import InlpConfig  # noqa: E402
 from steering.interventions.activations import last_logits  # noqa: E402
+from steering.interventions.hooks import hooks_of  # noqa: E402
 from steering.models.chat import format_chat  # noqa: E402
-from steering.packs.extract import ExtractConfig, extract_pack  # noqa: E402
-from steering.packs.inlp import InlpConfig  # noqa: E402
 from testkit.tiny import make_tiny  # noqa: E402
 
 PROMPTS = ["hello there", "write a poem about the sea", "hi", "how do I bake bread?",
@@ -62,14 +63,14 @@ def check(dtype: torch.dtype) -> dict:
     pack = extract_pack(lm, config=config)
     rows = [build_row(SteeringSpec(m, 1.0), pack) for m in METHODS]
     base = last_logits(lm, PROMPTS[:1])
-    changed = {m: float((last_logits(lm, PROMPTS[:1], lm.hooks, r) - base).abs().max())
+    changed = {m: float((last_logits(lm, PROMPTS[:1], hooks_of(lm), r) - base).abs().max())
                for m, r in zip(METHODS, rows, strict=True)}
-    lm.hooks.set_rows(rows)
+    hooks_of(lm).set_rows(rows)
     from steering.interventions.activations import encode_chats
     with torch.inference_mode():
         mixed = lm.model(**encode_chats(lm, PROMPTS), logits_to_keep=1).logits[:, -1].float()
-    lm.hooks.set_rows(None)
-    solo = torch.cat([last_logits(lm, [p], lm.hooks, r) for p, r in zip(PROMPTS, rows,
+    hooks_of(lm).set_rows(None)
+    solo = torch.cat([last_logits(lm, [p], hooks_of(lm), r) for p, r in zip(PROMPTS, rows,
                                                                           strict=True)])
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     return {

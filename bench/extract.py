@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from steering.interventions.hooks import hooks_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET_SECONDS = 300.0
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from steering import SteeringSpec, build_row, load_model, load_pack
     from steering.data.prompts import load_instructions
     from steering.evaluation.refusal import refusal_score, refusal_token_ids
+    from steering.extraction.extract import ExtractConfig, extract_pack
     from steering.interventions.activations import last_logits
-    from steering.packs.extract import ExtractConfig, extract_pack
 
     t0 = time.perf_counter()
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def scores(split: str, spec=None) -> torch.Tensor:
         row = build_row(spec, pack) if spec is not None else None
-        logits = last_logits(lm, prompts[split], lm.hooks, row, batch_size=args.n)
+        logits = last_logits(lm, prompts[split], hooks_of(lm), row, batch_size=args.n)
         return refusal_score(logits, token_ids)
 
     t0 = time.perf_counter()

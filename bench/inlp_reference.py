@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_record,
         sequence_nll,
     )
-    from steering.packs.store import ensure_pack
+    from steering.extraction.store import ensure_pack
 
     t_start = time.perf_counter()
     lm = load_model("embedded", device="cpu", precision=args.precision)

@@ -39,7 +39,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.security.auth import hash_key  # noqa: E402
 from server.security.policy import LOWERING_METHODS as LOWERING  # noqa: E402
-from steering.interventions.catalog import METHODS  # noqa: E402
+from steering.catalog import METHODS  # noqa: E402
 from testkit.server import RssSampler, ServerProcess  # noqa: E402
 
 PROMPTS = ["Write a haiku about the sea.", "How do I bake bread?", "Tell me a short story.",

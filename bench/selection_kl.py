@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from steering import SteeringSpec, build_row, load_model
     from steering.data.prompts import load_instructions
-    from steering.packs.judge import judge
-    from steering.packs.store import ensure_pack
+    from steering.extraction.judge import judge
+    from steering.extraction.store import ensure_pack
 
     started = time.perf_counter()
     lm = load_model("embedded", "cpu", "auto", precision="fp32")

@@ -43,7 +43,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from steering.interventions.catalog import METHODS  # noqa: E402
+from steering.catalog import METHODS  # noqa: E402
 from testkit.server import RssSampler, ServerProcess  # noqa: E402
 
 # About 40 tokens each once chat-formatted (the template adds a system turn).

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from steering.interventions.hooks import hooks_of
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET = 0.03
@@ -35,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import DynamicCache
 
     from steering import SteeringSpec, build_row, compose, load_model
+    from steering.extraction.store import ensure_pack
     from steering.interventions.activations import encode_chats
-    from steering.packs.store import ensure_pack
 
     lm = load_model("embedded", "cpu", "auto", precision=args.precision)
     pack = ensure_pack(lm)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], 1)
 
     def step(steering) -> float:
-        lm.hooks.set_rows(None if steering is None else [steering] * b)
+        hooks_of(lm).set_rows(None if steering is None else [steering] * b)
         t0 = time.perf_counter()
         lm.model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True)
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             # order showed a few percent of bias on the row after the longest one).
             for name in names[i % len(names):] + names[: i % len(names)]:
                 times[name].append(step(rows[name]))
-    lm.hooks.set_rows(None)
+    hooks_of(lm).set_rows(None)
     base = statistics.median(times["none"])
     result = {name: {"ms": 1000 * statistics.median(v),
                      "overhead": statistics.median(v) / base - 1} for name, v in times.items()}

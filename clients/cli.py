@@ -7,7 +7,7 @@ through the Python client (clients/steering_client.py).
     steer compare -v none -v ablate+actadd:4 -v actadd:4,generation,above=0.5 "Hello"
     steer chat --steer ablate,below=0.4,generation
 
-The variant syntax (`steering.interventions.catalog.VARIANT_SYNTAX`): a preset name, an object
+The variant syntax (`steering.catalog.VARIANT_SYNTAX`): a preset name, an object
 `METHOD[:STRENGTH[:K]][,option…]` (options: prompt|generation|all, window=S-E, above=T, below=T,
 when-pack=…, when-layer=…, pack=…, layers=a/b), or objects joined by `+` (a list).
 """
@@ -18,7 +18,7 @@ import shutil
 import sys
 import textwrap
 
-from steering.interventions.catalog import APPLY_TO, METHODS  # torch-free
+from steering.catalog import APPLY_TO, METHODS  # torch-free
 
 
 def _client(args):

@@ -23,17 +23,17 @@ import steering
 from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.completions import router as completions_router
-from server.api.errors import APIError
 from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
-from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
 from server.api.routes import router
 from server.engine import Engine
+from server.errors import APIError
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
 from server.packs import load_extra_packs, shipped_concept_packs
+from server.presets import load_presets
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
 from server.security.hardening import BodyLimitMiddleware
@@ -130,8 +130,8 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, list[SteeringPack]]:
+    from steering.extraction.store import default_pack_path, ensure_pack
     from steering.packs.format import pack_paths
-    from steering.packs.store import default_pack_path, ensure_pack
 
     lm = steering.load_model(settings.model, settings.device, settings.dtype,
                              precision=settings.precision)

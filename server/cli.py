@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from steering.interventions.catalog import METHODS, VARIANT_SYNTAX
+from steering.catalog import METHODS, VARIANT_SYNTAX
 from steering.models import PRECISIONS
 
 
@@ -205,7 +205,7 @@ def _library_verbs(sub) -> None:
     p.add_argument("--general-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default=None, help="Markdown file (a .json sibling gets the numbers)")
-    p.set_defaults(handler="steering.evaluation.precision_gate:cmd_precision_gate")
+    p.set_defaults(handler="steering.reports.precision_gate:cmd_precision_gate")
 
 
 def _server_verbs(sub) -> None:

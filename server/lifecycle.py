@@ -20,8 +20,8 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import APIError
 from server.context import request_context
+from server.errors import APIError
 
 log = logging.getLogger("server")
 

@@ -63,7 +63,7 @@ def load_extra_packs(settings, model, taken: set[str]) -> tuple[dict[str, Steeri
 def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
     """The shipped concept packs named in `names` (comma-separated), extracted for `lm` on first
     use and cached like the refusal pack; one that cannot be made is logged and skipped."""
-    from steering.packs.store import ensure_concept_pack
+    from steering.extraction.store import ensure_concept_pack
 
     packs = []
     for name in (n.strip() for n in names.split(",")):

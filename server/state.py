@@ -13,10 +13,10 @@ from typing import Any
 
 from fastapi import Request
 
-from server.api.errors import APIError
-from server.api.presets import Preset
 from server.engine import Engine
+from server.errors import APIError
 from server.observability.metrics import Metrics
+from server.presets import Preset
 from server.settings import Settings
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack

@@ -4,11 +4,14 @@ A small public API: load a model, extract (or load) a steering pack, build a ste
 method, and generate with it. Names are imported on first use, so `import steering` (and the
 `steer` command's parser) does not pay for torch.
 
+    catalog.py      one record per method (what it is, its effect, its defaults)
     models/         loading a model (hub id, folder, GGUF, the embedded default), its layer table
     interventions/  the one kernel, the method table (with token targeting, lists and
                     conditions), hooks, steered forwards and generation
-    packs/          the pack format, the cache, extraction (DiM, ACE, INLP) and selection
-    evaluation/     refusal judging, the evaluation grid, geometry, the report
+    packs/          the pack format (data only)
+    extraction/     extraction (DiM, ACE, INLP), selection, the pack cache
+    evaluation/     refusal judging, the evaluation grid, geometry
+    reports/        the claims report, the precision gate
     data/           the shipped prompt sets and their loader
 """
 
@@ -20,9 +23,9 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "METHODS": "steering.interventions.catalog",
+    "METHODS": "steering.catalog",
     "ComposedSteering": "steering.interventions.methods",
-    "Condition": "steering.interventions.methods",
+    "Condition": "steering.interventions.spec",
     "RowSteering": "steering.interventions.methods",
     "SteeringError": "steering.interventions.methods",
     "SteeringSpec": "steering.interventions.methods",
@@ -36,7 +39,7 @@ _EXPORTS = {
     "PackError": "steering.packs.format",
     "SteeringPack": "steering.packs.format",
     "load_pack": "steering.packs.format",
-    "ensure_pack": "steering.packs.store",
+    "ensure_pack": "steering.extraction.store",
 }
 
 __all__ = [
@@ -46,7 +49,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from steering.interventions.catalog import METHODS
+    from steering.catalog import METHODS
+    from steering.extraction.store import ensure_pack
     from steering.interventions.conditions import resolve_conditions
     from steering.interventions.generate import generate
     from steering.interventions.methods import (
@@ -60,7 +64,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from steering.models.loading import LoadedModel, load_model, wrap_model
     from steering.packs.format import PackError, SteeringPack, load_pack
-    from steering.packs.store import ensure_pack
 
 
 def __getattr__(name: str):

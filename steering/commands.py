@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from steering.interventions.catalog import METHODS
+from steering.catalog import METHODS
 
 
 def _eval_overrides(args) -> dict:
@@ -22,10 +22,10 @@ def _eval_overrides(args) -> dict:
 
 def cmd_extract(args) -> int:
     from steering.data.prompts import load_instructions
+    from steering.extraction.extract import ExtractConfig, extract_pack
+    from steering.extraction.store import default_pack_path
     from steering.models.loading import load_model
-    from steering.packs.extract import ExtractConfig, extract_pack
     from steering.packs.identity import hook_layout
-    from steering.packs.store import default_pack_path
 
     if getattr(args, "positive", None) or getattr(args, "negative", None):
         return _extract_concept(args)
@@ -46,9 +46,9 @@ def cmd_extract(args) -> int:
 
 def _extract_concept(args) -> int:
     from steering.data.contrastive import load_examples
+    from steering.extraction.concept import ConceptConfig, extract_concept, summary
+    from steering.extraction.store import default_pack_path
     from steering.models.loading import load_model
-    from steering.packs.concept import ConceptConfig, extract_concept, summary
-    from steering.packs.store import default_pack_path
 
     if not (args.positive and args.negative):
         raise ValueError("--positive and --negative go together")
@@ -74,8 +74,8 @@ def _pack_for(args, lm=None):
     """--pack as a file, else as a name of the model's cached packs (loads the model if needed)."""
     from pathlib import Path
 
+    from steering.extraction.store import default_pack_path
     from steering.packs.format import load_pack, pack_paths
-    from steering.packs.store import default_pack_path
 
     given = args.pack
     if given and pack_paths(Path(given))[0].is_file():
@@ -112,9 +112,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
+    from steering.extraction.store import default_pack_path
     from steering.interop.llamacpp import import_control_vector
     from steering.models.loading import load_model
-    from steering.packs.store import default_pack_path
 
     lm = load_model(args.model, args.device, args.dtype, precision=args.precision)
     pack = import_control_vector(args.file, lm.model, args.name, args.scale)
@@ -128,10 +128,10 @@ def cmd_import(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from steering.extraction.store import ensure_pack
     from steering.interventions.generate import generate
     from steering.interventions.methods import SteeringSpec, build_row
     from steering.models.loading import load_model
-    from steering.packs.store import ensure_pack
 
     lm = load_model(args.model, args.device, args.dtype,
                     precision=args.precision)
@@ -145,9 +145,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_orthogonalize(args) -> int:
+    from steering.extraction.store import ensure_pack
     from steering.interventions.orthogonalize import export_orthogonalized
     from steering.models.loading import load_model
-    from steering.packs.store import ensure_pack
 
     gguf_base = getattr(args, "gguf_base", None) or (
         args.model if str(args.model).endswith(".gguf") else None)
@@ -175,8 +175,8 @@ def cmd_eval(args) -> int:
         markdown_table,
         write_outputs,
     )
+    from steering.extraction.store import ensure_pack
     from steering.models.loading import load_model
-    from steering.packs.store import ensure_pack
 
     config = EvalConfig(**_eval_overrides(args))
     if args.methods:
@@ -201,14 +201,14 @@ def cmd_report(args) -> int:
     import shlex
     import time
 
-    from steering.evaluation.report import (
+    from steering.extraction.store import ensure_pack
+    from steering.models.loading import load_model
+    from steering.reports.report import (
         ReportConfig,
         render_again,
         report_eval_config,
         run_report,
     )
-    from steering.models.loading import load_model
-    from steering.packs.store import ensure_pack
 
     if args.render_only:
         summary = render_again(args.out)

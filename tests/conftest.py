@@ -17,8 +17,8 @@ def tiny_lm():
 
 @pytest.fixture(scope="session")
 def tiny_pack(tiny_lm):
-    from steering.packs.extract import ExtractConfig, extract_pack
-    from steering.packs.inlp import InlpConfig
+    from steering.extraction.extract import ExtractConfig, extract_pack
+    from steering.extraction.inlp import InlpConfig
 
     config = ExtractConfig(n_train=24, n_train_harmless=None, n_val_harmless=6, n_val_harmful=6, layer_stride=1,
                            min_layer_fraction=0.0, calibrate_strengths=(1.0, 2.0),
@@ -41,7 +41,7 @@ def real_lm():
 
 @pytest.fixture(scope="session")
 def real_pack(real_lm):
-    from steering.packs.store import ensure_pack
+    from steering.extraction.store import ensure_pack
 
     return ensure_pack(real_lm)
 

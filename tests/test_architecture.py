@@ -1,4 +1,5 @@
-"""The tree's shape: no import circles, imports point one way, and the `steer` parser is torch-free.
+"""The tree's shape: the import layers hold (import-linter, contracts in pyproject.toml), every
+package says what lives there, and the `steer` parser is torch-free.
 
 Every import counts, also the ones inside functions: a lazy import is still a dependency.
 """
@@ -6,20 +7,21 @@ Every import counts, also the ones inside functions: a lazy import is still a de
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("steering", "server", "clients")
+LINT = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
 
 
 def _modules() -> dict[str, Path]:
     out = {}
     for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
+        for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             out[name] = path
@@ -29,104 +31,28 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _target(name: str) -> str | None:
-    """The project module an import of `name` loads last (`a.b.c` → `a.b.c`, else `a.b`)."""
-    while name and name not in MODULES:
-        name = name.rpartition(".")[0]
-    return name or None
+def _lint(config: Path | None = None) -> subprocess.CompletedProcess:
+    args = [LINT, "--no-cache"] + (["--config", str(config)] if config else [])
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
 
 
-def _imports(module: str, path: Path) -> set[str]:
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = set()
-    tree = ast.parse(path.read_text(), str(path))
-    for block in ast.walk(tree):  # `if TYPE_CHECKING:` imports never run
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test):
-            block.body = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{anchor}.{base}" if base else anchor
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
-        else:
-            continue
-        for name in names:
-            target = _target(name)
-            if target and target != module:
-                found.add(target)
-    return found
+def test_the_import_contracts_hold():
+    out = _lint()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 broken" in out.stdout
 
 
-GRAPH = {module: _imports(module, path) for module, path in MODULES.items()}
-
-
-def _cycles() -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, out = {}, {}, [], set(), []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in GRAPH[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(sorted(component))
-
-    sys.setrecursionlimit(10_000)
-    for v in sorted(GRAPH):
-        if v not in index:
-            visit(v)
-    return out
-
-
-def test_the_graph_sees_the_packages():
-    assert {"steering.interventions.kernel", "server.engine", "server.api.protocol"} <= set(GRAPH)
-    assert "steering.interventions.kernel" in GRAPH["steering.interventions.hooks"]
-
-
-def test_no_import_circles():
-    assert _cycles() == []
-
-
-def test_the_cycle_finder_finds_a_cycle():
-    GRAPH["steering.interventions.kernel"].add("steering.interventions.hooks")
-    try:
-        pair = {"steering.interventions.hooks", "steering.interventions.kernel"}
-        assert any(pair <= set(component) for component in _cycles())
-    finally:
-        GRAPH["steering.interventions.kernel"].discard("steering.interventions.hooks")
-
-
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("steering")))
-def test_the_library_never_imports_the_server_or_clients(module):
-    assert not {t for t in GRAPH[module] if t.split(".")[0] in {"server", "clients"}}
-
-
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("server.engine")))
-def test_engine_internals_are_reached_only_through_its_interface(module):
-    assert not {t for t in GRAPH[module] if t.startswith("server.engine.")}
-
-
-@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("server.engine")))
-def test_the_engine_never_imports_the_api(module):
-    assert not {t for t in GRAPH[module] if t.startswith(("server.api", "server.security"))}
+def test_the_contracts_catch_an_upward_import(tmp_path):
+    """The linter sees the real graph: the library's layers upside down must break."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    steering = next(c for c in config["contracts"] if c["id"] == "steering")
+    lines = ["[importlinter]", "root_packages =", *(f"    {p}" for p in PACKAGES),
+             "[importlinter:contract:upside-down]", "name = upside down", "type = layers",
+             "containers = steering", "layers =",
+             *(f"    {layer}" for layer in reversed(steering["layers"]))]
+    (tmp_path / "contracts.ini").write_text("\n".join(lines) + "\n")
+    out = _lint(tmp_path / "contracts.ini")
+    assert out.returncode != 0 and "BROKEN" in out.stdout, out.stdout
 
 
 def test_every_package_says_what_lives_there():

@@ -154,7 +154,7 @@ def test_litellm_config_routes_to_presets():
 
     import yaml
 
-    from server.api.presets import DEFAULT_PRESETS
+    from server.presets import DEFAULT_PRESETS
 
     path = Path(__file__).resolve().parents[1] / "clients" / "examples" / "litellm.yaml"
     config = yaml.safe_load(path.read_text())

@@ -20,7 +20,7 @@ from steering.evaluation.geometry import dim_position, layer_activations
 from steering.interventions.activations import encode_chats
 from steering.interventions.conditions import first_edited_prompt_position
 from steering.interventions.generate import generate
-from steering.interventions.hooks import SteeringHooks
+from steering.interventions.hooks import SteeringHooks, hooks_of
 from steering.interventions.kernel import NO_BOUND, BatchEdit, RowEdit, apply_edit
 from testkit.engine import run_jobs
 
@@ -32,7 +32,7 @@ def _forward(lm, prompts, rows, hooks=None):
     """Logits [B, T, V] of a padded batch with `rows` on the model's hooks."""
     enc = encode_chats(lm, prompts)
     lengths = enc["attention_mask"].sum(-1).tolist()
-    with torch.no_grad(), lm.hooks.rows(rows, lengths):
+    with torch.no_grad(), hooks_of(lm).rows(rows, lengths):
         return lm.model(**enc, use_cache=False).logits.float().cpu()
 
 
@@ -99,8 +99,8 @@ def test_targeting_edits_only_its_positions(tiny_lm, tiny_pack, apply_to):
 def test_targeted_rows_need_prompt_lengths(tiny_lm, tiny_pack):
     row = build_row(SteeringSpec("actadd", 2.0, apply_to="generation"), tiny_pack)
     with pytest.raises(ValueError, match="prompt length"):
-        tiny_lm.hooks.set_rows([row])
-    assert not tiny_lm.hooks.active
+        hooks_of(tiny_lm).set_rows([row])
+    assert not hooks_of(tiny_lm).active
 
 
 def test_generation_window_in_the_engine_leaves_earlier_tokens_bit_identical(
@@ -158,7 +158,7 @@ def _sequential_logits(lm, prompts, parts_per_row):
     depth = max(len(p) for p in parts_per_row)
     extra = [SteeringHooks(lm.layout, lm.device, lm.dtype, lm.d_model, lm.model)
              for _ in range(depth - 1)]
-    all_hooks = [lm.hooks, *extra]
+    all_hooks = [hooks_of(lm), *extra]
     enc = encode_chats(lm, prompts)
     lengths = enc["attention_mask"].sum(-1).tolist()
     none = build_row(SteeringSpec("none"), None)
@@ -168,7 +168,7 @@ def _sequential_logits(lm, prompts, parts_per_row):
         with torch.no_grad():
             return lm.model(**enc, use_cache=False).logits.float().cpu()
     finally:
-        lm.hooks.set_rows(None)
+        hooks_of(lm).set_rows(None)
         for hooks in extra:
             hooks.remove()
 

@@ -977,7 +977,7 @@ def test_compose_stack():
 
 def test_gateway_routes_resolve():
     """Every model name the gateway routes is one the server serves with the shipped presets."""
-    from server.api.presets import load_presets, split_model_name
+    from server.presets import load_presets, split_model_name
     from steering.models.embedded import EMBEDDED_ID
 
     assert (DOCKER / "litellm.yaml").read_text() == (DEPLOY / "base" / "litellm.yaml").read_text()

@@ -249,7 +249,7 @@ def test_cli_eval_on_a_saved_tiny_model(tiny_lm, tiny_pack, tmp_path, capsys):
 
 
 def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tmp_path):
-    from steering.evaluation.report import ReportConfig, report_eval_config, run_report
+    from steering.reports.report import ReportConfig, report_eval_config, run_report
 
     config = ReportConfig(eval=report_eval_config(**TINY, ks=(1,), cache_dir=str(tmp_path)),
                           n_geometry=4, command="steer report --out X")
@@ -344,7 +344,7 @@ def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkey
 
 
 def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack):
-    from steering.evaluation.report import _reference_section, assess_claims, dim_in_inlp_span
+    from steering.reports.report import _reference_section, assess_claims, dim_in_inlp_span
 
     def rates(prefix: str, k: int, n: int) -> dict:
         return {f"{prefix}_refusal_rate": k / n, f"{prefix}_refused": k, f"{prefix}_n": n,
@@ -392,7 +392,7 @@ def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack
 
 
 def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
-    from steering.evaluation.report import (
+    from steering.reports.report import (
         ReportConfig,
         render_again,
         report_eval_config,
@@ -416,7 +416,7 @@ def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
 
 
 def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_mean(tiny_pack):
-    from steering.evaluation.report import _why_null, inlp_zero_position
+    from steering.reports.report import _why_null, inlp_zero_position
 
     zero = inlp_zero_position(tiny_pack)
     layer = zero["layer"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.api.presets import load_presets
-from steering.packs.extract import EXTRACT_VERSION, _keep, select
+from server.presets import load_presets
+from steering.extraction.extract import EXTRACT_VERSION, _keep, select
 
 
 def cand(layer, bypass, induce, kl, score=0.0):
@@ -93,8 +93,8 @@ def test_calibrated_presets_resolve_to_the_packs_strength(tiny_lm, tiny_pack):
 
 
 def test_stale_cached_pack_is_extracted_again(tiny_lm, tiny_pack, tmp_path, monkeypatch):
-    import steering.packs.extract as extract
-    from steering.packs import store
+    import steering.extraction.extract as extract
+    from steering.extraction import store
 
     monkeypatch.setenv("STEERING_CACHE", str(tmp_path))
     target = store.default_pack_path(tiny_lm)
@@ -120,7 +120,7 @@ def test_stale_cached_pack_is_extracted_again(tiny_lm, tiny_pack, tmp_path, monk
 
 @pytest.mark.parametrize("bad", ["calibratedd", "max"])
 def test_unknown_strength_words_are_rejected(bad):
-    from server.api.presets import PresetError, parse_presets
+    from server.presets import PresetError, parse_presets
 
     with pytest.raises(PresetError, match="strength"):
         parse_presets({"x": {"method": "actadd", "strength": bad}})

@@ -8,6 +8,7 @@ import torch
 from server.engine.attention import use_row_exact_attention
 from server.engine.kv import new_cache
 from steering import SteeringSpec, build_row
+from steering.interventions.hooks import hooks_of
 from steering.models.fused_layers import _lean_attention, use_fused_layers
 from testkit.tiny import make_tiny
 
@@ -62,14 +63,14 @@ def test_lean_layer_is_bit_identical_to_the_stock_layer(kind, tiny_pack):
     mask[2, :2] = 0
     rows = [build_row(SteeringSpec(m, 1.0), tiny_pack) for m in ("ablate", "actadd", "inlp_flip")]
     for steering in (None, rows):
-        lm.hooks.set_rows(steering, [9, 5, 7] if steering else None)
+        hooks_of(lm).set_rows(steering, [9, 5, 7] if steering else None)
         try:
             _stock(lm)
             stock = _run(lm, ids, mask)
             _lean(lm)
             lean = _run(lm, ids, mask)
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         for a, b in zip(stock, lean, strict=True):
             assert torch.equal(a, b)
 

@@ -10,6 +10,7 @@ import steering.interventions.hooks as hooks_module
 from steering import SteeringSpec, build_row
 from steering.interventions.activations import encode_chats, last_logits
 from steering.interventions.generate import generate
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import METHODS
 from steering.packs.format import SteeringPack
 
@@ -29,21 +30,21 @@ def rows(tiny_pack):
 
 
 def forward_logits(lm, prompts, rows):
-    with torch.no_grad(), lm.hooks.rows(rows):
+    with torch.no_grad(), hooks_of(lm).rows(rows):
         return lm.model(**encode_chats(lm, prompts), use_cache=False).logits.float().cpu()
 
 
 def test_idle_hooks_change_nothing(tiny_lm, rows):
     enc = encode_chats(tiny_lm, PROMPTS)
-    tiny_lm.hooks.set_rows(None)
-    assert not tiny_lm.hooks.active
+    hooks_of(tiny_lm).set_rows(None)
+    assert not hooks_of(tiny_lm).active
     with torch.no_grad():
         plain = tiny_lm.model(**enc).logits
     none = build_row(SteeringSpec("none"), None)
     assert torch.equal(forward_logits(tiny_lm, PROMPTS, [none] * len(PROMPTS)), plain)
     # After a steered batch, the hooks go idle again.
     forward_logits(tiny_lm, PROMPTS, rows[: len(PROMPTS)])
-    assert not tiny_lm.hooks.active
+    assert not hooks_of(tiny_lm).active
     with torch.no_grad():
         assert torch.equal(tiny_lm.model(**enc).logits, plain)
 
@@ -85,7 +86,7 @@ def test_mixed_batch_with_padding_equals_solo_rows(tiny_lm, rows):
 
 def test_last_logits_applies_the_row(tiny_lm, rows):
     for row in rows[:3]:
-        batched = last_logits(tiny_lm, PROMPTS, tiny_lm.hooks, row, batch_size=4)
+        batched = last_logits(tiny_lm, PROMPTS, hooks_of(tiny_lm), row, batch_size=4)
         solo = torch.cat([forward_logits(tiny_lm, [p], [row])[:, -1] for p in PROMPTS])
         torch.testing.assert_close(batched, solo, atol=1e-5, rtol=0)
 
@@ -103,9 +104,9 @@ def test_mixed_generation_equals_solo_generation(tiny_lm, rows):
 def test_row_count_must_match_the_batch(tiny_lm, rows):
     enc = encode_chats(tiny_lm, PROMPTS[:2])
     with pytest.raises(RuntimeError, match="do not match"):
-        with torch.no_grad(), tiny_lm.hooks.rows(rows[1:4]):
+        with torch.no_grad(), hooks_of(tiny_lm).rows(rows[1:4]):
             tiny_lm.model(**enc)
-    assert not tiny_lm.hooks.active
+    assert not hooks_of(tiny_lm).active
 
 
 def test_remove_detaches_every_hook():
@@ -118,7 +119,7 @@ def test_remove_detaches_every_hook():
     enc = encode_chats(lm, PROMPTS[:1])
     with torch.no_grad():
         plain = lm.model(**enc).logits
-        hooks = lm.hooks
+        hooks = hooks_of(lm)
         hooks.set_rows([build_row(SteeringSpec("ablate", 1.0), pack)])
         steered = lm.model(**enc).logits
         assert not torch.allclose(plain, steered)
@@ -131,7 +132,7 @@ def test_plain_projection_path_covers_both_writers_and_equals_the_general_path(t
     the attention's output (first in a tuple) and the MLP's — and it computes exactly what the
     general kernel path computes."""
     ablate = next(r for r in rows if r.spec.method == "ablate")
-    hooks, enc = tiny_lm.hooks, encode_chats(tiny_lm, PROMPTS[:2])
+    hooks, enc = hooks_of(tiny_lm), encode_chats(tiny_lm, PROMPTS[:2])
     calls = []
     original = hooks_module.project_out
 
@@ -146,7 +147,7 @@ def test_plain_projection_path_covers_both_writers_and_equals_the_general_path(t
             short = tiny_lm.model(**enc, use_cache=False).logits
         finally:
             hooks_module.project_out = original
-        assert len(calls) == 2 * tiny_lm.hooks.layout.n_layers
+        assert len(calls) == 2 * hooks_of(tiny_lm).layout.n_layers
         hooks._plain = {}  # the same rows through the general path
         general = tiny_lm.model(**enc, use_cache=False).logits
         hooks.set_rows(None)

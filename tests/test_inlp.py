@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from steering.packs.inlp import InlpConfig, fit_logistic, inlp
+from steering.extraction.inlp import InlpConfig, fit_logistic, inlp
 
 D = 24
 MEANS = (1.5, 1.2, 1.0)  # class-mean offsets along three planted directions ...
@@ -113,7 +113,7 @@ def test_constant_activations_give_no_directions():
 
 
 def test_binomial_test_against_chance():
-    from steering.packs.inlp import above_chance, binomial_p_value
+    from steering.extraction.inlp import above_chance, binomial_p_value
 
     assert binomial_p_value(10, 10) == 2.0 ** -10
     assert abs(binomial_p_value(0, 7) - 1.0) < 1e-12

@@ -24,6 +24,7 @@ from steering.interop.peft_lora import (
     export_ablation_lora,
 )
 from steering.interventions.activations import encode_chats
+from steering.interventions.hooks import hooks_of
 from steering.models.fingerprint import fingerprint
 from steering.packs.format import PackError, SteeringPack
 from testkit.archs import build_tiny
@@ -38,7 +39,7 @@ def logits(lm, row=None):
     with torch.no_grad():
         if row is None:
             return lm.model(**enc).logits
-        with lm.hooks.rows([row] * len(PROMPTS)):
+        with hooks_of(lm).rows([row] * len(PROMPTS)):
             return lm.model(**enc).logits
 
 
@@ -150,7 +151,7 @@ def test_llama_cpp_applies_the_exported_vector_like_actadd(tmp_path):
     llm.reset()
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[:len(ids)]))
-    with torch.no_grad(), lm.hooks.rows([build_row(SteeringSpec("actadd", 0.5, layers=(2, 3)),
+    with torch.no_grad(), hooks_of(lm).rows([build_row(SteeringSpec("actadd", 0.5, layers=(2, 3)),
                                                    pack)]):
         want = lm.model(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
@@ -209,7 +210,7 @@ def test_peft_applies_the_adapter_like_ablate(tmp_path):
     want = logits(lm, build_row(SteeringSpec("ablate", 1.0), pack))
     plain = logits(lm)
     out = export_ablation_lora(lm, pack, tmp_path / "adapter")
-    lm.hooks.remove()  # peft wraps the modules; compare plain forwards of the peft model
+    hooks_of(lm).remove()  # peft wraps the modules; compare plain forwards of the peft model
     model = peft.PeftModel.from_pretrained(lm.model, str(out))
     enc = encode_chats(lm, PROMPTS)
     with torch.no_grad():

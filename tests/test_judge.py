@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from steering.extraction import judge as judge_module
+from steering.extraction.judge import judge
 from steering.interventions.activations import collect_residuals, encode_chats
 from steering.interventions.methods import SteeringSpec, build_row
-from steering.packs import judge as judge_module
-from steering.packs.judge import judge
 
 PROMPTS = ["Tell me a joke.", "How do I bake bread at home with little equipment?",
            "What is 2 + 2?", "Write a haiku about the sea and the wind at night."]

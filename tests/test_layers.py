@@ -15,6 +15,7 @@ from torch import nn
 
 from steering import SteeringSpec, build_row
 from steering.interventions.activations import encode_chats
+from steering.interventions.hooks import hooks_of
 from steering.models.fingerprint import fingerprint
 from steering.models.layers import (
     ARCHITECTURES,
@@ -85,12 +86,12 @@ def test_discover_resolves_every_path(arch_lm):
 
 def test_idle_hooks_leave_the_model_exact(arch_lm):
     enc = encode_chats(arch_lm, PROMPTS)
-    arch_lm.hooks.set_rows(None)
+    hooks_of(arch_lm).set_rows(None)
     with torch.no_grad():
         before = arch_lm.model(**enc).logits
-        arch_lm.hooks.set_rows([build_row(SteeringSpec("none"), None)] * len(PROMPTS))
+        hooks_of(arch_lm).set_rows([build_row(SteeringSpec("none"), None)] * len(PROMPTS))
         after = arch_lm.model(**enc).logits
-    arch_lm.hooks.set_rows(None)
+    hooks_of(arch_lm).set_rows(None)
     assert torch.equal(before, after)
 
 
@@ -108,7 +109,7 @@ def test_ablation_at_the_table_sites_removes_the_direction(arch_lm):
             captured[index] = h.detach().clone()
         return hook
 
-    hooks = arch_lm.hooks  # registered first, so the captures below see the edited inputs
+    hooks = hooks_of(arch_lm)  # registered first, so the captures below see the edited inputs
     modules = [*arch_lm.layout.blocks, arch_lm.layout.final_norm]
     handles = [m.register_forward_pre_hook(capture(i), with_kwargs=True)
                for i, m in enumerate(modules)]

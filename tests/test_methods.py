@@ -12,6 +12,7 @@ import torch
 from steering import SteeringError, SteeringSpec, build_row
 from steering.data.prompts import load_instructions
 from steering.interventions.activations import encode_chats
+from steering.interventions.hooks import hooks_of
 from steering.interventions.kernel import BatchEdit, apply_edit
 from steering.interventions.methods import METHODS
 from steering.packs.format import SteeringPack
@@ -31,7 +32,7 @@ def capture_inputs(lm, prompts, row=None):
             captured[index] = h.detach().float().cpu()
         return hook
 
-    hooks = lm.hooks  # attached before the captures, so they run first
+    hooks = hooks_of(lm)  # attached before the captures, so they run first
     modules = [*lm.layout.blocks, lm.layout.final_norm]
     handles = [m.register_forward_pre_hook(capture(i), with_kwargs=True)
                for i, m in enumerate(modules)]
@@ -234,9 +235,9 @@ def test_k_truncation(tiny_lm, tiny_pack):
     # ... and through the model the two give different next-token logits.
     enc = encode_chats(tiny_lm, PROMPTS)
     with torch.no_grad():
-        with tiny_lm.hooks.rows([one] * len(PROMPTS)):
+        with hooks_of(tiny_lm).rows([one] * len(PROMPTS)):
             l1 = tiny_lm.model(**enc).logits[:, -1]
-        with tiny_lm.hooks.rows([full] * len(PROMPTS)):
+        with hooks_of(tiny_lm).rows([full] * len(PROMPTS)):
             lk = tiny_lm.model(**enc).logits[:, -1]
     assert not torch.allclose(l1, lk, atol=1e-6)
 
@@ -314,3 +315,11 @@ def test_empty_layers_are_refused(tiny_pack, method):
     with pytest.raises(SteeringError) as info:
         build_row(SteeringSpec(method, 1.0, layers=()), tiny_pack)
     assert info.value.param == "steering.layers"
+
+
+def test_every_record_has_a_builder():
+    """A method is one catalog record plus its kernel parameters (docs/architecture.md)."""
+    from steering.catalog import REGISTRY
+    from steering.interventions.methods import BUILDERS
+
+    assert set(BUILDERS) == set(REGISTRY) - {"none"}

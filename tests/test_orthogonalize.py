@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steering import SteeringSpec, build_row
 from steering.interventions.activations import encode_chats
+from steering.interventions.hooks import hooks_of
 from steering.interventions.orthogonalize import export_orthogonalized, orthogonalize
 from steering.packs.format import SteeringPack
 from testkit.archs import build_tiny
@@ -41,7 +42,7 @@ def steered_and_plain(lm, pack, enc):
     row = build_row(SteeringSpec("ablate", 1.0), pack)
     with torch.no_grad():
         plain = lm.model(**enc).logits
-        with lm.hooks.rows([row] * enc["input_ids"].shape[0]):
+        with hooks_of(lm).rows([row] * enc["input_ids"].shape[0]):
             steered = lm.model(**enc).logits
     return steered.cpu(), plain.cpu()
 

@@ -10,7 +10,7 @@ import torch
 
 from steering import SteeringSpec, build_row, load_pack
 from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
-from steering.packs.concept import (
+from steering.extraction.concept import (
     ConceptConfig,
     choose,
     extract_concept,
@@ -18,8 +18,8 @@ from steering.packs.concept import (
     split,
     summary,
 )
+from steering.extraction.inlp import InlpConfig
 from steering.packs.format import pack_paths
-from steering.packs.inlp import InlpConfig
 
 FAST = ConceptConfig(kl_candidates=2, kl_prompts=4, batch_size=8,
                      inlp=InlpConfig(max_directions=2, chance_margin=0.0, p_value=1.0))
@@ -173,9 +173,9 @@ def test_extract_export_import_commands(tiny_lm, tmp_path, capsys):
 
 
 def test_shipped_concept_pack_is_extracted_once_and_cached(tiny_lm, tmp_path, monkeypatch, caplog):
-    import steering.packs.concept as concept
+    import steering.extraction.concept as concept
     from server.packs import shipped_concept_packs
-    from steering.packs import store
+    from steering.extraction import store
 
     monkeypatch.setenv("STEERING_CACHE", str(tmp_path))
     monkeypatch.setattr(concept, "ConceptConfig", lambda: FAST)

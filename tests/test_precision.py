@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from server.engine import Engine
+from steering.interventions.hooks import hooks_of
 from steering.models.loading import choose_precision
 from steering.models.precision import (
     Int8Slice,
@@ -133,16 +134,16 @@ def test_steering_edits_run_in_fp32_on_a_bf16_model(tiny_pack):
 
     lm = make_tiny("qwen2", precision="bf16")
     assert lm.precision == "bf16" and lm.dtype == torch.bfloat16
-    lm.hooks.set_rows([build_row(SteeringSpec("ablate", 1.0), tiny_pack)])
+    hooks_of(lm).set_rows([build_row(SteeringSpec("ablate", 1.0), tiny_pack)])
     try:
-        edit = next(iter(lm.hooks._passes.values()))[0]
+        edit = next(iter(hooks_of(lm)._passes.values()))[0]
         assert edit.q.dtype == torch.float32
         ids = lm.tokenizer(["hello"], return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             out = lm.model(input_ids=ids).logits
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     finally:
-        lm.hooks.set_rows(None)
+        hooks_of(lm).set_rows(None)
 
 
 def test_mixed_batch_equals_solo_runs_at_int8(tiny_pack):

@@ -11,6 +11,7 @@ from steering import SteeringSpec, build_row
 from steering.data.prompts import load_instructions
 from steering.evaluation.refusal import refusal_score, refusal_token_ids
 from steering.interventions.activations import last_logits
+from steering.interventions.hooks import hooks_of
 
 pytestmark = pytest.mark.real
 
@@ -29,7 +30,7 @@ def int8_lm(real_lm):  # real_lm first: the cache is built and the fp32 pack com
 
 def _score(lm, pack, prompts, spec=None) -> float:
     row = build_row(spec, pack) if spec is not None else None
-    logits = last_logits(lm, prompts, lm.hooks, row, batch_size=N_PROMPTS)
+    logits = last_logits(lm, prompts, hooks_of(lm), row, batch_size=N_PROMPTS)
     return float(refusal_score(logits, refusal_token_ids(lm.tokenizer)).mean())
 
 

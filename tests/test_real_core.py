@@ -14,6 +14,7 @@ from steering import SteeringSpec, build_row
 from steering.data.prompts import load_instructions
 from steering.evaluation.refusal import refusal_score, refusal_token_ids
 from steering.interventions.activations import last_logits
+from steering.interventions.hooks import hooks_of
 
 pytestmark = pytest.mark.real
 
@@ -27,7 +28,7 @@ def scorer(real_lm, real_pack):
 
     def mean_score(prompts, spec: SteeringSpec | None = None) -> float:
         row = build_row(spec, real_pack) if spec is not None else None
-        logits = last_logits(real_lm, prompts, real_lm.hooks, row, batch_size=N_PROMPTS)
+        logits = last_logits(real_lm, prompts, hooks_of(real_lm), row, batch_size=N_PROMPTS)
         return float(refusal_score(logits, token_ids).mean())
 
     return mean_score

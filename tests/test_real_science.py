@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from steering import SteeringSpec, build_row
+from steering.catalog import BUILTIN_PRESETS
 from steering.data.prompts import load_instructions
-from steering.interventions.catalog import BUILTIN_PRESETS
-from steering.packs.judge import judge
+from steering.extraction.judge import judge
 
 pytestmark = pytest.mark.real
 

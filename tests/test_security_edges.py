@@ -14,8 +14,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api.errors import APIError
 from server.app import create_app
+from server.errors import APIError
 from server.security import hardening
 from server.security.auth import hash_key
 from server.settings import Settings

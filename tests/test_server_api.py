@@ -290,7 +290,7 @@ def test_presets_file(tmp_path, tiny_lm, tiny_pack):
 
 
 def test_bad_presets_file_is_refused(tmp_path):
-    from server.api.presets import PresetError
+    from server.presets import PresetError
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"x": {"method": "ablate", "strenght": 1}}))

@@ -45,7 +45,6 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.api.errors import APIError, bad_request
 from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
 from server.api.prepare import Job, prepare_chat
 from server.api.protocol import (
@@ -61,6 +60,7 @@ from server.api.streaming import DONE, error_event
 from server.api.tracker import Choice, Tracker
 from server.context import request_context
 from server.engine import SamplingParams
+from server.errors import APIError, bad_request
 from server.security import audit, policy
 from server.security.hardening import check_names
 from server.state import ServerState, get_state

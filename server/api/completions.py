@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.api.errors import APIError
 from server.api.jobs import submit
 from server.api.prepare import CHAT, COMPLETIONS, Job, prepare_chat, prepare_completion
 from server.api.protocol import (
@@ -29,6 +28,7 @@ from server.api.routing import CheckedBodyRoute
 from server.api.streaming import stream_response
 from server.api.tracker import Tracker
 from server.context import request_context
+from server.errors import APIError
 from server.state import ServerState, get_state
 
 router = APIRouter(route_class=CheckedBodyRoute)

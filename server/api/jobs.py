@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import Request
 
-from server.api.errors import APIError, bad_request
 from server.api.prepare import Job
 from server.engine import EngineStopped, GenerationRequest, QueueFull, TokenEvent
+from server.errors import APIError, bad_request
 from server.state import ServerState
 
 log = logging.getLogger("server")

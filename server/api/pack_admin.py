@@ -23,10 +23,10 @@ import json
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from server.api.errors import APIError, bad_request, not_found
 from server.api.protocol import ERROR_RESPONSES, ErrorResponse
 from server.api.routing import CheckedBodyRoute
 from server.context import request_context
+from server.errors import APIError, bad_request, not_found
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
 from server.security.auth import may_see_internals

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from server.api.errors import not_found
+from server.errors import not_found
 
 router = APIRouter()
 

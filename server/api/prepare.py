@@ -17,10 +17,10 @@ from typing import Literal
 
 from fastapi import Request
 
-from server.api.errors import bad_request
 from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from server.api.resolve import Resolved, resolve_steering
 from server.engine import SamplingParams
+from server.errors import bad_request
 from server.security.hardening import check_prompt_tokens, check_request
 from server.security.policy import enforce_job
 from server.state import ServerState

@@ -26,9 +26,16 @@ from pydantic import (
     model_validator,
 )
 
-from server.api.errors import API_ERROR, api_error, loc_param, unsupported
 from server.engine import SamplingParams
-from steering.interventions.schema import ConditionObject, SteeringObject
+from server.errors import API_ERROR, api_error, loc_param, unsupported
+from steering.interventions.schema import (  # noqa: F401 (the echo types re-exported)
+    Applied,
+    AppliedSteering,
+    ConditionObject,
+    ConditionResult,
+    SteeringObject,
+    SteeringValue,
+)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -56,7 +63,6 @@ ConditionParams = ConditionObject
 SteeringParams = SteeringObject
 
 
-SteeringValue = SteeringParams | list[SteeringParams]
 
 
 def _steering_object(value: Any, where: str) -> SteeringParams:
@@ -362,41 +368,6 @@ class CompareRequest(_Sampling):
 # ---- responses ---------------------------------------------------------------------------------
 
 
-class ConditionResult(BaseModel):
-    score: float  # the prompt on the pack's DiM axis (harmless mean 0, harmful mean 1)
-    applied: bool
-
-
-class AppliedSteering(BaseModel):
-    """What was actually applied (defaults resolved; a condition once decided at prefill)."""
-
-    method: str
-    strength: float
-    k: int | None = None
-    layers: list[int] | None = None
-    pack: str | None = None
-    preset: str | None = None
-    apply_to: str = "all"
-    generation_window: list[int | None] | None = None
-    when: dict[str, Any] | None = None
-    condition: ConditionResult | None = None
-
-    # Controls left at their defaults are left out of the JSON (an untargeted, unconditional
-    # object reads as it always did).
-    DEFAULTS: ClassVar[dict[str, Any]] = {"apply_to": "all", "generation_window": None,
-                                          "when": None, "condition": None}
-
-    @model_serializer(mode="wrap")
-    def _omit_defaults(self, handler):
-        data = handler(self)
-        for name, default in self.DEFAULTS.items():
-            if name in data and data[name] == default and not (name == "condition"
-                                                               and self.when is not None):
-                data.pop(name)
-        return data
-
-
-Applied = AppliedSteering | list[AppliedSteering]  # one object, or a request's list
 
 
 class Usage(BaseModel):

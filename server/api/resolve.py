@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.api.errors import bad_request, not_found
-from server.api.presets import Preset, split_model_name
 from server.api.protocol import Applied, AppliedSteering, SteeringParams, SteeringValue
+from server.errors import bad_request, not_found
+from server.presets import Preset, split_model_name
 from server.state import ServerState
 from steering.interventions.methods import RowSteering, Steering, SteeringError, build_row, compose
 

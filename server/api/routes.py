@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.errors import APIError, not_found
 from server.api.protocol import (
     MAX_STEERING_OBJECTS,
     AppliedSteering,
@@ -15,10 +14,11 @@ from server.api.protocol import (
 )
 from server.api.resolve import resolve_steering
 from server.context import request_context
+from server.errors import APIError, not_found
 from server.security.auth import may_see_internals
 from server.security.policy import effect
 from server.state import ServerState, get_state
-from steering.interventions.catalog import APPLY_TO, CONTROLS
+from steering.catalog import APPLY_TO, CONTROLS
 from steering.interventions.methods import DESCRIPTIONS, INLP_METHODS, METHODS, layer_choice
 
 router = APIRouter()

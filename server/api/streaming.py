@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
 
-from server.api.errors import APIError
 from server.api.jobs import cancel, choice_error, events
 from server.api.prepare import Job
 from server.api.protocol import (
@@ -31,6 +30,7 @@ from server.api.protocol import (
 )
 from server.api.tracker import Choice, Tracker
 from server.context import RequestContext
+from server.errors import APIError
 from server.state import ServerState
 
 DONE = "data: [DONE]\n\n"

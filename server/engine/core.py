@@ -49,6 +49,7 @@ from server.engine.prefix import PrefixCache, prompt_edits_key
 from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import Steering
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
@@ -360,7 +361,7 @@ class Engine:
                     return 0
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
-        self.lm.hooks.set_rows(None if gate else [slot.request.steering], [len(ids)])
+        hooks_of(self.lm).set_rows(None if gate else [slot.request.steering], [len(ids)])
         with gate.capture(self.lm, start, end) if gate else nullcontext():
             out = self.lm.model(
                 input_ids=input_ids,
@@ -393,7 +394,7 @@ class Engine:
         self._mask = torch.cat([self._mask, torch.ones(len(self._rows), 1, dtype=torch.long,
                                                        device=device)], dim=1)
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
-        self.lm.hooks.set_rows([s.request.steering for s in self._rows],
+        hooks_of(self.lm).set_rows([s.request.steering for s in self._rows],
                                [len(s.request.prompt_ids) for s in self._rows])
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
                             position_ids=positions, cache=self._cache, use_cache=True)
@@ -458,7 +459,7 @@ class Engine:
         self._finish_slot(slot, "error", f"internal error in the engine: "
                                          f"{type(exc).__name__}: {exc}")
         if reset_hooks:
-            self.lm.hooks.set_rows(None)  # forget edits half-built for the failed rows
+            hooks_of(self.lm).set_rows(None)  # forget edits half-built for the failed rows
 
     def _isolate(self, width: int, exc: Exception) -> None:
         """The batched decode raised: undo its partial cache growth, retry each row alone on a
@@ -466,7 +467,7 @@ class Engine:
         in the next step, unchanged (nothing was emitted for this step)."""
         log.warning("batched decode failed (%s: %s); retrying its %d rows one at a time",
                     type(exc).__name__, exc, len(self._rows))
-        self.lm.hooks.set_rows(None)
+        hooks_of(self.lm).set_rows(None)
         self._mask = self._mask[:, :width]
         _truncate(self._cache, width)
         device = self.lm.device
@@ -476,14 +477,14 @@ class Engine:
             mask = torch.cat([self._mask[i:i + 1],
                               torch.ones(1, 1, dtype=torch.long, device=device)], dim=1)
             try:
-                self.lm.hooks.set_rows([slot.request.steering], [len(slot.request.prompt_ids)])
+                hooks_of(self.lm).set_rows([slot.request.steering], [len(slot.request.prompt_ids)])
                 self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
                               position_ids=torch.tensor([[slot.position]], device=device),
                               cache=solo, use_cache=True)
             except Exception as row_exc:
                 bad.append(i)
                 self._fail_one(slot, row_exc)
-        self.lm.hooks.set_rows(None)
+        hooks_of(self.lm).set_rows(None)
         if not bad:  # only the batch as a whole fails: nothing to single out
             raise exc
         self._drop_rows(bad)
@@ -494,7 +495,7 @@ class Engine:
             self._finish_slot(slot, "error", message)
         self._rows, self._prefilling = [], None
         self._cache = self._mask = self._next_tokens = None
-        self.lm.hooks.set_rows(None)
+        hooks_of(self.lm).set_rows(None)
 
     # ---- the batch KV cache ---------------------------------------------------------------------
 
@@ -528,7 +529,7 @@ class Engine:
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._next_tokens = None
-            self.lm.hooks.set_rows(None)
+            hooks_of(self.lm).set_rows(None)
             return
         index = torch.tensor(keep, device=self.lm.device)
         # Columns that are padding in every remaining row can go.

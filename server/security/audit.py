@@ -33,8 +33,8 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.protocol import Applied, AppliedSteering
 from server.context import RequestContext, request_context
+from steering.interventions.schema import Applied, AppliedSteering
 
 audit_log = logging.getLogger("steer.audit")
 audit_log.setLevel(logging.INFO)  # always recorded, whatever the root level

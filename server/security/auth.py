@@ -39,8 +39,8 @@ from pathlib import Path
 import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.api.errors import APIError
 from server.context import request_context
+from server.errors import APIError
 from server.security.audit import route_path
 from server.security.policy import Policy, PolicyError
 

@@ -4,7 +4,7 @@ A policy is checked against the *resolved* steering (after a preset is expanded 
 `steering` merged in), so a preset cannot lend a key a method it may not use. It speaks in the
 direction of effect: a request that *lowers* refusal needs an explicit grant (`lower_refusal:
 true`); without it a key may only keep or raise refusal. Per method, which strengths do what
-(each method's record in `steering.interventions.catalog` states it; this table is its reading):
+(each method's record in `steering.catalog` states it; this table is its reading):
 
     method      raises refusal    lowers refusal          without the grant
     none        —                 —                       allowed
@@ -37,16 +37,16 @@ from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 
-from server.api.errors import APIError
-from server.api.protocol import Applied, AppliedSteering
 from server.context import request_context
-from steering.interventions.catalog import REGISTRY
+from server.errors import APIError
+from steering.catalog import REGISTRY
+from steering.interventions.schema import Applied, AppliedSteering
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
           "tokens_per_minute", "lower_refusal", "strength")
 # The refusal-lowering methods and strengths come from each method's record
-# (steering.interventions.catalog: `lowers`, `raises`).
+# (steering.catalog: `lowers`, `raises`).
 LOWERING_METHODS = tuple(m.name for m in REGISTRY.values()
                          if m.lowers is not None and m.lowers.everything)
 

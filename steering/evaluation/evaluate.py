@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from steering import __version__
+from steering.catalog import REGISTRY
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
 from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-exported)
     is_refusal,
@@ -42,7 +43,7 @@ from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-expo
     wilson_interval,
 )
 from steering.interventions.activations import encode_chats, with_positions
-from steering.interventions.catalog import REGISTRY
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import (
     INLP_METHODS,
     METHODS,
@@ -226,13 +227,13 @@ def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | 
         chunk = [prompts[i] for i in order[start:start + batch_size]]
         enc = encode_chats(lm, chunk)
         enc.pop("position_ids")  # generate derives them from the attention mask
-        lm.hooks.set_rows(_rows(row, len(chunk)))
+        hooks_of(lm).set_rows(_rows(row, len(chunk)))
         try:
             out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, **GENERATION,
                                     pad_token_id=lm.tokenizer.pad_token_id,
                                     return_dict_in_generate=True, output_logits=True)
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         first.extend(out.logits[0].float().cpu())
         new = out.sequences[:, enc["input_ids"].shape[1]:].tolist()
         for ids in new:
@@ -274,12 +275,12 @@ def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets:
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
         keep = min(max(ns) + 1, width)
-        lm.hooks.set_rows(_rows(row, len(seqs)))
+        hooks_of(lm).set_rows(_rows(row, len(seqs)))
         try:
             logits = lm.model(**with_positions(ids, mask, lm.device), use_cache=False,
                               logits_to_keep=keep).logits.float().cpu()
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         targets = ids[:, width - keep + 1:]  # token t is predicted by logits at t − 1
         positions = torch.arange(width - keep + 1, width)
         target_mask = positions[None, :] >= torch.tensor([width - n for n in ns])[:, None]

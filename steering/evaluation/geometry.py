@@ -27,25 +27,14 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from steering.interventions.activations import encode_chats
+from steering.interventions.activations import encode_chats, layer_activations  # noqa: F401
+from steering.interventions.conditions import dim_position  # noqa: F401 (re-exported)
 from steering.interventions.kernel import BatchEdit, apply_edit
 from steering.interventions.methods import RowSteering, SteeringSpec, build_row
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack
 
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the intervention layer is needed."""
-
-
 # ---- numbers ------------------------------------------------------------------------------------
-
-def dim_position(acts: torch.Tensor, mean_harmful: torch.Tensor,
-                 mean_harmless: torch.Tensor) -> torch.Tensor:
-    """Position along the DiM axis: 0 at the harmless mean, 1 at the harmful mean. [N, d] → [N]"""
-    r = (mean_harmful - mean_harmless).double()
-    return ((acts.double() - mean_harmless.double()) @ r) / (r @ r).clamp_min(1e-30)
-
 
 def nearest_is_harmless(acts: torch.Tensor, mean_harmful: torch.Tensor,
                         mean_harmless: torch.Tensor) -> torch.Tensor:
@@ -74,39 +63,6 @@ def project(x: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor) -> torch.T
 
 
 # ---- activations ---------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def layer_activations(lm: LoadedModel, prompts: Sequence[str], layer: int, position: int,
-                      row: RowSteering | None = None, batch_size: int = 16,
-                      desc: str | None = None) -> torch.Tensor:
-    """Residual stream at `layer`'s input (after any steering edits there), token `position`
-    (negative offset from the end of the prompt), float32 [N, d] on the CPU."""
-    hooks = lm.hooks  # registered first, so the capture below sees the edited input
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        captured["h"] = h[:, position, :].float().cpu()
-        raise _Stop
-
-    handle = lm.layout.blocks[layer].register_forward_pre_hook(capture, with_kwargs=True)
-    outs = []
-    starts = range(0, len(prompts), batch_size)
-    try:
-        for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-            chunk = list(prompts[start:start + batch_size])
-            hooks.set_rows([row] * len(chunk) if row is not None else None)
-            try:
-                lm.model(**encode_chats(lm, chunk), use_cache=False, logits_to_keep=1)
-            except _Stop:
-                pass
-            finally:
-                hooks.set_rows(None)
-            outs.append(captured.pop("h"))
-    finally:
-        handle.remove()
-    return torch.cat(outs)
-
 
 def edited_activations(lm: LoadedModel, prompts: Sequence[str], base: torch.Tensor, layer: int,
                        position: int, row: RowSteering, batch_size: int = 16,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from steering.interventions.hooks import SteeringHooks
+from steering.interventions.hooks import SteeringHooks, hooks_of
 from steering.interventions.methods import RowSteering
 from steering.models.chat import format_chat
 from steering.models.loading import LoadedModel
@@ -89,4 +89,41 @@ def last_logits(lm: LoadedModel, prompts: Sequence[str], hooks: SteeringHooks | 
             if hooks is not None:
                 hooks.set_rows(None)
         outs.append(logits.float().cpu())
+    return torch.cat(outs)
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing after the intervention layer is needed."""
+
+
+@torch.inference_mode()
+def layer_activations(lm: LoadedModel, prompts: Sequence[str], layer: int, position: int,
+                      row: RowSteering | None = None, batch_size: int = 16,
+                      desc: str | None = None) -> torch.Tensor:
+    """Residual stream at `layer`'s input (after any steering edits there), token `position`
+    (negative offset from the end of the prompt), float32 [N, d] on the CPU."""
+    hooks = hooks_of(lm)  # registered first, so the capture below sees the edited input
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        captured["h"] = h[:, position, :].float().cpu()
+        raise _Stop
+
+    handle = lm.layout.blocks[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    outs = []
+    starts = range(0, len(prompts), batch_size)
+    try:
+        for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
+            chunk = list(prompts[start:start + batch_size])
+            hooks.set_rows([row] * len(chunk) if row is not None else None)
+            try:
+                lm.model(**encode_chats(lm, chunk), use_cache=False, logits_to_keep=1)
+            except _Stop:
+                pass
+            finally:
+                hooks.set_rows(None)
+            outs.append(captured.pop("h"))
+    finally:
+        handle.remove()
     return torch.cat(outs)

@@ -5,7 +5,7 @@ offset from the end of the prompt) and scores it on the pack's DiM axis,
 
     t(h) = (h − μ⁻)·r / ‖r‖²,  r = μ⁺ − μ⁻      (harmless mean 0, harmful mean 1)
 
-the axis of `steering.evaluation.geometry.dim_position`. The object's edits apply to the request
+the axis of `steering.interventions.conditions.dim_position`. The object's edits apply to the request
 only when t is above (below) the threshold (Lee et al. 2024, "Programming Refusal with
 Conditional Activation Steering": a condition vector gates the behaviour vector per prompt).
 
@@ -27,10 +27,17 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from steering.evaluation.geometry import dim_position, layer_activations
+from steering.interventions.activations import layer_activations
 from steering.interventions.kernel import EVERY_TOKEN
 from steering.interventions.methods import BoundCondition, RowSteering, Steering, with_parts
 from steering.models.loading import LoadedModel
+
+
+def dim_position(acts: torch.Tensor, mean_harmful: torch.Tensor,
+                 mean_harmless: torch.Tensor) -> torch.Tensor:
+    """Position along the DiM axis: 0 at the harmless mean, 1 at the harmful mean. [N, d] → [N]"""
+    r = (mean_harmful - mean_harmless).double()
+    return ((acts.double() - mean_harmless.double()) @ r) / (r @ r).clamp_min(1e-30)
 
 
 def condition_score(condition: BoundCondition, residual: torch.Tensor) -> float:

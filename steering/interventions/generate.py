@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from steering.interventions.activations import encode_chats
 from steering.interventions.conditions import pending, resolve_conditions
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import Steering
 from steering.models.loading import LoadedModel
 
@@ -38,13 +39,13 @@ def generate(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[Steering] |
         chunk = list(prompts[start:start + batch_size])
         enc = encode_chats(lm, chunk)
         enc.pop("position_ids")  # generate derives them from the attention mask
-        lm.hooks.set_rows(list(rows[start:start + len(chunk)]) if rows is not None else None,
+        hooks_of(lm).set_rows(list(rows[start:start + len(chunk)]) if rows is not None else None,
                           enc["attention_mask"].sum(-1).tolist())
         try:
             out = lm.model.generate(**enc, max_new_tokens=max_new_tokens,
                                     pad_token_id=lm.tokenizer.pad_token_id, **sampling)
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         new = out[:, enc["input_ids"].shape[1]:]
         texts.extend(lm.tokenizer.batch_decode(new, skip_special_tokens=True))
     return texts

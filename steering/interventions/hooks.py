@@ -198,3 +198,13 @@ class SteeringHooks:
             return self._run(passes, site, output)
 
         return hook
+
+
+def hooks_of(lm) -> SteeringHooks:
+    """`lm`'s steering hooks (a `LoadedModel`), attached on first use and idle until rows are
+    set: the steering layer wraps the model (the model knows nothing of steering)."""
+    hooks = lm.__dict__.get("_steering_hooks")
+    if hooks is None:
+        hooks = SteeringHooks(lm.layout, lm.device, lm.dtype, lm.d_model, lm.model)
+        lm.__dict__["_steering_hooks"] = hooks
+    return hooks

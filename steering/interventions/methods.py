@@ -51,7 +51,7 @@ output (sequential application is the definition; the hooks batch it).
 
 The condition score is the position of the prompt's residual (pack layer input, pack position)
 on the DiM axis, t(h) = (h − μ⁻)·r / ‖r‖² with r = μ⁺ − μ⁻: harmless mean 0, harmful mean 1 (the
-axis of `steering.evaluation.geometry.dim_position`; Lee et al. 2024, "Programming Refusal with
+axis of `steering.interventions.conditions.dim_position`; Lee et al. 2024, "Programming Refusal with
 Conditional Activation Steering", use a condition vector the same way).
 """
 
@@ -63,7 +63,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from steering.interventions.catalog import (  # noqa: F401 (re-exported)
+from steering.catalog import (  # noqa: F401 (re-exported)
     APPLY_TO,
     DESCRIPTIONS,
     INLP_METHODS,
@@ -188,7 +188,7 @@ def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]
     return every, (every if REGISTRY[method].layers == "every" else [pack.layer])
 
 
-# ---- the row builders: one per method record (steering.interventions.catalog) ------------------
+# ---- the row builders: one per method record (steering.catalog) ------------------
 
 Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], tuple[dict, SteeringSpec]]
 BUILDERS: dict[str, Builder] = {}

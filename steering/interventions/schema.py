@@ -1,5 +1,5 @@
 """The steering object on the wire: one pydantic schema for the server's request body and the
-clients (torch-free).
+clients (torch-free), and its echo as applied (`AppliedSteering`).
 
 The server's protocol (`server.api.protocol`) takes these models as they are; the Python client
 (`clients.steering_client`) subclasses them with a positional `method`. Unknown fields are refused
@@ -9,11 +9,11 @@ the library's `SteeringSpec`; what depends on a pack (layers, k) is checked by `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from steering.interventions.catalog import CONTROLS, METHODS
+from steering.catalog import CONTROLS, METHODS
 from steering.interventions.spec import Condition, SteeringSpec
 
 MAX_LAYERS = 256  # entries in `layers` (more than any served model has)
@@ -64,3 +64,46 @@ class SteeringObject(BaseModel):
                             pack=pack, apply_to=self.apply_to,
                             generation_window=tuple(window) if window is not None else None,
                             when=self.when.to_condition() if self.when is not None else None)
+
+
+SteeringValue = SteeringObject | list[SteeringObject]  # one object, or a request's list
+
+
+# ---- the steering as applied (echoed in responses, read by the policy and the audit log) --------
+
+
+class ConditionResult(BaseModel):
+    score: float  # the prompt on the pack's DiM axis (harmless mean 0, harmful mean 1)
+    applied: bool
+
+
+class AppliedSteering(BaseModel):
+    """What was actually applied (defaults resolved; a condition once decided at prefill)."""
+
+    method: str
+    strength: float
+    k: int | None = None
+    layers: list[int] | None = None
+    pack: str | None = None
+    preset: str | None = None
+    apply_to: str = "all"
+    generation_window: list[int | None] | None = None
+    when: dict[str, Any] | None = None
+    condition: ConditionResult | None = None
+
+    # Controls left at their defaults are left out of the JSON (an untargeted, unconditional
+    # object reads as it always did).
+    DEFAULTS: ClassVar[dict[str, Any]] = {"apply_to": "all", "generation_window": None,
+                                          "when": None, "condition": None}
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler):
+        data = handler(self)
+        for name, default in self.DEFAULTS.items():
+            if name in data and data[name] == default and not (name == "condition"
+                                                               and self.when is not None):
+                data.pop(name)
+        return data
+
+
+Applied = AppliedSteering | list[AppliedSteering]  # one object, or a request's list

@@ -3,8 +3,8 @@
 Lives here: loading and device/dtype choice, the embedded GGUF wheels, GGUF dequantization, the
 layer table (where the residual stream is read and written), chat templates, the model fingerprint.
 Also: the precision a model runs in (precision.py: int8 per-row kernels, SmoothQuant calibration).
-May import: torch, transformers, gguf; from steering only `steering.interventions.hooks` (to attach)
-and `steering.data` (calibration prompts).
+May import: torch, transformers, gguf; from steering only `steering.data` (calibration prompts).
+The model knows nothing of steering: `steering.interventions.hooks.hooks_of(lm)` wraps it.
 """
 
 # The precisions a model can be served in (steering.models.precision), torch-free for the command

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -17,7 +16,6 @@ from transformers import (
     PreTrainedModel,
 )
 
-from steering.interventions.hooks import SteeringHooks
 from steering.models import embedded, int8_cache
 from steering.models.fused_layers import use_fused_layers
 from steering.models.gguf import convert_gguf_to_folder
@@ -43,11 +41,6 @@ class LoadedModel:
         self.layout = discover(self.model)
         if self.precision == "int8":  # the same arithmetic in fewer operations (fused_layers.py)
             use_fused_layers(self.model)
-
-    @cached_property
-    def hooks(self) -> SteeringHooks:
-        """The model's steering hooks, attached on first use (idle until rows are set)."""
-        return SteeringHooks(self.layout, self.device, self.dtype, self.d_model, self.model)
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,6 @@
-"""Packs: what extraction produces for one model, on disk and in memory.
+"""Packs: what extraction produces for one model, on disk and in memory (data only).
 
-Lives here: the pack format (safetensors + JSON sidecar, strict loading), the cache of default
-packs, extraction of DiM/ACE/INLP directions and the selection of layer and position.
-May import: `steering.models`, `steering.interventions`, `steering.evaluation.refusal`, `steering.data`.
+Lives here: the pack format (safetensors + JSON sidecar, strict loading) and its identity record
+(hook layout, the operations each vector was made for).
+May import: `steering.models`, `steering.catalog`, `steering.data`.
 """

@@ -105,7 +105,7 @@ class SteeringPack:
 
     def calibrated_strength(self, method: str) -> float | None:
         """The strength extraction measured to reach `method`'s effect on the validation split
-        (see `steering.packs.extract`), or None when the pack records none."""
+        (see `steering.extraction.extract`), or None when the pack records none."""
         entry = (self.meta.get("calibration") or {}).get(method)
         value = entry.get("strength") if isinstance(entry, dict) else None
         return float(value) if isinstance(value, int | float) else None

@@ -25,7 +25,7 @@ outputs), and the depth. A model whose layout differs gets a clear refusal.
 
 from __future__ import annotations
 
-from steering.interventions.catalog import REGISTRY
+from steering.catalog import REGISTRY
 
 OPERATIONS = ("add", "ablate", "affine", "inlp")
 METHOD_OPERATION = {m.name: m.operation for m in REGISTRY.values() if m.operation}

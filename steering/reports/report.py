@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from steering.catalog import BUILTIN_PRESETS, CALIBRATED, REGISTRY
 from steering.data.prompts import load_instructions, prompts_hash
 from steering.evaluation.evaluate import EvalConfig, evaluate, judge_table, markdown_table
 from steering.evaluation.geometry import geometry, plot_geometry, strip_points
-from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED, REGISTRY
 from steering.interventions.methods import METHODS, SteeringSpec
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack

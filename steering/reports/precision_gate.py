@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from steering.catalog import REGISTRY, eval_grid
 from steering.data.prompts import load_general_text, load_instructions
 from steering.evaluation.refusal import is_refusal
-from steering.interventions.catalog import REGISTRY, eval_grid
 from steering.interventions.generate import generate
 from steering.interventions.methods import SteeringSpec, build_row
 from steering.models.chat import format_chat
@@ -133,7 +133,7 @@ def perplexity_and_kl(reference: LoadedModel, models: dict[str, LoadedModel], id
 
 def run_gate(precisions: Sequence[str], config: GateConfig, model: str = "embedded",
              pack_path: str | None = None) -> dict:
-    from steering.packs.store import ensure_pack
+    from steering.extraction.store import ensure_pack
 
     harmful = load_instructions(config.harmful or find_harmful_test())[:config.n_harmful]
     harmless = load_instructions(config.harmless)[:config.n_harmless]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from steering.evaluation.refusal import is_refusal
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import RowSteering
 from steering.models.chat import format_chat, shared_prefix_length
 from steering.models.loading import LoadedModel
@@ -93,13 +94,13 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
             enc = _layout([ids[i] for i in index], shared, pad, lm.device)
             if prefixes is not None:
                 enc["cache"] = prefixes.for_rows(steer or [None] * len(index))
-            lm.hooks.set_rows(steer)
+            hooks_of(lm).set_rows(steer)
             try:
                 out = lm.model.generate(**enc, max_new_tokens=n_tokens, do_sample=False,
                                         num_beams=1, repetition_penalty=1.0, pad_token_id=pad,
                                         return_dict_in_generate=True, output_logits=True)
             finally:
-                lm.hooks.set_rows(None)
+                hooks_of(lm).set_rows(None)
             new = out.sequences[:, enc["input_ids"].shape[1]:]
             decoded = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
             logits = out.logits[0].float().cpu()
@@ -143,7 +144,7 @@ class _PrefixCache:
         row = None if row is _NONE else row  # one unsteered prefix
         key = id(row)
         if key not in self._by_row:
-            self.lm.hooks.set_rows(None if row is None else [row])
+            hooks_of(self.lm).set_rows(None if row is None else [row])
             self.computing = True
             try:
                 cache = DynamicCache(config=self.lm.model.config)
@@ -151,7 +152,7 @@ class _PrefixCache:
                               logits_to_keep=1)
             finally:
                 self.computing = False
-                self.lm.hooks.set_rows(None)
+                hooks_of(self.lm).set_rows(None)
             kv = [(layer.keys, layer.values) for layer in cache.layers]
             self._by_row[key] = (row, kv)  # holds the row, so its id is not reused
         return self._by_row[key][1]

@@ -3,7 +3,7 @@ the ACE reference points (Marshall et al. 2024: the harmless means), INLP direct
 selected layer (Rocchetti & Ferrara 2026), and a calibrated strength per method.
 
 1. **Training prompts, filtered as Arditi et al. do**: harmful prompts the model refuses and
-   harmless ones it answers, judged on a short greedy completion (`steering.packs.judge`) in the
+   harmless ones it answers, judged on a short greedy completion (`steering.extraction.judge`) in the
    same pass that records the activations. If fewer than `min_filtered` pass, the filter is skipped
    for that set (recorded in the sidecar under `filters`).
 2. **Validation prompts**: every harmful_val prompt the model refuses and every one of the first
@@ -37,21 +37,21 @@ from datetime import UTC, datetime
 import torch
 
 from steering import __version__
+from steering.catalog import CALIBRATED_METHODS
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
 from steering.evaluation.refusal import refusal_score, refusal_token_ids
-from steering.interventions.catalog import CALIBRATED_METHODS
+from steering.extraction.inlp import InlpConfig, inlp
+from steering.extraction.judge import judge, rate
 from steering.interventions.methods import SteeringSpec, build_row
 from steering.models.chat import post_instruction_length, template_hash
 from steering.models.fingerprint import fingerprint
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack
-from steering.packs.inlp import InlpConfig, inlp
-from steering.packs.judge import judge, rate
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever extraction changes what a pack contains or how it is chosen; cached packs with
-# an older version are extracted again (steering.packs.store.ensure_pack).
+# an older version are extracted again (steering.extraction.store.ensure_pack).
 EXTRACT_VERSION = 2
 
 @dataclass

@@ -43,20 +43,21 @@ from tqdm.auto import tqdm
 from steering import __version__
 from steering.data.contrastive import Example
 from steering.data.prompts import prompts_hash
+from steering.extraction.extract import EXTRACT_VERSION, _kl
+from steering.extraction.inlp import InlpConfig, inlp
 from steering.interventions.activations import collect_residuals, last_logits, with_positions
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import SteeringSpec, build_row
 from steering.models.chat import format_chat, post_instruction_length, template_hash
 from steering.models.fingerprint import fingerprint
 from steering.models.loading import LoadedModel
-from steering.packs.extract import EXTRACT_VERSION, _kl
 from steering.packs.format import SteeringPack
 from steering.packs.identity import hook_layout
-from steering.packs.inlp import InlpConfig, inlp
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever concept extraction changes what a pack holds or how it is chosen; cached
-# concept packs of another version are extracted again (steering.packs.store).
+# concept packs of another version are extracted again (steering.extraction.store).
 CONCEPT_VERSION = 3  # 3: kl_threshold 0.1 → 0.2, choice by kl_add (see choose)
 
 
@@ -213,7 +214,7 @@ def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequ
         scratch.layer, scratch.position = s["layer"], s["position"]
         for method, key in (("ablate", "kl_ablate"), ("actadd", "kl_add")):
             row = build_row(SteeringSpec(method, 1.0), scratch)
-            s[key] = _kl(base, last_logits(lm, kl_prompts, lm.hooks, row, config.batch_size))
+            s[key] = _kl(base, last_logits(lm, kl_prompts, hooks_of(lm), row, config.batch_size))
     chosen, filters = choose(scores, config.kl_threshold)
     if filters != "kl":
         log.warning("no candidate kept the ablation KL below %s; chose by separation alone",

@@ -155,7 +155,7 @@ def eval_grid() -> list[tuple[str, float]]:
 CALIBRATED = "calibrated"
 
 # Built-in server presets (`<served-name>+<preset>`); `strength: "calibrated"` takes the pack's
-# calibrated strength for the method (steering.packs.extract), 1 where the pack records none.
+# calibrated strength for the method (steering.extraction.extract), 1 where the pack records none.
 BUILTIN_PRESETS: dict[str, dict] = {
     "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
                    "description": "less refusal: one-sided INLP counterfactual flip (AlterRep) "

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def default_pack_path(lm: LoadedModel, name: str = "refusal") -> Path:
     """<cache>/packs/<model>-<arch>/extract-v<N>/<name>: a new extraction version gets a new
     folder, so a server never keeps serving a pack chosen by an older extraction."""
-    from steering.packs.extract import EXTRACT_VERSION
+    from steering.extraction.extract import EXTRACT_VERSION
 
     fp = fingerprint(lm.model)
     safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in lm.name)
@@ -29,7 +29,7 @@ def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fa
                 name: str = "refusal") -> SteeringPack:
     """Load the pack at `path` (default: the model's cached pack); extract it if missing, or if
     the cached default pack comes from an older extraction version."""
-    from steering.packs.extract import EXTRACT_VERSION, ExtractConfig, extract_pack
+    from steering.extraction.extract import EXTRACT_VERSION, ExtractConfig, extract_pack
 
     target = Path(path) if path else default_pack_path(lm, name)
     tensors, _ = pack_paths(target)
@@ -56,7 +56,7 @@ def ensure_concept_pack(lm: LoadedModel, name: str) -> SteeringPack:
     """The cached pack of shipped concept `name`, extracted on first use (or when the cached one
     comes from another concept-extraction version)."""
     from steering.data.contrastive import SHIPPED_CONCEPTS, load_examples
-    from steering.packs.concept import CONCEPT_VERSION, extract_concept
+    from steering.extraction.concept import CONCEPT_VERSION, extract_concept
 
     try:
         shipped = SHIPPED_CONCEPTS[name]

@@ -28,8 +28,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from server.api.protocol import SteeringParams, SteeringValue
-from steering.interventions.catalog import BUILTIN_PRESETS, CALIBRATED
+from steering.catalog import BUILTIN_PRESETS, CALIBRATED
+from steering.interventions.schema import SteeringObject as SteeringParams
+from steering.interventions.schema import SteeringValue
 
 SEPARATOR = "+"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
