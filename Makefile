@@ -14,9 +14,12 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/steer serve
 
+# The fast set (tiny models, in-process apps) runs on every core; the tests on the real model
+# (marked `real`: real server processes, the embedded model) run after it, one at a time.
 test: $(STAMP)
 	sh scripts/ensure-browser.sh
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto -m "not real"
+	$(VENV)/bin/python -m pytest -q -m real
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit
