@@ -1,5 +1,8 @@
 """Serving benchmark on the embedded model (issue 11). One run prints a table and one JSON line.
 
+(Why one ~420-line script: a benchmark that must be read and run as one file; its parts are the
+llama.cpp reference, the paired overhead rounds and the concurrency sweep.)
+
     .venv/bin/python bench/serve.py [--tokens 64] [--concurrency 1,4,8,16,32] [--precision auto]
 
 Side by side, on the same machine, one greedy stream of `--tokens` tokens each:

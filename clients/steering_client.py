@@ -1,5 +1,8 @@
 """A small typed client for the steering server: chat (plain and streamed), compare, models.
 
+(Why one ~440-line module: the blocking and the async client mirror each other method for
+method over shared request builders and result parsers; kept side by side so they cannot drift.)
+
     from clients import Steering, SteeringClient
 
     with SteeringClient("http://127.0.0.1:8000") as c:
