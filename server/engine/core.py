@@ -62,6 +62,7 @@ from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.hooks import hooks_of
+from steering.interventions.monitors import monitors_of
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
@@ -292,6 +293,7 @@ class Engine:
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
         hooks_of(self.lm).set_rows(None if gate else [slot.request.steering], [len(ids)])
+        watch = self._watch([slot])
         with gate.capture(self.lm, start, end) if gate else nullcontext():
             out = self.lm.model(
                 input_ids=input_ids,
@@ -310,7 +312,8 @@ class Engine:
         if slot.prefilled < len(ids):
             return end - start
         slot.position = len(ids)
-        token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
+        token = self._sample_and_emit([slot], out.logits[:, -1, :],
+                                      watch.take() if watch else None)[0]
         if token is not None:
             self._merge(slot, token)
         # only now: `stats()` (hence a draining shutdown) must never see the request in neither
@@ -326,12 +329,14 @@ class Engine:
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
         hooks_of(self.lm).set_rows([s.request.steering for s in self._rows],
                                [len(s.request.prompt_ids) for s in self._rows])
+        watch = self._watch(self._rows)
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
                             position_ids=positions, cache=self._cache, use_cache=True)
         self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
-        tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :])
+        tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :],
+                                       watch.take() if watch else None)
         finished = [i for i, t in enumerate(tokens) if t is None]
         self._next_tokens = torch.tensor([t if t is not None else 0 for t in tokens],
                                          device=device)
@@ -339,26 +344,40 @@ class Engine:
 
     # ---- sampling and events --------------------------------------------------------------------
 
-    def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
-        """Sample one token per row and send its event; None where the request finished. A row
-        that cannot be sampled (non-finite logits) fails alone."""
+    def _watch(self, slots: list[_Slot]):
+        """The monitor hooks scoring these rows in the next forward (None: no row is
+        monitored and none ever was; monitors.py)."""
+        if not any(s.request.monitors for s in slots):
+            watch = monitors_of(self.lm, create=False)
+            if watch is not None:
+                watch.set_rows(None)
+            return None
+        watch = monitors_of(self.lm)
+        watch.set_rows([s.request.monitors for s in slots])
+        return watch
+
+    def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor,
+                         monitor: list[list[float]] | None = None) -> list[int | None]:
+        """Sample one token per row and send its event (with the row's monitor scores); None
+        where the request finished. A row that cannot be sampled (non-finite logits) fails
+        alone."""
         draws = draw(logits, [_row_sampling(s) for s in slots])
         result: list[int | None] = []
-        for slot, d in zip(slots, draws, strict=True):
+        for i, (slot, d) in enumerate(zip(slots, draws, strict=True)):
             if d.error is not None:
                 self._fail_one(slot, FloatingPointError(d.error), reset_hooks=False)
                 result.append(None)
                 continue
-            result.append(self._emit(slot, d))
+            result.append(self._emit(slot, d, monitor[i] if monitor else None))
         return result
 
-    def _emit(self, slot: _Slot, d: Draw) -> int | None:
+    def _emit(self, slot: _Slot, d: Draw, monitor: list[float] | None = None) -> int | None:
         """Send one row's token event; its token, or None when the request finished."""
         sp = slot.request.sampling
         token = d.token
         slot.generated += 1
         event = TokenEvent(token_id=token, text="", logprob=d.logprob,
-                           top_logprobs=d.top_logprobs)
+                           top_logprobs=d.top_logprobs, monitor=monitor or None)
         if slot.first_event:
             event.queue_wait_s = time.monotonic() - slot.submitted
             event.steering = slot.request.steering

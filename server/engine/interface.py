@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from steering.interventions.methods import Steering
+from steering.interventions.monitors import MonitorSet
 
 
 class QueueFull(Exception):
@@ -43,6 +44,7 @@ class GenerationRequest:
     sampling: SamplingParams
     steering: Steering  # conditions are decided at prefill (then this is the decided steering)
     request_id: str = ""
+    monitors: MonitorSet = ()  # axes scored at every generated token (TokenEvent.monitor)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TokenEvent:
     error: str | None = None
     queue_wait_s: float | None = None  # set on the first event of a request
     steering: Steering | None = None  # first event: as applied (conditions decided)
+    monitor: list[float] | None = None  # the request's monitor scores for this token
 
 
 class _Handle:

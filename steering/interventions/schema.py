@@ -17,6 +17,7 @@ from steering.catalog import CONTROLS, METHODS
 from steering.interventions.spec import Condition, SteeringSpec
 
 MAX_LAYERS = 256  # entries in `layers` (more than any served model has)
+MAX_VECTOR_CHARS = 16 * 4 * 16384 * 4 // 3 + 4  # base64 of a 16 × 16384 float32 basis
 
 
 class ConditionObject(BaseModel):
@@ -37,6 +38,36 @@ class ConditionObject(BaseModel):
         return Condition(pack=self.pack, layer=self.layer, above=self.above, below=self.below)
 
 
+class VectorObject(BaseModel):
+    """`vector`: the steering object's own vector instead of a pack's
+    (`steering.interventions.raw`): actadd adds it, ablate projects out its direction, the INLP
+    methods take an orthonormal basis [k, d]. Needs the key's raw-vector grant."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    data: str = Field(..., max_length=MAX_VECTOR_CHARS,
+                      description="little-endian float32 values, base64-encoded")
+    shape: list[int] | None = Field(None, min_length=1, max_length=2,
+                                    description="[d] or [k, d] (default: from the data)")
+    layer: int | None = Field(None, description="actadd: its default layer; INLP: the layer "
+                                                "the basis edits (required)")
+
+
+class MonitorObject(BaseModel):
+    """One monitor of a completion: a pack's DiM axis at a layer, scored per generated token
+    (harmless mean 0, harmful mean 1; `steering.interventions.monitors`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    pack: str = Field(..., max_length=128, description="pack whose axis is read")
+    layer: int | None = Field(None, description="layer read (default: the pack's)")
+    name: str | None = Field(None, max_length=128, description="label in the response "
+                                                               "(default: pack, or pack@layer)")
+
+
+MonitorValue = list[str | MonitorObject]  # pack names, or objects
+
+
 class SteeringObject(BaseModel):
     """The intervention for a request. Omitted fields take the method's defaults."""
 
@@ -55,6 +86,8 @@ class SteeringObject(BaseModel):
     generation_window: list[int | None] | None = Field(
         None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
     when: ConditionObject | None = Field(None, description=CONTROLS["when"])
+    vector: VectorObject | None = Field(None, description="the object's own vector instead of "
+                                                          "a pack's (needs the raw-vector grant)")
 
     def to_spec(self, pack: str | None) -> SteeringSpec:
         """The library's spec; `pack` is the pack it runs on (this object's, or the default)."""
@@ -90,11 +123,12 @@ class AppliedSteering(BaseModel):
     generation_window: list[int | None] | None = None
     when: dict[str, Any] | None = None
     condition: ConditionResult | None = None
+    vector: dict[str, Any] | None = None  # a raw vector: sha256, norm, shape, layer
 
     # Controls left at their defaults are left out of the JSON (an untargeted, unconditional
     # object reads as it always did).
     DEFAULTS: ClassVar[dict[str, Any]] = {"apply_to": "all", "generation_window": None,
-                                          "when": None, "condition": None}
+                                          "when": None, "condition": None, "vector": None}
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler):
