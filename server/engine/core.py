@@ -18,7 +18,9 @@ The hooks get each row's prompt length with its steering, so targeted edits (app
 generation_window) know which positions are prompt and which generated. A request with a
 condition (`when`) prefills unsteered while `ConditionGate` captures the residual it scores; the
 decided steering then replaces the request's, and the prefill is redone from the first prompt
-position it edits, if any. The first TokenEvent carries the steering as applied.
+position it edits, if any. The first TokenEvent carries the steering as applied. A request's
+`monitors` are scored by read-only hooks in the forward that yields each of its tokens
+(`steering.interventions.monitors`); each TokenEvent carries them (`monitor`).
 
 The serving layer uses only:
 
@@ -28,6 +30,7 @@ The serving layer uses only:
     async for event in handle:                 # TokenEvent per generated token
         ...
     handle.cancel()                            # frees the slot at the next step
+    result = await engine.call(fn)             # fn(lm) on the engine thread, between steps
     await engine.shutdown()                    # stop admitting, finish running, stop the loop
     engine.stats()                             # {"running": int, "waiting": int}
 """
@@ -40,13 +43,16 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from server.engine.attention import use_row_exact_attention
+from server.engine.calls import ModelCall
 from server.engine.detok import Detokenizer
 from server.engine.interface import (  # noqa: F401 (the interface, re-exported)
     EngineStopped,
@@ -109,6 +115,7 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self.prefill_chunk = prefill_chunk
         self._waiting: deque[_Slot] = deque()
+        self._calls: deque[ModelCall] = deque()  # model work between steps (`call`)
         self._prefilling: _Slot | None = None
         self._rows: list[_Slot] = []  # running requests, in batch order
         self._cache: DynamicCache | None = None
@@ -152,6 +159,40 @@ class Engine:
         self._wake()
         return handle
 
+    def call(self, fn: Callable[[LoadedModel], Any]) -> asyncio.Future:
+        """Run `fn(lm)` on the engine thread between two steps and get its result (or its
+        exception) in the returned future: work that needs the model to itself (activation
+        capture, inspection). The steering and monitor hooks are idle while it runs, and one
+        call runs per step, so decoding continues between calls."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down and admits no new requests")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if len(self._calls) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} calls waiting)")
+            self._calls.append(ModelCall(fn, future, loop))
+        self._wake()
+        return future
+
+    def _run_call(self) -> None:
+        with self._lock:
+            call = self._calls.popleft() if self._calls else None
+        if call is None:
+            return
+        hooks_of(self.lm).set_rows(None)
+        watch = monitors_of(self.lm, create=False)
+        if watch is not None:
+            watch.set_rows(None)
+        try:
+            with torch.inference_mode():
+                result, error = call.fn(self.lm), None
+        except Exception as exc:  # the caller's error, handed to it
+            result, error = None, exc
+        finally:
+            hooks_of(self.lm).set_rows(None)
+        call.settle(result, error)
+
     async def shutdown(self, timeout_s: float | None = None) -> None:
         """Stop admitting, let waiting and running requests finish, then stop the loop."""
         self._accepting = False
@@ -189,13 +230,14 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping:
-            if not (self._rows or self._prefilling or self._waiting):
+            if not (self._rows or self._prefilling or self._waiting or self._calls):
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
             if self._threads is not None:
                 self._threads.apply()
             try:
+                self._run_call()
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the server
                 log.exception("engine step failed")
