@@ -42,6 +42,8 @@ class ServerState:
     failed_packs: dict[str, str] = field(default_factory=dict)  # name → why it was refused
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
     tokenizer_pool: ThreadPoolExecutor | None = None  # see `in_tokenizer_thread`
+    extraction_jobs: dict[str, Any] = field(default_factory=dict)  # id → ExtractionJob
+    extraction_model: Callable[[], LoadedModel] | None = None  # the jobs' model (api.extract_jobs)
 
     @property
     def served_name(self) -> str:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.api.jobs import submit
+from server.api.monitoring import resolve_monitors
 from server.api.prepare import CHAT, COMPLETIONS, Job, prepare_chat, prepare_completion
 from server.api.protocol import (
     ERROR_RESPONSES,
@@ -57,7 +58,9 @@ async def _complete(body, request: Request, endpoint: str,
     ctx = request_context(request)
     try:
         state.require_ready()
+        monitors = resolve_monitors(state, body.monitor, ctx)
         job = await prepare(state, body, ctx.request_id, request)
+        job.monitors = monitors
     except APIError as exc:
         state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
         raise

@@ -49,6 +49,7 @@ class Job:
     logprobs: bool  # the response reports logprobs
     top_logprobs: int
     echo: bool = False
+    monitors: tuple = ()  # steering.interventions.monitors.Monitor per axis (server.api.monitoring)
 
     @property
     def method(self) -> str:

@@ -33,6 +33,7 @@ from steering.interventions.schema import (  # noqa: F401 (the echo types re-exp
     AppliedSteering,
     ConditionObject,
     ConditionResult,
+    MonitorObject,
     SteeringObject,
     SteeringValue,
 )
@@ -100,6 +101,24 @@ def parse_steering(value: Any, where: str = "steering") -> SteeringValue | None:
     return _steering_object(value, where)
 
 
+def parse_monitor(value: Any) -> list[str | MonitorObject] | None:
+    """`monitor`: a list of pack names or monitor objects; errors name the entry."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise api_error("monitor must be a list of pack names or monitor objects", "monitor")
+    out: list[str | MonitorObject] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str | MonitorObject):
+            out.append(entry)
+            continue
+        try:
+            out.append(MonitorObject.model_validate(entry))
+        except ValidationError as exc:
+            raise nested_error(exc, f"monitor[{i}]") from None
+    return out
+
+
 class StreamOptions(Lenient):
     include_usage: bool = False
 
@@ -165,10 +184,19 @@ class _SamplingFields(_Sampling):
     steering: SteeringParams | list[SteeringParams] | None = Field(
         None, description="a steering object, or a list of them applied in order")
 
+    monitor: list[str | MonitorObject] | None = Field(
+        None, description="packs whose DiM axis is scored at every generated token (names, or "
+                          "{pack, layer, name}); the scores come back per choice and per chunk")
+
     @field_validator("steering", mode="before")
     @classmethod
     def _steering_shape(cls, value):
         return parse_steering(value)
+
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _monitor_shape(cls, value):
+        return parse_monitor(value)
 
     # Fields accepted for compatibility but refused when set (name → note on what is allowed).
     UNSUPPORTED: ClassVar[dict[str, str]] = {"logit_bias": "", "presence_penalty": " (only 0)",
@@ -301,7 +329,7 @@ class CompareVariant(SteeringParams):
         """The steering this variant sets (None: the preset's alone)."""
         if self.steering is not None:
             return self.steering
-        fields = self.model_fields_set - {"preset", "label"}
+        fields = self.model_fields_set - {"preset", "label", "steering"}  # steering: null
         if fields:
             return SteeringParams(**{f: getattr(self, f) for f in fields})
         return None if self.preset is not None else SteeringParams()
@@ -390,12 +418,26 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class _Monitored(BaseModel):
+    """A choice that may carry monitor scores (`server.api.monitoring`): left out of the JSON
+    when the request asked for none."""
+
+    monitor: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_monitor(self, handler):
+        data = handler(self)
+        if data.get("monitor", 0) is None:
+            data.pop("monitor")
+        return data
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(_Monitored):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
@@ -439,7 +481,7 @@ class DeltaMessage(_OmitUnset):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_Monitored):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None
@@ -466,7 +508,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Monitored):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.api.protocol import Applied, AppliedSteering, SteeringParams, SteeringValue
+from server.api.raw_vectors import resolve_raw
 from server.errors import bad_request, not_found
 from server.presets import Preset, split_model_name
 from server.state import ServerState
@@ -109,6 +110,8 @@ def _at(param: str | None, where: str) -> str:
 
 def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
                  where: str) -> RowSteering:
+    if params.vector is not None:  # the object's own vector instead of a pack's
+        return resolve_raw(state, params, where)
     settings = state.settings
     if calibrated:
         pack = state.packs.get(params.pack or state.default_pack or "")

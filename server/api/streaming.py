@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 
 from server.api.jobs import cancel, choice_error, events
+from server.api.monitoring import delta
 from server.api.prepare import Job
 from server.api.protocol import (
     ChatChunkChoice,
@@ -57,13 +58,14 @@ class ChunkBuilder:
                    choices=choices, **extra)
 
     def _choice(self, c: int, text: str | None = None, *, role: bool = False,
-                logprobs=None, finish: str | None = None):
+                logprobs=None, finish: str | None = None, monitor: dict | None = None):
         if self.job.kind == "chat":
-            delta = DeltaMessage(role="assistant", content="") if role else (
+            message = DeltaMessage(role="assistant", content="") if role else (
                 DeltaMessage(content=text) if text is not None else DeltaMessage())
-            return ChatChunkChoice(index=c, delta=delta, logprobs=logprobs, finish_reason=finish)
+            return ChatChunkChoice(index=c, delta=message, logprobs=logprobs,
+                                   finish_reason=finish, monitor=monitor)
         return CompletionChoice(index=c, text=text or "", logprobs=logprobs,
-                                     finish_reason=finish)
+                                finish_reason=finish, monitor=monitor)
 
     def opening(self, c: int) -> str:
         job = self.job
@@ -71,14 +73,21 @@ class ChunkBuilder:
         return self._chunk([self._choice(c, text, role=True)],
                            steering=job.resolved.applied).sse()
 
-    def piece(self, c: int, text: str, logprobs) -> str:
-        return self._chunk([self._choice(c, text, logprobs=logprobs)]).sse()
+    def piece(self, c: int, text: str, logprobs, monitor: dict | None = None) -> str:
+        return self._chunk([self._choice(c, text, logprobs=logprobs, monitor=monitor)]).sse()
 
-    def closing(self, c: int, finish: str, decided=None) -> str:
+    def closing(self, c: int, finish: str, decided=None, monitor: dict | None = None) -> str:
         extra = {}
         if any(p.when is not None for p in self.job.resolved.parts):
             extra["steering"] = self.job.resolved.echo(decided)
-        return self._chunk([self._choice(c, finish=finish)], **extra).sse()
+        return self._chunk([self._choice(c, finish=finish, monitor=monitor)], **extra).sse()
+
+    def new_monitor(self, ch: Choice, sent: list[int]) -> dict | None:
+        """The monitor scores `ch` gained since the last chunk that carried them (`sent[c]`:
+        how many tokens' scores went out)."""
+        scores = ch.monitor[sent[ch.index]:]
+        sent[ch.index] = len(ch.monitor)
+        return delta(self.job.monitors, scores)
 
     def usage(self, tracker: Tracker) -> str:
         decided = tracker.choices[0].steering if tracker.choices else None
@@ -106,6 +115,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                   ctx: RequestContext) -> AsyncIterator[str]:
     chunks = ChunkBuilder(job)
     status, outcome = "200", None
+    sent = [0] * len(job.sampling)  # per choice: tokens whose monitor scores went out
     try:
         for c in range(len(job.sampling)):  # an opening chunk per choice carries the steering
             yield chunks.opening(c)
@@ -117,7 +127,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
             if job.logprobs and ev.token_id is not None and ev.logprob is not None:
                 lp = chunks.new_logprobs(ch, seen)
             if ev.text or lp is not None:
-                yield chunks.piece(c, ev.text, lp)
+                yield chunks.piece(c, ev.text, lp, chunks.new_monitor(ch, sent))
             if ev.finish_reason is not None:
                 err = choice_error(job, ch.finish_reason, ch.error,
                                    state.settings.request_timeout_s)
@@ -125,7 +135,8 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     status, outcome = str(err.status), ev.finish_reason
                     yield error_event(err)
                     break
-                yield chunks.closing(c, ch.finish_reason, ch.steering)
+                yield chunks.closing(c, ch.finish_reason, ch.steering,
+                                     chunks.new_monitor(ch, sent))
         else:
             if job.include_usage:
                 yield chunks.usage(tracker)

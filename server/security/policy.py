@@ -18,7 +18,10 @@ true`); without it a key may only keep or raise refusal. Per method, which stren
 (ACE, Marshall et al. 2024 eq. 3: h' = h − r̂r̂ᵀ(h − μ⁻) + α·‖r‖·r̂, so α = 0 sets the refusal
 coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = h + α·r.) On top of that a key may set
 signed per-method bounds, `strength: {actadd: {min: 0, max: 2}}`, and `max_strength` bounds
-|strength| for every method.
+|strength| for every method. A steering object that carries its own vector (`vector`,
+`steering.interventions.raw`) can do anything a pack's vector does and more, so it needs a grant
+of its own, `raw_vectors: true` (the method, strength and refusal-lowering rules still apply;
+the `packs` list does not, the vector being no pack).
 
     enforce(state, request, [applied], prompt=..., tokens=...)   # 403 / 429, or the caller's key
 
@@ -44,7 +47,7 @@ from steering.interventions.schema import Applied, AppliedSteering
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
 FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
-          "tokens_per_minute", "lower_refusal", "strength")
+          "tokens_per_minute", "lower_refusal", "strength", "raw_vectors")
 # The refusal-lowering methods and strengths come from each method's record
 # (steering.catalog: `lowers`, `raises`).
 LOWERING_METHODS = tuple(m.name for m in REGISTRY.values()
@@ -87,6 +90,7 @@ class Policy:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
     lower_refusal: bool = False  # the explicit grant to lower refusal
+    raw_vectors: bool = False  # the grant to send a steering object's own vector (any effect)
     strength: tuple[tuple[str, float | None, float | None], ...] = ()  # signed (method, lo, hi)
 
     def bounds(self, method: str) -> tuple[float | None, float | None]:
@@ -108,9 +112,9 @@ class Policy:
             if name not in data:
                 continue
             value = data[name]
-            if name == "lower_refusal":
+            if name in ("lower_refusal", "raw_vectors"):
                 if not isinstance(value, bool):
-                    raise PolicyError(f"{where}.lower_refusal: expected true or false")
+                    raise PolicyError(f"{where}.{name}: expected true or false")
                 updates[name] = value
                 continue
             if name == "strength":
@@ -167,6 +171,10 @@ def _forbidden(key_id: str, rule: str, message: str) -> APIError:
 
 def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
     """403 naming the first rule `applied` breaks."""
+    if applied.vector is not None and not policy.raw_vectors:
+        raise _forbidden(key_id, "raw_vectors", "a steering object with its own vector can "
+                         "raise or lower refusal at any strength; it needs the explicit "
+                         "'raw_vectors' grant")
     if policy.methods is not None and applied.method not in policy.methods:
         raise _forbidden(key_id, "methods", f"method {applied.method!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.methods)) or 'none'})")
@@ -175,7 +183,9 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "presets", f"preset {applied.preset!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
     when_pack = (applied.when or {}).get("pack")
-    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs:
+    own = applied.vector is not None and when_pack == applied.pack  # a raw vector's own axis
+    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs \
+            and not own:
         raise _forbidden(key_id, "packs", f"condition pack {when_pack!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if applied.method == "none":
@@ -191,7 +201,7 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "strength", f"{applied.method} strength {applied.strength:g} "
                          f"is outside [{'-∞' if lo is None else f'{lo:g}'}, "
                          f"{'∞' if hi is None else f'{hi:g}'}]")
-    if policy.packs is not None and applied.pack not in policy.packs:
+    if policy.packs is not None and applied.vector is None and applied.pack not in policy.packs:
         raise _forbidden(key_id, "packs", f"pack {applied.pack!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if policy.max_strength is not None and abs(applied.strength) > policy.max_strength:

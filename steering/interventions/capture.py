@@ -85,7 +85,7 @@ def check_request(layers: Sequence[int], positions: Sequence[int], n_layers: int
         raise CaptureError("positions must not repeat a position", "positions")
 
 
-def _index(position: int, length: int, i: int) -> int:
+def position_index(position: int, length: int, i: int) -> int:
     """Where `position` of a prompt of `length` tokens sits (before padding)."""
     index = position + length if position < 0 else position
     if not 0 <= index < length:
@@ -102,7 +102,7 @@ def capture_ids(lm: LoadedModel, ids: Sequence[Sequence[int]], layers: Sequence[
     `n_layers` is the final norm's input."""
     layers, positions = list(layers), list(positions)
     check_request(layers, positions, lm.n_layers)
-    where = [[_index(p, len(x), i) for p in positions] for i, x in enumerate(ids)]
+    where = [[position_index(p, len(x), i) for p in positions] for i, x in enumerate(ids)]
     out = torch.empty(len(ids), len(layers), len(positions), lm.d_model)
     modules = [*lm.layout.blocks, lm.layout.final_norm]
     captured: dict[int, torch.Tensor] = {}

@@ -95,13 +95,19 @@ def inspect_pack(lm: LoadedModel, pack: SteeringPack, prompt: Prompt,
                  top_k: int = 10) -> Inspection:
     """The heatmap, logit lens and cosines of `pack` on `prompt` (+ `completion`, module
     docstring). `layer`: the direction the lens and cosines use (default: the pack's)."""
-    layer = pack.layer if layer is None else layer
-    if not 0 <= layer < pack.n_layers:
-        raise ValueError(f"layer must be between 0 and {pack.n_layers - 1}, got {layer}")
     ids = encode(lm, prompt, chat)
     n_prompt = len(ids)
     if completion:
         ids = ids + list(lm.tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return inspect_ids(lm, pack, ids, n_prompt, layer, top_k)
+
+
+def inspect_ids(lm: LoadedModel, pack: SteeringPack, ids: list[int], n_prompt: int,
+                layer: int | None = None, top_k: int = 10) -> Inspection:
+    """`inspect_pack` on token ids whose first `n_prompt` are the prompt."""
+    layer = pack.layer if layer is None else layer
+    if not 0 <= layer < pack.n_layers:
+        raise ValueError(f"layer must be between 0 and {pack.n_layers - 1}, got {layer}")
     stream = residual_stream(lm, ids)  # [L, T, d]
     scores = torch.stack([axis.score(stream[i])[:, 0] for i, axis in enumerate(layer_axes(pack))])
     promoted, suppressed = logit_lens(lm, pack.dim(layer), top_k)

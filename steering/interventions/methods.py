@@ -133,8 +133,9 @@ class RowSteering:
         out = {"method": s.method, "strength": s.strength, "k": s.k,
                "layers": list(s.layers) if s.layers is not None else None, "pack": s.pack,
                "apply_to": s.apply_to or "all", "generation_window": window,
-               "when": s.when.describe() if s.when is not None else None, "condition": None,
-               "vector": s.vector.describe() if s.vector is not None else None}
+               "when": s.when.describe() if s.when is not None else None, "condition": None}
+        if s.vector is not None:  # a raw vector (raw.py): which one, never its values
+            out["vector"] = s.vector.describe()
         if self.outcome is not None:
             out["condition"] = {"score": self.outcome.score, "applied": self.outcome.applied}
         return out

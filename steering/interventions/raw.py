@@ -104,17 +104,17 @@ def decode_vector(data: str, shape: list[int] | None, d_model: int, method: str,
 
 
 def vector_pack(values: torch.Tensor, method: str, n_layers: int, layer: int | None = None,
-                name: str | None = None) -> SteeringPack:
+                name: str | None = None, param: str = "steering.vector") -> SteeringPack:
     """A pack whose vectors are `values` (module docstring): DiM = values at every layer for a
     vector or direction; INLP directions = values at `layer` for a basis."""
     d = int(values.shape[-1])
     if layer is not None and not 0 <= layer < n_layers:
         raise SteeringError(f"vector.layer must be between 0 and {n_layers - 1}, got {layer}",
-                            "steering.vector.layer")
+                            f"{param}.layer")
     basis = METHODS.get(method) == "basis"
     if basis and layer is None:
         raise SteeringError("an INLP basis needs vector.layer (the layer it edits)",
-                            "steering.vector.layer")
+                            f"{param}.layer")
     zeros = torch.zeros(n_layers, 1, d)
     if basis:
         mean_harmful = zeros.clone()
@@ -136,11 +136,10 @@ def raw_spec(spec: SteeringSpec, data: str, shape: list[int] | None, layer: int 
     """A steering spec with a raw vector: the checked spec (its `vector` reference set, its pack
     the vector pack's name) and the vector pack to build its row on."""
     if spec.pack is not None:
-        raise SteeringError("a steering object takes a pack or a vector, not both",
-                            f"{param}")
+        raise SteeringError("a steering object takes a pack or a vector, not both", param)
     values, digest = decode_vector(data, shape, d_model, spec.method, max_norm, param)
     name = f"vector:{digest[:12]}"
-    pack = vector_pack(values, spec.method, n_layers, layer, name)
+    pack = vector_pack(values, spec.method, n_layers, layer, name, param)
     norm = float(values.double().norm()) if values.ndim == 1 else \
         float(values.double().norm(dim=-1).max())
     ref = VectorRef(sha256=digest, norm=norm, shape=tuple(values.shape), layer=layer)

@@ -1,0 +1,92 @@
+"""Monitors in completions: the request's `monitor` field → the engine's per-row monitors, and
+their scores → the response (per token, mean and max per choice) and the stream chunks (the
+scores of the chunk's tokens).
+
+    "monitor": ["refusal", {"pack": "casual", "layer": 12, "name": "casual12"}]
+
+Each entry reads a loaded pack's DiM axis (default layer: the pack's), normalised so the
+harmless mean is 0 and the harmful mean 1 (`steering.interventions.monitors`); a name is the
+pack's, `pack@layer` off its layer, or the entry's `name`. A key whose policy limits `packs`
+may monitor only those packs. In a response each choice carries
+
+    "monitor": {"refusal": {"pack": "refusal", "layer": 16, "tokens": [0.12, …], "mean": …,
+                            "max": …}, …}
+
+(`tokens[i]`: generated token i, scored at the position whose output it is) and each stream chunk
+that carries tokens carries `"monitor": {"refusal": [scores of its tokens], …}`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from server.context import RequestContext
+from server.errors import APIError, bad_request, not_found
+from server.state import ServerState
+from steering.interventions.monitors import Monitor, MonitorSet, monitor_of
+from steering.interventions.schema import MonitorObject
+from steering.interventions.spec import SteeringError
+
+MAX_MONITORS = 8  # in one request
+
+
+def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] | None,
+                     ctx: RequestContext) -> MonitorSet:
+    """The request's monitors, checked against the loaded packs and the key's pack policy."""
+    if not entries:
+        return ()
+    if len(entries) > MAX_MONITORS:
+        raise bad_request(f"monitor may hold at most {MAX_MONITORS} entries, got "
+                          f"{len(entries)}", "monitor", "too_many_monitors")
+    key = ctx.api_key
+    out: list[Monitor] = []
+    for i, entry in enumerate(entries):
+        where = f"monitor[{i}]"
+        obj = MonitorObject(pack=entry) if isinstance(entry, str) else entry
+        pack = state.packs.get(obj.pack)
+        if pack is None:
+            known = ", ".join(sorted(state.packs)) or "none loaded"
+            raise not_found(f"unknown steering pack {obj.pack[:80]!r}; loaded packs: {known}",
+                            f"{where}.pack" if not isinstance(entry, str) else where,
+                            "pack_not_found")
+        if key is not None and key.policy.packs is not None and obj.pack not in key.policy.packs:
+            raise APIError(403, f"key {key.id!r} is not allowed this request by policy rule "
+                                f"'packs': pack {obj.pack!r} is not allowed (allowed: "
+                                f"{', '.join(sorted(key.policy.packs)) or 'none'})",
+                           type="permission_error", param=where, code="policy_packs")
+        try:
+            out.append(monitor_of(pack, obj.layer, obj.name, param=where))
+        except SteeringError as exc:
+            raise bad_request(str(exc), exc.param, "invalid_monitor") from None
+    names = [m.name for m in out]
+    if len(set(names)) != len(names):
+        raise bad_request(f"monitor names must be unique, got {names} (give a 'name')",
+                          "monitor", "duplicate_monitor")
+    return tuple(out)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def summary(monitors: MonitorSet, scores: list[list[float]], digits: int = 6) -> dict | None:
+    """One choice's monitor field: per monitor its tokens' scores, mean and max."""
+    if not monitors:
+        return None
+    out = {}
+    for j, m in enumerate(monitors):
+        values = [round(s[j], digits) for s in scores]
+        finite = [v for v in values if math.isfinite(v)]
+        out[m.name] = {"pack": m.pack, "layer": m.layer, "tokens": [_finite(v) for v in values],
+                       "mean": round(sum(finite) / len(finite), digits) if finite else None,
+                       "max": max(finite) if finite else None}
+    return out
+
+
+def delta(monitors: MonitorSet, scores: list[list[float]], digits: int = 6) -> dict | None:
+    """A chunk's monitor field: per monitor the scores of the chunk's tokens."""
+    if not monitors or not scores:
+        return None
+    return {m.name: [_finite(round(s[j], digits)) for s in scores]
+            for j, m in enumerate(monitors)}
