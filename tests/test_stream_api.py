@@ -92,6 +92,29 @@ def test_monitor_in_chat_json_and_stream(client, tiny_pack):
     assert len(r.json()["choices"][0]["monitor"]["refusal"]["tokens"]) == 4
 
 
+def test_vector_monitor_is_a_probe(client, tiny_pack):
+    """A caller's probe w·h + b with the pack's w = r/‖r‖², b = −μ⁻·w scores what the pack's
+    monitor scores."""
+    p = tiny_pack.positions.index(tiny_pack.position)
+    mu_h = tiny_pack.mean_harmful[tiny_pack.layer, p].double()
+    mu_l = tiny_pack.mean_harmless[tiny_pack.layer, p].double()
+    r = mu_h - mu_l
+    w = r / (r @ r)
+    probe = {"vector": {"data": encode_vector(w.float()), "layer": tiny_pack.layer},
+             "bias": float(-(mu_l @ w)), "name": "probe"}
+    body = chat(client, USER, monitor=["refusal", probe]).json()  # no grant needed to read
+    mon = body["choices"][0]["monitor"]
+    assert mon["probe"]["pack"].startswith("vector:")
+    assert mon["probe"]["tokens"] == pytest.approx(mon["refusal"]["tokens"], rel=1e-4,
+                                                   abs=1e-4)
+    for monitor, param in (([{**probe, "pack": "refusal"}], "monitor[0]"),
+                           ([{"vector": probe["vector"] | {"layer": None}}],
+                            "monitor[0].vector.layer"),
+                           ([{"vector": {"data": "!!"}, "layer": 1}], "monitor[0].vector.data")):
+        r = chat(client, monitor=monitor)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+
+
 def test_monitor_errors_name_the_entry(client, tiny_pack):
     cases = [(["nope"], 404, "monitor[0]"),
              ([{"pack": "refusal", "layer": 99}], 400, "monitor[0].layer"),

@@ -108,6 +108,18 @@ def test_monitor_scores_the_last_position_and_changes_nothing(tiny_lm, tiny_pack
     assert float(offline[0, -1]) == pytest.approx(scores[1][0], abs=1e-5)
 
 
+def test_vector_monitor_equals_the_pack_axis(tiny_lm, tiny_pack):
+    from steering.interventions.monitors import vector_monitor
+
+    mon = monitor_of(tiny_pack)
+    probe = vector_monitor(mon.weight, mon.layer, tiny_pack.n_layers, mon.bias, name="probe")
+    ids = encode(tiny_lm, PROMPTS[0])
+    both = score_positions(tiny_lm, ids, [mon, probe])
+    assert torch.equal(both[0], both[1])
+    with pytest.raises(SteeringError):
+        vector_monitor(mon.weight, tiny_pack.n_layers, tiny_pack.n_layers)
+
+
 def test_monitor_layer_is_checked(tiny_pack):
     with pytest.raises(SteeringError) as err:
         monitor_of(tiny_pack, layer=tiny_pack.n_layers, param="monitor[1]")

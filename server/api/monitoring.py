@@ -2,12 +2,16 @@
 their scores → the response (per token, mean and max per choice) and the stream chunks (the
 scores of the chunk's tokens).
 
-    "monitor": ["refusal", {"pack": "casual", "layer": 12, "name": "casual12"}]
+    "monitor": ["refusal", {"pack": "casual", "layer": 12, "name": "casual12"},
+                {"vector": {"data": "<base64 float32 [d]>", "layer": 12}, "bias": -0.3,
+                 "name": "probe"}]
 
 Each entry reads a loaded pack's DiM axis (default layer: the pack's), normalised so the
-harmless mean is 0 and the harmful mean 1 (`steering.interventions.monitors`); a name is the
-pack's, `pack@layer` off its layer, or the entry's `name`. A key whose policy limits `packs`
-may monitor only those packs. In a response each choice carries
+harmless mean is 0 and the harmful mean 1 (`steering.interventions.monitors`), or the caller's
+own linear probe, scored w·h + b (its weights checked like a raw steering vector: shape, finite,
+`STEER_MAX_VECTOR_NORM`; reading changes nothing, so no grant is needed). A name is the pack's,
+`pack@layer` off its layer, `vector:<sha256[:12]>`, or the entry's `name`. A key whose policy
+limits `packs` may monitor only those packs. In a response each choice carries
 
     "monitor": {"refusal": {"pack": "refusal", "layer": 16, "tokens": [0.12, …], "mean": …,
                             "max": …}, …}
@@ -24,7 +28,8 @@ from collections.abc import Sequence
 from server.context import RequestContext
 from server.errors import APIError, bad_request, not_found
 from server.state import ServerState
-from steering.interventions.monitors import Monitor, MonitorSet, monitor_of
+from steering.interventions.monitors import Monitor, MonitorSet, monitor_of, vector_monitor
+from steering.interventions.raw import decode_vector
 from steering.interventions.schema import MonitorObject
 from steering.interventions.spec import SteeringError
 
@@ -44,6 +49,12 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
     for i, entry in enumerate(entries):
         where = f"monitor[{i}]"
         obj = MonitorObject(pack=entry) if isinstance(entry, str) else entry
+        if (obj.pack is None) == (obj.vector is None):
+            raise bad_request("a monitor reads a pack or a vector (exactly one)", where,
+                              "invalid_monitor")
+        if obj.vector is not None:
+            out.append(_vector_monitor(state, obj, where))
+            continue
         pack = state.packs.get(obj.pack)
         if pack is None:
             known = ", ".join(sorted(state.packs)) or "none loaded"
@@ -64,6 +75,23 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
         raise bad_request(f"monitor names must be unique, got {names} (give a 'name')",
                           "monitor", "duplicate_monitor")
     return tuple(out)
+
+
+def _vector_monitor(state: ServerState, obj: MonitorObject, where: str) -> Monitor:
+    """The caller's own probe: checked like a raw steering vector (shape, finite, norm)."""
+    vector = obj.vector
+    layer = vector.layer if vector.layer is not None else obj.layer
+    if layer is None:
+        raise bad_request("a vector monitor needs its layer (vector.layer)",
+                          f"{where}.vector.layer", "invalid_monitor")
+    lm = state.lm
+    try:
+        weight, digest = decode_vector(vector.data, vector.shape, lm.d_model, "monitor",
+                                       state.settings.max_vector_norm, f"{where}.vector")
+        return vector_monitor(weight, layer, lm.n_layers, obj.bias, obj.name,
+                              f"vector:{digest[:12]}", where)
+    except SteeringError as exc:
+        raise bad_request(str(exc), exc.param, "invalid_monitor") from None
 
 
 def _finite(x: float) -> float | None:

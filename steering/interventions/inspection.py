@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from steering.interventions.capture import Prompt, encode
-from steering.interventions.monitors import Monitor, _LayerPlan, residual_stream
+from steering.interventions.monitors import _LayerPlan, monitor_of, residual_stream
 from steering.models.loading import LoadedModel
 from steering.packs.format import SteeringPack
 
@@ -56,10 +56,7 @@ class Inspection:
 
 def layer_axes(pack: SteeringPack) -> list[_LayerPlan]:
     """Every layer's DiM axis at the pack's read position."""
-    p = pack.positions.index(pack.position)
-    return [_LayerPlan.of([Monitor(pack.name, pack.name, layer, pack.position,
-                                   pack.mean_harmful[layer, p].float(),
-                                   pack.mean_harmless[layer, p].float())], torch.device("cpu"))
+    return [_LayerPlan.of([monitor_of(pack, layer)], torch.device("cpu"))
             for layer in range(pack.n_layers)]
 
 

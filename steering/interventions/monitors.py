@@ -1,12 +1,15 @@
 """Per-token monitors: read the residual stream's position on a pack's DiM axis while it answers.
 
-A monitor is a pack's axis at one layer's input (default: the pack's layer), scored as conditions
-score a prompt (`steering.interventions.conditions.dim_position`):
+A monitor is a linear readout of one layer's input, t(h) = w·h + b. A pack's monitor is its axis
+at a layer (default: the pack's layer), scored as conditions score a prompt
+(`steering.interventions.conditions.dim_position`):
 
     t(h) = (h − μ⁻)·r / ‖r‖²,   r = μ⁺ − μ⁻  (the pack's class means at its read position)
 
 so 0 is the negative (harmless) class mean and 1 the positive (harmful) one (Arditi et al. 2024
-eq. 1 for r; Lee et al. 2024 read a condition vector the same way). Generated token i is scored
+eq. 1 for r; Lee et al. 2024 read a condition vector the same way): w = r/‖r‖², b = −μ⁻·w. A
+caller's own probe (`vector_monitor`) is any w and b, e.g. a logistic regression fitted on
+captured activations (its logit). Generated token i is scored
 at the position whose output it is: the last prompt position for token 0, the input position of
 token i − 1 for token i — the residual the model had when it chose the token.
 
@@ -36,19 +39,16 @@ from steering.packs.format import SteeringPack
 
 @dataclass(frozen=True, eq=False)
 class Monitor:
-    """One axis to read: `name` labels it in responses; `layer` is the block whose input it
-    reads."""
+    """One linear readout of the stream entering block `layer`: t(h) = w·h + b. A pack's axis is
+    w = r / ‖r‖², b = −μ⁻·w (`monitor_of`); a caller's own probe is any w, b (`vector_monitor`).
+    `name` labels it in responses."""
 
     name: str
-    pack: str
+    pack: str  # the pack's name, or "vector:<sha256[:12]>" for a caller's own vector
     layer: int
-    position: int  # the pack's read position the class means come from
-    mean_harmful: torch.Tensor  # [d]
-    mean_harmless: torch.Tensor  # [d]
-
-    @property
-    def direction(self) -> torch.Tensor:
-        return self.mean_harmful - self.mean_harmless
+    position: int | None  # the pack's read position its means come from (None: a vector)
+    weight: torch.Tensor  # [d] float64
+    bias: float
 
     def describe(self) -> dict:
         return {"name": self.name, "pack": self.pack, "layer": self.layer,
@@ -57,16 +57,30 @@ class Monitor:
 
 def monitor_of(pack: SteeringPack, layer: int | None = None, name: str | None = None,
                param: str = "monitor") -> Monitor:
-    """The monitor of `pack`'s axis at `layer` (default: the pack's layer). `param` names the
-    field in errors."""
+    """The monitor of `pack`'s axis at `layer` (default: the pack's layer): harmless mean 0,
+    harmful mean 1. `param` names the field in errors."""
     layer = pack.layer if layer is None else layer
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < pack.n_layers:
         raise SteeringError(f"{param}.layer must be between 0 and {pack.n_layers - 1}, got "
                             f"{layer!r}", f"{param}.layer")
     p = pack.positions.index(pack.position)
+    mu_h, mu_l = pack.mean_harmful[layer, p].double(), pack.mean_harmless[layer, p].double()
+    r = mu_h - mu_l
+    weight = r / (r @ r).clamp_min(1e-30)
     default = pack.name if layer == pack.layer else f"{pack.name}@{layer}"
-    return Monitor(name or default, pack.name, layer, pack.position,
-                   pack.mean_harmful[layer, p].float(), pack.mean_harmless[layer, p].float())
+    return Monitor(name or default, pack.name, layer, pack.position, weight,
+                   float(-(mu_l @ weight)))
+
+
+def vector_monitor(weight: torch.Tensor, layer: int, n_layers: int, bias: float = 0.0,
+                   name: str | None = None, label: str = "vector",
+                   param: str = "monitor") -> Monitor:
+    """A caller's own linear probe at `layer`: t(h) = w·h + b (e.g. a logistic regression's
+    logit; with w = r/‖r‖², b = −μ⁻·w it is a pack's normalised axis)."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise SteeringError(f"{param}.vector.layer must be between 0 and {n_layers - 1}, got "
+                            f"{layer!r}", f"{param}.vector.layer")
+    return Monitor(name or label, label, layer, None, weight.double().reshape(-1), float(bias))
 
 
 MonitorSet = tuple[Monitor, ...]  # one row's monitors, in the order its scores are reported
@@ -74,23 +88,22 @@ MonitorSet = tuple[Monitor, ...]  # one row's monitors, in the order its scores 
 
 @dataclass
 class _LayerPlan:
-    """The batch's distinct monitors at one layer, stacked: t = ((h − μ⁻)·r) / (r·r)."""
+    """The batch's distinct monitors at one layer, stacked: t = W h + b."""
 
     monitors: list[Monitor]
-    mean_harmless: torch.Tensor  # [M, d] float64
-    direction: torch.Tensor  # [M, d] float64
-    norm2: torch.Tensor  # [M] float64
+    weight: torch.Tensor  # [M, d] float64
+    bias: torch.Tensor  # [M] float64
 
     @staticmethod
     def of(monitors: list[Monitor], device: torch.device) -> _LayerPlan:
-        mu = torch.stack([m.mean_harmless for m in monitors]).double().to(device)
-        r = torch.stack([m.direction for m in monitors]).double().to(device)
-        return _LayerPlan(monitors, mu, r, (r * r).sum(-1).clamp_min(1e-30))
+        w = torch.stack([m.weight for m in monitors]).double().to(device)
+        b = torch.tensor([m.bias for m in monitors], dtype=torch.float64, device=device)
+        return _LayerPlan(monitors, w, b)
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, d] → [B, M] positions on the axes (a new tensor; h is only read)."""
-        centered = h.double()[:, None, :] - self.mean_harmless[None]
-        return (centered * self.direction[None]).sum(-1) / self.norm2
+        """h [B, d] → [B, M] (a new tensor; h is only read). A product and a sum over d per
+        row and monitor: a row's score does not depend on the other rows."""
+        return (h.double()[:, None, :] * self.weight[None]).sum(-1) + self.bias
 
 
 class MonitorHooks:

@@ -53,8 +53,8 @@ def decode_vector(data: str, shape: list[int] | None, d_model: int, method: str,
                   max_norm: float = DEFAULT_MAX_NORM, param: str = "steering.vector"
                   ) -> tuple[torch.Tensor, str]:
     """The checked tensor ([d] or [k, d] float32) and the SHA-256 of its bytes (module
-    docstring for the checks)."""
-    kind = METHODS.get(method)
+    docstring for the checks). `method` "monitor": a monitor's probe weights, one [d] vector."""
+    kind = "vector" if method == "monitor" else METHODS.get(method)
     if kind is None:
         raise SteeringError(f"method {method!r} takes no raw vector (raw vectors serve "
                             f"{', '.join(METHODS)})", f"{param}")

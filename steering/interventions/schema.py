@@ -54,15 +54,20 @@ class VectorObject(BaseModel):
 
 
 class MonitorObject(BaseModel):
-    """One monitor of a completion: a pack's DiM axis at a layer, scored per generated token
-    (harmless mean 0, harmful mean 1; `steering.interventions.monitors`)."""
+    """One monitor of a completion, scored per generated token
+    (`steering.interventions.monitors`): a pack's DiM axis at a layer (harmless mean 0, harmful
+    mean 1), or the caller's own probe, `vector` (weights w, with its `layer`) and `bias` b,
+    scored w·h + b."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    pack: str = Field(..., max_length=128, description="pack whose axis is read")
+    pack: str | None = Field(None, max_length=128, description="pack whose axis is read")
     layer: int | None = Field(None, description="layer read (default: the pack's)")
     name: str | None = Field(None, max_length=128, description="label in the response "
                                                                "(default: pack, or pack@layer)")
+    vector: VectorObject | None = Field(None, description="instead of a pack: the probe's "
+                                                          "weights [d] (vector.layer: where)")
+    bias: float = Field(0.0, description="the probe's bias (with vector)")
 
 
 MonitorValue = list[str | MonitorObject]  # pack names, or objects

@@ -1,0 +1,120 @@
+"""Overhead of per-token monitors on one decode step, in process (issue 30's target: ≤ 1% per
+decoded token for two monitors). One run prints a table and one JSON line.
+
+    .venv/bin/python bench/monitor_overhead.py [--batch 1] [--steps 300] [--precision auto]
+
+The embedded model runs one decode step (T = 1, a ~40-token KV cache cropped back after each
+step) for each row below, round-robin in a rotating order, `--steps` times. A monitored step is
+what the engine does per decoded token for a monitored batch (server/engine/core.py): set the
+rows' monitors, the forward with the read-only hooks, and `take()` (each row's scores as Python
+floats). Rows: no monitor; one monitor (refusal at its layer); two monitors at two layers
+(refusal, and casual when that pack is cached, else refusal two layers up); two monitors on a
+row steered by ablation (against the same steering without monitors). The table gives each row's
+median step time and its ratio to its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET = 0.01
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import DynamicCache
+
+    from steering import SteeringSpec, build_row, load_model
+    from steering.extraction.store import default_pack_path, ensure_pack
+    from steering.interventions.activations import encode_chats
+    from steering.interventions.hooks import hooks_of
+    from steering.interventions.monitors import monitor_of, monitors_of
+    from steering.packs.format import load_pack, pack_paths
+
+    lm = load_model("embedded", "cpu", "auto", precision=args.precision)
+    pack = ensure_pack(lm)
+    casual_path = default_pack_path(lm, "casual")
+    if pack_paths(casual_path)[0].is_file():
+        second = monitor_of(load_pack(casual_path, model=lm.model, name="casual"))
+    else:
+        second = monitor_of(pack, layer=(pack.layer + 2) % pack.n_layers)
+    first = monitor_of(pack)
+    ablate = build_row(SteeringSpec("ablate", 1.0), pack)
+    b = args.batch
+    rows = {  # name: (steering, monitors per row, baseline row)
+        "none": (None, None, "none"),
+        "1 monitor": (None, (first,), "none"),
+        "2 monitors": (None, (first, second), "none"),
+        "ablate": (ablate, None, "ablate"),
+        "ablate + 2 monitors": (ablate, (first, second), "ablate"),
+    }
+    enc = encode_chats(lm, ["Write a short story about a lighthouse keeper."] * b)
+    cache = DynamicCache(config=lm.model.config)
+    with torch.inference_mode():
+        out = lm.model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    positions = enc["position_ids"][:, -1:] + 1
+    mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], 1)
+    watch = monitors_of(lm)
+    scores: list = []
+
+    def step(steering, monitors) -> float:
+        t0 = time.perf_counter()
+        hooks_of(lm).set_rows(None if steering is None else [steering] * b)
+        watch.set_rows(None if monitors is None else [monitors] * b)
+        lm.model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache,
+                 use_cache=True)
+        if monitors is not None:
+            scores.append(watch.take())
+        seconds = time.perf_counter() - t0
+        cache.crop(-1)  # back to the prompt: every step sees the same cache
+        return seconds
+
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    with torch.inference_mode():
+        for _ in range(5):  # warm-up
+            for steering, monitors, _ in rows.values():
+                step(steering, monitors)
+        names = list(rows)
+        for i in range(args.steps):
+            # the order rotates every round: no row always follows the same one
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                steering, monitors, _ = rows[name]
+                times[name].append(step(steering, monitors))
+    hooks_of(lm).set_rows(None)
+    watch.set_rows(None)
+    assert scores and all(len(s) == b for s in scores)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    result = {name: {"ms": round(1000 * med[name], 3),
+                     "overhead": round(med[name] / med[rows[name][2]] - 1, 4)}
+              for name in rows}
+    print(f"decode step, batch {b}, {lm.precision}, {args.steps} round-robin steps per row; "
+          f"monitors: {first.name} (layer {first.layer}), {second.name} (layer {second.layer})")
+    print(f"{'row':<22} {'ms/step':>8} {'vs':>7} {'overhead':>9}")
+    for name, r in result.items():
+        print(f"{name:<22} {r['ms']:>8.2f} {rows[name][2]:>7} {100 * r['overhead']:>+8.2f}%")
+    two = max(result["2 monitors"]["overhead"], result["ablate + 2 monitors"]["overhead"])
+    print(f"two monitors: {100 * two:+.2f}% per decoded token (target <= "
+          f"{100 * TARGET:.0f}%: {'met' if two <= TARGET else 'NOT met'})")
+    print(json.dumps({"bench": "monitor_overhead", "batch": b, "precision": lm.precision,
+                      "steps": args.steps, "monitors": [first.describe(), second.describe()],
+                      "rows": result, "two_monitors_overhead": two, "target": TARGET,
+                      "met": two <= TARGET}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
