@@ -84,3 +84,19 @@ def test_steer_inspect_and_extract_remote(url, tmp_path, capsys):
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["status"] == "succeeded" and result["served"]
     assert "activations" in captured.err or "selection" in captured.err or "%" in captured.err
+
+
+def test_probe_roundtrip_example_runs(url):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "clients" / "examples" / "probe_roundtrip.py"
+    out = subprocess.run([sys.executable, str(script), "--url", url, "--layer", "2", "--n", "8",
+                          "--max-tokens", "3"], capture_output=True, text=True, timeout=600,
+                         cwd=script.parents[2], env={"PYTHONPATH": str(script.parents[2]),
+                                                     "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["steering"]["vector"]["layer"] == 2
+    assert set(result["monitor"]["harmful"]) == {"probe", "refusal"}
