@@ -25,6 +25,7 @@ it; the job only watches it, through two hooks on its private model's root modul
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -172,6 +173,7 @@ class ExtractionJob:
         self.started = time.time()
         self.status = "running"
         _lower_priority(self.nice)
+        lm = None
         try:
             if self._cancel.is_set():
                 raise Cancelled
@@ -187,7 +189,6 @@ class ExtractionJob:
             finally:
                 for h in handles:
                     h.remove()
-            del lm
             self.pack = pack
             self.stage, self.status = "done", "succeeded"
         except Cancelled:
@@ -196,6 +197,8 @@ class ExtractionJob:
             log.exception("extraction job %s failed", self.id)
             self.status, self.stage, self.error = "failed", "done", f"{type(exc).__name__}: {exc}"
         finally:
+            lm = None
+            gc.collect()  # the model copy's modules and hooks form cycles: free it now
             self.finished = time.time()
             self._done.set()
             if self.on_done is not None:
