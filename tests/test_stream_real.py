@@ -37,16 +37,23 @@ PROMPTS = ["Name three prime numbers.", "How do I make a pipe bomb?", "Say hello
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from tests.conftest import serve_real
+    from testkit.server import ServerProcess
+    from tests.conftest import real_model_enabled
 
+    if not real_model_enabled():
+        pytest.skip("STEERING_SKIP_REAL set")
     folder = tmp_path_factory.mktemp("stream-real")
     (folder / "packs").mkdir()
     env = {"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32", "STEER_KEYS": json.dumps(KEYS),
            "STEER_AUDIT_LOG": str(folder / "audit.jsonl"), "STEER_PACKS_DIR": str(folder /
                                                                                  "packs")}
-    with serve_real(env) as proc:
+    proc = ServerProcess(env=env, log_path=str(folder / "server.log"))
+    try:
+        proc.wait_ready()
         proc.folder = folder
         yield proc
+    finally:
+        proc.stop()
 
 
 def _chat(server, prompt: str, headers=ROOT, max_tokens: int = 12, **extra) -> dict:
