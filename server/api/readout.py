@@ -35,6 +35,7 @@ from server.api.protocol import ERROR_RESPONSES, ChatMessage
 from server.api.resolve import resolve_model
 from server.api.routing import CheckedBodyRoute
 from server.context import request_context
+from server.engine import EngineStopped, QueueFull
 from server.errors import APIError, api_error, bad_request, not_found
 from server.security.hardening import check_prompt_tokens
 from server.security.policy import enforce
@@ -116,6 +117,23 @@ def _pack(state: ServerState, name: str | None, request: Request, param: str = "
     return pack
 
 
+async def _on_engine(state: ServerState, fn):
+    """`fn(lm)` on the engine thread between decode steps (429 on a full queue, 503 while
+    shutting down, as completions answer)."""
+    engine = state.require_ready()
+    retry = {"Retry-After": str(max(state.settings.retry_after_s, 1))}
+    try:
+        future = engine.call(fn)
+    except QueueFull:
+        raise APIError(429, "the server is busy (request queue full); retry shortly",
+                       type="rate_limit_error", code="queue_full", headers=retry) from None
+    except EngineStopped:
+        raise APIError(503, "the server is shutting down and admits no new requests",
+                       type="service_unavailable", code="shutting_down",
+                       headers=retry) from None
+    return await future
+
+
 def _base_model(state: ServerState, model: str | None) -> None:
     _, preset = resolve_model(state, model)
     if preset is not None:
@@ -129,7 +147,7 @@ def _base_model(state: ServerState, model: str | None) -> None:
 @router.post(INSPECT, responses=ERROR_RESPONSES)
 async def inspect(body: InspectRequest, request: Request):
     state = get_state(request)
-    engine = state.require_ready()
+    state.require_ready()
     _base_model(state, body.model)
     pack = _pack(state, body.pack, request)
     if body.layer is not None and not 0 <= body.layer < pack.n_layers:
@@ -153,8 +171,8 @@ async def inspect(body: InspectRequest, request: Request):
                           "context_length_exceeded")
     enforce(state, request, [], prompt=[m.content if isinstance(m.content, str) else ""
                                         for m in messages], tokens=len(ids), endpoint=INSPECT)
-    result = await engine.call(lambda lm: inspect_ids(lm, pack, ids, n_prompt, body.layer,
-                                                      body.top_k))
+    result = await _on_engine(state, lambda lm: inspect_ids(lm, pack, ids, n_prompt,
+                                                            body.layer, body.top_k))
     return {"object": "steering.inspection", "model": state.served_name, **result.to_dict()}
 
 
@@ -187,7 +205,7 @@ def _encode_prompts(state: ServerState, body: ActivationsRequest) -> list[list[i
     "application/json": {}, "application/octet-stream": {}}}})
 async def activations(body: ActivationsRequest, request: Request):
     state = get_state(request)
-    engine = state.require_ready()
+    state.require_ready()
     s = state.settings
     _base_model(state, body.model)
     n = len(body.prompts)
@@ -223,7 +241,7 @@ async def activations(body: ActivationsRequest, request: Request):
     parts = []
     for start in range(0, n, CAPTURE_BATCH):
         chunk = ids[start:start + CAPTURE_BATCH]
-        parts.append(await engine.call(lambda lm, chunk=chunk: capture_ids(
+        parts.append(await _on_engine(state, lambda lm, chunk=chunk: capture_ids(
             lm, chunk, body.layers, body.positions, batch_size=CAPTURE_BATCH)))
     values = torch.cat(parts).to(torch.float16 if body.dtype == "float16" else torch.float32)
     meta = {"layers": body.layers, "positions": body.positions,
