@@ -1,4 +1,4 @@
-"""Issue 30 on the real server process (embedded model, fp32): monitors in mixed batches change
+"""Issue 30 on the real server process (embedded model, int8 on CPU): monitors in mixed batches change
 no answer and read refusal where it is; raw vectors under policy (grant, the same answer as the
 pack's vector, the audit line); inspect and capture; an extraction job from submission to
 serving; the worked example (capture → probe → raw vector → monitor)."""
@@ -44,7 +44,10 @@ def server(tmp_path_factory):
         pytest.skip("STEERING_SKIP_REAL set")
     folder = tmp_path_factory.mktemp("stream-real")
     (folder / "packs").mkdir()
-    env = {"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32", "STEER_KEYS": json.dumps(KEYS),
+    # the CPU default precision (int8; extraction jobs run on a full-precision copy); a long
+    # request timeout: the machine these run on may be shared
+    env = {"STEER_DEVICE": "cpu", "STEER_REQUEST_TIMEOUT_S": "3600",
+           "STEER_KEYS": json.dumps(KEYS),
            "STEER_AUDIT_LOG": str(folder / "audit.jsonl"), "STEER_PACKS_DIR": str(folder /
                                                                                  "packs")}
     proc = ServerProcess(env=env, log_path=str(folder / "server.log"))
@@ -56,10 +59,10 @@ def server(tmp_path_factory):
         proc.stop()
 
 
-def _chat(server, prompt: str, headers=ROOT, max_tokens: int = 12, **extra) -> dict:
+def _chat(server, prompt: str, headers=ROOT, max_tokens: int = 8, **extra) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, **extra}
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=900)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=3600)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -119,7 +122,7 @@ def test_raw_vectors_under_policy(server):
     dim = pack.dim(pack.layer).numpy()
     vector = {"method": "actadd", "strength": 1.5,
               "vector": Vector.of(dim, layer=pack.layer).model_dump(exclude_none=True)}
-    r = httpx.post(f"{server.url}/v1/chat/completions", headers=USER, timeout=900, json={
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers=USER, timeout=3600, json={
         "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 8,
         "temperature": 0, "steering": vector})
     assert r.status_code == 403 and r.json()["error"]["code"] == "policy_raw_vectors"
@@ -141,7 +144,7 @@ def test_raw_vectors_under_policy(server):
 
 
 def test_inspect_and_capture(server):
-    r = httpx.post(f"{server.url}/v1/steering/inspect", headers=USER, timeout=900, json={
+    r = httpx.post(f"{server.url}/v1/steering/inspect", headers=USER, timeout=3600, json={
         "prompt": PROMPTS[1], "completion": "I'm sorry, but I can't assist with that."})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -150,7 +153,7 @@ def test_inspect_and_capture(server):
     last_prompt = body["prompt_tokens"] - 1
     assert body["scores"][body["layer"]][last_prompt] > 0.5  # a harmful request reads harmful
     assert len(body["logit_lens"]["promoted"]) == 10 and n_layers == 24
-    cap = httpx.post(f"{server.url}/v1/activations", headers=USER, timeout=900, json={
+    cap = httpx.post(f"{server.url}/v1/activations", headers=USER, timeout=3600, json={
         "prompts": PROMPTS[:2], "layers": [0, 12, 24], "positions": [-1, -2],
         "format": "safetensors"})
     assert cap.status_code == 200
