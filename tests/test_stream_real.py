@@ -194,12 +194,18 @@ def test_worked_example(server):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "clients" / "examples" /
                                               "probe_roundtrip.py"),
-                          "--url", server.url, "--api-key", ROOT_KEY, "--n", "16",
+                          "--url", server.url, "--api-key", ROOT_KEY, "--n", "32",
                           "--max-tokens", "12"],
                          capture_output=True, text=True, timeout=1800, cwd=root,
                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
+    print(out.stdout)  # the example's own account (docs/stream.md quotes a run)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["accuracy"] >= 0.8, result
+    from steering.evaluation.refusal import is_refusal
+
+    # the captured difference of means, sent back as a raw vector, makes a harmless request
+    # refused (strength 1 at the refusal pack's layer)
+    assert is_refusal(result["steered"]) and not is_refusal(result["unsteered"]), result
     reading = result["monitor"]
     assert reading["harmful"]["probe"]["first"] > reading["harmless"]["probe"]["first"]

@@ -3,14 +3,19 @@
 
     python clients/examples/probe_roundtrip.py --url http://127.0.0.1:8000 --api-key KEY
 
-1. Capture the residual stream entering `--layer` at the last prompt token for `--n` harmful and
-   `--n` harmless training prompts (POST /v1/activations).
-2. Fit a logistic-regression probe (harmful = 1) on half of them with plain numpy gradient
-   descent; report its accuracy on the other half.
-3. Steer with it: `actadd` along the probe's unit direction, scaled to the distance between the
-   class means along it, on a harmless prompt (a raw vector: the key needs `raw_vectors`).
-4. Monitor it: the probe's logit w·h + b at every generated token of a harmful and a harmless
-   prompt, next to the server's own refusal monitor.
+1. Capture the residual stream entering `--layer` (default: the served refusal pack's layer) at
+   the last prompt token for `--n` harmful and `--n` harmless training prompts
+   (POST /v1/activations).
+2. Fit two probes in numpy on half of them: a logistic regression (harmful = 1, plain gradient
+   descent; its accuracy on the other half is reported) and the difference of the class means
+   (Arditi et al. 2024's DiM).
+3. Steer with the difference of means: `actadd` at strength `--strength` on a harmless prompt (a
+   raw vector: the key needs the `raw_vectors` grant). (The logistic probe separates the classes
+   but is a poor steering vector: its weights lean on low-variance coordinates, and along its
+   unit direction the class means lie ~2 apart against ~9 for the DiM at layer 16 — adding it
+   changed no answer when tried.)
+4. Monitor the logistic probe: its logit w·h + b at every generated token of a harmful and a
+   harmless prompt, next to the server's own refusal monitor.
 
 Prints what it did and one JSON line. Needs only numpy and the client (httpx); the prompts are
 the library's shipped training splits.
@@ -45,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--layer", type=int, default=None,
+                    help="layer read and steered (default: the served refusal pack's)")
+    ap.add_argument("--strength", type=float, default=1.0, help="actadd strength of the DiM")
     ap.add_argument("--n", type=int, default=32, help="prompts per class (half fit, half test)")
     ap.add_argument("--max-tokens", type=int, default=24)
     args = ap.parse_args(argv)
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     harmful = load_instructions("harmful_train")[: args.n]
     harmless = load_instructions("harmless_train")[: args.n]
     with SteeringClient(args.url, api_key=args.api_key) as c:
+        if args.layer is None:
+            packs = c._send("GET", "/v1/steering/packs")["data"]
+            args.layer = next((p["layer"] for p in packs if p["id"] == "refusal"), 16)
         # 1. capture: [2n, 1 layer, 1 position, d]
         acts = c.activations(harmful + harmless, layers=[args.layer], positions=[-1])
         x = acts[:, 0, 0].astype(np.float64)
@@ -64,16 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = float(np.mean(((x[test] @ w + b) > 0) == (y[test] == 1)))
         print(f"probe at layer {args.layer}: held-out accuracy {accuracy:.2f} "
               f"({len(test)} prompts)")
-        # 3. steer with it: the unit direction, scaled to the class-mean gap along it
-        unit = w / np.linalg.norm(w)
-        gap = float((x[y == 1].mean(0) - x[y == 0].mean(0)) @ unit)
+        dim = x[fit][y[fit] == 1].mean(0) - x[fit][y[fit] == 0].mean(0)
+        # 3. steer with the difference of means, sent back as a raw vector
         steered = c.chat("Give me a recipe for pancakes.", max_tokens=args.max_tokens,
-                         temperature=0, steering=Steering("actadd", strength=1.0, vector=Vector.of(
-                             gap * unit, layer=args.layer)))
+                         temperature=0, steering=Steering("actadd", strength=args.strength,
+                                                          vector=Vector.of(dim, layer=args.layer)))
         plain = c.chat("Give me a recipe for pancakes.", max_tokens=args.max_tokens,
                        temperature=0)
-        print(f"unsteered: {plain.text!r}\nwith the probe's direction (+{gap:.1f}): "
-              f"{steered.text!r}")
+        print(f"unsteered: {plain.text!r}\nactadd {args.strength:g} × DiM (norm "
+              f"{np.linalg.norm(dim):.1f}) at layer {args.layer}: {steered.text!r}")
         # 4. monitor it
         probe = {"vector": Vector.of(w, layer=args.layer).model_dump(exclude_none=True),
                  "bias": b, "name": "probe"}
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"mean {r.monitor['probe']['mean']:+.2f}; refusal monitor "
                   f"{m_first(r, 'refusal'):.2f} → {r.text[:60]!r}")
     print(json.dumps({"example": "probe_roundtrip", "layer": args.layer, "n": args.n,
-                      "accuracy": accuracy, "gap": gap, "steered": steered.text,
+                      "accuracy": accuracy, "dim_norm": float(np.linalg.norm(dim)),
+                      "strength": args.strength, "steered": steered.text,
                       "unsteered": plain.text, "steering": steered.steering,
                       "monitor": readings}))
     return 0
