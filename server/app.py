@@ -203,15 +203,15 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.include_router(playground_router)
     app.include_router(pack_admin_router)  # POST / DELETE /v1/steering/packs
     keys = load_keys(settings)
-    if settings.auth and not len(keys):
-        log.warning("authentication is on but no API keys are configured: every route but "
-                    "the probes answers 401")
+    if keys.configured and not len(keys):
+        log.warning("authentication is on but the keys source holds no keys: every route but "
+                    "the open ones answers 401")
     open_paths, open_prefixes, closed = _route_access(settings)
     # Outermost first: request id and access log → audit (sees 401s) → auth (before the body
     # is read) → body limits and JSON checks → in-flight tracking (drain) → the app.
     app.add_middleware(InflightMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys,
+    app.add_middleware(AuthMiddleware, enabled=keys.configured, keys=keys,
                        open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
     app.add_middleware(AuditMiddleware, path=settings.audit_log)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
