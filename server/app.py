@@ -23,6 +23,7 @@ import steering
 from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.completions import router as completions_router
+from server.api.pack_admin import PACK_UPLOAD_PATH
 from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
 from server.api.resolve import resolve_steering
@@ -62,6 +63,7 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
     state.packs = _as_pack_dict(packs)
     extra, state.failed_packs = load_extra_packs(state.settings, lm.model, set(state.packs))
     state.packs.update(extra)
+    state.pinned_packs = frozenset(state.packs)  # the shipped packs: not replaceable at run time
     state.default_pack = ("refusal" if "refusal" in state.packs
                           else next(iter(state.packs), None))
     for name in list(state.presets):
@@ -210,7 +212,8 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     # Outermost first: request id and access log → audit (sees 401s) → auth (before the body
     # is read) → body limits and JSON checks → in-flight tracking (drain) → the app.
     app.add_middleware(InflightMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       streamed={PACK_UPLOAD_PATH: settings.max_pack_bytes})
     app.add_middleware(AuthMiddleware, enabled=keys.configured, keys=keys,
                        open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
     app.add_middleware(AuditMiddleware, path=settings.audit_log)

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
                                                       "page (its calls to /v1/* need a key)")
     log_field_chars: int = Field(256, ge=16, description="longest string a log line carries "
                                                          "per field (longer ones are cut)")
+    max_pack_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest pack upload "
+                                "body (POST /v1/steering/packs, read in chunks; 413 beyond)")
 
     # Extra packs (server/packs.py): bad ones are logged, skipped and listed as failed.
     packs_dir: str | None = Field(None, description="folder of NAME.safetensors + NAME.json "
