@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import (
 )
 
 from steering.models import embedded, int8_cache
+from steering.models.file_hash import file_sha256
 from steering.models.fused_layers import use_fused_layers
 from steering.models.gguf import convert_gguf_to_folder
 from steering.models.layers import ResidualLayout, discover, hidden_size
@@ -185,11 +185,8 @@ def _save_cached_int8(model: PreTrainedModel, path: Path) -> None:
 
 
 def _gguf_cache_folder(path: Path) -> Path:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return embedded.cache_root() / "models" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    digest = file_sha256(path)  # hashed once per file version (steering.models.file_hash)
+    return embedded.cache_root() / "models" / f"{path.stem}-{digest[:16]}"
 
 
 def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model",

@@ -331,7 +331,9 @@ def orthonormality_gap(directions: torch.Tensor) -> float:
 
 
 def check_compatible(pack: SteeringPack, model) -> None:
-    """Refuse a pack made for another model: hidden size, depth, architecture, weights."""
+    """Refuse a pack made for another model: hidden size, depth, architecture, weights (the
+    checkpoint files' SHA-256 where both the pack and the model record it — a pack made before
+    it was recorded is checked by its embedding probe only)."""
     from steering.models.fingerprint import (
         fingerprint,  # local: keeps pack importable without transformers
     )
@@ -353,6 +355,9 @@ def check_compatible(pack: SteeringPack, model) -> None:
         raise PackError(f"pack {pack.name!r} was made for another model architecture "
                         f"({want.get('model_type')}, fingerprint {want.get('arch')}; "
                         f"this model: {fp['model_type']}, {fp['arch']})")
+    if want.get("weights") and fp.get("weights") and want["weights"] != fp["weights"]:
+        raise PackError(f"pack {pack.name!r} was made for other weights of the same "
+                        "architecture (the checkpoint's weight files differ)")
     probe_a, probe_b = want.get("probe") or [], fp["probe"]
     if len(probe_a) != len(probe_b) or any(
         not math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(probe_a, probe_b)
