@@ -37,6 +37,7 @@ from server.packs import load_extra_packs, shipped_concept_packs
 from server.presets import load_presets
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
+from server.security.frontdoor import FrontDoorMiddleware, allowed_methods, uvicorn_limits
 from server.security.hardening import BodyLimitMiddleware
 from server.settings import Settings
 from server.state import ServerState
@@ -219,6 +220,8 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.add_middleware(AuditMiddleware, path=settings.audit_log)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
                        max_field_chars=settings.log_field_chars)
+    app.add_middleware(FrontDoorMiddleware, methods=allowed_methods(settings),
+                       max_head_bytes=settings.max_header_bytes)  # outermost: the front door
     return app
 
 
@@ -230,7 +233,8 @@ def _route_access(settings: Settings) -> tuple[frozenset[str], tuple[str, ...], 
     open_paths: set[str] = {"/healthz", "/readyz"}
     prefixes: list[str] = []
     closed: set[str] = set()
-    for mode, paths in ((settings.docs, DOCS_PATHS), (settings.metrics, {"/metrics"}),
+    metrics_mode = "off" if settings.metrics_port else settings.metrics  # on its own port
+    for mode, paths in ((settings.docs, DOCS_PATHS), (metrics_mode, {"/metrics"}),
                         (settings.playground, {"/playground", "/playground/"})):
         if mode == "open":
             open_paths |= paths
@@ -287,6 +291,16 @@ class _DrainingServer:
         return Server(config)
 
 
+def serve_metrics(metrics: Metrics, host: str, port: int) -> None:
+    """/metrics on its own port (`STEER_METRICS_PORT`), in a daemon thread: prometheus-client's
+    own HTTP server over this app's registry. The API port then answers 404 there, and a
+    network policy can admit the scraper to this port only."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
 def configure_access_log() -> None:
     if not any(getattr(h, "_steer", False) for h in access_log.handlers):
         handler = logging.StreamHandler(sys.stdout)
@@ -308,7 +322,10 @@ def serve(**overrides: Any) -> None:
     configure_access_log()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, log_level=settings.log_level.lower())
+                            access_log=False, log_level=settings.log_level.lower(),
+                            **uvicorn_limits(settings))
+    if settings.metrics_port:
+        serve_metrics(app.state.steer.metrics, settings.host, settings.metrics_port)
     _DrainingServer(config, app.state.steer).run()
     state: ServerState = app.state.steer
     if state.load_error:
