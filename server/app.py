@@ -33,7 +33,7 @@ from server.errors import APIError
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
-from server.packs import load_extra_packs, shipped_concept_packs
+from server.packs import concept_names, load_extra_packs, shipped_concept_packs
 from server.presets import load_presets
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
@@ -133,23 +133,72 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, list[SteeringPack]]:
-    from steering.extraction.store import default_pack_path, ensure_pack
-    from steering.packs.format import pack_paths
+    """The model and its packs, from the caches. What is not cached yet — the dequantized or
+    int8 model, the refusal pack, the shipped concept packs — is made first in a child process
+    (`_prepare_caches`), so a first start ends at the footprint of a cached one: the
+    full-precision model that extraction needs, its activations and the conversion's peak go
+    away with the child instead of staying in this process's heap."""
+    from steering.extraction.store import ensure_pack, pack_cached
+    from steering.models.loading import model_cached
 
+    prepared = False
+    if not model_cached(settings.model, settings.device, settings.dtype, settings.precision):
+        _in_child(settings)
+        prepared = True
     lm = steering.load_model(settings.model, settings.device, settings.dtype,
                              precision=settings.precision)
-    if (lm.precision in ("int8", "int4") and settings.pack is None
-            and not pack_paths(default_pack_path(lm))[0].is_file()):
-        # The pack is extracted once at full precision, whatever precision serves it (the
-        # precision gate in docs/precision.md measures the quantized model with that pack).
+    if not prepared and not _packs_cached(lm, settings):
+        _in_child(settings)
+    if not pack_cached(lm, settings.pack):
+        raise RuntimeError("the steering pack was not extracted (the preparation step's log "
+                           "says why)")
+    pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
+    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs, extract=False)]
+
+
+def _packs_cached(lm: LoadedModel, settings: Settings) -> bool:
+    from steering.extraction.store import concept_pack_cached, pack_cached
+
+    return pack_cached(lm, settings.pack) and all(
+        concept_pack_cached(lm, n) for n in concept_names(settings.concept_packs))
+
+
+def _in_child(settings: Settings) -> None:
+    """Run `_prepare_caches` in a fresh (spawned) process and wait for it."""
+    import multiprocessing
+
+    log.info("first start: converting / extracting what is not cached yet in a child process")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_prepare_caches, args=(settings.model_dump(),), name="steer-prepare", daemon=True)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"preparing the model's caches failed (exit code {child.exitcode}; "
+                           "the log above says why)")
+
+
+def _prepare_caches(settings_fields: dict) -> None:
+    """In the child: load the model (dequantizing / converting it into the cache), extract the
+    refusal pack — at full precision when a quantized model serves it (the precision gate in
+    docs/precision.md measures the quantized model with that pack) — and the shipped concept
+    packs, into the cache. Then the process exits and its memory with it."""
+    from steering.extraction.store import ensure_pack, pack_cached
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings_fields.get("log_level", "info").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s (prepare): %(message)s")
+    settings = Settings(**settings_fields)
+    lm = steering.load_model(settings.model, settings.device, settings.dtype,
+                             precision=settings.precision)
+    if lm.precision in ("int8", "int4") and settings.pack is None and not pack_cached(lm):
         log.info("extracting the steering pack at full precision before serving %s",
                  lm.precision)
         full = steering.load_model(settings.model, settings.device,
                                    precision="fp32" if lm.device.type == "cpu" else "bf16")
         ensure_pack(full, None, mode=settings.pack_mode)
         del full
-    pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
-    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs)]
+    ensure_pack(lm, settings.pack, mode=settings.pack_mode)
+    shipped_concept_packs(lm, settings.concept_packs)
 
 
 async def load_in_background(state: ServerState) -> None:

@@ -66,14 +66,20 @@ def load_extra_packs(settings, model, taken: set[str]) -> tuple[dict[str, Steeri
     return loaded, failed
 
 
-def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
+def concept_names(names: str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def shipped_concept_packs(lm, names: str, extract: bool = True) -> list[SteeringPack]:
     """The shipped concept packs named in `names` (comma-separated), extracted for `lm` on first
-    use and cached like the refusal pack; one that cannot be made is logged and skipped."""
-    from steering.extraction.store import ensure_concept_pack
+    use and cached like the refusal pack; one that cannot be made is logged and skipped.
+    `extract=False`: load cached ones only (a missing one is logged and skipped)."""
+    from steering.extraction.store import concept_pack_cached, ensure_concept_pack
 
     packs = []
-    for name in (n.strip() for n in names.split(",")):
-        if not name:
+    for name in concept_names(names):
+        if not extract and not concept_pack_cached(lm, name):
+            log.error("concept pack %r not served: it could not be extracted (see above)", name)
             continue
         try:
             packs.append(ensure_concept_pack(lm, name))

@@ -38,6 +38,36 @@ def _cached(target: Path, lm: LoadedModel, name: str, given: bool = False) -> St
         return None
 
 
+def pack_cached(lm: LoadedModel, path: str | Path | None = None, name: str = "refusal") -> bool:
+    """Whether `ensure_pack(lm, path, name=name)` would only load (extract nothing)."""
+    from steering.extraction.extract import EXTRACT_VERSION
+
+    target = Path(path) if path else default_pack_path(lm, name)
+    if not pack_paths(target)[0].is_file():
+        return False
+    if path:
+        return True  # a pack the caller named is used as it is (or refused: not ours to redo)
+    try:
+        pack = _cached(target, lm, name)
+    except PackError:  # ensure_pack will say why
+        return True
+    return pack is not None and pack.meta.get("extract_version", 1) == EXTRACT_VERSION
+
+
+def concept_pack_cached(lm: LoadedModel, name: str) -> bool:
+    """Whether `ensure_concept_pack(lm, name)` would only load (extract nothing)."""
+    from steering.extraction.concept import CONCEPT_VERSION
+
+    target = default_pack_path(lm, name)
+    if not pack_paths(target)[0].is_file():
+        return False
+    try:
+        pack = _cached(target, lm, name)
+    except PackError:  # ensure_concept_pack will say why
+        return True
+    return pack is not None and pack.meta.get("concept_version") == CONCEPT_VERSION
+
+
 def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fast",
                 name: str = "refusal") -> SteeringPack:
     """Load the pack at `path` (default: the model's cached pack); extract it if missing, or if

@@ -147,6 +147,29 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
                        precision=prec)
 
 
+def model_cached(spec: str = DEFAULT_MODEL, device: str | None = None,
+                 dtype: str | None = None, precision: str | None = None) -> bool:
+    """Whether `load_model` would load `spec` from what is already on disk, without converting
+    anything (the embedded GGUF dequantized, a GGUF file converted, the int8 model cached).
+    Cheap: a few `stat`s and, once per file version, a hash (`steering.models.file_hash`)."""
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dtype, dev)
+    if spec == DEFAULT_MODEL:
+        folder = embedded.embedded_model_cached()
+        if folder is None:
+            return False
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            return True  # load_model will say what is wrong
+        folder = _gguf_cache_folder(Path(spec))
+        if not (folder / "config.json").is_file():
+            return False
+    else:
+        folder = Path(spec)
+    cached = _int8_cache_file(folder, prec, dev)
+    return cached is None or cached.is_file()
+
+
 def _int8_cache_file(folder: str | Path, precision: str, device: torch.device) -> Path | None:
     """Where the int8 conversion of a local checkpoint folder is cached (None: not cached)."""
     folder = Path(folder)
