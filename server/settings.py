@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
+    # The front door (server/security/frontdoor.py): limits on connections, for `steer serve`.
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers not "
+                                    "complete this long after the connection (or the previous "
+                                    "response) get 408 and the connection is closed")
+    max_header_bytes: int = Field(16384, ge=1024, description="longest request head (400)")
+    max_connections: int | None = Field(256, ge=1, description="open connections beyond "
+                                        "which new requests get 503 (uvicorn limit_concurrency)")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed")
+    allowed_methods: str = Field("GET,HEAD,POST,DELETE", description="HTTP methods served; "
+                                 "others get 405 before anything else runs")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on "
+                                     "this port (same host) instead of the API port, where it "
+                                     "is then off")
+
     # Request limits (4xx beyond them).
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(512, ge=1, description="chat max_tokens when none is given")
@@ -81,6 +95,8 @@ class Settings(BaseSettings):
                                                       "page (its calls to /v1/* need a key)")
     log_field_chars: int = Field(256, ge=16, description="longest string a log line carries "
                                                          "per field (longer ones are cut)")
+    max_pack_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest pack upload "
+                                "body (POST /v1/steering/packs, read in chunks; 413 beyond)")
 
     # Extra packs (server/packs.py): bad ones are logged, skipped and listed as failed.
     packs_dir: str | None = Field(None, description="folder of NAME.safetensors + NAME.json "

@@ -340,8 +340,9 @@ def test_wiring(overlay):
 
 
 def test_network_policy_admits_only_the_gateway(overlay):
-    """Issue 12 finding 13: the keyless server is reachable only from the gateway (and
-    Prometheus' namespace for /metrics), and its API docs are off."""
+    """Issue 12 finding 13, issue 28 item 2: the API port is reachable from the gateway's pods
+    only; the metrics port from Prometheus' pods in the monitoring namespace only (not the whole
+    namespace, never the API); the API docs are off."""
     name, docs = overlay
     server = _server_deployment(docs)
     pod_labels = server["spec"]["template"]["metadata"]["labels"]
@@ -353,22 +354,47 @@ def test_network_policy_admits_only_the_gateway(overlay):
     assert len(policies) == 1, f"{name}: no NetworkPolicy selects the server pods"
     spec = policies[0]["spec"]
     assert "Ingress" in spec["policyTypes"]
-    pods_from, namespaces_from = [], []
+    by_port: dict[str, list[dict]] = {}
     for rule in spec["ingress"]:
         assert rule.get("from"), "an ingress rule without 'from' admits everyone"
-        assert [p["port"] for p in rule["ports"]] == ["http"]
+        assert rule.get("ports"), "an ingress rule without 'ports' opens every port"
         for peer in rule["from"]:
             assert "ipBlock" not in peer
-            if "podSelector" in peer:
-                assert "namespaceSelector" not in peer
-                pods_from.append(peer["podSelector"]["matchLabels"])
-            else:
-                namespaces_from.append(peer["namespaceSelector"]["matchLabels"])
-    assert pods_from and all(all(gateway_labels.get(k) == v for k, v in sel.items())
-                             for sel in pods_from)
-    assert all(sel == {"kubernetes.io/metadata.name": "monitoring"} for sel in namespaces_from)
+            for port in rule["ports"]:
+                by_port.setdefault(port["port"], []).append(peer)
+    assert set(by_port) == {"http", "metrics"}
+    for peer in by_port["http"]:  # the API: the gateway's pods in this namespace, nothing else
+        assert set(peer) == {"podSelector"}
+        assert all(gateway_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+    for peer in by_port["metrics"]:  # metrics: Prometheus' pods in `monitoring`, not all of it
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": "monitoring"}
+        assert peer["podSelector"]["matchLabels"], "the whole monitoring namespace is admitted"
+    c = _container(server, SERVER_CONTAINER)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert int(env["STEER_METRICS_PORT"]) == ports["metrics"] != ports["http"]
     policy = _one(docs, "ConfigMap", "steering-policy")["data"]
     assert policy["STEER_DOCS"] == "off" and policy["STEER_PLAYGROUND"] == "off"
+    assert "STEER_METRICS" not in policy or policy["STEER_METRICS"] != "open"
+
+
+def test_the_server_checks_keys_in_every_deployment(overlay):
+    """Issue 28 item 2: the server runs with keys (so pack admin is closed and every audit line
+    names a route's key), the gateway with its key check and model allow-lists."""
+    name, docs = overlay
+    from server.security.auth import load_keys
+    from server.settings import Settings
+
+    env = dict(_manifest_env(docs))
+    server_env, gateway_env = env["steering/server"], env["steering-gateway/litellm"]
+    keys = load_keys(Settings(keys=server_env["STEER_KEYS"]))
+    assert keys.configured and len(keys) == len(_generator().routes())
+    assert gateway_env["LITELLM_MASTER_KEY"] and "GATEWAY_CLIENT_KEYS" in gateway_env
+    config = _one(docs, "ConfigMap", "steering-gateway-config")["data"]
+    assert "gateway_auth.py" in config
+    assert yaml.safe_load(config["config.yaml"])["general_settings"]["custom_auth"] == \
+        "gateway_auth.user_api_key_auth"
 
 
 def test_overlay_patch_applied():
@@ -732,22 +758,33 @@ def test_compose_stack():
     doc = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     services = doc["services"]
     assert {"steer", "gateway", "prometheus"} <= set(services)
-    steer_port = 8000
-    # only the gateway is published on all interfaces; the keyless server is not published
+    steer_port, metrics_port = 8000, 9100
+    # the server is not published; everything that is, is on loopback (the gateway too)
     assert "ports" not in services["steer"] and str(steer_port) in services["steer"]["expose"]
     for name, svc in services.items():
         for port in svc.get("ports", []):
-            if name != "gateway":
-                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port}"
-    assert services["steer"]["environment"]["STEER_DOCS"] == "off"
-    # Prometheus scrapes the server's /metrics
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port}"
+    steer_env = services["steer"]["environment"]
+    assert steer_env["STEER_DOCS"] == "off"
+    assert steer_env["STEER_METRICS_PORT"] == str(metrics_port)
+    assert str(metrics_port) in services["steer"]["expose"]
+    # keys are required: the server's and the gateway's come from the generated env files, and
+    # nothing supplies a default master key
+    assert services["steer"]["env_file"] == [".secrets/server.env"]
+    assert services["gateway"]["env_file"] == [".secrets/gateway.env"]
+    assert "LITELLM_MASTER_KEY" not in (services["gateway"].get("environment") or {})
+    assert "sk-" not in (DOCKER / "docker-compose.yml").read_text()
+    # Prometheus scrapes the metrics port (the API port serves no /metrics)
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     targets = [(job.get("metrics_path", "/metrics"), t) for job in prom["scrape_configs"]
                for sc in job.get("static_configs", []) for t in sc["targets"]]
-    assert ("/metrics", f"steer:{steer_port}") in targets
-    # the gateway: its config is the mounted litellm.yaml, its upstream the steer service
+    assert ("/metrics", f"steer:{metrics_port}") in targets
+    assert ("/metrics", f"steer:{steer_port}") not in targets
+    # the gateway: its config is the mounted litellm.yaml and gateway_auth.py next to it, its
+    # upstream the steer service
     gw = services["gateway"]
-    assert any(v.startswith("./litellm.yaml:") for v in gw["volumes"])
+    assert any(v.startswith("./litellm.yaml:/app/config.yaml") for v in gw["volumes"])
+    assert any(v.startswith("./gateway_auth.py:/app/gateway_auth.py") for v in gw["volumes"])
     assert gw["environment"]["STEERING_API_BASE"] == f"http://steer:{steer_port}/v1"
     assert gw["depends_on"]["steer"]["condition"] == "service_healthy"
     # the presets the server reads are the mounted presets.yaml
@@ -780,6 +817,104 @@ def test_gateway_routes_resolve():
     assert routed >= {None, "no-refusal"} and routed - {None} == set(presets), \
         "route every preset (and only those)"
     assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
+    assert config["general_settings"]["custom_auth"] == "gateway_auth.user_api_key_auth"
+    assert (DOCKER / "gateway_auth.py").read_text() == \
+        (DEPLOY / "base" / "gateway_auth.py").read_text()
+
+
+def _generator():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gateway_keys
+    finally:
+        sys.path.pop(0)
+    return gateway_keys
+
+
+def test_each_route_has_its_own_server_key_and_only_lowering_routes_the_grant():
+    """Issue 28 item 2: every gateway route calls the server with a key of its own (distinct
+    variables), allowed only its preset; exactly the routes whose preset lowers refusal (by the
+    server's own policy) carry `lower_refusal`; the shipped placeholder Secrets are what the
+    generator writes (so they cannot drift from litellm.yaml and the presets)."""
+    from server.presets import load_presets
+    from server.security.auth import parse_keys
+    from server.security.policy import lowers_refusal
+
+    gen = _generator()
+    routes = gen.routes()
+    assert len({r.env for r in routes}) == len(routes) == len({r.key_id for r in routes})
+    presets = load_presets(DOCKER / "presets.yaml")
+    for r in routes:
+        assert r.env == gen.env_name(r.preset)
+        if r.preset is None:
+            assert not r.lowers
+            continue
+        preset = presets[r.preset]
+        fixed = [p for i, p in enumerate(preset.parts) if not preset.is_calibrated(i)]
+        if any(lowers_refusal(p.method, 1.0 if p.strength is None else p.strength)
+               for p in fixed):
+            assert r.lowers, r
+    lowering = {r.preset for r in routes if r.lowers}
+    assert {"no-refusal", "ablate", "inlp-null", "ace-comply"} <= lowering
+    assert not lowering & {None, "more-refusal", "ace-refuse"}
+    files = gen.generate(placeholder=True)
+    secrets = {d["metadata"]["name"]: d["stringData"]
+               for d in yaml.safe_load_all((DEPLOY / "base" / "secret.yaml").read_text())}
+    assert secrets["steering-api-keys"] == files["gateway.env"]
+    assert secrets["steering-server-keys"] == files["server.env"]
+    store = parse_keys(yaml.safe_load(files["server.env"]["STEER_KEYS"]))
+    for r in routes:
+        key = store.lookup(files["gateway.env"][r.env])
+        assert key is not None and key.id == r.key_id
+        assert key.policy.lower_refusal is r.lowers
+        assert key.policy.presets == frozenset([r.preset] if r.preset else [])
+        assert not key.pack_admin
+    clients = yaml.safe_load(files["gateway.env"]["GATEWAY_CLIENT_KEYS"])["clients"]
+    allowed = {c["id"]: set(c["models"]) for c in clients}
+    assert allowed["granted"] == {r.model_name for r in routes}
+    assert allowed["standard"] == {r.model_name for r in routes if not r.lowers}
+    # real keys are random and long; every file the generator writes is private
+    real = gen.generate()
+    assert real["gateway.env"]["LITELLM_MASTER_KEY"] != gen.generate()["gateway.env"][
+        "LITELLM_MASTER_KEY"]
+    assert all(len(v) > 40 for k, v in real["gateway.env"].items() if "CLIENT" not in k)
+
+
+def test_gateway_image_is_a_pinned_vetted_litellm():
+    """Issue 28 item 2: one pinned LiteLLM release everywhere (compose, Kubernetes, the test's
+    install script), never a moving tag, never the two releases that shipped a stealer."""
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    images = [compose["services"]["gateway"]["image"]]
+    for name in OVERLAYS:
+        gw = _one(kustomize(DEPLOY / "overlays" / name), "Deployment", "steering-gateway")
+        images.append(gw["spec"]["template"]["spec"]["containers"][0]["image"])
+    script = (ROOT / "scripts" / "ensure-litellm.sh").read_text()
+    pinned = re.search(r"LITELLM_VERSION:-([0-9.]+)", script).group(1)
+    for image in images:
+        repo, _, tag = image.rpartition(":")
+        assert repo == "ghcr.io/berriai/litellm"
+        assert tag == f"v{pinned}-stable", image
+    assert pinned not in {"1.82.7", "1.82.8"}
+
+
+def test_gateway_refuses_placeholder_keys(tmp_path):
+    """The shipped placeholders never serve: gateway_auth.py refuses to load with them."""
+    python = ROOT / ".venv-litellm" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip("LiteLLM's virtualenv is not installed (scripts/ensure-litellm.sh)")
+    files = _generator().generate(placeholder=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STEER", "GATEWAY"))}
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('g', sys.argv[1]); "
+            "s.loader.exec_module(u.module_from_spec(s))")
+    bad = subprocess.run([str(python), "-c", code, str(DOCKER / "gateway_auth.py")],
+                         env={**env, **files["gateway.env"], "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "placeholder" in bad.stderr, bad.stderr[-2000:]
+    good = subprocess.run([str(python), "-c", code, str(DOCKER / "gateway_auth.py")],
+                          env={**env, **_generator().generate()["gateway.env"],
+                               "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+                          capture_output=True, text=True, timeout=600)
+    assert good.returncode == 0, good.stderr[-2000:]
 
 
 def test_docs_exist():

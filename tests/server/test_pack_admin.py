@@ -1,6 +1,8 @@
-"""Issue 14 on the tiny model: packs loaded and unloaded while serving (admin keys only, same
+"""Issue 14 on the tiny model: packs loaded and unloaded while serving (pack_admin keys only, same
 validation as start-up, audited), several packs at once, per-key pack policy, and requests that
-finish on the pack version they started with."""
+finish on the pack version they started with. Issue 28 items 4 and 10: the upload grant needs
+the refusal-lowering grant, packs loaded at start are pinned, an upload is checked against the
+shipped refusal pack, the upload has its own streamed limit, and a refused DELETE is audited."""
 
 from __future__ import annotations
 
@@ -22,11 +24,15 @@ from steering.packs.format import SteeringPack, pack_paths
 
 MODEL = "tiny-qwen2"
 KEYS = {"keys": [
-    {"id": "root", "sha256": hash_key("k-root"), "methods": "*", "admin": True},
+    {"id": "root", "sha256": hash_key("k-root"), "methods": "*", "admin": True,
+     "lower_refusal": True, "pack_admin": True},
     {"id": "user", "sha256": hash_key("k-user"), "methods": "*", "packs": ["refusal"]},
+    {"id": "viewer", "sha256": hash_key("k-viewer"), "methods": "*", "admin": True,
+     "lower_refusal": True},  # sees internals, may lower refusal, may not change packs
 ]}
 ROOT = {"Authorization": "Bearer k-root"}
 USER = {"Authorization": "Bearer k-user"}
+VIEWER = {"Authorization": "Bearer k-viewer"}
 
 
 def variant(pack: SteeringPack, name: str, scale: float = 3.0) -> SteeringPack:
@@ -82,10 +88,11 @@ def test_upload_list_use_delete(client, tiny_pack, tmp_path, caplog):
     assert up["key_id"] == "root" and up["pack"] == "tone" and len(up["safetensors_sha256"]) == 64
 
 
-def test_only_admin_keys_load_and_unload(client, tiny_pack, tmp_path):
+def test_only_pack_admin_keys_load_and_unload(client, tiny_pack, tmp_path):
     body = upload_body(variant(tiny_pack, "tone"), tmp_path)
-    r = client.post("/v1/steering/packs", headers=USER, json=body)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "not_admin"
+    for headers in (USER, VIEWER):  # `admin` alone (even with the grant) is not enough
+        r = client.post("/v1/steering/packs", headers=headers, json=body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_pack_admin", r.text
     assert client.post("/v1/steering/packs", json=body).status_code == 401
     assert client.delete("/v1/steering/packs/refusal", headers=USER).status_code == 403
     assert client.post("/v1/steering/packs", headers=ROOT, json=body).status_code == 201
@@ -130,7 +137,7 @@ def test_uploads_get_the_start_up_validation(client, tiny_pack, tmp_path):
 
 
 def test_a_running_request_finishes_on_the_pack_it_started_with(client, tiny_pack, tmp_path):
-    first, second = variant(tiny_pack, "tone", 3.0), variant(tiny_pack, "tone", -3.0)
+    first, second = variant(tiny_pack, "tone", 3.0), variant(tiny_pack, "tone", 0.2)
     assert client.post("/v1/steering/packs", headers=ROOT,
                        json=upload_body(first, tmp_path)).status_code == 201
     n = 48
@@ -173,17 +180,154 @@ def test_methods_a_pack_was_not_made_for_are_refused(client, tiny_pack, tmp_path
     assert torch.isfinite(add_only.dim()).all()
 
 
-def test_admin_check_fails_closed_when_keys_are_configured_but_no_key_is_seen():
+def test_pack_admin_check_fails_closed_when_keys_are_configured_but_no_key_is_seen():
     from types import SimpleNamespace
 
     from server.api.errors import APIError
-    from server.api.pack_admin import _require_admin
+    from server.api.pack_admin import _require_pack_admin
 
     def request(settings):
         app = SimpleNamespace(state=SimpleNamespace(steer=SimpleNamespace(settings=settings)))
         return SimpleNamespace(scope={}, app=app)  # no key in its request context
 
-    _require_admin(request(Settings()))  # authentication off: the local operator
-    with pytest.raises(APIError) as err:
-        _require_admin(request(Settings(keys=json.dumps(KEYS))))
-    assert err.value.status == 403
+    for settings in (Settings(), Settings(keys=json.dumps(KEYS))):
+        with pytest.raises(APIError) as err:
+            _require_pack_admin(request(settings))
+        assert err.value.status == 403
+
+
+def test_without_keys_nobody_changes_packs(tiny_lm, tiny_pack, tmp_path):
+    """Item 2: a keyless server (authentication off) serves the packs it started with."""
+    app = create_app(Settings(), lm=tiny_lm, packs=[tiny_pack])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/steering/packs", json=upload_body(variant(tiny_pack, "tone"), tmp_path))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "pack_admin_needs_keys"
+        r = c.delete("/v1/steering/packs/refusal")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "pack_admin_needs_keys"
+        assert set(app.state.steer.packs) == {"refusal"}
+
+
+def test_packs_loaded_at_start_are_pinned(client, tiny_pack, tmp_path):
+    """Item 4: `replace: true` over the default pack (or deleting it) is refused."""
+    state = client.app.state.steer
+    before = state.packs["refusal"]
+    body = upload_body(variant(tiny_pack, "refusal", 1.0), tmp_path, replace=True)
+    r = client.post("/v1/steering/packs", headers=ROOT, json=body)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pack_pinned", r.text
+    r = client.delete("/v1/steering/packs/refusal", headers=ROOT)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "pack_pinned"
+    assert state.packs["refusal"] is before and state.default_pack == "refusal"
+    # an uploaded pack may still be replaced and deleted
+    assert client.post("/v1/steering/packs", headers=ROOT,
+                       json=upload_body(variant(tiny_pack, "tone"), tmp_path)).status_code == 201
+    r = client.post("/v1/steering/packs", headers=ROOT,
+                    json=upload_body(variant(tiny_pack, "tone", 2.0), tmp_path, replace=True))
+    assert r.status_code == 201 and r.json()["replaced"] is True
+    assert client.delete("/v1/steering/packs/tone", headers=ROOT).status_code == 200
+
+
+def swapped(pack: SteeringPack, name: str) -> SteeringPack:
+    """The attack of item 4: the class means swapped, the sidecar (fingerprint) copied."""
+    return SteeringPack(name, pack.mean_harmless.clone(), pack.mean_harmful.clone(),
+                        list(pack.positions), pack.layer, pack.position, dict(pack.inlp),
+                        dict(pack.meta))
+
+
+def test_uploads_are_checked_against_the_shipped_refusal_pack(client, tiny_pack, tmp_path):
+    def refused(pack, match, param="safetensors"):
+        (tmp_path / pack.name).mkdir(exist_ok=True)
+        r = client.post("/v1/steering/packs", headers=ROOT,
+                        json=upload_body(pack, tmp_path / pack.name))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_pack" and match in err["message"], err
+        assert err["param"] == param
+        assert pack.name not in client.app.state.steer.packs
+
+    refused(swapped(tiny_pack, "refusal2"), "points away from the shipped refusal direction")
+    inverted = swapped(tiny_pack, "tone")  # the same, under another concept's name
+    inverted.meta = {**inverted.meta, "concept": {"name": "tone"}}
+    refused(inverted, "runs against the shipped refusal direction")
+    longer = variant(tiny_pack, "refusal3", 5.0)  # an actadd strength five times the key's
+    longer.meta = {k: v for k, v in longer.meta.items() if k != "concept"}
+    refused(longer, "more than 2× the shipped one")
+    moved = variant(tiny_pack, "refusal4", 1.0)  # ACE's reference moved along r̂
+    moved.meta = dict(tiny_pack.meta)
+    r = tiny_pack.mean_harmful - tiny_pack.mean_harmless
+    moved.mean_harmless = tiny_pack.mean_harmless - 2.0 * r
+    moved.mean_harmful = moved.mean_harmless + r
+    refused(moved, "harmless mean sits")
+    if tiny_pack.inlp:
+        flipped = variant(tiny_pack, "refusal5", 1.0)
+        flipped.meta = dict(tiny_pack.meta)
+        flipped.inlp = {lay: type(d)(-d.directions, d.accuracy, d.boundary)
+                        for lay, d in tiny_pack.inlp.items()}
+        refused(flipped, "leading INLP direction")
+        skewed = variant(tiny_pack, "refusal6", 1.0)
+        skewed.meta = dict(tiny_pack.meta)
+        skewed.inlp = {lay: type(d)(d.directions * 2.0, d.accuracy, d.boundary)
+                       for lay, d in tiny_pack.inlp.items()}
+        refused(skewed, "not orthonormal")
+    # the shipped pack itself, under another name, is accepted
+    same = variant(tiny_pack, "refusal-copy", 1.0)
+    same.meta = dict(tiny_pack.meta)
+    r = client.post("/v1/steering/packs", headers=ROOT, json=upload_body(same, tmp_path))
+    assert r.status_code == 201, r.text
+
+
+def test_integer_packs_are_refused_at_load(client, tiny_pack, tmp_path):
+    """Item 10: an int32 pack used to load and then fail inside `ace` / `ablate` with a 500."""
+    from safetensors.torch import load_file, save_file
+
+    body = upload_body(tiny_pack, tmp_path, name="int")
+    tensors, _ = pack_paths(tmp_path / "int")
+    data = {k: (v * 100).to(torch.int32) for k, v in load_file(str(tensors)).items()}
+    save_file(data, str(tensors), metadata={"format": "steering-pack"})
+    body["safetensors"] = base64.b64encode(tensors.read_bytes()).decode()
+    r = client.post("/v1/steering/packs", headers=ROOT, json=body)
+    assert r.status_code == 400 and "int32" in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "safetensors"
+    from steering.packs.format import PackError, load_pack
+    with pytest.raises(PackError, match="float32"):
+        load_pack(tensors)
+
+
+def test_upload_has_its_own_streamed_limit(tiny_lm, tiny_pack, tmp_path):
+    """Item 10: the upload is not bound by the completion body limit, but by its own."""
+    raw = json.dumps(upload_body(variant(tiny_pack, "tone"), tmp_path)).encode()
+    headers = {**ROOT, "content-type": "application/json"}
+    assert len(raw) > 2048
+    settings = Settings(keys=json.dumps(KEYS), max_body_bytes=2048, max_pack_bytes=len(raw))
+    app = create_app(settings, lm=tiny_lm, packs=[tiny_pack])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", headers=ROOT, json={
+            "model": MODEL, "prompt": "x" * 3000, "max_tokens": 1})
+        assert r.status_code == 413  # the general limit still holds elsewhere
+        assert c.post("/v1/steering/packs", headers=headers, content=raw).status_code == 201
+    settings = Settings(keys=json.dumps(KEYS), max_pack_bytes=len(raw) - 1)
+    app = create_app(settings, lm=tiny_lm, packs=[tiny_pack])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/steering/packs", headers=headers, content=raw)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the limit holds as the chunks arrive
+            for i in range(0, len(raw), 1000):
+                yield raw[i:i + 1000]
+
+        r = c.post("/v1/steering/packs", headers=headers, content=chunks())
+        assert r.status_code == 413, r.text
+        r = c.post("/v1/steering/packs", headers=ROOT,
+                   json={**json.loads(raw), "sidecar": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "sidecar"
+        assert "tone" not in app.state.steer.packs
+
+
+def test_a_refused_delete_is_audited(client, caplog):
+    """Item 10: a DELETE answered 404 (or 409) leaves an audit line like a refused POST."""
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    assert client.delete("/v1/steering/packs/nope", headers=ROOT).status_code == 404
+    assert client.delete("/v1/steering/packs/refusal", headers=ROOT).status_code == 409
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "steer.audit"]
+    denied = [x for x in lines if x["event"] == "denied_request"]
+    assert [(x["pack"], x["status"], x["denied"], x["key_id"]) for x in denied] == [
+        ("nope", 404, "pack_not_found", "root"), ("refusal", 409, "pack_pinned", "root")]
