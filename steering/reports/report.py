@@ -78,6 +78,9 @@ def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2)) -> list[Steeri
         k_values = sorted({k for k in (*ks, *preset_ks) if 1 <= k <= k_max} | {k_max})
         grid += [SteeringSpec("inlp_flip", 1.0, k) for k in k_values]
         grid.append(SteeringSpec("inlp_null", 1.0, k_max))
+        # this project's raw-origin variants, next to the forms they vary
+        grid += [SteeringSpec(m, 1.0, k_max) for m in ("inlp_zero_positive",
+                                                       "inlp_negate_positive")]
         if len(pack.inlp_layers) > 1:  # the flip at every INLP layer of the pack (more sites)
             k_all = min(pack.inlp[layer].count for layer in pack.inlp_layers)
             grid.append(SteeringSpec("inlp_flip", 1.0, k_all, tuple(pack.inlp_layers)))
@@ -172,15 +175,7 @@ def _why_span(pack: dict) -> str:
 
 
 def _why_null(pack: dict) -> str:
-    zero = pack.get("inlp_zero_position")
-    if zero is None:
-        return _why_span(pack)
-    where = ", ".join(f"{t:.2f}" for t in zero["positions"])
-    return (f"the product's null is reference-free (c = 0: `bench/inlp_reference.py` measured it "
-            "the stronger suppressor): it moves a harmful-side coordinate to 0, not to the class "
-            f"boundary, and along the {len(zero['positions'])} INLP directions (layer "
-            f"{zero['layer']}) 0 lies at {where} of the way from the harmless to the harmful "
-            "class mean (the boundary: ½)")
+    return _why_span(pack)
 
 
 def _why_flip(res: list[dict], flip: dict, abl: dict) -> str:
@@ -346,7 +341,7 @@ def dim_in_inlp_span(pack: SteeringPack) -> dict | None:
 
 
 def inlp_zero_position(pack: SteeringPack) -> dict | None:
-    """Where the reference-free one-sided edits put a harmful-side coordinate (z = 0), per INLP
+    """Where the raw-origin variants (`inlp_*_positive`) put a harmful-side coordinate (z = 0), per INLP
     direction at the default INLP layer, on that direction's class axis: harmless mean 0,
     harmful mean 1, the class boundary ½ (t = −qᵀμ⁻ / qᵀ(μ⁺ − μ⁻))."""
     if not pack.max_k():
