@@ -55,8 +55,8 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
     p.add_argument("--harmful", default=None,
-                   help="split name (may be sliced: name[a:b]) or JSON file "
-                        "(default harmful_test_jbb)")
+                   help="split name (may be sliced: name[a:b]) or JSON file (default: "
+                        "harmful_val for eval, the test split harmful_test_jbb for report)")
     p.add_argument("--harmless", default=None,
                    help="split name or JSON file (default harmless_val[3000:3030], disjoint "
                         "from selection)")
@@ -197,7 +197,8 @@ def _library_verbs(sub) -> None:
     p.add_argument("--precision", default="int8",
                    help="comma-separated precisions to compare with fp32 (default int8)")
     p.add_argument("--harmful", default=None,
-                   help="JSON file (default: ../shared/data/harmful_test_jbb.json)")
+                   help="harmful prompts: a split name or JSON file (default: harmful_val, then "
+                        "harmful_train; never the test split)")
     p.add_argument("--n-harmful", type=int, default=None)
     p.add_argument("--n-harmless", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)

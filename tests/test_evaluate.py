@@ -415,8 +415,8 @@ def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
         first["wall_seconds"]
 
 
-def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_mean(tiny_pack):
-    from steering.reports.report import _why_null, inlp_zero_position
+def test_inlp_zero_position_is_where_the_raw_origin_variant_puts_the_harmful_mean(tiny_pack):
+    from steering.reports.report import inlp_zero_position
 
     zero = inlp_zero_position(tiny_pack)
     layer = zero["layer"]
@@ -429,4 +429,3 @@ def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_me
     for qi, t in zip(q, zero["positions"]):
         gap = abs(float(qi @ (mu_h - mu_l)))
         assert abs(float(qi @ (mu_l + t * (mu_h - mu_l)))) < 1e-2 * gap
-    assert "reference-free" in _why_null({"inlp_zero_position": zero})

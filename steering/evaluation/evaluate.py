@@ -116,7 +116,9 @@ GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
 class EvalConfig:
     """What to measure and on how much data. Defaults are sized for a CPU in minutes."""
 
-    harmful: str = "harmful_test_jbb"  # split name (may be sliced: "x[a:b]") or JSON file
+    # split name (may be sliced: "x[a:b]") or JSON file. Validation by default: `steer eval` is
+    # the development tool; only `steer report` reads the test split (harmful_test_jbb).
+    harmful: str = "harmful_val"
     harmless: str = "harmless_val[3000:3030]"  # disjoint from the slice extraction selects on
     overrefusal: str | None = "overrefusal"  # benign prompts that look harmful (None: skip)
     n_harmful: int = 100  # prompts judged for refusal
