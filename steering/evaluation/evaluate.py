@@ -37,6 +37,7 @@ from steering import __version__
 from steering.catalog import REGISTRY
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
 from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-exported)
+    bootstrap_mean_ci,
     is_refusal,
     refusal_score,
     refusal_token_ids,
@@ -89,11 +90,17 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
     return math.exp(nll_sum / n_tokens) if n_tokens else math.nan
 
 
-def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
+def row_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> list[float]:
+    """Per row, KL(base ‖ other) of the softmax distributions (nats), in float64."""
     p = torch.log_softmax(base_logits.double(), -1)
     q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0).tolist()
+
+
+def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
+    kls = row_kl(base_logits, logits)
+    return sum(kls) / len(kls) if kls else math.nan
 
 
 def rate_record(prefix: str, texts: Sequence[str]) -> dict:
@@ -131,6 +138,8 @@ class EvalConfig:
     # labels were read at (steering/data/JUDGE_LABELLING.md).
     max_new_tokens: int = 64
     three_way: bool = True  # refuses / complies / other with the default offline judge
+    humaneval: int = 0  # HumanEval problems for the capability column (0: off; 164: all)
+    humaneval_tokens: int = 384  # greedy tokens per HumanEval reply
     methods: tuple[str, ...] = METHODS
     strengths: dict[str, tuple[float, ...]] | None = None  # per method; None: DEFAULT_STRENGTHS
     ks: tuple[int, ...] = (1, 2, 4)  # INLP leading-k sweep (the pack's maximum is always added)
@@ -432,10 +441,18 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
     out["ppl_completions"] = perplexity(nll, n)
     out["harmless_refusal_score"] = float(refusal_score(logits_l, tok_ids).mean())
     base = base_harmless_logits if base_harmless_logits is not None else logits_l
-    out["kl_harmless"] = mean_kl(base, logits_l)
+    kls = row_kl(base, logits_l)
+    out["kl_harmless"] = sum(kls) / len(kls) if kls else math.nan
+    out["kl_harmless_ci"] = list(bootstrap_mean_ci(kls))
     nll, n = sequence_nll(lm, data.general_seqs, [len(s) - 1 for s in data.general_seqs], row,
                           max(1, bs // 4), desc=f"{label}: perplexity (general text)")
     out["ppl_general"] = perplexity(nll, n)
+    if config.humaneval:
+        from steering.evaluation.capability import humaneval_pass_at_1, humaneval_problems
+
+        out["capability"] = humaneval_pass_at_1(
+            lm, row, humaneval_problems(config.humaneval), config.humaneval_tokens, bs,
+            desc=f"{label}: HumanEval").record()
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out, logits_l
 
@@ -488,6 +505,7 @@ def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | No
     data = prepare_data(lm, config)
     baseline, base_logits = measure(lm, data, None, config, tok_ids, label="unsteered")
     baseline["kl_harmless"] = 0.0
+    baseline["kl_harmless_ci"] = [0.0, 0.0]
     results = []
     for spec, row in zip(tqdm(grid, desc="steering settings"), rows):
         label = spec_label(spec)
