@@ -3,7 +3,7 @@
 # docker/Dockerfile.cuda, as the docs' `docker build` would, plus what a machine without a
 # container registry needs. Layers are cached: a second run rebuilds only what changed.
 #
-#   docker/build-image.sh [cpu|cuda] [more `podman build` arguments, e.g. --build-arg BAKE_MODEL=0]
+#   docker/build-image.sh [cpu|cuda|gateway|prometheus] [more `podman build` arguments, e.g. --build-arg BAKE_MODEL=0]
 #
 # 1. podman is installed and set up if needed (docker/engine-setup.sh).
 # 2. The base: the Dockerfile's default (python:3.11-slim-bookworm; nvidia/cuda:... for cuda) if
@@ -34,9 +34,17 @@ case "$flavour" in
           default_base=docker.io/library/python:3.11-slim-bookworm ;;
     cuda) dockerfile=docker/Dockerfile.cuda; base_arg=CUDA_IMAGE
           default_base=docker.io/nvidia/cuda:13.0.0-base-ubuntu22.04 ;;
-    *) echo "usage: $0 [cpu|cuda] [podman build args...]" >&2; exit 2 ;;
+    # docker/docker-compose.local.yml's gateway and Prometheus, from PyPI and Debian packages
+    gateway) dockerfile=docker/Dockerfile.gateway; base_arg=PYTHON_IMAGE
+          default_base=docker.io/library/python:3.11-slim-bookworm ;;
+    prometheus) dockerfile=docker/Dockerfile.prometheus; base_arg=DEBIAN_IMAGE
+          default_base=docker.io/library/debian:bookworm-slim ;;
+    *) echo "usage: $0 [cpu|cuda|gateway|prometheus] [podman build args...]" >&2; exit 2 ;;
 esac
-TAG=${TAG:-steering-server:$flavour}
+case "$flavour" in
+    cpu|cuda) TAG=${TAG:-steering-server:$flavour} ;;
+    *) TAG=${TAG:-steering-$flavour:local} ;;
+esac
 local_base=localhost/debian-python:3.11-bookworm
 
 eval "$(sh docker/engine-setup.sh)"

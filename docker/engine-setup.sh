@@ -41,8 +41,10 @@ state=${STEER_ENGINE_STATE:-${TMPDIR:-/tmp}/steering-podman}
 mkdir -p "$state"
 conf="$state/containers.conf"
 
-nofile=$(ulimit -Hn)
-nproc=$(ulimit -Hu)
+# Hard limits of this process ("Max open files", "Max processes"), as /proc reports them.
+hard() { awk -v name="$1" 'index($0, name) == 1 { print $(NF - 1) }' /proc/self/limits; }
+nofile=$(hard "Max open files")
+nproc=$(hard "Max processes")
 pid_max=$(cat /proc/sys/kernel/pid_max 2>/dev/null || echo 32768)
 [ "$nofile" = unlimited ] && nofile=1048576
 [ "$nproc" = unlimited ] && nproc=$pid_max
