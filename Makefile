@@ -1,10 +1,12 @@
 # `make serve`: install into .venv (first time only) and start the server on the embedded model.
 # `make test`:  install into .venv (first time only) and run the whole test suite.
+# `make image-test`: build the CPU image with podman and test it in a real container
+#                (installs podman if needed; docs/deploy.md, "Building and testing the images here").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint
+.PHONY: serve test lint image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,3 +26,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit
 	$(VENV)/bin/lint-imports
+
+image-test: $(STAMP)
+	sh docker/build-image.sh cpu
+	$(VENV)/bin/python -m pytest -q -m container tests/test_container.py
