@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from steering.interventions.methods import Steering
+from steering.interventions.methods import Steering, compose
 from steering.vllm import packs as vllm_packs
 from steering.vllm import wire
 
@@ -88,3 +88,57 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]],
 def tokens(llm: Any, prompts: Sequence[Sequence[int]],
            rows: Sequence[Steering | None] | None = None, max_tokens: int = 32) -> list[list[int]]:
     return [list(o.token_ids) for o in greedy(llm, prompts, rows, max_tokens)]
+
+
+def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids under the model's chat template (as the native engine sends it)."""
+    from steering.models.chat import format_chat
+
+    return tokenizer(format_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
+    """ids up to and including the first end-of-sequence token."""
+    out = []
+    for t in ids:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
+                  rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
+                  batch_size: int = 10) -> list[list[int]]:
+    """The same greedy completions from the library's own path (transformers' `generate` with
+    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS."""
+    import torch
+
+    rows = list(rows) if rows is not None else [None] * len(prompts)
+    eos = eos_ids(lm.model.generation_config)
+    pad = lm.tokenizer.pad_token_id
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[s:s + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        batch_rows = rows[s:s + len(chunk)]
+        steered = any(r is not None for r in batch_rows)
+        lm.hooks.set_rows([r if r is not None else compose([]) for r in batch_rows]
+                          if steered else None, [len(p) for p in chunk])
+        try:
+            with torch.inference_mode():
+                gen = lm.model.generate(input_ids=ids.to(lm.device),
+                                        attention_mask=mask.to(lm.device),
+                                        max_new_tokens=max_tokens, do_sample=False,
+                                        pad_token_id=pad)
+        finally:
+            lm.hooks.set_rows(None)
+        out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
+    return out
+
+
+def eos_ids(generation_config: Any) -> set[int]:
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])

@@ -75,6 +75,21 @@ def install_sites(model: nn.Module) -> int:
     return len(inner.layers)
 
 
+SITES_VERSION = "steering-sites-1"  # bump when the sites' graph changes
+
+
+def mark_config(vllm_config) -> None:
+    """Put the plugin into the config's hash, which keys vLLM's compile caches (the AOT cache
+    key holds the config's hash and the model's forward, not the layer classes): a graph
+    compiled without the sites is never loaded for a steered model, nor the reverse."""
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra["steering_vllm"] = SITES_VERSION
+    else:
+        raise RuntimeError("steering's vLLM plugin needs additional_config to be a dict (it "
+                           "records itself there so compile caches tell steered graphs apart)")
+
+
 def steered_model_class(arch: str) -> type:
     """A subclass of vLLM's class for `arch` that installs the sites when built."""
     module_name, _, class_name = ARCHITECTURES[arch].partition(":")
@@ -83,6 +98,7 @@ def steered_model_class(arch: str) -> type:
     base = getattr(importlib.import_module(module_name), class_name)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        mark_config(vllm_config)
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         install_sites(self)
 
