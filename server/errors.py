@@ -12,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic_core import PydanticCustomError
 
+from steering.interventions.schema import TOO_MANY
+
 INVALID = "invalid_request_error"
 API_ERROR = "api_error"  # a protocol validator's error: its ctx names `param` and `code`
 
@@ -84,6 +86,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
             param = ctx.get("param") or loc_param(tuple(err.get("loc", ())))
             return bad_request(err.get("msg", "invalid value"), param,
                                ctx.get("code"))
+    for err in errors:  # a list past its bound (the schema's `at_most`)
+        if err.get("type") == TOO_MANY:
+            param = loc_param(tuple(err.get("loc", ())))
+            msg = err.get("msg", "too many items")
+            return bad_request(f"{param}: {msg}" if param else msg, param, TOO_MANY)
     messages, first_param = [], None
     for err in errors[:5]:
         param = loc_param(tuple(err.get("loc", ())))

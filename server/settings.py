@@ -9,6 +9,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steering.models import DTYPE_ALIASES, PRECISIONS
 
+# Hard ceilings: the request schema refuses a list longer than these before validating its items
+# (`server.api.protocol`), whatever the settings say; each setting below stays under its ceiling.
+CEILING_MESSAGES = 4096  # chat messages
+CEILING_CONTENT_PARTS = 4096  # content parts of one message
+CEILING_STOP = 16  # stop sequences
+CEILING_STOP_CHARS = 4096  # characters of one stop sequence
+CEILING_VARIANTS = 64  # compare variants
+CEILING_PROMPTS = 256  # prompts of one text completion (and choices of one request)
+CEILING_PROMPT_IDS = 262_144  # token ids of one prompt
+CEILING_MAPPING = 1024  # entries of a mapping the server refuses anyway (logit_bias)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STEER_", extra="ignore")
@@ -39,9 +50,10 @@ class Settings(BaseSettings):
                                                                      "(OpenAI's)")
     strength_min: float = -8.0
     strength_max: float = 8.0
-    max_n: int = Field(8, ge=1)
-    max_choices: int = Field(16, ge=1, description="prompts × n of one request")
-    max_stop: int = Field(4, ge=0)
+    max_n: int = Field(8, ge=1, le=CEILING_PROMPTS)
+    max_choices: int = Field(16, ge=1, le=CEILING_PROMPTS, description="prompts × n of one "
+                                                                       "request")
+    max_stop: int = Field(4, ge=0, le=CEILING_STOP)
     max_top_logprobs: int = Field(20, ge=0)
 
     # Engine.
@@ -60,11 +72,14 @@ class Settings(BaseSettings):
 
     # Input hardening (4xx beyond these; see server/security/hardening.py).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (413)")
-    max_messages: int = Field(256, ge=1, description="most chat messages in one request")
+    max_messages: int = Field(256, ge=1, le=CEILING_MESSAGES, description="most chat messages "
+                                                                          "in one request")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt in tokens "
                                                                   "(default: the context)")
-    max_stop_chars: int = Field(256, ge=1, description="longest stop sequence in characters")
-    max_compare_variants: int = Field(8, ge=1, description="most variants of one compare")
+    max_stop_chars: int = Field(256, ge=1, le=CEILING_STOP_CHARS, description="longest stop "
+                                "sequence in characters")
+    max_compare_variants: int = Field(8, ge=1, le=CEILING_VARIANTS, description="most variants "
+                                      "of one compare")
 
     # Security (server/security/: auth.py, policy.py, audit.py).
     auth: bool = Field(False, description="require API keys (Bearer) on /v1/*")

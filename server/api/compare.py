@@ -46,7 +46,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
-from server.api.prepare import Job, prepare_chat
+from server.api.prepare import (
+    Job,
+    admit,
+    chat_turns,
+    check_limits,
+    check_max_tokens,
+    estimate_tokens,
+    new_job,
+    off_loop,
+    render_chat,
+    token_budget,
+)
 from server.api.protocol import (
     ERROR_RESPONSES,
     CompareRequest,
@@ -54,14 +65,14 @@ from server.api.protocol import (
     CompareVariant,
     VariantResult,
 )
-from server.api.resolve import dump, resolve_steering
+from server.api.resolve import Checked, Resolved, check_steering, dump
 from server.api.routing import CheckedBodyRoute
 from server.api.streaming import DONE, error_event
 from server.api.tracker import Choice, Tracker
 from server.context import request_context
 from server.engine import SamplingParams
 from server.errors import APIError, bad_request
-from server.security import audit, policy
+from server.security import audit
 from server.security.hardening import check_names
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
@@ -109,8 +120,9 @@ def _score_sampling(sp: SamplingParams) -> SamplingParams:
     return replace(sp, logprobs=True, top_logprobs=SCORE_TOP, logprobs_tokens=SCORE_POSITIONS)
 
 
-def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
-                 variant: str | CompareVariant) -> tuple[Job, str | None]:
+def _check_variant(state: ServerState, body: CompareRequest, i: int,
+                   variant: str | CompareVariant) -> tuple[Checked, str | None]:
+    """Variant `i`'s steering, checked (no tensor built), and its label."""
     if isinstance(variant, str):
         model, steering, label = _variant_model(state, body, variant), None, variant
     else:
@@ -118,29 +130,47 @@ def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
         label = variant.label
     try:
         check_names(model, steering)
-        resolved = resolve_steering(state, model, steering)
+        return check_steering(state, model, steering), label
     except APIError as exc:
         raise _for_variant(i, exc) from None
-    sampling = [_score_sampling(sp) for sp in base.sampling]
-    return replace(base, request_id=f"{base.request_id}-v{i}", resolved=resolved,
-                   sampling=sampling), label
 
 
-async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
+def _build_all(checked: list[Checked]) -> list[Resolved]:
+    return [c.build() for c in checked]
+
+
+async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str,
+                          request: Request | None = None
                           ) -> tuple[list[Job], list[str | None]]:
+    """Every variant's job. The variants' steering is checked and the caller admitted (policy
+    and rate limits for all variants at once) before the prompt is tokenized or any steering
+    tensor built; then the variants are built in a worker thread while the prompt is templated
+    and tokenized once, unsteered, so its errors name no variant."""
     s = state.settings
     if len(body.variants) > s.max_compare_variants:
         raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
                           f"{len(body.variants)}", "variants", "too_many_variants")
-    # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
-    base = await prepare_chat(state, body.to_chat_request(), request_id)
-    base.endpoint = COMPARE
-    jobs, labels = [], []
-    for i, variant in enumerate(body.variants):
-        job, label = _variant_job(state, body, base, i, variant)
-        jobs.append(job)
-        labels.append(label)
-    return jobs, labels
+    chat = body.to_chat_request()
+    check_limits(state, chat)
+    turns = chat_turns(chat.messages)
+    check_max_tokens(state, chat.max_tokens, "max_tokens")
+    checked, labels = zip(*(_check_variant(state, body, i, v)
+                            for i, v in enumerate(body.variants)), strict=True)
+    texts = [t["content"] for t in turns]
+    each = estimate_tokens(state, ["".join(texts)], 1, chat.max_tokens,
+                           s.default_max_tokens)
+    admission = admit(state, request, list(checked), texts, each * len(checked), COMPARE)
+    resolved, (text, ids) = await asyncio.gather(
+        off_loop(_build_all, list(checked)), state.in_tokenizer_thread(render_chat, state, turns))
+    max_tokens = token_budget(state, chat.max_tokens, s.default_max_tokens, len(ids), "messages")
+    base = new_job(state, chat, "chat", COMPARE, request_id, resolved[0], [ids], [text],
+                   [max_tokens])
+    sampling = [_score_sampling(sp) for sp in base.sampling]
+    jobs = [replace(base, request_id=f"{request_id}-v{i}", resolved=r, sampling=sampling)
+            for i, r in enumerate(resolved)]
+    if admission is not None:
+        admission.settle(sum(j.tokens_charged for j in jobs))
+    return jobs, list(labels)
 
 
 # ---- the endpoint -------------------------------------------------------------------------------
@@ -216,10 +246,7 @@ async def compare(body: CompareRequest, request: Request):
         state.require_ready()
         if body.seed is None:  # one seed for every variant, reported back
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
-        jobs, labels = await prepare_compare(state, body, ctx.request_id)
-        policy.enforce(state, request, [j.resolved.applied for j in jobs],
-                       prompt=jobs[0].prompt_texts, tokens=sum(j.tokens_charged for j in jobs),
-                       endpoint=COMPARE)
+        jobs, labels = await prepare_compare(state, body, ctx.request_id, request)
     except APIError as exc:
         state.metrics.requests.labels(COMPARE, "n/a", str(exc.status)).inc()
         raise

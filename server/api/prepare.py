@@ -9,6 +9,7 @@ protocol models' own validators (`server.api.protocol`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -18,11 +19,11 @@ from typing import Literal
 from fastapi import Request
 
 from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from server.api.resolve import Resolved, resolve_steering
+from server.api.resolve import Checked, Resolved, check_steering
 from server.engine import SamplingParams
 from server.errors import bad_request
 from server.security.hardening import check_prompt_tokens, check_request
-from server.security.policy import enforce_job
+from server.security.policy import Admission, enforce
 from server.state import ServerState
 from steering.models.chat import format_chat
 
@@ -70,8 +71,13 @@ class Job:
 def check_limits(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
     """The settings' limits on sizes and names, before any tokenization."""
     check_request(state, req)
-    if req.n > state.settings.max_n:
-        raise bad_request(f"n must be at most {state.settings.max_n}, got {req.n}", "n")
+    s = state.settings
+    if req.n > s.max_n:
+        raise bad_request(f"n must be at most {s.max_n}, got {req.n}", "n")
+    stops = req.stop_list()
+    if len(stops) > s.max_stop:
+        raise bad_request(f"at most {s.max_stop} stop sequences are allowed, got {len(stops)}",
+                          "stop")
 
 
 def message_text(i: int, message: ChatMessage) -> str:
@@ -90,10 +96,14 @@ def message_text(i: int, message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def render_chat(state: ServerState, messages: Sequence[ChatMessage]) -> tuple[str, list[int]]:
+def chat_turns(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it (text content only)."""
+    return [{"role": ROLE_MAP.get(m.role, m.role), "content": message_text(i, m)}
+            for i, m in enumerate(messages)]
+
+
+def render_chat(state: ServerState, turns: list[dict[str, str]]) -> tuple[str, list[int]]:
     """The conversation through the model's chat template: its text and token ids."""
-    turns = [{"role": ROLE_MAP.get(m.role, m.role), "content": message_text(i, m)}
-             for i, m in enumerate(messages)]
     tokenizer = state.lm.tokenizer
     try:
         text = format_chat(tokenizer, turns)
@@ -101,6 +111,13 @@ def render_chat(state: ServerState, messages: Sequence[ChatMessage]) -> tuple[st
         raise bad_request(f"the chat template cannot render these messages: {exc}",
                           "messages", "invalid_messages") from None
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_max_tokens(state: ServerState, requested: int | None, param: str) -> None:
+    limit = state.settings.max_tokens_limit
+    if requested is not None and requested > limit:
+        raise bad_request(f"{param} must be at most {limit}, got {requested}", param,
+                          "max_tokens_too_large")
 
 
 def token_budget(state: ServerState, requested: int | None, default: int, prompt_len: int,
@@ -115,10 +132,7 @@ def token_budget(state: ServerState, requested: int | None, default: int, prompt
                           "context_length_exceeded")
     if requested is None:
         return max(1, min(default, ctx - prompt_len))
-    limit = state.settings.max_tokens_limit
-    if requested > limit:
-        raise bad_request(f"{param} must be at most {limit}, got {requested}", param,
-                          "max_tokens_too_large")
+    check_max_tokens(state, requested, param)
     if prompt_len + requested > ctx:
         raise bad_request(f"this model's maximum context length is {ctx} tokens; the request "
                           f"asks for {prompt_len + requested} ({prompt_len} in the prompt, "
@@ -126,19 +140,24 @@ def token_budget(state: ServerState, requested: int | None, default: int, prompt
     return requested
 
 
+CHARS_PER_TOKEN = 4  # admission's estimate of a text prompt's tokens (settled once tokenized)
+
+
+def estimate_tokens(state: ServerState, prompts: Sequence[str | list[int]], choices: int,
+                    requested: int | None, default: int) -> int:
+    """What admission charges before tokenizing: each prompt's tokens (ids as given; text at
+    `CHARS_PER_TOKEN` characters a token) and every choice's whole budget (the request's
+    max_tokens, or the default cut to the context)."""
+    prompt = sum(len(p) if isinstance(p, list) else -(-len(p) // CHARS_PER_TOKEN)
+                 for p in prompts)
+    budget = requested if requested is not None else min(default, state.lm.context_length - 1)
+    return prompt + choices * budget
+
+
 def new_job(state: ServerState, req: ChatCompletionRequest | CompletionRequest,
             kind: Literal["chat", "completion"], endpoint: str, request_id: str,
             resolved: Resolved, prompts: list[list[int]], prompt_texts: list[str],
             max_tokens: list[int], echo: bool = False) -> Job:
-    s = state.settings
-    stops = req.stop_list()
-    if len(stops) > s.max_stop:
-        raise bad_request(f"at most {s.max_stop} stop sequences are allowed, got {len(stops)}",
-                          "stop")
-    choices = len(prompts) * req.n
-    if choices > s.max_choices:
-        raise bad_request(f"a request may ask for at most {s.max_choices} choices "
-                          f"(prompts × n), got {choices}", "n")
     top = req.top_logprobs_count()
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     return Job(kind=kind, endpoint=endpoint, request_id=request_id,
@@ -146,7 +165,7 @@ def new_job(state: ServerState, req: ChatCompletionRequest | CompletionRequest,
                arrival=time.perf_counter(), resolved=resolved, prompts=prompts,
                prompt_texts=prompt_texts, n=req.n,
                sampling=[req.to_sampling_params(max_tokens[c // req.n], c)
-                         for c in range(choices)],
+                         for c in range(len(prompts) * req.n)],
                stream=req.stream, include_usage=req.include_usage, logprobs=top is not None,
                top_logprobs=top or 0, echo=echo)
 
@@ -157,22 +176,57 @@ def _check_top_logprobs(state: ServerState, top: int | None, param: str) -> None
         raise bad_request(f"{param} must be at most {limit}, got {top}", param)
 
 
+def _check_choices(state: ServerState, prompts: int, n: int) -> None:
+    limit = state.settings.max_choices
+    if prompts * n > limit:
+        raise bad_request(f"a request may ask for at most {limit} choices (prompts × n), got "
+                          f"{prompts * n}", "n")
+
+
+async def off_loop(fn, *args):
+    """`fn(*args)` in a worker thread: building steering tensors never blocks the event loop."""
+    return await asyncio.to_thread(fn, *args)
+
+
+def admit(state: ServerState, request: Request | None, checked: Sequence[Checked],
+          prompt: Sequence[str], tokens: int, endpoint: str) -> Admission | None:
+    """The caller's key against every checked steering, and its rate limits charged (403, 429),
+    before any tensor is built or any prompt tokenized (None: no request, no policy)."""
+    if request is None:
+        return None
+    return enforce(state, request, [c.applied for c in checked], prompt=prompt, tokens=tokens,
+                   endpoint=endpoint)
+
+
 # ---- chat and text completions --------------------------------------------------------------------
 
 
 async def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str,
                        request: Request | None = None) -> Job:
-    """A chat request's job; with `request`, the caller's key policy and rate limits too. The
-    template and tokenization run in the tokenizer thread, off the event loop."""
+    """A chat request's job; with `request`, the caller's key policy and rate limits too.
+
+    Order: the limits and the steering are checked (no tensor built), the key is admitted
+    (policy, rate limits charged), then the steering is built in a worker thread while the
+    template and tokenization run in the tokenizer thread: nothing past the cheap checks runs on
+    the event loop, and nothing costly runs for a request the key may not make."""
     check_limits(state, req)
     _check_top_logprobs(state, req.top_logprobs, "top_logprobs")
-    resolved = resolve_steering(state, req.model, req.steering)
-    text, ids = await state.in_tokenizer_thread(render_chat, state, req.messages)
+    _check_choices(state, 1, req.n)
+    turns = chat_turns(req.messages)
+    checked = check_steering(state, req.model, req.steering)
     requested, param = req.requested_max_tokens()
+    check_max_tokens(state, requested, param)
+    texts = [t["content"] for t in turns]
+    admission = admit(state, request, [checked], texts,
+                      estimate_tokens(state, ["".join(texts)], req.n, requested,
+                                      state.settings.default_max_tokens), CHAT)
+    resolved, (text, ids) = await asyncio.gather(
+        off_loop(checked.build), state.in_tokenizer_thread(render_chat, state, turns))
     max_tokens = token_budget(state, requested, state.settings.default_max_tokens, len(ids),
                               "messages", param)
     job = new_job(state, req, "chat", CHAT, request_id, resolved, [ids], [text], [max_tokens])
-    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
+    if admission is not None:
+        admission.settle(job.tokens_charged)
     return job
 
 
@@ -211,16 +265,26 @@ def _tokenize_prompts(state: ServerState, req: CompletionRequest, prompts: list
 async def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str,
                              request: Request | None = None) -> Job:
     """A text completion's job; with `request`, the caller's key policy and rate limits too.
-    Tokenization runs in the tokenizer thread, off the event loop."""
+    The same order as `prepare_chat`: checks, admission, then building and tokenization off
+    the event loop."""
     check_limits(state, req)
     _check_top_logprobs(state, req.logprobs, "logprobs")
     prompts = req.prompts()
     if not prompts:
         raise bad_request("prompt must not be empty", "prompt", "empty_prompt")
-    resolved = resolve_steering(state, req.model, req.steering)
-    ids_list, texts, max_tokens = await state.in_tokenizer_thread(_tokenize_prompts, state, req,
-                                                                  prompts)
+    _check_choices(state, len(prompts), req.n)
+    checked = check_steering(state, req.model, req.steering)
+    check_max_tokens(state, req.max_tokens, "max_tokens")
+    admission = admit(state, request, [checked],
+                      [p if isinstance(p, str) else str(p) for p in prompts],
+                      estimate_tokens(state, prompts, len(prompts) * req.n, req.max_tokens,
+                                      state.settings.default_completion_max_tokens),
+                      COMPLETIONS)
+    resolved, (ids_list, texts, max_tokens) = await asyncio.gather(
+        off_loop(checked.build), state.in_tokenizer_thread(_tokenize_prompts, state, req,
+                                                           prompts))
     job = new_job(state, req, "completion", COMPLETIONS, request_id, resolved, ids_list, texts,
                   max_tokens, echo=req.echo)
-    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
+    if admission is not None:
+        admission.settle(job.tokens_charged)
     return job

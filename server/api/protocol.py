@@ -14,10 +14,11 @@ Stream chunks (`ChatCompletionChunk`, `CompletionChunk`) send `usage` and `steer
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -28,13 +29,25 @@ from pydantic import (
 
 from server.engine import SamplingParams
 from server.errors import API_ERROR, api_error, loc_param, unsupported
+from server.settings import (
+    CEILING_CONTENT_PARTS,
+    CEILING_MAPPING,
+    CEILING_MESSAGES,
+    CEILING_PROMPT_IDS,
+    CEILING_PROMPTS,
+    CEILING_STOP,
+    CEILING_STOP_CHARS,
+    CEILING_VARIANTS,
+)
 from steering.interventions.schema import (  # noqa: F401 (the echo types re-exported)
+    TOO_MANY,
     Applied,
     AppliedSteering,
     ConditionObject,
     ConditionResult,
     SteeringObject,
     SteeringValue,
+    at_most,
 )
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -81,8 +94,9 @@ def nested_error(exc: ValidationError, where: str):
     own = err.get("type") == API_ERROR
     inner = (ctx.get("param") if own else None) or loc_param(tuple(err.get("loc", ())))
     param = f"{where}.{inner}" if inner else where
-    return api_error(f"{param}: {err.get('msg', 'invalid value')}", param,
-                     ctx.get("code") if own else "invalid_value")
+    code = ctx.get("code") if own else (TOO_MANY if err.get("type") == TOO_MANY
+                                        else "invalid_value")
+    return api_error(f"{param}: {err.get('msg', 'invalid value')}", param, code)
 
 
 def parse_steering(value: Any, where: str = "steering") -> SteeringValue | None:
@@ -111,7 +125,8 @@ class TextPart(Lenient):
 
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[TextPart] | None,
+                       at_most(CEILING_CONTENT_PARTS, "content parts")] = None
     name: str | None = None
 
 
@@ -121,6 +136,18 @@ def _some_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | No
     return messages
 
 
+def _bounded_stop(value: Any) -> Any:
+    """Stop sequences within their ceilings (count, characters) before anything else."""
+    stops = value if isinstance(value, list) else [value]
+    at_most(CEILING_STOP, "stop sequences").func(stops)
+    for i, stop in enumerate(stops):
+        if isinstance(stop, str) and len(stop) > CEILING_STOP_CHARS:
+            where = f"stop[{i}]" if isinstance(value, list) else "stop"
+            raise api_error(f"{where} has {len(stop)} characters; at most {CEILING_STOP_CHARS} "
+                            "are allowed", where, "stop_too_long")
+    return value
+
+
 class _Sampling(Lenient):
     """The sampling fields every generating request has, and their conversion."""
 
@@ -128,7 +155,7 @@ class _Sampling(Lenient):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, BeforeValidator(_bounded_stop)] = None
     user: str | None = None
     ignore_eos: bool = Field(False, description="keep generating past the end-of-sequence token "
                                                 "(vLLM's extension; for benchmarks)")
@@ -161,7 +188,7 @@ class _SamplingFields(_Sampling):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, at_most(CEILING_MAPPING)] = None
     steering: SteeringParams | list[SteeringParams] | None = Field(
         None, description="a steering object, or a list of them applied in order")
 
@@ -196,11 +223,11 @@ class _SamplingFields(_Sampling):
 class ChatCompletionRequest(_SamplingFields):
     UNSUPPORTED: ClassVar[dict[str, str]] = {**_SamplingFields.UNSUPPORTED, "tools": ""}
 
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], at_most(CEILING_MESSAGES, "messages")]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    tools: list[Any] | None = None
+    tools: Annotated[list[Any] | None, at_most(CEILING_MAPPING, "tools")] = None
     tool_choice: Any | None = None
     response_format: dict[str, Any] | None = None
 
@@ -240,10 +267,20 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_tokens, "max_tokens"
 
 
+def _bounded_prompt(value: Any) -> Any:
+    """A prompt list within its ceiling before its items are validated: token ids (a list of
+    ints) up to `CEILING_PROMPT_IDS`, prompts up to `CEILING_PROMPTS`."""
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return at_most(CEILING_PROMPT_IDS, "token ids").func(value)
+    return at_most(CEILING_PROMPTS, "prompts").func(value)
+
+
 class CompletionRequest(_SamplingFields):
     UNSUPPORTED: ClassVar[dict[str, str]] = {**_SamplingFields.UNSUPPORTED, "suffix": ""}
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[str | list[str] | list[Annotated[list[int], at_most(CEILING_PROMPT_IDS,
+                                                                          "token ids")]]
+                      | list[int], BeforeValidator(_bounded_prompt)]
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -320,9 +357,10 @@ def _variant(value: Any, where: str) -> str | CompareVariant:
 
 class CompareRequest(_Sampling):
     model: str | None = Field(None, description="served model id (presets go in variants)")
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage] | None, at_most(CEILING_MESSAGES, "messages")] = None
     prompt: str | None = Field(None, description="shorthand for one user message")
-    variants: list[str | CompareVariant] = Field(
+    variants: Annotated[list[str | CompareVariant],
+                        at_most(CEILING_VARIANTS, "variants")] = Field(
         ..., description="preset names, steering objects, or lists of steering objects "
                          "(bare, or as {'steering': [...], 'label': ...}); all run with the "
                          "same seed")
@@ -335,6 +373,7 @@ class CompareRequest(_Sampling):
     def _variant_shapes(cls, value):
         if not isinstance(value, list):
             return value
+        at_most(CEILING_VARIANTS, "variants").func(value)  # runs before the annotation's check
         return [_variant(v, f"variants[{i}]") for i, v in enumerate(value)]
 
     @field_validator("messages")

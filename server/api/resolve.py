@@ -20,7 +20,16 @@ from server.api.protocol import Applied, AppliedSteering, SteeringParams, Steeri
 from server.errors import bad_request, not_found
 from server.presets import Preset, split_model_name
 from server.state import ServerState
-from steering.interventions.methods import RowSteering, Steering, SteeringError, build_row, compose
+from steering.interventions.methods import (
+    Steering,
+    SteeringError,
+    SteeringSpec,
+    applied,
+    build_row,
+    check_spec,
+    compose,
+)
+from steering.packs.format import SteeringPack
 
 
 @dataclass
@@ -46,11 +55,38 @@ class Resolved:
         return self.applied.method if not isinstance(self.applied, list) else "composed"
 
 
-def dump(applied: Applied) -> dict | list[dict]:
+@dataclass(frozen=True)
+class Part:
+    """One steering object, checked (`steering.interventions.methods.check_spec`): its spec with
+    defaults resolved and the packs it reads."""
+
+    spec: SteeringSpec
+    pack: SteeringPack | None
+    when_pack: SteeringPack | None
+
+
+@dataclass
+class Checked:
+    """A request's steering, checked but not built: what the policy judges."""
+
+    model: str
+    preset: Preset | None
+    parts: list[Part]
+    listed: bool  # a list (echoed as one), or one object
+    applied: Applied  # as declared (conditions undecided)
+
+    def build(self) -> Resolved:
+        """The kernel parameters of every object (tensors: call it off the event loop)."""
+        rows = [build_row(p.spec, p.pack, p.when_pack) for p in self.parts]
+        return Resolved(self.model, self.preset, compose(rows) if self.listed else rows[0],
+                        self.applied)
+
+
+def dump(steering: Applied) -> dict | list[dict]:
     """The applied steering as JSON data (log lines)."""
-    if isinstance(applied, list):
-        return [a.model_dump() for a in applied]
-    return applied.model_dump()
+    if isinstance(steering, list):
+        return [a.model_dump() for a in steering]
+    return steering.model_dump()
 
 
 def _applied(row: Steering, preset: Preset | None, listed: bool) -> Applied:
@@ -107,8 +143,9 @@ def _at(param: str | None, where: str) -> str:
     return param
 
 
-def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
-                 where: str) -> RowSteering:
+def _check_one(state: ServerState, params: SteeringParams, calibrated: bool,
+               where: str) -> Part:
+    """One steering object checked against the settings and the packs (no tensor built)."""
     settings = state.settings
     if calibrated:
         pack = state.packs.get(params.pack or state.default_pack or "")
@@ -132,20 +169,29 @@ def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
         raise bad_request(why, f"{where}.method", code="method_not_in_pack")
     when_pack = state.packs.get(params.when.pack) if params.when and params.when.pack else None
     try:
-        return build_row(params.to_spec(pack_name), pack, when_pack)
+        spec = check_spec(params.to_spec(pack_name), pack, when_pack)
     except SteeringError as exc:
         raise bad_request(str(exc), _at(exc.param, where), code="invalid_steering") from None
+    return Part(spec, pack, when_pack)
+
+
+def check_steering(state: ServerState, model: str | None,
+                   body: SteeringValue | None) -> Checked:
+    """The request's model and steering, checked: presets expanded, every object validated
+    against the settings and its pack, defaults resolved. No tensor is built (`Checked.build`
+    does that, off the event loop), so the policy judges a request before it costs anything."""
+    model_id, preset = resolve_model(state, model)
+    merged = merge(preset, body)
+    listed = isinstance(body, list) or (body is None and preset is not None
+                                        and isinstance(preset.steering, list))
+    parts = [_check_one(state, params, calibrated, f"steering[{i}]" if listed else "steering")
+             for i, (params, calibrated) in enumerate(merged)]
+    name = preset.name if preset else None
+    objects = [AppliedSteering(**applied(p.spec), preset=name) for p in parts]
+    return Checked(model_id, preset, parts, listed, objects if listed else objects[0])
 
 
 def resolve_steering(state: ServerState, model: str | None,
                      body: SteeringValue | None) -> Resolved:
-    model_id, preset = resolve_model(state, model)
-    parts = merge(preset, body)
-    listed = isinstance(body, list) or (body is None and preset is not None
-                                        and isinstance(preset.steering, list))
-    rows = []
-    for i, (params, calibrated) in enumerate(parts):
-        where = f"steering[{i}]" if listed else "steering"
-        rows.append(_resolve_one(state, params, calibrated, where))
-    row = compose(rows) if listed else rows[0]
-    return Resolved(model_id, preset, row, _applied(row, preset, listed))
+    """`check_steering(...).build()`: checked and built at once (start-up, tests)."""
+    return check_steering(state, model, body).build()

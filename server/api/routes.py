@@ -12,7 +12,7 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.resolve import resolve_steering
+from server.api.resolve import check_steering
 from server.context import request_context
 from server.errors import APIError, not_found
 from server.security.auth import may_see_internals
@@ -37,7 +37,7 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
     for preset in state.presets.values():
         model_id = f"{name}+{preset.name}"
         try:  # what the preset resolves to with the loaded packs
-            applied = resolve_steering(state, model_id, None).applied
+            applied = check_steering(state, model_id, None).applied
         except APIError:  # not loaded yet: show the preset as written
             shown = [AppliedSteering(method=p.method, strength=p.strength, k=p.k,
                                      layers=p.layers, pack=p.pack, preset=preset.name)
