@@ -46,40 +46,27 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
-from server.api.prepare import (
-    Job,
-    admit,
-    chat_turns,
-    check_limits,
-    check_max_tokens,
-    estimate_tokens,
-    new_job,
-    off_loop,
-    render_chat,
-    token_budget,
-)
+from server.api.prepare import Job, prepare
 from server.api.protocol import (
     ERROR_RESPONSES,
     CompareRequest,
     CompareResponse,
-    CompareVariant,
     VariantResult,
 )
-from server.api.resolve import Checked, Resolved, check_steering, dump
+from server.api.resolve import dump
 from server.api.routing import CheckedBodyRoute
 from server.api.streaming import DONE, error_event
 from server.api.tracker import Choice, Tracker
+from server.api.validation import COMPARE, for_variant, validate
 from server.context import request_context
 from server.engine import SamplingParams
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorCode
 from server.security import audit
-from server.security.hardening import check_names
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
 
 log = logging.getLogger(__name__)
 
-COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
 SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
@@ -89,88 +76,21 @@ router = APIRouter(route_class=CheckedBodyRoute)
 # ---- preparing the variants ---------------------------------------------------------------------
 
 
-def _variant_param(i: int, param: str | None) -> str:
-    base = f"variants[{i}]"
-    if not param:
-        return base
-    if param.startswith("steering."):
-        return f"{base}.{param[len('steering.'):]}"
-    if param.startswith("steering["):  # an object of the variant's list
-        return f"{base}.{param}"
-    if param == "model":
-        return f"{base}.preset"
-    return f"{base} ({param})"
-
-
-def _for_variant(i: int, exc: APIError) -> APIError:
-    return APIError(exc.status, f"variants[{i}]: {exc.message}", type=exc.type,
-                    param=_variant_param(i, exc.param), code=exc.code, headers=exc.headers)
-
-
-def _variant_model(state: ServerState, body: CompareRequest, preset: str | None) -> str | None:
-    if preset is None:
-        return body.model
-    if "+" in preset:  # a full model id ("<served>+<preset>") is accepted too
-        return preset
-    return f"{body.model or state.served_name}+{preset}"
-
-
 def _score_sampling(sp: SamplingParams) -> SamplingParams:
     """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
     return replace(sp, logprobs=True, top_logprobs=SCORE_TOP, logprobs_tokens=SCORE_POSITIONS)
 
 
-def _check_variant(state: ServerState, body: CompareRequest, i: int,
-                   variant: str | CompareVariant) -> tuple[Checked, str | None]:
-    """Variant `i`'s steering, checked (no tensor built), and its label."""
-    if isinstance(variant, str):
-        model, steering, label = _variant_model(state, body, variant), None, variant
-    else:
-        model, steering = _variant_model(state, body, variant.preset), variant.own_steering()
-        label = variant.label
-    try:
-        check_names(model, steering)
-        return check_steering(state, model, steering), label
-    except APIError as exc:
-        raise _for_variant(i, exc) from None
-
-
-def _build_all(checked: list[Checked]) -> list[Resolved]:
-    return [c.build() for c in checked]
-
-
 async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str,
                           request: Request | None = None
                           ) -> tuple[list[Job], list[str | None]]:
-    """Every variant's job. The variants' steering is checked and the caller admitted (policy
-    and rate limits for all variants at once) before the prompt is tokenized or any steering
-    tensor built; then the variants are built in a worker thread while the prompt is templated
-    and tokenized once, unsteered, so its errors name no variant."""
-    s = state.settings
-    if len(body.variants) > s.max_compare_variants:
-        raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
-                          f"{len(body.variants)}", "variants", "too_many_variants")
-    chat = body.to_chat_request()
-    check_limits(state, chat)
-    turns = chat_turns(chat.messages)
-    check_max_tokens(state, chat.max_tokens, "max_tokens")
-    checked, labels = zip(*(_check_variant(state, body, i, v)
-                            for i, v in enumerate(body.variants)), strict=True)
-    texts = [t["content"] for t in turns]
-    each = estimate_tokens(state, ["".join(texts)], 1, chat.max_tokens,
-                           s.default_max_tokens)
-    admission = admit(state, request, list(checked), texts, each * len(checked), COMPARE)
-    resolved, (text, ids) = await asyncio.gather(
-        off_loop(_build_all, list(checked)), state.in_tokenizer_thread(render_chat, state, turns))
-    max_tokens = token_budget(state, chat.max_tokens, s.default_max_tokens, len(ids), "messages")
-    base = new_job(state, chat, "chat", COMPARE, request_id, resolved[0], [ids], [text],
-                   [max_tokens])
-    sampling = [_score_sampling(sp) for sp in base.sampling]
-    jobs = [replace(base, request_id=f"{request_id}-v{i}", resolved=r, sampling=sampling)
-            for i, r in enumerate(resolved)]
-    if admission is not None:
-        admission.settle(sum(j.tokens_charged for j in jobs))
-    return jobs, list(labels)
+    """Every variant's job (`validate` checks the variants and the prompt; `prepare` admits the
+    caller for all variants at once, then builds them off the event loop while the prompt is
+    templated and tokenized once, unsteered, so its errors name no variant)."""
+    valid = validate(state, body)
+    jobs = await prepare(state, valid, request_id, request)
+    return [replace(j, sampling=[_score_sampling(sp) for sp in j.sampling])
+            for j in jobs], valid.labels
 
 
 # ---- the endpoint -------------------------------------------------------------------------------
@@ -197,7 +117,7 @@ class _Run:
         ch = self.choice(i)
         err = choice_error(self.jobs[i], ch.finish_reason, ch.error,
                            self.state.settings.request_timeout_s)
-        return _for_variant(i, err) if err is not None else None
+        return for_variant(i, err) if err is not None else None
 
     def result(self, i: int) -> VariantResult:
         job, ch = self.jobs[i], self.choice(i)
@@ -306,7 +226,8 @@ async def _stream(run: _Run, handles: list, request: Request) -> AsyncIterator[s
         rid = run.jobs[0].request_id.rpartition("-v")[0] or run.jobs[0].request_id
         log.exception("request %s: compare stream failed", rid)
         message = f"compare stream failed (request id {rid}); the server log has the details"
-        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
+        yield error_event(APIError(500, message, type="server_error",
+                                   code=ErrorCode.INTERNAL_ERROR))
         yield DONE
     finally:
         cancel([h for i, h in enumerate(handles) if not run.choice(i).done])

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from server.api.protocol import ERROR_RESPONSES, ErrorResponse
 from server.api.routing import CheckedBodyRoute
 from server.context import request_context
-from server.errors import APIError, bad_request, not_found
+from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
 from server.security.auth import may_see_internals
@@ -50,10 +50,11 @@ def _require_admin(request: Request) -> None:
     if key is None and (settings.auth or settings.keys or settings.keys_file):
         # fail closed: keys are configured, yet the caller's key is not where we look
         raise APIError(403, "the caller's API key could not be determined",
-                       type="permission_error", code="not_admin")
+                       type="permission_error", code=ErrorCode.NOT_ADMIN)
     if not may_see_internals(key):  # key None: authentication is off (local use)
         raise APIError(403, f"key {key.id!r} may not load or unload packs (needs 'admin: true' "
-                            "in the keys file)", type="permission_error", code="not_admin")
+                            "in the keys file)", type="permission_error",
+                       code=ErrorCode.NOT_ADMIN)
 
 
 @router.post("/v1/steering/packs", status_code=201,
@@ -65,12 +66,13 @@ async def upload_pack(body: PackUpload, request: Request):
     check_name(body.name, "pack", "name")
     if body.name in state.packs and not body.replace:
         raise APIError(409, f"a pack named {body.name!r} is already loaded (send "
-                            "'replace': true to replace it)", param="name", code="pack_exists")
+                            "'replace': true to replace it)", param="name",
+                       code=ErrorCode.PACK_EXISTS)
     try:
         tensors = base64.b64decode(body.safetensors, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request("safetensors must be the base64 of a .safetensors file",
-                          "safetensors", "invalid_base64") from None
+                          "safetensors", ErrorCode.INVALID_BASE64) from None
     sidecar = json.dumps(body.sidecar).encode()
     try:
         pack = await asyncio.to_thread(load_pack_bytes, body.name, tensors, sidecar,
@@ -78,7 +80,7 @@ async def upload_pack(body: PackUpload, request: Request):
     except PackError as exc:
         about_tensors = any(w in str(exc) for w in ("tensor", "pickle"))
         raise bad_request(f"pack refused: {exc}", "safetensors" if about_tensors else "sidecar",
-                          "invalid_pack") from None
+                          ErrorCode.INVALID_PACK) from None
     replaced = install_pack(state, pack)
     pack_event(request, "pack_uploaded", pack=pack.name, concept=pack.concept,
                replaced=replaced is not None, methods=pack.methods,
@@ -97,7 +99,7 @@ async def delete_pack(name: str, request: Request):
     if name not in state.packs:
         known = ", ".join(sorted(state.packs)) or "none loaded"
         raise not_found(f"unknown steering pack {name[:80]!r}; loaded packs: {known}", "name",
-                        "pack_not_found")
+                        ErrorCode.PACK_NOT_FOUND)
     removed = remove_pack(state, name)
     pack_event(request, "pack_deleted", pack=name, concept=removed.concept if removed else None)
     return {"id": name, "object": "steering.pack", "deleted": True,

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from server.engine import SamplingParams
-from server.errors import API_ERROR, api_error, loc_param, unsupported
+from server.errors import API_ERROR, ErrorCode, api_error, loc_param, unsupported
 from server.settings import (
     CEILING_CONTENT_PARTS,
     CEILING_MAPPING,
@@ -94,8 +94,8 @@ def nested_error(exc: ValidationError, where: str):
     own = err.get("type") == API_ERROR
     inner = (ctx.get("param") if own else None) or loc_param(tuple(err.get("loc", ())))
     param = f"{where}.{inner}" if inner else where
-    code = ctx.get("code") if own else (TOO_MANY if err.get("type") == TOO_MANY
-                                        else "invalid_value")
+    code = ErrorCode(ctx["code"]) if own and ctx.get("code") else (
+        ErrorCode.TOO_MANY_ITEMS if err.get("type") == TOO_MANY else ErrorCode.INVALID_VALUE)
     return api_error(f"{param}: {err.get('msg', 'invalid value')}", param, code)
 
 
@@ -106,10 +106,10 @@ def parse_steering(value: Any, where: str = "steering") -> SteeringValue | None:
     if isinstance(value, list):
         if not value:
             raise api_error(f"{where} must hold at least one steering object", where,
-                            "empty_steering")
+                            ErrorCode.EMPTY_STEERING)
         if len(value) > MAX_STEERING_OBJECTS:
             raise api_error(f"{where} may hold at most {MAX_STEERING_OBJECTS} steering objects,"
-                            f" got {len(value)}", where, "too_many_steering_objects")
+                            f" got {len(value)}", where, ErrorCode.TOO_MANY_STEERING_OBJECTS)
         return [_steering_object(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return _steering_object(value, where)
 
@@ -132,7 +132,8 @@ class ChatMessage(Lenient):
 
 def _some_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
     if messages is not None and not messages:
-        raise api_error("messages must hold at least one message", "messages", "empty_messages")
+        raise api_error("messages must hold at least one message", "messages",
+                        ErrorCode.EMPTY_MESSAGES)
     return messages
 
 
@@ -144,7 +145,7 @@ def _bounded_stop(value: Any) -> Any:
         if isinstance(stop, str) and len(stop) > CEILING_STOP_CHARS:
             where = f"stop[{i}]" if isinstance(value, list) else "stop"
             raise api_error(f"{where} has {len(stop)} characters; at most {CEILING_STOP_CHARS} "
-                            "are allowed", where, "stop_too_long")
+                            "are allowed", where, ErrorCode.STOP_TOO_LONG)
     return value
 
 
@@ -212,7 +213,7 @@ class _SamplingFields(_Sampling):
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
             raise api_error("stream_options is only allowed when stream is true",
-                            "stream_options")
+                            "stream_options", ErrorCode.INVALID_COMBINATION)
         return self
 
     @property
@@ -254,7 +255,8 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
-            raise api_error("top_logprobs needs logprobs set to true", "top_logprobs")
+            raise api_error("top_logprobs needs logprobs set to true", "top_logprobs",
+                            ErrorCode.INVALID_COMBINATION)
         return self
 
     def top_logprobs_count(self) -> int | None:
@@ -324,14 +326,15 @@ class CompareVariant(SteeringParams):
     def _steering_list(cls, value):
         if value is not None and not isinstance(value, list):
             raise api_error("steering must be a list of steering objects here (or give the "
-                            "object's fields on the variant itself)", "steering")
+                            "object's fields on the variant itself)", "steering",
+                            ErrorCode.INVALID_VALUE)
         return parse_steering(value)
 
     @model_validator(mode="after")
     def _list_or_fields(self):
         if self.steering is not None and self.model_fields_set - {"preset", "label", "steering"}:
             raise api_error("a variant with a steering list takes no other steering field",
-                            "steering")
+                            "steering", ErrorCode.INVALID_COMBINATION)
         return self
 
     def own_steering(self) -> SteeringValue | None:
@@ -384,13 +387,14 @@ class CompareRequest(_Sampling):
     @model_validator(mode="after")
     def _one_prompt_base_model_some_variants(self):
         if (self.messages is None) == (self.prompt is None):
-            raise api_error("give either messages or prompt (not both)", "messages")
+            raise api_error("give either messages or prompt (not both)", "messages",
+                            ErrorCode.INVALID_COMBINATION)
         if self.model and "+" in self.model:
             raise api_error("model must be the base model; name presets in the variants",
-                            "model")
+                            "model", ErrorCode.INVALID_VALUE)
         if not self.variants:
             raise api_error("variants must hold at least one variant", "variants",
-                            "empty_variants")
+                            ErrorCode.EMPTY_VARIANTS)
         return self
 
     def to_chat_request(self) -> ChatCompletionRequest:

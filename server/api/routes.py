@@ -12,9 +12,9 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.resolve import check_steering
+from server.api.validation import check_steering
 from server.context import request_context
-from server.errors import APIError, not_found
+from server.errors import APIError, ErrorCode, not_found
 from server.security.auth import may_see_internals
 from server.security.policy import effect
 from server.state import ServerState, get_state
@@ -60,7 +60,7 @@ async def get_model(model_id: str, request: Request):
     for card in _model_cards(get_state(request)):
         if card.id == model_id:
             return card
-    raise not_found(f"the model {model_id!r} does not exist", "model", "model_not_found")
+    raise not_found(f"the model {model_id!r} does not exist", "model", ErrorCode.MODEL_NOT_FOUND)
 
 
 # ---- steering discovery -------------------------------------------------------------------------

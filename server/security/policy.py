@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from steering.catalog import REGISTRY
 from steering.interventions.schema import Applied, AppliedSteering
 
@@ -162,7 +162,7 @@ def _parse_bounds(value, where: str) -> tuple[tuple[str, float | None, float | N
 def _forbidden(key_id: str, rule: str, message: str) -> APIError:
     return APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
                          f"'{rule}': {message}", type="permission_error",
-                    param="steering", code=f"policy_{rule}")
+                    param="steering", code=ErrorCode(f"policy_{rule}"))
 
 
 def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
@@ -254,7 +254,8 @@ class RateLimiter:
                     retry = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
                     raise APIError(429, f"rate limit reached for key {key_id!r}: "
                                         f"{b.rate:g} {kind} per minute; retry in {retry} s",
-                                   type="rate_limit_error", code=f"rate_limit_{kind}",
+                                   type="rate_limit_error",
+                                   code=ErrorCode(f"rate_limit_{kind}"),
                                    headers={"Retry-After": str(retry)})
             for _, b, cost in buckets:
                 b.charge(cost)
