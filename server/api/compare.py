@@ -61,6 +61,7 @@ from server.api.validation import COMPARE, for_variant, validate
 from server.context import request_context
 from server.engine import SamplingParams
 from server.errors import APIError, ErrorCode
+from server.observability.metrics import status_label
 from server.security import audit
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
@@ -168,7 +169,7 @@ async def compare(body: CompareRequest, request: Request):
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
         jobs, labels = await prepare_compare(state, body, ctx.request_id, request)
     except APIError as exc:
-        state.metrics.requests.labels(COMPARE, "n/a", str(exc.status)).inc()
+        state.metrics.requests.labels(COMPARE, "n/a", status_label(exc.status)).inc()
         raise
     ctx.log_extra.update({"variants": len(jobs), "user": body.user, "stream": body.stream,
                           "steering": [dump(j.resolved.applied) for j in jobs]})

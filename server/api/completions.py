@@ -28,6 +28,7 @@ from server.api.tracker import Tracker
 from server.api.validation import validate
 from server.context import request_context
 from server.errors import APIError
+from server.observability.metrics import status_label
 from server.state import ServerState, get_state
 
 router = APIRouter(route_class=CheckedBodyRoute)
@@ -58,7 +59,7 @@ async def _complete(body: ChatCompletionRequest | CompletionRequest, request: Re
         state.require_ready()
         [job] = await prepare(state, validate(state, body), ctx.request_id, request)
     except APIError as exc:
-        state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
+        state.metrics.requests.labels(endpoint, "n/a", status_label(exc.status)).inc()
         raise
     ctx.log_extra["user"] = body.user
     return await run_job(state, job, request)
