@@ -26,8 +26,8 @@ from server.api.completions import router as completions_router
 from server.api.pack_admin import PACK_UPLOAD_PATH
 from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
-from server.api.resolve import resolve_steering
 from server.api.routes import router
+from server.api.validation import resolve_steering
 from server.engine import Engine
 from server.errors import APIError
 from server.lifecycle import InflightMiddleware, drain

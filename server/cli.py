@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from server.settings import add_cli_options, cli_overrides
 from steering.catalog import METHODS, VARIANT_SYNTAX
 from steering.models import PRECISIONS
 
@@ -216,17 +217,9 @@ def _library_verbs(sub) -> None:
 
 
 def _server_verbs(sub) -> None:
-    p = sub.add_parser("serve", help="start the OpenAI-compatible steering server")
-    p.add_argument("--model", default=None)
-    p.add_argument("--pack", default=None)
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--presets", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, fp16, int8, int4 "
-                        "(default: $STEER_PRECISION or auto)")
-    p.add_argument("--dtype", default=None)
+    p = sub.add_parser("serve", help="start the OpenAI-compatible steering server (every "
+                                     "setting is a flag and a STEER_* variable)")
+    add_cli_options(p)
     p.set_defaults(handler="server.cli:cmd_serve")
 
     p = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
@@ -289,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_serve(args) -> int:
     from server.app import serve
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype",
-                          "precision"}
-                 and v is not None}
-    serve(**overrides)
+    serve(**cli_overrides(args))
     return 0
 
 

@@ -1,13 +1,31 @@
-"""Server settings: command-line overrides > environment (`STEER_*`) > defaults."""
+"""Server settings, declared once: command-line overrides > environment (`STEER_*`) > defaults.
+
+Every field is an environment variable `STEER_<NAME>` and a `steer serve --<name>` flag with the
+field's description as its help (`add_cli_options`, used by `server.cli`; torch-free). The request
+limits here are read by one module, `server.api.validation`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from steering.models import DTYPE_ALIASES, PRECISIONS
+
+# Hard ceilings: the request schema refuses a list longer than these before validating its items
+# (`server.api.protocol`), whatever the settings say; each setting below stays under its ceiling.
+CEILING_MESSAGES = 4096  # chat messages
+CEILING_CONTENT_PARTS = 4096  # content parts of one message
+CEILING_STOP = 16  # stop sequences
+CEILING_STOP_CHARS = 4096  # characters of one stop sequence
+CEILING_VARIANTS = 64  # compare variants
+CEILING_PROMPTS = 256  # prompts of one text completion (and choices of one request)
+CEILING_PROMPT_IDS = 262_144  # token ids of one prompt
+CEILING_MAPPING = 1024  # entries of a mapping the server refuses anyway (logit_bias)
 
 
 class Settings(BaseSettings):
@@ -22,15 +40,16 @@ class Settings(BaseSettings):
     default_presets: bool = Field(True, description="also offer the built-in presets")
     served_model_name: str | None = Field(None, description="model id clients use "
                                                             "(default: the model's short name)")
-    device: str = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 …")
     precision: str = Field("auto", description="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, "
-                                               "fp16, int8, int4 (steering.models.precision)")
+                                               "fp16, int8, int4 (steering.models.precision)",
+                           json_schema_extra={"choices": list(PRECISIONS)})
     dtype: str = Field("auto", description="older spelling of a float precision; an explicit "
                                            "dtype wins over precision auto")
 
     # Where to listen.
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
 
     # The front door (server/security/frontdoor.py): limits on connections, for `steer serve`.
     header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers not "
@@ -51,17 +70,22 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(512, ge=1, description="chat max_tokens when none is given")
     default_completion_max_tokens: int = Field(16, ge=1, description="text-completion default "
                                                                      "(OpenAI's)")
-    strength_min: float = -8.0
-    strength_max: float = 8.0
-    max_n: int = Field(8, ge=1)
-    max_choices: int = Field(16, ge=1, description="prompts × n of one request")
-    max_stop: int = Field(4, ge=0)
-    max_top_logprobs: int = Field(20, ge=0)
+    strength_min: float = Field(-8.0, description="least steering strength a request may ask")
+    strength_max: float = Field(8.0, description="largest steering strength a request may ask")
+    max_n: int = Field(8, ge=1, le=CEILING_PROMPTS, description="largest n (choices per "
+                                                                "prompt)")
+    max_choices: int = Field(16, ge=1, le=CEILING_PROMPTS, description="prompts × n of one "
+                                                                       "request")
+    max_stop: int = Field(4, ge=0, le=CEILING_STOP, description="most stop sequences")
+    max_top_logprobs: int = Field(20, ge=0, description="largest top_logprobs (chat) or "
+                                                        "logprobs (text completions)")
 
     # Engine.
-    max_batch: int = Field(16, ge=1)
-    max_queue: int = Field(64, ge=1)
-    request_timeout_s: float = Field(600.0, gt=0)
+    max_batch: int = Field(16, ge=1, description="generations decoded together")
+    max_queue: int = Field(64, ge=1, description="generations waiting for a batch slot (429 "
+                                                 "beyond)")
+    request_timeout_s: float = Field(600.0, gt=0, description="a generation's time limit from "
+                                                              "arrival (504 beyond)")
     drain_timeout_s: float | None = Field(None, gt=0, description="on SIGTERM, how long running "
                                           "requests may finish before the rest get 503 "
                                           "(default: request_timeout_s)")
@@ -74,11 +98,14 @@ class Settings(BaseSettings):
 
     # Input hardening (4xx beyond these; see server/security/hardening.py).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (413)")
-    max_messages: int = Field(256, ge=1, description="most chat messages in one request")
+    max_messages: int = Field(256, ge=1, le=CEILING_MESSAGES, description="most chat messages "
+                                                                          "in one request")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt in tokens "
                                                                   "(default: the context)")
-    max_stop_chars: int = Field(256, ge=1, description="longest stop sequence in characters")
-    max_compare_variants: int = Field(8, ge=1, description="most variants of one compare")
+    max_stop_chars: int = Field(256, ge=1, le=CEILING_STOP_CHARS, description="longest stop "
+                                "sequence in characters")
+    max_compare_variants: int = Field(8, ge=1, le=CEILING_VARIANTS, description="most variants "
+                                      "of one compare")
 
     # Security (server/security/: auth.py, policy.py, audit.py).
     auth: bool = Field(False, description="require API keys (Bearer) on /v1/*")
@@ -107,8 +134,8 @@ class Settings(BaseSettings):
                                "to extract on first start and serve ('' for none)")
 
     # Operations.
-    log_level: str = "info"
-    access_log: bool = True
+    log_level: str = Field("info", description="debug, info, warning, error")
+    access_log: bool = Field(True, description="one JSON access line per request on stdout")
     exit_on_load_error: bool = Field(True, description="stop the process when the model or "
                                                        "pack fails to load")
 
@@ -121,3 +148,41 @@ class Settings(BaseSettings):
         if self.default_max_tokens > self.max_tokens_limit:
             self.default_max_tokens = self.max_tokens_limit
         return self
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+
+def _cli_type(annotation: Any) -> tuple[type, list[str] | None]:
+    """(argparse type, choices) of a field's annotation: Optional unwrapped, Literal → choices."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, [str(a) for a in get_args(annotation)]
+    if args and get_origin(annotation) in (Union, UnionType):
+        return _cli_type(args[0])
+    return annotation, None
+
+
+def add_cli_options(parser: argparse.ArgumentParser) -> None:
+    """A `--<name>` option per `Settings` field (its description as help, the variable and the
+    default named); unset options stay None, so the environment and the defaults apply."""
+    for name, field in Settings.model_fields.items():
+        kind, choices = _cli_type(field.annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        choices = extra.get("choices", choices)
+        default = "none" if field.default is None else field.default
+        text = (f"{field.description or name.replace('_', ' ')} (env STEER_{name.upper()}; "
+                f"default: {default})").replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None,
+                                metavar=None if choices else name.upper(), help=text)
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Settings` fields given on the command line."""
+    return {name: getattr(args, name) for name in Settings.model_fields
+            if getattr(args, name, None) is not None}

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from server.engine import Engine
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from server.observability.metrics import Metrics
 from server.presets import Preset
 from server.settings import Settings
@@ -76,7 +76,7 @@ class ServerState:
             message = "the server is shutting down"
         else:
             message = "the model is still loading; retry shortly"
-        raise APIError(503, message, type="service_unavailable", code="not_ready",
+        raise APIError(503, message, type="service_unavailable", code=ErrorCode.NOT_READY,
                        headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
 
 

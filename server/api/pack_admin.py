@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from server.api.protocol import ERROR_RESPONSES, ErrorResponse
 from server.context import request_context
-from server.errors import APIError, bad_request, not_found
+from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.packs import install_pack, load_pack_bytes, remove_pack
 from server.security.audit import pack_event
 from server.security.auth import keys_configured
@@ -123,12 +123,13 @@ async def upload_pack(request: Request):
     _refuse_pinned(state, body.name, "replaced")
     if body.name in state.packs and not body.replace:
         raise APIError(409, f"a pack named {body.name!r} is already loaded (send "
-                            "'replace': true to replace it)", param="name", code="pack_exists")
+                            "'replace': true to replace it)", param="name",
+                       code=ErrorCode.PACK_EXISTS)
     try:
         tensors = base64.b64decode(body.safetensors, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request("safetensors must be the base64 of a .safetensors file",
-                          "safetensors", "invalid_base64") from None
+                          "safetensors", ErrorCode.INVALID_BASE64) from None
     sidecar = json.dumps(body.sidecar).encode()
     reference = state.packs.get("refusal") if "refusal" in state.pinned_packs else None
     try:

@@ -12,9 +12,9 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.resolve import resolve_steering
+from server.api.validation import check_steering
 from server.context import request_context
-from server.errors import APIError, not_found
+from server.errors import APIError, ErrorCode, not_found
 from server.security.auth import may_see_internals
 from server.security.policy import effect
 from server.state import ServerState, get_state
@@ -37,7 +37,7 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
     for preset in state.presets.values():
         model_id = f"{name}+{preset.name}"
         try:  # what the preset resolves to with the loaded packs
-            applied = resolve_steering(state, model_id, None).applied
+            applied = check_steering(state, model_id, None).applied
         except APIError:  # not loaded yet: show the preset as written
             shown = [AppliedSteering(method=p.method, strength=p.strength, k=p.k,
                                      layers=p.layers, pack=p.pack, preset=preset.name)
@@ -60,7 +60,7 @@ async def get_model(model_id: str, request: Request):
     for card in _model_cards(get_state(request)):
         if card.id == model_id:
             return card
-    raise not_found(f"the model {model_id!r} does not exist", "model", "model_not_found")
+    raise not_found(f"the model {model_id!r} does not exist", "model", ErrorCode.MODEL_NOT_FOUND)
 
 
 # ---- steering discovery -------------------------------------------------------------------------

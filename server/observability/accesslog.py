@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.context import request_context
-from server.observability.metrics import Metrics
+from server.observability.metrics import Metrics, http_method_label, status_label
 
 access_log = logging.getLogger("steer.access")
 REQUEST_ID_HEADER = "x-request-id"
@@ -89,8 +89,8 @@ class AccessLogMiddleware:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(endpoint, scope["method"],
-                                              str(status["code"])).inc()
+            self.metrics.http_requests.labels(endpoint, http_method_label(scope["method"]),
+                                              status_label(status["code"])).inc()
             if self.enabled and not (endpoint in {"/healthz", "/metrics", "/readyz"}
                                      and status["code"] < 400):
                 client = scope.get("client")

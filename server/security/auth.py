@@ -43,7 +43,7 @@ import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from server.security.audit import route_path
 from server.security.keysfile import build
 from server.security.policy import Policy, PolicyError
@@ -123,7 +123,7 @@ def load_keys(settings) -> KeyStore:
     return parse_keys(data, source, configured=configured)
 
 
-def _unauthorized(message: str, code: str) -> APIError:
+def _unauthorized(message: str, code: ErrorCode) -> APIError:
     return APIError(401, message, code=code,
                     headers={"WWW-Authenticate": 'Bearer realm="steer"'})
 
@@ -153,7 +153,7 @@ class AuthMiddleware:
         path = route_path(scope)
         if path in self.closed_paths:
             await APIError(404, f"no route {scope['method']} {path[:200]}",
-                           code="not_found").response()(scope, receive, send)
+                           code=ErrorCode.NOT_FOUND).response()(scope, receive, send)
             return
         if not self.enabled or self.is_open(path):
             await self.app(scope, receive, send)
@@ -165,7 +165,7 @@ class AuthMiddleware:
                 break
         if not header:
             err = _unauthorized("missing API key: send 'Authorization: Bearer <key>'",
-                                "missing_api_key")
+                                ErrorCode.MISSING_API_KEY)
         else:
             scheme, _, token = header.strip().partition(" ")
             key = self.keys.lookup(token.strip()) if scheme.lower() == "bearer" else None
@@ -175,7 +175,7 @@ class AuthMiddleware:
                 return
             err = _unauthorized("invalid API key" if scheme.lower() == "bearer" else
                                 "the Authorization header must be 'Bearer <key>'",
-                                "invalid_api_key")
+                                ErrorCode.INVALID_API_KEY)
         request_context(scope).note_error(err.code, None)
         await err.response()(scope, receive, send)
 

@@ -1,5 +1,5 @@
-"""Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, limits
-the protocol models do not express, and names that must stay inside their folder.
+"""Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, and names
+that must stay inside their folder.
 
 `BodyLimitMiddleware` runs after authentication (an unauthenticated request is refused before its
 body is read). It reads each POST/PUT/PATCH body once (413 past `max_body_bytes`, whatever
@@ -12,7 +12,7 @@ only for the error) to name the field, and
 bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop. The
 parsed body is kept in the request context, and the API routes validate it without parsing the
 bytes again (`server.api.routing`).
-`check_request`, `check_names` and `check_prompt_tokens` are called by `server.api.prepare`.
+The request limits themselves (counts, lengths, names in a request) are `server.api.validation`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.context import UNPARSED, request_context
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorCode, bad_request
 from server.security.audit import route_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
@@ -42,7 +42,7 @@ def valid_name(name: str) -> bool:
 def check_name(name: str, what: str, param: str) -> None:
     if not valid_name(name):
         raise bad_request(f"invalid {what} name {name[:80]!r}: use 1–64 letters, digits, '.', "
-                          "'_' or '-' (no paths)", param, f"invalid_{what}_name")
+                          "'_' or '-' (no paths)", param, ErrorCode(f"invalid_{what}_name"))
 
 
 # ---- request bodies ----------------------------------------------------------------------------
@@ -171,14 +171,15 @@ def check_json(body: bytes) -> Any:
         return UNPARSED
     except RecursionError:
         raise bad_request(f"the JSON body is nested deeper than {MAX_DEPTH} levels", None,
-                          "invalid_json") from None
+                          ErrorCode.INVALID_JSON) from None
     if not (flagged or _SUSPECT_ESCAPE.search(body) or _SUSPECT_NUMBER.search(body)
             or _too_deep(data)):
         return data
     problem = _walk(data)
     if problem:
         message, param = problem
-        raise bad_request(f"{param}: {message}" if param else message, param, "invalid_value")
+        raise bad_request(f"{param}: {message}" if param else message, param,
+                          ErrorCode.INVALID_VALUE)
     return data
 
 
@@ -254,47 +255,3 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-# ---- limits request preparation checks-----------------------------------------------------------------
-
-
-def check_request(state, req) -> None:
-    """Limits on messages, stop sequences and names (before any tokenization)."""
-    s = state.settings
-    messages = getattr(req, "messages", None)
-    if messages is not None and len(messages) > s.max_messages:
-        raise bad_request(f"at most {s.max_messages} messages are allowed, got "
-                          f"{len(messages)}", "messages", "too_many_messages")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    for i, stop in enumerate(stops):
-        if len(stop) > s.max_stop_chars:
-            raise bad_request(f"stop sequences may be at most {s.max_stop_chars} characters, "
-                              f"stop[{i}] has {len(stop)}", "stop", "stop_too_long")
-    prompt = getattr(req, "prompt", None)
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
-            and len(prompt) > s.max_choices:
-        raise bad_request(f"at most {s.max_choices} prompts are allowed, got {len(prompt)}",
-                          "prompt", "too_many_prompts")
-    check_names(getattr(req, "model", None), getattr(req, "steering", None))
-
-
-def check_names(model: str | None, steering) -> None:
-    """The preset named in `model` and the packs named in `steering` (one object or a list) are
-    plain names."""
-    parts = steering if isinstance(steering, list) else [steering]
-    for i, part in enumerate(p for p in parts if p is not None):
-        where = f"steering[{i}]" if isinstance(steering, list) else "steering"
-        if part.pack is not None:
-            check_name(part.pack, "pack", f"{where}.pack")
-        if part.when is not None and part.when.pack is not None:
-            check_name(part.when.pack, "pack", f"{where}.when.pack")
-    if model and "+" in model:
-        check_name(model.rpartition("+")[2], "preset", "model")
-
-
-def check_prompt_tokens(state, n_tokens: int, param: str) -> None:
-    limit = state.settings.max_prompt_tokens
-    if limit is not None and n_tokens > limit:
-        raise bad_request(f"the prompt has {n_tokens} tokens; this server accepts at most "
-                          f"{limit}", param, "prompt_too_long")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from steering.catalog import REGISTRY
 from steering.interventions.schema import Applied, AppliedSteering
 
@@ -97,7 +97,7 @@ class Policy:
 def _forbidden(key_id: str, rule: str, message: str) -> APIError:
     return APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
                          f"'{rule}': {message}", type="permission_error",
-                    param="steering", code=f"policy_{rule}")
+                    param="steering", code=ErrorCode(f"policy_{rule}"))
 
 
 def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
@@ -189,22 +189,51 @@ class RateLimiter:
                     retry = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
                     raise APIError(429, f"rate limit reached for key {key_id!r}: "
                                         f"{b.rate:g} {kind} per minute; retry in {retry} s",
-                                   type="rate_limit_error", code=f"rate_limit_{kind}",
+                                   type="rate_limit_error",
+                                   code=ErrorCode(f"rate_limit_{kind}"),
                                    headers={"Retry-After": str(retry)})
             for _, b, cost in buckets:
                 b.charge(cost)
+
+    def adjust(self, key_id: str, policy: Policy, tokens: float) -> None:
+        """Charge `tokens` more (a refund when negative) to the key's token bucket, without a
+        check: the difference between what admission estimated and what the request costs."""
+        if policy.tokens_per_minute is None or not tokens:
+            return
+        with self._lock:
+            b = self._bucket(key_id, "tokens", policy.tokens_per_minute, time.monotonic())
+            b.level = min(b.rate, b.level - tokens)
 
 
 # ---- the hook ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Admission:
+    """A request admitted by `enforce`: what was charged, so the cost can be settled once it is
+    known (`settle`: the prompt's tokens, after tokenization)."""
+
+    state: object
+    key: object | None  # server.security.auth.ApiKey
+    estimate: int
+
+    def settle(self, tokens: int) -> None:
+        """The request costs `tokens`: charge (or refund) the difference from the estimate."""
+        if self.key is not None and tokens != self.estimate:
+            _limiter(self.state).adjust(self.key.id, self.key.policy, tokens - self.estimate)
+            self.estimate = tokens
+
+
 def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
-            = None) -> str | None:
-    """Check the caller's key against every resolved steering of a request (403): `variants`
-    holds one entry per steered run (a request, or each compare variant), each one object or a
-    list whose every object is checked. Charges the rate limits (429) and notes each entry for
-    the audit log. Returns the key id (None: auth off)."""
+            = None) -> Admission:
+    """Admit a request: note each entry for the audit log, charge the caller's rate limits (429)
+    and check its key against every checked steering of the request (403). `variants` holds one
+    entry per steered run (a request, or each compare variant), each one object or a list whose
+    every object is checked; `tokens` is the admission's estimate of the request's cost (settle
+    it with `Admission.settle`). Called before any tensor is built or any prompt tokenized: a
+    refused request costs the server nothing more, and it is charged (a key cannot repeat
+    refused requests for free)."""
     from server.security import (
         audit,  # local: audit imports nothing from here, keeps the graph flat
     )
@@ -214,30 +243,20 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
     if key is None:
-        return None
+        return Admission(state, None, tokens)
     try:
+        _limiter(state).take(key.id, key.policy, tokens)
         for a in variants:
             for part in (a if isinstance(a, list) else [a]):
                 check(key.id, key.policy, part)
-        limiter: RateLimiter = getattr(state, "rate_limiter", None) or _limiter(state)
-        limiter.take(key.id, key.policy, tokens)
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code
         raise
-    return key_id
+    return Admission(state, key, tokens)
 
 
 def _limiter(state) -> RateLimiter:
-    limiter = RateLimiter()
-    state.rate_limiter = limiter
-    return limiter
-
-
-def enforce_job(state, request: Request | None, job) -> None:
-    """`enforce` for a prepared job (`server.api.prepare.Job`: chat or text completion)."""
-    if request is None:
-        return
-    texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
-    enforce(state, request, [job.resolved.applied], prompt=texts, tokens=job.tokens_charged,
-            endpoint=job.endpoint)
+    if getattr(state, "rate_limiter", None) is None:
+        state.rate_limiter = RateLimiter()
+    return state.rate_limiter

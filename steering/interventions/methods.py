@@ -153,15 +153,20 @@ class RowSteering:
         return replace(self, outcome=ConditionOutcome(score, self.condition.holds(score)))
 
     def applied(self) -> dict:
-        s = self.spec
-        window = list(s.generation_window) if s.generation_window is not None else None
-        out = {"method": s.method, "strength": s.strength, "k": s.k,
-               "layers": list(s.layers) if s.layers is not None else None, "pack": s.pack,
-               "apply_to": s.apply_to or "all", "generation_window": window,
-               "when": s.when.describe() if s.when is not None else None, "condition": None}
-        if self.outcome is not None:
-            out["condition"] = {"score": self.outcome.score, "applied": self.outcome.applied}
-        return out
+        return applied(self.spec, self.outcome)
+
+
+def applied(spec: SteeringSpec, outcome: ConditionOutcome | None = None) -> dict:
+    """A checked spec as applied (the fields of the wire schema's `AppliedSteering`), with its
+    condition's outcome once decided."""
+    window = list(spec.generation_window) if spec.generation_window is not None else None
+    out = {"method": spec.method, "strength": spec.strength, "k": spec.k,
+           "layers": list(spec.layers) if spec.layers is not None else None, "pack": spec.pack,
+           "apply_to": spec.apply_to or "all", "generation_window": window,
+           "when": spec.when.describe() if spec.when is not None else None, "condition": None}
+    if outcome is not None:
+        out["condition"] = {"score": outcome.score, "applied": outcome.applied}
+    return out
 
 
 @dataclass
@@ -215,13 +220,13 @@ def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]
 
 # ---- the row builders: one per method record (steering.catalog) ------------------
 
-Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], tuple[dict, SteeringSpec]]
+Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], dict]
 BUILDERS: dict[str, Builder] = {}
 
 
 def builder(name: str) -> Callable[[Builder], Builder]:
-    """Register the kernel parameters of method `name`: (spec, pack, layers) → (edits per site,
-    the spec with its defaults resolved)."""
+    """Register the kernel parameters of method `name`: (spec checked by `check_spec`, pack,
+    layers) → edits per site."""
     def register(fn: Builder) -> Builder:
         assert name in REGISTRY, f"{name!r} has no Method record in catalog.py"
         BUILDERS[name] = fn
@@ -239,14 +244,14 @@ def _ablate(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
         # orthogonalization), so projecting it again changes nothing.
         for kind in SITE_KINDS if layer - 1 not in chosen else SITE_KINDS[1:]:
             edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
-    return edits, spec
+    return edits
 
 
 @builder("actadd")
 def _actadd(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
     d, s = pack.d_model, float(spec.strength)
     return {(layer, "input"): RowEdit(q=torch.zeros(d, 0), c=torch.zeros(d), alpha=0.0,
-                                      v=s * pack.dim(layer)) for layer in layers}, spec
+                                      v=s * pack.dim(layer)) for layer in layers}
 
 
 @builder("ace")
@@ -258,18 +263,14 @@ def _ace(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
         r_hat = _unit(r)
         edits[(layer, "input")] = RowEdit(q=r_hat[:, None], c=pack.harmless_mean(layer),
                                           alpha=1.0, v=float(spec.strength) * r.norm() * r_hat)
-    return edits, spec
+    return edits
 
 
 def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha: float,
           one_sided: bool, origin: bool):
     """The INLP edits: z = Qᵀ(h − c) with c the INLP origin m (`origin`, the literature's
     forms) or the raw origin 0 (the project's variants); h' = h − α·Q·g(z)."""
-    k_max = min(pack.inlp[layer].count for layer in layers)
-    k = spec.k if spec.k is not None else k_max
-    if not 1 <= k <= k_max:
-        raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
-                            f"got {k}", "steering.k")
+    k = spec.k  # resolved and checked by `check_spec`
     zeros, edits = torch.zeros(pack.d_model), {}
     for layer in layers:
         inl = pack.inlp[layer]
@@ -277,7 +278,7 @@ def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha
         # Q·(Qᵀm): the INLP origin's part inside span(Q), all that the edit reads of m.
         c = q @ inl.boundary[:k] if origin else zeros
         edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros, one_sided=one_sided)
-    return edits, replace(spec, k=k)
+    return edits
 
 
 @builder("inlp_null")
@@ -310,20 +311,34 @@ def _inlp_negate_positive(spec, pack, layers):
     return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, origin=False)
 
 
+def check_spec(spec: SteeringSpec, pack: SteeringPack | None,
+               condition_pack: SteeringPack | None = None) -> SteeringSpec:
+    """Validate `spec` against `pack` (and its condition against `condition_pack`, default
+    `pack`) and return it with its defaults resolved (layers, k, pack, targeting, the condition's
+    pack and layer), building no tensor: what it reads of the packs is their shapes and INLP
+    direction counts. Its cost grows with the spec's own size only (the schema bounds that), so
+    a server can check a request, and a policy judge what it will do, before any tensor is
+    built. `check_spec` of its own result returns that result."""
+    apply_to, window, _ = _targeting(spec)
+    when = _check_condition(spec.when, condition_pack or pack) if spec.when else None
+    core = _check_method(replace(spec, apply_to=None, generation_window=None, when=None), pack)
+    if core.method == "none":
+        return replace(core, when=when)
+    return replace(core, apply_to=apply_to, generation_window=window, when=when)
+
+
 def build_row(spec: SteeringSpec, pack: SteeringPack | None,
               condition_pack: SteeringPack | None = None) -> RowSteering:
-    """Validate `spec` against `pack` and produce its per-site edits, each limited to the spec's
-    token window, and its condition bound to `condition_pack` (default: `pack`)."""
-    apply_to, window, bounds = _targeting(spec)
-    condition = _bind_condition(spec.when, condition_pack or pack) if spec.when else None
-    row = _method_row(replace(spec, apply_to=None, generation_window=None, when=None), pack)
-    if row.spec.method == "none":
-        return RowSteering(replace(row.spec, when=condition.when if condition else None),
-                           condition=condition)
-    edits = {site: replace(e, window=bounds) for site, e in row.edits.items()}
-    resolved = replace(row.spec, apply_to=apply_to, generation_window=window,
-                       when=condition.when if condition else None)
-    return RowSteering(resolved, edits, condition)
+    """Validate `spec` against `pack` (`check_spec`) and produce its per-site edits, each limited
+    to the spec's token window, and its condition bound to `condition_pack` (default: `pack`)."""
+    resolved = check_spec(spec, pack, condition_pack)
+    condition = _bind_condition(resolved.when, condition_pack or pack) if resolved.when else None
+    if resolved.method == "none":
+        return RowSteering(resolved, condition=condition)
+    _, _, bounds = _targeting(resolved)
+    edits = BUILDERS[resolved.method](resolved, pack, resolved.layers)
+    return RowSteering(resolved, {site: replace(e, window=bounds) for site, e in edits.items()},
+                       condition)
 
 
 def _targeting(spec: SteeringSpec) -> tuple[str, tuple[int, int | None] | None,
@@ -354,7 +369,8 @@ def _targeting(spec: SteeringSpec) -> tuple[str, tuple[int, int | None] | None,
     return "generation", (start, end), (start, end if end is not None else NO_BOUND)
 
 
-def _bind_condition(when: Condition, pack: SteeringPack | None) -> BoundCondition:
+def _check_condition(when: Condition, pack: SteeringPack | None) -> Condition:
+    """`when` with its pack and layer resolved (no tensor is read)."""
     given = [x for x in (when.above, when.below) if x is not None]
     if len(given) != 1:
         raise SteeringError("steering.when needs exactly one of 'above' and 'below'",
@@ -370,13 +386,18 @@ def _bind_condition(when: Condition, pack: SteeringPack | None) -> BoundConditio
     if not 0 <= layer < pack.n_layers:
         raise SteeringError(f"steering.when.layer must be between 0 and {pack.n_layers - 1}, "
                             f"got {layer}", "steering.when.layer")
+    return replace(when, pack=pack.name, layer=layer)
+
+
+def _bind_condition(when: Condition, pack: SteeringPack) -> BoundCondition:
+    """A checked condition with the class means its score reads."""
     p = pack.positions.index(pack.position)
-    return BoundCondition(replace(when, pack=pack.name, layer=layer), pack.position,
-                          pack.mean_harmful[layer, p], pack.mean_harmless[layer, p])
+    return BoundCondition(when, pack.position, pack.mean_harmful[when.layer, p],
+                          pack.mean_harmless[when.layer, p])
 
 
-def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
-    """The method table: `spec`'s per-site edits on every position."""
+def _check_method(spec: SteeringSpec, pack: SteeringPack | None) -> SteeringSpec:
+    """The method table's checks: `spec` with its layers, k and pack resolved."""
     method = spec.method
     if method not in METHODS:
         raise SteeringError(f"unknown steering method {method!r}; choose one of "
@@ -384,7 +405,7 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     if not math.isfinite(spec.strength):
         raise SteeringError("steering strength must be a finite number", "steering.strength")
     if method == "none":
-        return RowSteering(replace(spec, strength=0.0, k=None, layers=None, pack=None))
+        return replace(spec, strength=0.0, k=None, layers=None, pack=None)
     if pack is None:
         raise SteeringError(f"method {method!r} needs a steering pack, and none is loaded",
                             "steering.pack")
@@ -398,6 +419,11 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     allowed, default = layer_choice(method, pack)
     layers = spec.layers if spec.layers is not None else tuple(default)
     _check_layers(layers, allowed, method)
-    edits, spec = BUILDERS[method](spec, pack, tuple(layers))
-    resolved = replace(spec, layers=tuple(sorted(set(layers))), pack=pack.name)
-    return RowSteering(resolved, edits)
+    k = spec.k
+    if REGISTRY[method].uses_k:
+        k_max = min(pack.inlp[layer].count for layer in layers)
+        k = k if k is not None else k_max
+        if not 1 <= k <= k_max:
+            raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
+                                f"got {k}", "steering.k")
+    return replace(spec, k=k, layers=tuple(sorted(layers)), pack=pack.name)

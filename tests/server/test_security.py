@@ -12,7 +12,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api import prepare
+from server.api import resolve
 from server.app import create_app
 from server.engine import Engine, GenerationRequest, SamplingParams
 from server.security.auth import hash_key
@@ -492,15 +492,7 @@ def test_engine_fault_fails_one_request(tiny_lm, tiny_pack, where):
 
 
 def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
-    real = prepare.resolve_steering
-
-    def faulty(state, model, steering):
-        resolved = real(state, model, steering)
-        if steering is not None and steering.strength == 0.125:
-            resolved.row.edits = _Boom(resolved.row.edits, 0)
-        return resolved
-
-    monkeypatch.setattr(prepare, "resolve_steering", faulty)
+    _inject_fault(monkeypatch)
     r = chat(client, steering={"method": "actadd", "strength": 0.125},
              headers={**_auth("k-basic"), "X-Request-ID": "fault-1"})
     err = _error(r, 500)
@@ -512,15 +504,16 @@ def test_engine_fault_is_a_500_with_request_id(client, tiny_pack, monkeypatch):
 
 
 def _inject_fault(monkeypatch, strength: float = 0.125) -> None:
-    real = prepare.resolve_steering
+    """Steering at `strength` builds edits that fail in the engine."""
+    real = resolve.Checked.build
 
-    def faulty(state, model, steering):
-        resolved = real(state, model, steering)
-        if steering is not None and steering.strength == strength:
+    def faulty(self):
+        resolved = real(self)
+        if self.parts[0].spec.strength == strength:
             resolved.row.edits = _Boom(resolved.row.edits, 0)
         return resolved
 
-    monkeypatch.setattr(prepare, "resolve_steering", faulty)
+    monkeypatch.setattr(resolve.Checked, "build", faulty)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -269,18 +269,18 @@ class _Slow(dict):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_drain_timeout_fails_leftovers_with_503(tiny_lm, tiny_pack, monkeypatch, stream):
-    from server.api import prepare
+    from server.api import resolve
     from server.app import InflightMiddleware, find_middleware
     from server.lifecycle import drain
 
-    real = prepare.resolve_steering
+    real = resolve.Checked.build
 
-    def slow(state, model, steering):
-        resolved = real(state, model, steering)
+    def slow(self):
+        resolved = real(self)
         resolved.row.edits = _Slow(resolved.row.edits)
         return resolved
 
-    monkeypatch.setattr(prepare, "resolve_steering", slow)
+    monkeypatch.setattr(resolve.Checked, "build", slow)
     app = _app(tiny_lm, tiny_pack)
 
     async def main():
