@@ -256,8 +256,8 @@ def test_strong_steering_changes_the_output(client):
 def test_preset_via_model_name(client, tiny_pack):
     body = chat(client, model=f"{MODEL}+no-refusal", max_tokens=2).json()
     assert body["model"] == f"{MODEL}+no-refusal"
-    assert body["steering"] == {"method": "inlp_flip", "strength": 1.0, "k": 2,
-                                "layers": tiny_pack.inlp_default_layers, "pack": "refusal",
+    assert body["steering"] == {"method": "ablate", "strength": 1.0, "k": None,
+                                "layers": list(range(tiny_pack.n_layers)), "pack": "refusal",
                                 "preset": "no-refusal"}
     assert chat(client, model=f"{MODEL}+more-refusal",
                 max_tokens=2).json()["steering"]["method"] == "actadd"
@@ -266,11 +266,10 @@ def test_preset_via_model_name(client, tiny_pack):
 def test_preset_fields_overridden_by_body(client):
     s = chat(client, model=f"{MODEL}+no-refusal", max_tokens=2,
              steering={"strength": 0.5}).json()["steering"]
-    assert (s["method"], s["k"], s["strength"], s["preset"]) == ("inlp_flip", 2, 0.5,
-                                                                 "no-refusal")
+    assert (s["method"], s["strength"], s["preset"]) == ("ablate", 0.5, "no-refusal")
     s = chat(client, model=f"{MODEL}+no-refusal", max_tokens=2,
-             steering={"method": "ablate"}).json()["steering"]
-    assert (s["method"], s["k"]) == ("ablate", None)
+             steering={"method": "inlp_flip", "k": 2}).json()["steering"]
+    assert (s["method"], s["k"], s["preset"]) == ("inlp_flip", 2, "no-refusal")
 
 
 def test_presets_file(tmp_path, tiny_lm, tiny_pack):
@@ -308,7 +307,7 @@ def test_models_list(client):
     for preset in ("no-refusal", "more-refusal", "ablate", "ace-refuse"):
         assert f"{MODEL}+{preset}" in ids
     by_id = {m["id"]: m for m in data}
-    assert by_id[f"{MODEL}+no-refusal"]["steering"]["k"] == 2
+    assert by_id[f"{MODEL}+no-refusal"]["steering"]["method"] == "ablate"
     assert all(m["object"] == "model" for m in data)
     one = client.get(f"/v1/models/{MODEL}+ablate")
     assert one.status_code == 200 and one.json()["steering"]["method"] == "ablate"
