@@ -79,7 +79,8 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
 async def start_engine(state: ServerState) -> None:
     s = state.settings
     engine = Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
-                    request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache)
+                    request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache,
+                    max_queue_per_tenant=s.max_queue_per_key or max(1, s.max_queue // 2))
     await engine.start()
     if state.lm.device.type == "cpu":
         yield_cores_to_the_engine(s.event_loop_nice)

@@ -11,11 +11,13 @@ the ASGI scope's `state`; every later layer reads and writes its typed fields in
 | `log_extra` | routes, errors, auth, drain | access log, audit |
 | `audit` | policy (`audit.note`) | audit |
 | `json_body` | body checks (hardening) | the API routes (`server.api.routing`): parsed once |
+| `finalizers` | policy (a key's in-flight slot) | audit middleware: `finish()` once the response is sent |
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +36,17 @@ class RequestContext:
     log_extra: dict[str, Any] = field(default_factory=dict)  # extra fields of the access line
     audit: list[dict[str, Any]] = field(default_factory=list)  # one entry per noted steering
     json_body: Any = UNPARSED  # the request body as the body checks parsed it
+    finalizers: list[Callable[[], None]] = field(default_factory=list)  # run by `finish`
 
     def take_json_body(self) -> Any:
         """The parsed body, handed over once (UNPARSED when there is none to hand over)."""
         body, self.json_body = self.json_body, UNPARSED
         return body
+
+    def finish(self) -> None:
+        """Run the finalizers once (the response has been sent, or the request failed)."""
+        while self.finalizers:
+            self.finalizers.pop()()
 
     @property
     def key_id(self) -> str | None:

@@ -69,6 +69,7 @@ class ErrorCode(StrEnum):
     POLICY_MAX_K = "policy_max_k"
     RATE_LIMIT_REQUESTS = "rate_limit_requests"
     RATE_LIMIT_TOKENS = "rate_limit_tokens"
+    RATE_LIMIT_CONCURRENT = "rate_limit_concurrent"
     # pack administration (server.api.pack_admin)
     NOT_ADMIN = "not_admin"
     PACK_EXISTS = "pack_exists"

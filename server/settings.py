@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, description="generations decoded together")
     max_queue: int = Field(64, ge=1, description="generations waiting for a batch slot (429 "
                                                  "beyond)")
+    max_queue_per_key: int | None = Field(None, ge=1, description="generations one API key may "
+                                          "have waiting (429 beyond; default: half of "
+                                          "max_queue); keys are served in fair-queueing order")
     request_timeout_s: float = Field(600.0, gt=0, description="a generation's time limit from "
                                                               "arrival (504 beyond)")
     drain_timeout_s: float | None = Field(None, gt=0, description="on SIGTERM, how long running "
@@ -102,6 +105,9 @@ class Settings(BaseSettings):
                                                                           "in one request")
     max_prompt_tokens: int | None = Field(None, ge=1, description="longest prompt in tokens "
                                                                   "(default: the context)")
+    max_prompt_chars: int | None = Field(None, ge=1, description="longest prompt in characters "
+                                         "(all of a chat's messages), refused before it is "
+                                         "tokenized (default: 8 × the context length)")
     max_stop_chars: int = Field(256, ge=1, le=CEILING_STOP_CHARS, description="longest stop "
                                 "sequence in characters")
     max_compare_variants: int = Field(8, ge=1, le=CEILING_VARIANTS, description="most variants "

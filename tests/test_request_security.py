@@ -59,3 +59,167 @@ def test_metric_labels_come_from_a_fixed_set(tiny_lm, tiny_pack):
     for name in ("steer_requests_total", "steer_prompt_tokens_total"):
         assert _label_values(text, name, "method") <= {"none", "n/a", "composed", OTHER,
                                                        "actadd", "ace", "ablate"}
+
+
+# ---- 6: prompts bounded before tokenizing, charged at admission, per-key concurrency, fairness ---
+
+
+class Counter:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def _count_rendering(monkeypatch) -> Counter:
+    from server.api import prepare
+
+    rendered = Counter(prepare.render_chat)
+    monkeypatch.setattr(prepare, "render_chat", rendered)
+    return rendered
+
+
+def test_prompt_characters_are_bounded_before_tokenizing(tiny_lm, tiny_pack, monkeypatch):
+    with TestClient(_app(tiny_lm, tiny_pack, max_prompt_chars=1000, max_body_bytes=1 << 20),
+                    raise_server_exceptions=False) as c:
+        rendered = _count_rendering(monkeypatch)
+        for body in ({"messages": [{"role": "user", "content": "x" * 600}] * 2},
+                     {"messages": [{"role": "user", "content": "x" * 200_000}]}):
+            r = c.post("/v1/chat/completions", headers=_auth("k-basic"),
+                       json={"model": MODEL, "max_tokens": 1, **body})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+        r = c.post("/v1/completions", headers=_auth("k-basic"),
+                   json={"model": MODEL, "max_tokens": 1, "prompt": ["hi", "y" * 1001]})
+        err = r.json()["error"]
+        assert (err["code"], err["param"]) == ("prompt_too_long", "prompt[1]")
+        assert rendered.calls == 0
+
+
+def test_long_prompts_are_charged_before_they_are_tokenized(tiny_lm, tiny_pack, monkeypatch):
+    """The issue's three 1 MiB prompts from a thrifty key were all tokenized and never charged:
+    now the estimate is charged at admission, so the second is refused before tokenizing."""
+    keys = {"keys": [{"id": "thrifty", "sha256": hash_key("k-t"), "tokens_per_minute": 100}]}
+    with TestClient(_app(tiny_lm, tiny_pack, keys=keys, max_body_bytes=1 << 20),
+                    raise_server_exceptions=False) as c:
+        rendered = _count_rendering(monkeypatch)
+        long = [{"role": "user", "content": "word " * 150}]  # ~190 tokens estimated
+        bodies = [{"model": MODEL, "max_tokens": 1, "messages": long}] * 2
+        first, second = (c.post("/v1/chat/completions", headers=_auth("k-t"), json=b)
+                         for b in bodies)
+        assert first.status_code in (200, 400), first.text  # admitted (into debt)
+        assert second.status_code == 429
+        assert second.json()["error"]["code"] == "rate_limit_tokens"
+        assert rendered.calls == 1
+
+
+def test_a_key_has_at_most_max_concurrent_requests_in_flight(tiny_lm, tiny_pack, monkeypatch):
+    """While a key's one allowed request is in flight (held in its steering build), its next
+    gets 429; the slot is freed once the response is sent, also after a refusal that comes after
+    admission."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from server.api import resolve
+
+    keys = {"keys": [{"id": "one", "sha256": hash_key("k-one"), "max_concurrent": 1}]}
+    app = _app(tiny_lm, tiny_pack, keys=keys)
+    started, release = threading.Event(), threading.Event()
+    real = resolve.build_row
+
+    def held(*args, **kwargs):
+        if not started.is_set():
+            started.set()
+            release.wait(30)  # a guard against a hang only
+        return real(*args, **kwargs)
+
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1,
+            "steering": {"method": "actadd"}}
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            monkeypatch.setattr(resolve, "build_row", held)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         timeout=60, headers=_auth("k-one")) as c:
+                first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+                while not started.is_set():
+                    await asyncio.sleep(0.005)
+                limiter = app.state.steer.rate_limiter
+                inflight = limiter.inflight("one")
+                second = await c.post("/v1/chat/completions", json=body)
+                release.set()
+                first = await first
+                after = limiter.inflight("one")
+                too_long = await c.post("/v1/chat/completions",
+                                        json={**body, "max_tokens": 4000})
+                return inflight, second, first, after, too_long, limiter.inflight("one")
+
+    inflight, second, first, after, too_long, last = asyncio.run(main())
+    assert inflight == 1
+    assert second.status_code == 429 and second.json()["error"]["code"] == \
+        "rate_limit_concurrent"
+    assert first.status_code == 200, first.text
+    assert after == 0
+    assert too_long.status_code == 400, too_long.text  # past the tiny model's context
+    assert too_long.json()["error"]["code"] == "context_length_exceeded" and last == 0
+
+
+def _request(lm, tenant, max_tokens=2):
+    from server.engine import GenerationRequest, SamplingParams
+    from steering import SteeringSpec, build_row
+
+    ids = lm.tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    return GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                             build_row(SteeringSpec("none"), None), tenant=tenant)
+
+
+def test_keys_are_queued_fairly(tiny_lm):
+    """Four requests from one key, then one from another, one batch slot: the other key's
+    request runs second, not fifth (start-time fair queueing)."""
+    import asyncio
+
+    from server.engine import Engine
+
+    async def main():
+        engine = Engine(tiny_lm, max_batch=1, max_queue=16)
+        engine._accepting = True  # queue first (the loop is not running), then start it
+        handles = [engine.submit(_request(tiny_lm, t)) for t in ("a", "a", "a", "a", "b")]
+        order = []
+
+        async def run(i, h):
+            async for ev in h:
+                if ev.finish_reason is not None:
+                    order.append(i)
+
+        engine._accepting = False
+        await engine.start()
+        await asyncio.gather(*(run(i, h) for i, h in enumerate(handles)))
+        await engine.shutdown()
+        return order
+
+    assert asyncio.run(main()) == [0, 4, 1, 2, 3]
+
+
+def test_one_key_cannot_fill_the_queue(tiny_lm):
+    from server.engine import Engine, QueueFull
+
+    engine = Engine(tiny_lm, max_batch=1, max_queue=8, max_queue_per_tenant=4)
+    engine._accepting = True  # the loop is not running: everything stays queued
+
+    async def main():
+        for _ in range(4):
+            engine.submit(_request(tiny_lm, "a"))
+        with pytest.raises(QueueFull):
+            engine.submit(_request(tiny_lm, "a"))
+        for _ in range(4):  # another key still gets in
+            engine.submit(_request(tiny_lm, "b"))
+        with pytest.raises(QueueFull):
+            engine.submit(_request(tiny_lm, "c"))  # the whole queue is full now
+
+    import asyncio
+
+    asyncio.run(main())

@@ -31,7 +31,7 @@ def submit(state: ServerState, job: Job) -> list:
         for c, sp in enumerate(job.sampling):
             handles.append(engine.submit(GenerationRequest(
                 prompt_ids=job.prompts[c // job.n], sampling=sp, steering=job.resolved.row,
-                request_id=f"{job.request_id}-{c}")))
+                request_id=f"{job.request_id}-{c}", tenant=job.tenant)))
     except QueueFull:
         cancel(handles)
         raise APIError(429, "the server is busy (request queue full); retry shortly",

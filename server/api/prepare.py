@@ -31,6 +31,7 @@ from server.api.validation import (
     check_budget,
     check_token_ids,
 )
+from server.context import request_context
 from server.engine import SamplingParams
 from server.errors import ErrorCode, bad_request
 from server.security.policy import Admission, enforce
@@ -58,6 +59,7 @@ class Job:
     logprobs: bool  # the response reports logprobs
     top_logprobs: int
     echo: bool = False
+    tenant: str | None = None  # the caller's key id (the engine queues keys fairly)
 
     @property
     def method(self) -> str:
@@ -142,7 +144,8 @@ async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
                arrival=time.perf_counter(), resolved=resolved[0], prompts=ids_list,
                prompt_texts=texts, n=body.n, sampling=sampling, stream=body.stream,
                include_usage=body.include_usage, logprobs=top is not None,
-               top_logprobs=top or 0, echo=getattr(body, "echo", False))
+               top_logprobs=top or 0, echo=getattr(body, "echo", False),
+               tenant=request_context(request).key_id if request is not None else None)
     jobs = [base] if valid.endpoint != COMPARE else [
         replace(base, request_id=f"{request_id}-v{i}", resolved=r)
         for i, r in enumerate(resolved)]

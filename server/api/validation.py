@@ -61,14 +61,19 @@ class Prompt:
             return "\x00".join(t["content"] for t in self.turns)
         return self.text if self.text is not None else str(self.ids)
 
+    @property
+    def chars(self) -> int:
+        """Characters of text (a chat: all its messages' contents)."""
+        if self.turns is not None:
+            return sum(len(t["content"]) for t in self.turns)
+        return len(self.text or "")
+
     def estimate(self) -> int:
         """Its tokens as admission guesses them (ids: exact; text: a token per
         `CHARS_PER_TOKEN` characters)."""
         if self.ids is not None:
             return len(self.ids)
-        chars = (sum(len(t["content"]) for t in self.turns) if self.turns is not None
-                 else len(self.text or ""))
-        return -(-chars // CHARS_PER_TOKEN)
+        return -(-self.chars // CHARS_PER_TOKEN)
 
 
 @dataclass
@@ -116,6 +121,7 @@ def validate(state: ServerState,
         kind, endpoint = "completion", COMPLETIONS
         default = state.settings.default_completion_max_tokens
     _check_choices(state, len(prompts), body.n)
+    _check_prompt_sizes(state, prompts)
     check_max_tokens(state, requested, param)
     steering = [check_steering(state, body.model, body.steering, names=True)]
     return ValidRequest(kind, endpoint, body, prompts, steering, [None], requested, param,
@@ -199,6 +205,25 @@ def _text_prompts(req: CompletionRequest) -> list[Prompt]:
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         out.append(Prompt(param, text=p) if isinstance(p, str) else Prompt(param, ids=list(p)))
     return out
+
+
+def _check_prompt_sizes(state: ServerState, prompts: list[Prompt]) -> None:
+    """Each prompt within the character limit before it is tokenized (tokenizing a long text
+    costs seconds), and token-id prompts within the token limit."""
+    s = state.settings
+    chars = s.max_prompt_chars or 8 * state.lm.context_length
+    for p in prompts:
+        if p.ids is not None:
+            if s.max_prompt_tokens is not None and len(p.ids) > s.max_prompt_tokens:
+                raise bad_request(f"the prompt has {len(p.ids)} tokens; this server accepts "
+                                  f"at most {s.max_prompt_tokens}", p.param,
+                                  ErrorCode.PROMPT_TOO_LONG)
+            continue
+        n = p.chars
+        if n > chars:
+            raise bad_request(f"the prompt has {n} characters; this server accepts at most "
+                              f"{chars} (setting max_prompt_chars)", p.param,
+                              ErrorCode.PROMPT_TOO_LONG)
 
 
 def _estimate(state: ServerState, prompts: list[Prompt], n: int, requested: int | None,
@@ -344,6 +369,7 @@ def _compare(state: ServerState, body: CompareRequest) -> ValidRequest:
     chat = body.to_chat_request()
     _check_sampling(state, chat)
     prompts = [Prompt("messages", turns=chat_turns(chat.messages))]
+    _check_prompt_sizes(state, prompts)
     check_max_tokens(state, chat.max_tokens, "max_tokens")
     checked, labels = zip(*(_check_variant(state, body, i, v)
                             for i, v in enumerate(body.variants)), strict=True)

@@ -43,6 +43,7 @@ class GenerationRequest:
     sampling: SamplingParams
     steering: Steering  # conditions are decided at prefill (then this is the decided steering)
     request_id: str = ""
+    tenant: str | None = None  # who asked (an API key id): fair queueing between tenants
 
 
 @dataclass

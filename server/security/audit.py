@@ -149,6 +149,7 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            request_context(scope).finish()  # e.g. the key's in-flight slot (policy)
             write_lines(scope, status["code"])
 
 

@@ -59,6 +59,8 @@ class PolicyFields(BaseModel):
     max_k: Annotated[int, Field(ge=0, strict=True)] | None = None
     requests_per_minute: Number | None = None
     tokens_per_minute: Number | None = None
+    max_concurrent: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+        None, description="requests of the key in flight at once (None: no bound)")
     lower_refusal: StrictBool = False
     strength: dict[str, Bounds] | None = None
 

@@ -84,6 +84,7 @@ class Policy:
     max_k: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
+    max_concurrent: int | None = None  # requests of the key in flight at once
     lower_refusal: bool = False  # the explicit grant to lower refusal
     strength: tuple[tuple[str, float | None, float | None], ...] = ()  # signed (method, lo, hi)
 
@@ -167,6 +168,34 @@ class RateLimiter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._inflight: dict[str, int] = {}
+
+    def acquire(self, key_id: str, limit: int | None) -> bool:
+        """Take one of the key's `limit` in-flight slots (429 when none is free); False when
+        there is no limit (nothing to release)."""
+        if limit is None:
+            return False
+        with self._lock:
+            held = self._inflight.get(key_id, 0)
+            if held >= limit:
+                raise APIError(429, f"key {key_id!r} already has {held} requests in flight "
+                                    f"(its limit is {limit}); retry when one has finished",
+                               type="rate_limit_error", code=ErrorCode.RATE_LIMIT_CONCURRENT,
+                               headers={"Retry-After": "1"})
+            self._inflight[key_id] = held + 1
+        return True
+
+    def release(self, key_id: str) -> None:
+        with self._lock:
+            held = self._inflight.get(key_id, 0) - 1
+            if held > 0:
+                self._inflight[key_id] = held
+            else:
+                self._inflight.pop(key_id, None)
+
+    def inflight(self, key_id: str) -> int:
+        with self._lock:
+            return self._inflight.get(key_id, 0)
 
     def _bucket(self, key_id: str, kind: str, rate: float, now: float) -> _Bucket:
         b = self._buckets.get((key_id, kind))
@@ -233,7 +262,8 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     every object is checked; `tokens` is the admission's estimate of the request's cost (settle
     it with `Admission.settle`). Called before any tensor is built or any prompt tokenized: a
     refused request costs the server nothing more, and it is charged (a key cannot repeat
-    refused requests for free)."""
+    refused requests for free). A key with `max_concurrent` holds one in-flight slot from here
+    until its response has been sent (the request context's finalizers)."""
     from server.security import (
         audit,  # local: audit imports nothing from here, keeps the graph flat
     )
@@ -244,8 +274,11 @@ def enforce(state, request: Request, variants: Sequence[Applied],
                         endpoint=endpoint) for a in variants]
     if key is None:
         return Admission(state, None, tokens)
+    limiter = _limiter(state)
     try:
-        _limiter(state).take(key.id, key.policy, tokens)
+        if limiter.acquire(key.id, key.policy.max_concurrent):  # released once answered
+            request_context(request).finalizers.append(lambda: limiter.release(key.id))
+        limiter.take(key.id, key.policy, tokens)
         for a in variants:
             for part in (a if isinstance(a, list) else [a]):
                 check(key.id, key.policy, part)
