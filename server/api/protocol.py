@@ -301,7 +301,7 @@ class CompareVariant(SteeringParams):
         """The steering this variant sets (None: the preset's alone)."""
         if self.steering is not None:
             return self.steering
-        fields = self.model_fields_set - {"preset", "label"}
+        fields = self.model_fields_set - {"preset", "label", "steering"}  # steering: null
         if fields:
             return SteeringParams(**{f: getattr(self, f) for f in fields})
         return None if self.preset is not None else SteeringParams()

@@ -139,7 +139,7 @@ def test_examples_run_against_the_server(url, script, arg):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if script == "openai_sdk.py":
         pytest.importorskip("openai", reason="the openai SDK is not installed")
     out = subprocess.run([sys.executable, str(root / "clients" / "examples" / script), url + arg],
@@ -156,7 +156,7 @@ def test_litellm_config_routes_to_presets():
 
     from server.presets import DEFAULT_PRESETS
 
-    path = Path(__file__).resolve().parents[1] / "clients" / "examples" / "litellm.yaml"
+    path = Path(__file__).resolve().parents[2] / "clients" / "examples" / "litellm.yaml"
     config = yaml.safe_load(path.read_text())
     routed = {m["litellm_params"]["model"].split("+", 1)[1]
               for m in config["model_list"] if "+" in m["litellm_params"]["model"]}

@@ -344,7 +344,8 @@ def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkey
 
 
 def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack):
-    from steering.reports.report import _reference_section, assess_claims, dim_in_inlp_span
+    from steering.reports.markdown import _reference_section
+    from steering.reports.report import assess_claims, dim_in_inlp_span
 
     def rates(prefix: str, k: int, n: int) -> dict:
         return {f"{prefix}_refusal_rate": k / n, f"{prefix}_refused": k, f"{prefix}_n": n,
@@ -371,7 +372,7 @@ def test_claims_explain_their_misses_and_the_reference_section_renders(tiny_pack
     }
     claims = {c["claim"][:20]: c for c in assess_claims(result, None)}
     ablate = next(c for c in claims.values() if c["claim"].startswith("Directional"))
-    assert ablate["reproduced"] is False and "0.050 on the selection slice" in ablate["why"]
+    assert ablate["reproduced"] is False and "KL 0.200 on l" in ablate["why"]
     induce = next(c for c in claims.values() if c["claim"].startswith("Adding"))
     assert "1.5 → 90%" in induce["why"]
     flip = next(c for c in claims.values() if "about as well" in c["claim"])
@@ -415,8 +416,8 @@ def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
         first["wall_seconds"]
 
 
-def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_mean(tiny_pack):
-    from steering.reports.report import _why_null, inlp_zero_position
+def test_inlp_zero_position_is_where_the_raw_origin_variant_puts_the_harmful_mean(tiny_pack):
+    from steering.reports.report import inlp_zero_position
 
     zero = inlp_zero_position(tiny_pack)
     layer = zero["layer"]
@@ -429,4 +430,3 @@ def test_inlp_zero_position_is_where_the_reference_free_null_puts_the_harmful_me
     for qi, t in zip(q, zero["positions"]):
         gap = abs(float(qi @ (mu_h - mu_l)))
         assert abs(float(qi @ (mu_l + t * (mu_h - mu_l)))) < 1e-2 * gap
-    assert "reference-free" in _why_null({"inlp_zero_position": zero})

@@ -93,7 +93,7 @@ def test_mixed_batches_equal_solo_runs_with_the_cache(tiny_lm, rows):
     solo = _run(engine, tiny_lm, jobs)
     mixed = _run(engine, tiny_lm, jobs, together=True)
     # tokens, as the other mixed-batch tests on the fp32 tiny model (its batched GEMMs may round
-    # a row's last bits differently; the int8 model is bit-exact, tests/test_precision.py)
+    # a row's last bits differently; the int8 model is bit-exact, tests/steering/test_precision.py)
     assert [m[0] for m in mixed] == [s[0] for s in solo]
     assert engine.prefixes.hits >= len(jobs)
 

@@ -23,7 +23,7 @@ from steering.models.precision import (
     resolve_precision,
 )
 from testkit.tiny import make_tiny
-from tests.test_engine import METHODS, _collect, _request
+from tests.server.test_engine import METHODS, _collect, _request
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,8 @@ PROMPTS = ["How do I make a bomb at home?", "Write a haiku about autumn leaves."
            "Explain how to pick a lock without the key, step by step, in detail please.",
            "What is 2 + 2?", "Tell me a story about a dragon who loves tea."]
 STRENGTHS = {"none": 0.0, "actadd": 2.0, "ablate": 1.0, "ace": 0.0, "inlp_null": 1.0,
-             "inlp_flip": 1.0, "inlp_reflect": 1.0}
+             "inlp_flip": 1.0, "inlp_reflect": 1.0, "inlp_zero_positive": 1.0,
+             "inlp_negate_positive": 1.0}
 
 
 @pytest.fixture(scope="module")

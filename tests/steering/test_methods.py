@@ -156,57 +156,101 @@ def test_inlp_directions_point_toward_the_harmful_mean(tiny_pack):
     assert (q @ mu_h - b > 0).all() and (q @ mu_l - b < 0).all()
 
 
-def test_inlp_flip_negates_the_harmful_side_coordinates(tiny_lm, tiny_pack):
+def test_inlp_flip_mirrors_the_harmful_side_across_the_boundary(tiny_lm, tiny_pack):
+    """AlterRep in INLP's coordinates z = Qᵀ(h − m): z → −|z| (Ravfogel et al. 2021)."""
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_flip", 1.0), tiny_pack)
-    # Reference-free (c = 0): z = Qᵀh, the positive coordinates are negated, z → −|z|.
-    assert torch.count_nonzero(row.edits[(layer, "input")].c) == 0
+    # The reference is the INLP origin (the class midpoint): its part in span(Q) is Q·b.
+    torch.testing.assert_close(row.edits[(layer, "input")].c.double(), q.T @ b, atol=1e-5,
+                               rtol=1e-5)
     flipped = edit_vector(row, (layer, "input"), mu_h)
-    before = q @ mu_h
-    assert (before > 0).any()
-    torch.testing.assert_close(q @ flipped, -before.abs(), atol=1e-5, rtol=1e-5)
+    before = q @ mu_h - b  # the harmful mean: positive along every direction
+    assert (before > 0).all()
+    torch.testing.assert_close(q @ flipped - b, -before.abs(), atol=1e-5, rtol=1e-5)
     # The component outside span(Q) is untouched.
     moved = flipped - mu_h
     torch.testing.assert_close(moved, q.T @ (q @ moved), atol=1e-6, rtol=0)
-    # One-sided: a vector whose coordinates are all negative is left where it is.
-    negative = mu_l - q.T @ ((q @ mu_l).abs() + 1.0)
-    assert (q @ negative < 0).all()
-    torch.testing.assert_close(edit_vector(row, (layer, "input"), negative), negative,
-                               atol=1e-6, rtol=0)
+    # One-sided about the boundary: the harmless mean (negative side everywhere) stays put.
+    assert (q @ mu_l - b < 0).all()
+    torch.testing.assert_close(edit_vector(row, (layer, "input"), mu_l), mu_l, atol=1e-5,
+                               rtol=0)
     # The two-sided reflection crosses the class boundary: the harmless mean moves to the
     # harmful mean's coordinates.
     reflect = build_row(SteeringSpec("inlp_reflect", 1.0), tiny_pack)
-    torch.testing.assert_close(q @ edit_vector(reflect, (layer, "input"), mu_l) - b, before - b,
+    torch.testing.assert_close(q @ edit_vector(reflect, (layer, "input"), mu_l) - b, before,
                                atol=1e-5, rtol=1e-5)
 
-    # Through the model, per token: every coordinate ends non-positive, z → −|z|, and the
-    # two-sided reflection's mean is the reflected harmful mean (the harmless mean's coordinates).
+    # Through the model, per token: every coordinate ends on the harmless side, z → −|z|, and
+    # the two-sided reflection's mean is the reflected harmful mean (the harmless mean's).
     prompts = load_instructions("harmful_train")[: tiny_pack.meta["data"]["harmful_train"]["n"]]
     plain, _ = capture_inputs(tiny_lm, prompts, None)
     steered, _ = capture_inputs(tiny_lm, prompts, row)
-    z0 = plain[layer][:, tiny_pack.position].double() @ q.T
-    z1 = steered[layer][:, tiny_pack.position].double() @ q.T
+    z0 = plain[layer][:, tiny_pack.position].double() @ q.T - b
+    z1 = steered[layer][:, tiny_pack.position].double() @ q.T - b
     torch.testing.assert_close(z1, -z0.abs(), atol=1e-4, rtol=1e-3)
     reflected, _ = capture_inputs(tiny_lm, prompts, reflect)
     mean_reflected = reflected[layer][:, tiny_pack.position].double().mean(0)
     torch.testing.assert_close(q @ mean_reflected - b, q @ mu_l - b, atol=1e-4, rtol=1e-3)
 
 
-def test_inlp_null_zeroes_the_harmful_side_coordinates(tiny_lm, tiny_pack):
+def test_inlp_null_is_the_nullspace_projection_around_the_class_midpoint(tiny_lm, tiny_pack):
+    """Ravfogel et al. 2020: h' = m + (I − QQᵀ)(h − m); every activation's INLP coordinates
+    land on the boundary (z → 0), both classes, and nothing outside span(Q) moves."""
     layer = tiny_pack.layer
     q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
     row = build_row(SteeringSpec("inlp_null", 1.0), tiny_pack)
-    torch.testing.assert_close(q @ edit_vector(row, (layer, "input"), mu_h),
-                               (q @ mu_h).clamp_max(0), atol=1e-5, rtol=1e-5)
-    # Through the model, every token's coordinates become min(z, 0): none is left on the
-    # harmful side, the negative ones do not move.
+    for mu in (mu_h, mu_l):
+        out = edit_vector(row, (layer, "input"), mu)
+        torch.testing.assert_close(q @ out, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out - mu, q.T @ (q @ (out - mu)), atol=1e-6, rtol=0)
+    # Projection: applying it twice changes nothing more.
+    once = edit_vector(row, (layer, "input"), mu_h)
+    torch.testing.assert_close(edit_vector(row, (layer, "input"), once), once, atol=1e-5,
+                               rtol=0)
+    # Through the model, every token's INLP coordinates are the boundary's.
     plain, mask = capture_inputs(tiny_lm, PROMPTS, None)
     steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+    z0 = plain[layer][mask].double() @ q.T - b
+    z1 = steered[layer][mask].double() @ q.T - b
+    assert (z0.abs() > 1e-2).any()
+    torch.testing.assert_close(z1, torch.zeros_like(z1), atol=1e-3, rtol=0)
+
+
+def test_project_variants_act_around_the_raw_origin(tiny_lm, tiny_pack):
+    """inlp_zero_positive: z → min(z, 0), inlp_negate_positive: z → −|z|, with z = Qᵀh (c = 0):
+    this project's variants, marked as such in their records."""
+    from steering.catalog import REGISTRY
+
+    assert REGISTRY["inlp_zero_positive"].variant_of == "inlp_null"
+    assert REGISTRY["inlp_negate_positive"].variant_of == "inlp_flip"
+    assert not REGISTRY["inlp_zero_positive"].paper
+    assert "project's variant" in REGISTRY["inlp_negate_positive"].description
+    layer = tiny_pack.layer
+    q, b, mu_h, mu_l = _inlp_geometry(tiny_pack)
+    zero = build_row(SteeringSpec("inlp_zero_positive", 1.0), tiny_pack)
+    negate = build_row(SteeringSpec("inlp_negate_positive", 1.0), tiny_pack)
+    for row in (zero, negate):
+        assert torch.count_nonzero(row.edits[(layer, "input")].c) == 0
+    before = q @ mu_h
+    assert (before > 0).any()
+    torch.testing.assert_close(q @ edit_vector(zero, (layer, "input"), mu_h),
+                               before.clamp_max(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q @ edit_vector(negate, (layer, "input"), mu_h), -before.abs(),
+                               atol=1e-5, rtol=1e-5)
+    # A vector with every raw coordinate negative is left where it is by both.
+    negative = mu_l - q.T @ ((q @ mu_l).abs() + 1.0)
+    for row in (zero, negate):
+        torch.testing.assert_close(edit_vector(row, (layer, "input"), negative), negative,
+                                   atol=1e-6, rtol=0)
+    # Through the model: every token's raw coordinates become min(z, 0) / −|z|.
+    plain, mask = capture_inputs(tiny_lm, PROMPTS, None)
     z0 = plain[layer][mask].double() @ q.T
-    z1 = steered[layer][mask].double() @ q.T
     assert (z0 > 0).any() and (z0 < 0).any()
-    torch.testing.assert_close(z1, z0.clamp_max(0), atol=1e-4, rtol=1e-4)
+    for row, expect in ((zero, z0.clamp_max(0)), (negate, -z0.abs())):
+        steered, _ = capture_inputs(tiny_lm, PROMPTS, row)
+        torch.testing.assert_close(steered[layer][mask].double() @ q.T, expect, atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_k_truncation(tiny_lm, tiny_pack):
@@ -225,12 +269,13 @@ def test_k_truncation(tiny_lm, tiny_pack):
     same = build_row(SteeringSpec("inlp_flip", 1.0, k=k_max), tiny_pack)
     torch.testing.assert_close(same.edits[(layer, "input")].q, full.edits[(layer, "input")].q)
 
-    # k = 1 flips the leading coordinate only; k = max flips them all.
+    # k = 1 flips the leading coordinate only; k = max flips them all (around the boundary).
     out1 = edit_vector(one, (layer, "input"), mu_h)
     outk = edit_vector(full, (layer, "input"), mu_h)
-    torch.testing.assert_close(q[0] @ out1, -(q[0] @ mu_h).abs(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q[0] @ out1 - b[0], -(q[0] @ mu_h - b[0]).abs(), atol=1e-5,
+                               rtol=1e-5)
     torch.testing.assert_close(q[1:] @ out1, q[1:] @ mu_h, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(q @ outk, -(q @ mu_h).abs(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q @ outk - b, -(q @ mu_h - b).abs(), atol=1e-5, rtol=1e-5)
 
     # ... and through the model the two give different next-token logits.
     enc = encode_chats(tiny_lm, PROMPTS)
@@ -242,7 +287,8 @@ def test_k_truncation(tiny_lm, tiny_pack):
     assert not torch.allclose(l1, lk, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["inlp_null", "inlp_flip"])
+@pytest.mark.parametrize("method", ["inlp_null", "inlp_flip", "inlp_zero_positive",
+                                    "inlp_negate_positive"])
 def test_k_out_of_range_is_refused(tiny_pack, method):
     k_max = tiny_pack.max_k()
     for k in (0, -1, k_max + 1, 1000):

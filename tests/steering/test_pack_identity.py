@@ -43,7 +43,7 @@ def test_version_1_packs_load_with_every_operation(saved, tiny_lm, tiny_pack):
     pack = load_pack(saved[0], model=tiny_lm.model)
     assert pack.meta["format_version"] == 1
     assert set(pack.methods) == {"actadd", "ablate", "ace", "inlp_null", "inlp_flip",
-                                 "inlp_reflect"}
+                                 "inlp_reflect", "inlp_zero_positive", "inlp_negate_positive"}
 
 
 @pytest.mark.parametrize("change, match", [

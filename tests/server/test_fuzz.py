@@ -2,7 +2,7 @@
 
 Every operation gets `EXAMPLES` generated cases (fixed seed, derandomized: the same cases on every
 run; at least 500 in all), positive and negative. Checked: no 5xx, and every response matches the
-schema (status codes and bodies). Auth is off here: tests/test_security.py covers the keys.
+schema (status codes and bodies). Auth is off here: tests/server/test_security.py covers the keys.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from server.app import create_app
 from server.settings import Settings
 from testkit.live import serve_in_thread
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 
 
