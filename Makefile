@@ -20,6 +20,7 @@ serve: $(STAMP)
 # (marked `real`: real server processes, the embedded model) run after it, one at a time.
 test: $(STAMP)
 	sh scripts/ensure-browser.sh
+	sh scripts/ensure-litellm.sh
 	$(VENV)/bin/python -m pytest -q -n auto -m "not real"
 	$(VENV)/bin/python -m pytest -q -m real
 

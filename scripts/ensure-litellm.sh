@@ -1,11 +1,11 @@
 #!/bin/sh
 # Make sure the LiteLLM proxy is installed, pinned, in its own virtualenv (.venv-litellm) for the
-# gateway test (tests/test_gateway_real.py): LiteLLM pins many packages of its own, so it never
+# gateway test (tests/real/test_gateway_real.py): LiteLLM pins many packages of its own, so it never
 # goes into the project's .venv. Idempotent: does nothing when the pinned version is there.
 # Offline or without a Python 3.11+ it says why and continues; the gateway test then skips.
 #
 # The version is the one docker/docker-compose.yml and deploy/base/gateway.yaml run
-# (tests/test_deploy.py keeps the three equal). Never 1.82.7 or 1.82.8: those two releases
+# (tests/deploy/test_deploy.py keeps the three equal). Never 1.82.7 or 1.82.8: those two releases
 # carried a credential stealer (March 2026) and were withdrawn.
 set -u
 LITELLM_VERSION=${LITELLM_VERSION:-1.82.3}

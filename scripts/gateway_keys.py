@@ -2,7 +2,7 @@
 
     python scripts/gateway_keys.py docker/.secrets          # compose: env files it reads
     python scripts/gateway_keys.py my-overlay/secrets       # Kubernetes: for a secretGenerator
-    python scripts/gateway_keys.py --placeholder DIR        # the placeholders deploy/base ships
+    python scripts/gateway_keys.py --secret-yaml deploy/base/secret.yaml   # the placeholders
 
 Reads the gateway's routes (`docker/litellm.yaml`: each model name and the variable its
 `api_key` comes from) and the presets they select (built-in + `docker/presets.yaml`), and writes
@@ -137,12 +137,60 @@ def write(folder: Path, files: dict[str, dict[str, str]]) -> None:
             f.writelines(f"{k}={v}\n" for k, v in values.items())
 
 
+SECRET_HEADER = """\
+# Keys. PLACEHOLDERS ("sk-change-me-…"), consistent with each other so the layout can be checked,
+# and refused by the gateway at start (docker/gateway_auth.py): nothing runs until you replace
+# them. Written by `python scripts/gateway_keys.py --secret-yaml deploy/base/secret.yaml`
+# (tests/deploy/test_deploy.py checks it is current). In your overlay, generate real ones and
+# replace both Secrets from the git-ignored env files:
+#
+#   python scripts/gateway_keys.py my-overlay/secrets
+#   # kustomization.yaml of my-overlay:
+#   secretGenerator:
+#     - {name: steering-api-keys, behavior: replace, envs: [secrets/gateway.env]}
+#     - {name: steering-server-keys, behavior: replace, envs: [secrets/server.env]}
+#
+# or let your secret store (External Secrets, Sealed Secrets, Vault) create them. See
+# docs/deploy.md, "Keys".
+"""
+SECRETS = (
+    ("steering-api-keys", "gateway.env",
+     "the gateway's (LiteLLM) master key, each route's server key (GATEWAY_ROUTE_KEY_<PRESET>,\n"
+     "# sent to the server as that route's Bearer key) and the client keys' SHA-256 with the routes\n"
+     "# each may call (GATEWAY_CLIENT_KEYS, read by gateway_auth.py)."),
+    ("steering-server-keys", "server.env",
+     "the server's keys file (STEER_KEYS): one key per gateway route, SHA-256 only,\n"
+     "# each allowed its route's preset; only the refusal-lowering routes have lower_refusal."),
+)
+
+
+def placeholder_secret_yaml() -> str:
+    """deploy/base/secret.yaml: the two Secrets, with placeholder keys."""
+    files = generate(placeholder=True)
+    parts = []
+    for name, source, about in SECRETS:
+        data = "".join(f"  {k}: '{v}'\n" for k, v in files[source].items())
+        parts.append(f"# {name}: {about}\napiVersion: v1\nkind: Secret\nmetadata:\n"
+                     f"  name: {name}\n  labels:\n    app.kubernetes.io/part-of: steering\n"
+                     f"type: Opaque\nstringData:\n{data}")
+    return SECRET_HEADER + "---\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="folder for server.env, gateway.env, clients.env")
+    parser.add_argument("out", type=Path, nargs="?",
+                        help="folder for server.env, gateway.env, clients.env")
     parser.add_argument("--placeholder", action="store_true",
                         help="deterministic 'sk-change-me-…' keys (the gateway refuses them)")
+    parser.add_argument("--secret-yaml", type=Path, help="write the placeholder Secrets "
+                        "(deploy/base/secret.yaml) here instead")
     args = parser.parse_args(argv)
+    if args.secret_yaml:
+        args.secret_yaml.write_text(placeholder_secret_yaml())
+        print(f"wrote {args.secret_yaml}")
+        return
+    if args.out is None:
+        parser.error("name the output folder")
     write(args.out, generate(args.placeholder))
     print(f"wrote {args.out}/server.env, gateway.env, clients.env (keep them out of git)")
 

@@ -858,8 +858,11 @@ def test_each_route_has_its_own_server_key_and_only_lowering_routes_the_grant():
     assert {"no-refusal", "ablate", "inlp-null", "ace-comply"} <= lowering
     assert not lowering & {None, "more-refusal", "ace-refuse"}
     files = gen.generate(placeholder=True)
-    secrets = {d["metadata"]["name"]: d["stringData"]
-               for d in yaml.safe_load_all((DEPLOY / "base" / "secret.yaml").read_text())}
+    shipped = (DEPLOY / "base" / "secret.yaml").read_text()
+    assert shipped == gen.placeholder_secret_yaml(), \
+        "deploy/base/secret.yaml is stale: python scripts/gateway_keys.py --secret-yaml " \
+        "deploy/base/secret.yaml"
+    secrets = {d["metadata"]["name"]: d["stringData"] for d in yaml.safe_load_all(shipped)}
     assert secrets["steering-api-keys"] == files["gateway.env"]
     assert secrets["steering-server-keys"] == files["server.env"]
     store = parse_keys(yaml.safe_load(files["server.env"]["STEER_KEYS"]))
