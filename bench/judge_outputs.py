@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pack", default=None, help="pack path (default: the model's cached)")
+    parser.add_argument("--shard", default="0/1",
+                        help="i/n: generate only every n-th output from the i-th (parallel runs; "
+                             "ids stay global)")
     args = parser.parse_args(argv)
 
     import torch
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 items.append({"source": source, "prompt_index": i, "prompt": p,
                               "setting": label, "applied": row.applied(), "half": half(p)})
                 rows.append(row)
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
+    shard, shards = map(int, args.shard.split("/"))
+    mine = [i for i in range(len(items)) if i % shards == shard]
+    order = sorted(mine, key=lambda i: len(items[i]["prompt"]))
     texts = generate(lm, [items[i]["prompt"] for i in order], [rows[i] for i in order],
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                      desc="outputs")
@@ -88,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         "pack_layer": pack.layer, "max_new_tokens": args.max_new_tokens,
         "seconds": round(time.perf_counter() - t0, 1)}
     with open(args.out, "w") as f:
-        for n, item in enumerate(items):
-            f.write(json.dumps({"id": n, **item, "generation": meta}) + "\n")
-    print(json.dumps({"outputs": len(items), **meta}))
+        for n in sorted(mine):
+            f.write(json.dumps({"id": n, **items[n], "generation": meta}) + "\n")
+    print(json.dumps({"outputs": len(mine), **meta}))
     return 0
 
 

@@ -187,7 +187,7 @@ def _library_verbs(sub) -> None:
     _model_args(p)
     _eval_args(p)
     p.add_argument("--ks", type=_csv(int), default=None,
-                   help="INLP leading-k sweep (default 1,2,3; the pack's maximum is added)")
+                   help="INLP leading-k sweep (default 1,2,3,4; the pack's maximum is added)")
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
