@@ -108,7 +108,7 @@ def test_image_config(podman_env, image):
                                     pod["securityContext"]["runAsGroup"])
     assert config["Entrypoint"] == ["steer", "serve"]
     container, _ = _deployment()
-    health = " ".join(info.get("HealthCheck", config.get("Healthcheck", {})).get("Test", []))
+    health = " ".join((info.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test", []))
     assert container["livenessProbe"]["httpGet"]["path"] in health
 
 
