@@ -29,7 +29,7 @@ from server.api.playground import router as playground_router
 from server.api.presets import load_presets
 from server.api.resolve import resolve_steering
 from server.api.routes import router
-from server.engine import Engine
+from server.engine.select import build as build_engine
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
@@ -75,8 +75,7 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
 
 async def start_engine(state: ServerState) -> None:
     s = state.settings
-    engine = Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
-                    request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache)
+    engine = build_engine(state)  # native or vLLM (server/engine/select.py)
     await engine.start()
     if state.lm.device.type == "cpu":
         yield_cores_to_the_engine(s.event_loop_nice)

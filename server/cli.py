@@ -220,6 +220,11 @@ def _server_verbs(sub) -> None:
                    help="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, fp16, int8, int4 "
                         "(default: $STEER_PRECISION or auto)")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--engine", default=None, choices=("auto", "native", "vllm"),
+                   help="auto (vLLM on CUDA where installed), native, vllm "
+                        "(default: $STEER_ENGINE or auto)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="vLLM engine: GPUs per model")
     p.set_defaults(handler="server.cli:cmd_serve")
 
     p = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
@@ -284,7 +289,7 @@ def cmd_serve(args) -> int:
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in {"model", "pack", "host", "port", "presets", "device", "dtype",
-                          "precision"}
+                          "precision", "engine", "tensor_parallel_size"}
                  and v is not None}
     serve(**overrides)
     return 0
