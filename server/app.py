@@ -28,7 +28,7 @@ from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
 from server.api.routes import router
 from server.api.validation import resolve_steering
-from server.engine import Engine
+from server.engine import build_engine
 from server.errors import APIError
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
@@ -78,9 +78,7 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
 
 async def start_engine(state: ServerState) -> None:
     s = state.settings
-    engine = Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
-                    request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache,
-                    max_queue_per_tenant=s.max_queue_per_key or max(1, s.max_queue // 2))
+    engine = build_engine(state)  # native or vLLM (server/engine/select.py)
     await engine.start()
     if state.lm.device.type == "cpu":
         yield_cores_to_the_engine(s.event_loop_nice)

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
                                                         "logprobs (text completions)")
 
     # Engine.
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto", description="auto (vLLM where it is installed and a CUDA device is present), "
+                            "native, vllm (server/engine/select.py, docs/engine.md)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs per model")
+    vllm_enforce_eager: bool = Field(False, description="vLLM engine: no torch.compile / CUDA "
+                                                        "graphs (faster start)")
     max_batch: int = Field(16, ge=1, description="generations decoded together")
     max_queue: int = Field(64, ge=1, description="generations waiting for a batch slot (429 "
                                                  "beyond)")
