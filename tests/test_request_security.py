@@ -50,7 +50,9 @@ def test_metric_labels_come_from_a_fixed_set(tiny_lm, tiny_pack):
             == 200
         text = c.get("/metrics").text
     methods = _label_values(text, "steer_http_requests_total", "http_method")
-    assert OTHER in methods and methods <= HTTP_METHODS | {OTHER}, methods
+    # The front door (server/security/frontdoor.py) answers a method outside its allow-list 405
+    # before the access log and the metrics see it; whatever is counted is from the fixed set.
+    assert methods and methods <= HTTP_METHODS | {OTHER}, methods
     endpoints = _label_values(text, "steer_http_requests_total", "endpoint")
     assert all(not e.startswith("/v1/chat/completions/") for e in endpoints), endpoints
     series = [line for line in text.splitlines()

@@ -65,22 +65,22 @@ def _require_pack_admin(request: Request) -> None:
         raise APIError(403, "loading and unloading packs needs API keys: configure a key with "
                             "'pack_admin: true' (this server has none, so its packs are the "
                             "ones it started with)", type="permission_error",
-                       code="pack_admin_needs_keys")
+                       code=ErrorCode.PACK_ADMIN_NEEDS_KEYS)
     key = request_context(request).api_key
     if key is None:  # fail closed: keys are configured, yet the caller's key is not where we look
         raise APIError(403, "the caller's API key could not be determined",
-                       type="permission_error", code="not_pack_admin")
+                       type="permission_error", code=ErrorCode.NOT_PACK_ADMIN)
     if not (key.pack_admin and key.policy.lower_refusal):
         raise APIError(403, f"key {key.id!r} may not load or unload packs (needs "
                             "'pack_admin: true' and 'lower_refusal: true' in the keys file)",
-                       type="permission_error", code="not_pack_admin")
+                       type="permission_error", code=ErrorCode.NOT_PACK_ADMIN)
 
 
 def _refuse_pinned(state: ServerState, name: str, what: str) -> None:
     if name in state.pinned_packs:
         raise APIError(409, f"pack {name!r} was loaded at start and cannot be {what} while "
                             "serving (upload under another name, or restart with the new pack)",
-                       param="name", code="pack_pinned")
+                       param="name", code=ErrorCode.PACK_PINNED)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -99,14 +99,14 @@ async def _parse_upload(request: Request, limit: int) -> PackUpload:
     data = await asyncio.to_thread(check_json, raw)  # NaN, depth, odd unicode: 400 naming it
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object with name, safetensors and sidecar",
-                          None, "invalid_json")
+                          None, ErrorCode.INVALID_JSON)
     try:
         return PackUpload.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param,
-                          "invalid_request") from None
+                          ErrorCode.INVALID_REQUEST) from None
 
 
 @router.post(PACK_UPLOAD_PATH, status_code=201,
@@ -139,7 +139,7 @@ async def upload_pack(request: Request):
         about_tensors = any(w in str(exc) for w in ("tensor", "pickle", "INLP", "direction",
                                                     "mean"))
         raise bad_request(f"pack refused: {exc}", "safetensors" if about_tensors else "sidecar",
-                          "invalid_pack") from None
+                          ErrorCode.INVALID_PACK) from None
     _refuse_pinned(state, pack.name, "replaced")  # state may have changed meanwhile
     replaced = install_pack(state, pack)
     pack_event(request, "pack_uploaded", pack=pack.name, concept=pack.concept,
@@ -161,7 +161,7 @@ async def delete_pack(name: str, request: Request):
         if name not in state.packs:
             known = ", ".join(sorted(state.packs)) or "none loaded"
             raise not_found(f"unknown steering pack {name[:80]!r}; loaded packs: {known}",
-                            "name", "pack_not_found")
+                            "name", ErrorCode.PACK_NOT_FOUND)
         _refuse_pinned(state, name, "deleted")
     except APIError as exc:  # a refused deletion is audited too (not only POSTs are)
         if exc.status not in (401, 403):  # those the audit middleware writes itself

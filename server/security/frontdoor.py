@@ -25,7 +25,7 @@ import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 
 REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
                    b"connection: close\r\ncontent-length: %d\r\n\r\n")
@@ -33,7 +33,7 @@ REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/j
 
 def _timeout_body() -> bytes:
     body = APIError(408, "the request head (request line and headers) did not arrive in time",
-                    code="request_timeout").body()
+                    code=ErrorCode.REQUEST_TIMEOUT).body()
     return json.dumps(body).encode()
 
 
@@ -130,10 +130,10 @@ class FrontDoorMiddleware:
             err = None
             if scope["method"] not in self.methods:
                 err = APIError(405, f"HTTP method not allowed here (allowed: {self.allow})",
-                               code="method_not_allowed", headers={"Allow": self.allow})
+                               code=ErrorCode.METHOD_NOT_ALLOWED, headers={"Allow": self.allow})
             elif head_bytes(scope) > self.max_head_bytes:
                 err = APIError(431, f"the request head exceeds {self.max_head_bytes} bytes",
-                               code="request_head_too_large")
+                               code=ErrorCode.REQUEST_HEAD_TOO_LARGE)
             if err is not None:
                 await err.response()(scope, receive, send)
                 return

@@ -195,7 +195,7 @@ def declared_length(scope: Scope) -> int:
 
 
 def too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+    return APIError(413, f"the request body exceeds {limit} bytes", code=ErrorCode.REQUEST_TOO_LARGE)
 
 
 class BodyLimitMiddleware:
