@@ -30,4 +30,4 @@ lint: $(STAMP)
 
 image-test: $(STAMP)
 	sh docker/build-image.sh cpu
-	$(VENV)/bin/python -m pytest -q -m container tests/test_container.py
+	$(VENV)/bin/python -m pytest -q -m container tests/deploy/test_container.py

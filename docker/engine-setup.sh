@@ -1,6 +1,6 @@
 #!/bin/sh
 # Make sure podman (with buildah, mmdebstrap and podman-compose) is installed and usable here,
-# for docker/build-image.sh, tests/test_container.py and `make image-test`. Idempotent.
+# for docker/build-image.sh, tests/deploy/test_container.py and `make image-test`. Idempotent.
 #
 #   eval "$(sh docker/engine-setup.sh)"     # may print: export CONTAINERS_CONF=...
 #

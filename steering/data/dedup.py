@@ -18,7 +18,7 @@ nearly the same words. Two stages find them:
 
 `test_overlap.json` records every screened pair with its scores and the decision, and the rows
 removed (their index in the file as published, their text and the test prompt they match).
-`tests/test_data_hygiene.py` re-runs the screen on the shipped files: a new screened pair without
+`tests/steering/test_data_hygiene.py` re-runs the screen on the shipped files: a new screened pair without
 a recorded decision, or a removed row that is back, fails it.
 
     python -m steering.data.dedup            # print the screen for the shipped files

@@ -2,7 +2,7 @@
 what it leaves to the preparation child. From a full cache it loads only; with the pack missing
 it asks the child (and never extracts in this process); if the child could not make the pack the
 start fails instead of extracting here. The memory itself is measured on the real server
-(tests/test_memory_real.py)."""
+(tests/real/test_memory_real.py)."""
 
 from __future__ import annotations
 

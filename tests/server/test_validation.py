@@ -17,7 +17,7 @@ from server.cli import build_parser
 from server.errors import ErrorCode
 from server.settings import Settings, cli_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 RAISERS = {"APIError", "bad_request", "not_found", "api_error", "unsupported"}

@@ -33,7 +33,7 @@ from testkit.server import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.real]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "base"
 START_TIMEOUT_S = 900      # waits, not assertions: a cold, busy 2-core machine is slow
 REQUEST_TIMEOUT_S = 900

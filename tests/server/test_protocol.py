@@ -15,7 +15,7 @@ from server.api.protocol.base import LOGGED_CHARS, LOGGED_NAMES
 from server.app import create_app
 from server.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Hi there."}]
 
