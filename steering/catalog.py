@@ -175,29 +175,36 @@ CALIBRATED = "calibrated"
 
 # Built-in server presets (`<served-name>+<preset>`); `strength: "calibrated"` takes the pack's
 # calibrated strength for the method (steering.extraction.extract), 1 where the pack records none.
-# Each description states what the preset does and the validation measurement behind it (the
-# embedded model's pack; docs/report/judge.md for the three-way rates: refuses / complies /
-# other). `no-refusal` is ablation: of the suppression methods it is the one that answers
-# harmful requests most often instead of deflecting (the INLP edits remove refusal phrases but
-# mostly deflect or confabulate), so it is what the name promises.
+# Each description states what the preset does and the validation measurement behind it: outputs
+# of the embedded model (int8, 64 greedy tokens) on harmful_val (37 prompts) and
+# harmless_val[400:424] (24), read by hand as refuses / complies / other
+# (steering/data/judge_labelled.jsonl; docs/report/judge.md). `no-refusal` is ablation: of the
+# suppression methods read, it answers harmful requests most often (complies 24/37; inlp_flip
+# 12/37, inlp_null 16/37, ace s=0 21/37, and the raw-origin inlp_negate_positive k=2, the
+# preset's setting until 2026-12-06, 14/37 with 23/37 deflecting), so it does what its name says.
 BUILTIN_PRESETS: dict[str, dict] = {
     "no-refusal": {"method": "ablate", "strength": 1.0,
                    "description": "less refusal: directional ablation of the DiM direction at "
-                                  "every layer (Arditi et al. 2024); the same setting as "
-                                  "`ablate`. Embedded model, harmful_val: refusal 10% of 20 "
-                                  "(5 tokens); KL 0.15 on harmless first tokens"},
+                                  "every layer (Arditi et al. 2024), the same setting as "
+                                  "`ablate`. Embedded model, validation prompts read by hand: "
+                                  "harmful requests answered 24/37 (unsteered 10/37), refused "
+                                  "2/37 (unsteered 19/37); harmless ones answered 23/24 "
+                                  "(unsteered 20/24)"},
     "ablate": {"method": "ablate", "strength": 1.0,
                "description": "less refusal: directional ablation of the DiM direction at "
-                              "every layer (Arditi et al. 2024). Embedded model, harmful_val: "
-                              "refusal 10% of 20 (5 tokens); KL 0.15 on harmless first tokens"},
+                              "every layer (Arditi et al. 2024). Embedded model, validation "
+                              "prompts read by hand: harmful requests answered 24/37, refused "
+                              "2/37, deflected 11/37; harmless ones answered 23/24"},
     "more-refusal": {"method": "actadd", "strength": CALIBRATED,
                      "description": "more refusal: activation addition of the DiM vector at the "
-                                    "pack's calibrated strength (embedded model: 1.5, refusing "
-                                    "14 of 16 harmless_val prompts, 5 tokens)"},
+                                    "pack's calibrated strength (embedded model: 1.5; harmless "
+                                    "validation prompts refused 20/24, read by hand; unsteered "
+                                    "4/24)"},
     "ace-refuse": {"method": "ace", "strength": CALIBRATED,
                    "description": "more refusal: affine concept editing at the pack's "
                                   "calibrated strength (Marshall et al. 2024; embedded model: "
-                                  "1.5, refusing 14 of 16 harmless_val prompts, 5 tokens)"},
+                                  "1.5; harmless validation prompts refused 20/24, read by "
+                                  "hand; unsteered 4/24)"},
 }
 
 # The fields every steering object takes besides the method's own (documented by the server's

@@ -290,15 +290,18 @@ def labelled_set() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def measure_judges(lm: LoadedModel, rows: Sequence[dict] | None = None,
-                   batch_size: int = 8) -> dict:
+ALL_FEATURES = tuple(sorted({n for j in JUDGES.values() for n in j.needs}))
+
+
+def measure_judges(lm: LoadedModel | None, rows: Sequence[dict] | None = None,
+                   batch_size: int = 8, feats: Features | None = None) -> dict:
     """Fit every candidate on the dev half, score it on both halves; the default is the one with
-    the highest mean per-label κ on the test half."""
+    the highest mean per-label κ on the test half. `feats`: precomputed for `rows`."""
     rows = list(rows) if rows is not None else labelled_set()
     prompts, answers = [r["prompt"] for r in rows], [r["output"] for r in rows]
     gold = [r["label"] for r in rows]
-    need = sorted({n for j in JUDGES.values() for n in j.needs})
-    feats = features(lm, prompts, answers, need, batch_size)
+    if feats is None:
+        feats = features(lm, prompts, answers, ALL_FEATURES, batch_size)
     halves = {h: [i for i, r in enumerate(rows) if r["half"] == h] for h in ("dev", "test")}
 
     def part(f: Features, idx: list[int]) -> Features:
@@ -328,7 +331,8 @@ def measure_judges(lm: LoadedModel, rows: Sequence[dict] | None = None,
             "gold_counts": {c: gold.count(c) for c in LABELS}, "results": results,
             "default": {"judge": best["judge"], "params": best["params"]},
             "hand_labels_by_setting": by_setting, "rubric": RUBRIC,
-            "model": {"name": lm.name, "precision": getattr(lm, "precision", None)}}
+            "model": {"name": lm.name if lm else None,
+                      "precision": getattr(lm, "precision", None)}}
 
 
 def judge_markdown(m: dict) -> str:
@@ -390,10 +394,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--params", default="steering/data/judge_params.json",
                         help="where the chosen judge and its parameters are written")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="only compute the features of every N-th labelled row from the I-th "
+                             "and write them to --features (parallel runs)")
+    parser.add_argument("--features", nargs="*", default=None,
+                        help="feature files of shards (JSON): measure from them, no model")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    lm = load_model("embedded", "cpu", precision=args.precision)
-    m = measure_judges(lm)
+    rows = labelled_set()
+    if args.shard:
+        i, n = map(int, args.shard.split("/"))
+        mine = [r for r in rows if r["id"] % n == i]
+        lm = load_model("embedded", "cpu", precision=args.precision)
+        f = features(lm, [r["prompt"] for r in mine], [r["output"] for r in mine],
+                     ALL_FEATURES)
+        Path(args.features[0]).write_text(json.dumps({
+            "ids": [r["id"] for r in mine], "fluency": f.fluency, "relevance": f.relevance,
+            "rubric": f.rubric, "precision": args.precision, "model": lm.name}))
+        return 0
+    if args.features:
+        by_id = {}
+        for path in args.features:
+            d = json.loads(Path(path).read_text())
+            for j, rid in enumerate(d["ids"]):
+                by_id[rid] = (d["fluency"][j], d["relevance"][j], d["rubric"][j])
+        lm = None
+        feats = Features([is_refusal(r["output"]) for r in rows],
+                         [by_id[r["id"]][0] for r in rows], [by_id[r["id"]][1] for r in rows],
+                         [by_id[r["id"]][2] for r in rows])
+    else:
+        lm = load_model("embedded", "cpu", precision=args.precision)
+        feats = None
+    m = measure_judges(lm, rows, feats=feats)
+    m["model"]["precision"] = args.precision
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(judge_markdown(m))
