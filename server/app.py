@@ -214,7 +214,8 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys,
                        open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
-    app.add_middleware(AuditMiddleware, path=settings.audit_log)
+    app.add_middleware(AuditMiddleware, path=settings.audit_log,
+                       max_field_chars=settings.log_field_chars, salt=settings.audit_salt)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
                        max_field_chars=settings.log_field_chars)
     return app

@@ -339,6 +339,7 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
     if key is None:
+        audit.admission(request, notes)
         return Admission(state, None, tokens)
     limiter = _limiter(state)
     try:
@@ -351,7 +352,9 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code
+        audit.admission(request, notes, denied=exc)
         raise
+    audit.admission(request, notes)
     return Admission(state, key, tokens)
 
 
