@@ -316,3 +316,46 @@ def test_prompt_hash_is_salted(tiny_lm, tiny_pack, caplog):
     assert hashes[0] == hmac.new(b"pepper", prompt.encode(), hashlib.sha256).hexdigest()
     assert hashlib.sha256(prompt.encode()).hexdigest() not in hashes
     assert len(set(hashes)) == 3  # each process draws its own key when none is set
+
+
+# ---- 8: repetition cannot pass a strength limit --------------------------------------------------
+
+
+SUM_KEYS = {"keys": [
+    {"id": "maxed", "sha256": hash_key("k-maxed"), "max_strength": 2},
+    {"id": "bounded", "sha256": hash_key("k-bounded"), "strength": {"actadd": {"min": 0, "max": 2}}},
+    {"id": "wide", "sha256": hash_key("k-wide"), "methods": "*"},
+]}
+
+
+@pytest.mark.parametrize("key,steering,status,code", [
+    ("k-maxed", [{"method": "actadd", "strength": 2.0}] * 4, 403, "policy_max_strength"),
+    ("k-bounded", [{"method": "actadd", "strength": 1.5}] * 2, 403, "policy_strength"),
+    ("k-wide", [{"method": "actadd", "strength": 8.0}] * 8, 400, "strength_out_of_range"),
+    ("k-maxed", [{"method": "actadd", "strength": 2.0, "layers": [0]},
+                 {"method": "actadd", "strength": 2.0, "layers": [1]}], 200, None),
+    ("k-maxed", [{"method": "actadd", "strength": 2.0}, {"method": "ace", "strength": 2.0}],
+     200, None),
+])
+def test_a_steering_list_is_bounded_by_its_summed_strength(tiny_lm, tiny_pack, key, steering,
+                                                           status, code):
+    """`[actadd 2] × 4` from a key with `max_strength: 2` was `actadd 8`; `[actadd 8] × 8`
+    passed the server's range of ±8. Objects of one method at one layer now add up."""
+    with TestClient(_app(tiny_lm, tiny_pack, keys=SUM_KEYS),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", headers=_auth(key),
+                   json={"model": MODEL, "messages": HELLO, "max_tokens": 1,
+                         "steering": steering})
+    assert r.status_code == status, r.text
+    if code:
+        err = r.json()["error"]
+        assert err["code"] == code and "add up to" in err["message"], err
+
+
+def test_compare_variants_are_summed_too(tiny_lm, tiny_pack):
+    with TestClient(_app(tiny_lm, tiny_pack, keys=SUM_KEYS),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/steering/compare", headers=_auth("k-maxed"), json={
+            "model": MODEL, "prompt": "hi", "max_tokens": 1,
+            "variants": [{}, [{"method": "actadd", "strength": 2.0}] * 3]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "policy_max_strength"
