@@ -4,7 +4,8 @@ One step, as TGI's `validation.rs` is: every generating endpoint (chat and text 
 compare) hands its parsed body to `validate`, which checks it against the limits the settings
 declare (`server.settings`: each one a `STEER_*` variable and a `steer serve` flag, with one help
 text) and against the loaded model and packs, and produces what the rest of the path reads. Every
-refusal is a 4xx naming the field (`param`) with one `server.errors.ErrorCode`.
+refusal is a 4xx naming the field (`param`) with one `server.errors.ErrorCode`. (One file past
+400 lines on purpose: every request limit in one place, issue 26.)
 
 A request passes, in order:
 
