@@ -35,6 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from httpx_sse import aconnect_sse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.security.auth import hash_key  # noqa: E402
@@ -67,18 +68,16 @@ async def _once(client: httpx.AsyncClient, url: str, key: str, body: dict,
             return f"http_{r.status_code}", None
         return "ok", r.json()["choices"][0]["message"]["content"]
     parts: list[str] = []
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
-                             headers=headers) as r:
+    async with aconnect_sse(client, "POST", f"{url}/v1/chat/completions", json=body,
+                            headers=headers) as source:
+        r = source.response
         if r.status_code != 200:
             await r.aread()
             return f"http_{r.status_code}", None
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: "):]
-            if data == "[DONE]":
+        async for sse in source.aiter_sse():
+            if sse.data == "[DONE]":
                 return "ok", "".join(parts)
-            event = json.loads(data)
+            event = json.loads(sse.data)
             if "error" in event:
                 return "stream_error", None
             for choice in event.get("choices", []):

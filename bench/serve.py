@@ -1,5 +1,8 @@
 """Serving benchmark on the embedded model (issue 11). One run prints a table and one JSON line.
 
+(Why one ~420-line script: a benchmark that must be read and run as one file; its parts are the
+llama.cpp reference, the paired overhead rounds and the concurrency sweep.)
+
     .venv/bin/python bench/serve.py [--tokens 64] [--concurrency 1,4,8,16,32] [--precision auto]
 
 Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 import httpx
+from httpx_sse import aconnect_sse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -220,12 +224,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, steering: dict | list 
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    async with aconnect_sse(client, "POST", f"{url}/v1/chat/completions", json=body) as source:
+        source.response.raise_for_status()
+        async for sse in source.aiter_sse():
+            if sse.data == "[DONE]":
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(sse.data)
             if chunk.get("usage"):
                 usage = chunk["usage"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):

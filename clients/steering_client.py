@@ -1,5 +1,8 @@
 """A small typed client for the steering server: chat (plain and streamed), compare, models.
 
+(Why one ~440-line module: the blocking and the async client mirror each other method for
+method over shared request builders and result parsers; kept side by side so they cannot drift.)
+
     from clients import Steering, SteeringClient
 
     with SteeringClient("http://127.0.0.1:8000") as c:
@@ -17,7 +20,7 @@
 
 `AsyncSteeringClient` has the same methods as coroutines (`stream_chat` and `stream_compare` are
 async iterators).
-Only `httpx` is needed. A preset is chosen with `preset=` (the request's model becomes
+Only `httpx` and `httpx-sse` (which parses the event stream) are needed. A preset is chosen with `preset=` (the request's model becomes
 `<model>+<preset>`); a `Steering` object overrides the preset field by field, as on the server.
 Errors come back as `SteeringServerError` with the server's OpenAI-style `message`/`param`/`code`.
 """
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from steering.interventions.schema import ConditionObject, SteeringObject
 
@@ -217,14 +221,13 @@ def _compare_result(data: dict[str, Any]) -> CompareResult:
                          variants=variants, raw=data)
 
 
-def _sse_data(line: str) -> tuple[bool, dict[str, Any] | None]:
-    """(done, JSON payload) from one server-sent-event line; errors raise."""
-    if not line.startswith("data:"):
+def _sse_data(event: ServerSentEvent) -> tuple[bool, dict[str, Any] | None]:
+    """(done, JSON payload) of one server-sent event (parsed by httpx-sse); errors raise."""
+    if not event.data:
         return False, None
-    payload = line[5:].strip()
-    if payload == "[DONE]":
+    if event.data.strip() == "[DONE]":
         return True, None
-    data = json.loads(payload)
+    data = json.loads(event.data)
     if "error" in data:
         err = data["error"]
         raise SteeringServerError(500, err.get("message", "stream failed"), err.get("param"),
@@ -338,12 +341,13 @@ class SteeringClient:
 
     def _sse_events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST `body` and yield each server-sent event's JSON payload until [DONE]."""
-        with self._http.stream("POST", path, json=body) as r:
+        with connect_sse(self._http, "POST", path, json=body) as source:
+            r = source.response
             if r.status_code >= 400:
                 r.read()
                 _raise_for(r)
-            for line in r.iter_lines():
-                done, data = _sse_data(line)
+            for event in source.iter_sse():
+                done, data = _sse_data(event)
                 if done:
                     return
                 if data is not None:
@@ -425,12 +429,13 @@ class AsyncSteeringClient:
             yield _compare_event(data)
 
     async def _sse_events(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with self._http.stream("POST", path, json=body) as r:
+        async with aconnect_sse(self._http, "POST", path, json=body) as source:
+            r = source.response
             if r.status_code >= 400:
                 await r.aread()
                 _raise_for(r)
-            async for line in r.aiter_lines():
-                done, data = _sse_data(line)
+            async for event in source.aiter_sse():
+                done, data = _sse_data(event)
                 if done:
                     return
                 if data is not None:

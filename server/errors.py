@@ -72,9 +72,17 @@ class ErrorCode(StrEnum):
     RATE_LIMIT_CONCURRENT = "rate_limit_concurrent"
     # pack administration (server.api.pack_admin)
     NOT_ADMIN = "not_admin"
+    NOT_PACK_ADMIN = "not_pack_admin"
+    PACK_ADMIN_NEEDS_KEYS = "pack_admin_needs_keys"
+    PACK_PINNED = "pack_pinned"
+    INVALID_REQUEST = "invalid_request"
     PACK_EXISTS = "pack_exists"
     INVALID_BASE64 = "invalid_base64"
     INVALID_PACK = "invalid_pack"
+    # the front door (server.security.frontdoor)
+    REQUEST_TIMEOUT = "request_timeout"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_HEAD_TOO_LARGE = "request_head_too_large"
     # serving
     NOT_FOUND = "not_found"
     NOT_READY = "not_ready"

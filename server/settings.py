@@ -51,6 +51,20 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
 
+    # The front door (server/security/frontdoor.py): limits on connections, for `steer serve`.
+    header_timeout_s: float = Field(10.0, gt=0, description="a request line and headers not "
+                                    "complete this long after the connection (or the previous "
+                                    "response) get 408 and the connection is closed")
+    max_header_bytes: int = Field(16384, ge=1024, description="longest request head (400)")
+    max_connections: int | None = Field(256, ge=1, description="open connections beyond "
+                                        "which new requests get 503 (uvicorn limit_concurrency)")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed")
+    allowed_methods: str = Field("GET,HEAD,POST,DELETE", description="HTTP methods served; "
+                                 "others get 405 before anything else runs")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on "
+                                     "this port (same host) instead of the API port, where it "
+                                     "is then off")
+
     # Request limits (4xx beyond them).
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")
     default_max_tokens: int = Field(512, ge=1, description="chat max_tokens when none is given")
@@ -67,6 +81,12 @@ class Settings(BaseSettings):
                                                         "logprobs (text completions)")
 
     # Engine.
+    engine: Literal["auto", "native", "vllm"] = Field(
+        "auto", description="auto (vLLM where it is installed and a CUDA device is present), "
+                            "native, vllm (server/engine/select.py, docs/engine.md)")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs per model")
+    vllm_enforce_eager: bool = Field(False, description="vLLM engine: no torch.compile / CUDA "
+                                                        "graphs (faster start)")
     max_batch: int = Field(16, ge=1, description="generations decoded together")
     max_queue: int = Field(64, ge=1, description="generations waiting for a batch slot (429 "
                                                  "beyond)")
@@ -117,6 +137,8 @@ class Settings(BaseSettings):
                                                       "page (its calls to /v1/* need a key)")
     log_field_chars: int = Field(256, ge=16, le=65536, description="longest string an access "
                                  "or audit line carries per field (longer ones are cut)")
+    max_pack_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest pack upload "
+                                "body (POST /v1/steering/packs, read in chunks; 413 beyond)")
 
     # Extra packs (server/packs.py): bad ones are logged, skipped and listed as failed.
     packs_dir: str | None = Field(None, description="folder of NAME.safetensors + NAME.json "

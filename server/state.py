@@ -40,6 +40,7 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     token_text: Any = None  # api.tracker.TokenText: token strings for logprobs
     failed_packs: dict[str, str] = field(default_factory=dict)  # name → why it was refused
+    pinned_packs: frozenset[str] = frozenset()  # loaded at start: never replaced or deleted
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
     tokenizer_pool: ThreadPoolExecutor | None = None  # see `in_tokenizer_thread`
 

@@ -149,14 +149,20 @@ async def healthz(request: Request):
 
 @router.get("/readyz")
 async def readyz(request: Request):
+    from server.lifecycle import engine_alive  # local: lifecycle imports api.errors
+
     state = get_state(request)
-    if state.ready and not state.draining:
+    dead = state.engine is not None and not engine_alive(state.engine)
+    if state.ready and not state.draining and not dead:
         return {"status": "ready", "model": state.served_name,
                 "packs": sorted(state.packs)}
-    status = "failed" if state.load_error else "draining" if state.draining else "loading"
+    status = "failed" if state.load_error or dead else \
+        "draining" if state.draining else "loading"
     body = {"status": status}
     if state.load_error:  # the reason is in the server log, not in a public probe
         body["error"] = "the model failed to load; the server log has the details"
+    elif dead:  # nothing can be served: take this replica out of the rotation
+        body["error"] = "the engine thread stopped; the server log has the details"
     return JSONResponse(body, status_code=503,
                         headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
 

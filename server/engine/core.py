@@ -1,7 +1,13 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
+(Why one ~490-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
+whose steps all read and write that state on one thread; the pieces with a job of their own are
+apart: the interface types (`interface`), KV surgery (`kv`), the prefix cache (`prefix`),
+sampling, detokenization, attention, thread tuning.)
+
 One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
-(2) admits waiting requests in fair-queueing order across tenants (API keys; `_tag`) and advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
+(2) admits waiting requests in fair-queueing order across tenants (API keys; `_tag`) and
+advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
 (`prefill_chunk`) — several short prompts in one step, a long prompt never stalling the running
 ones for more than a chunk — and merges each into the batch when done,
 (3) runs one batched forward for every running request, each row with its own steering through
@@ -35,108 +41,32 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from server.engine.attention import use_row_exact_attention
 from server.engine.detok import Detokenizer
+from server.engine.interface import (  # noqa: F401 (the interface, re-exported)
+    EngineStopped,
+    GenerationRequest,
+    QueueFull,
+    SamplingParams,
+    TokenEvent,
+    _Handle,
+)
 from server.engine.kv import new_cache, select_row
 from server.engine.prefix import PrefixCache, prompt_edits_key
 from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.hooks import hooks_of
-from steering.interventions.methods import Steering
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The waiting queue is full; answer 429 with Retry-After."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and admits nothing new; answer 503."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 → greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
-    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
-    ignore_eos: bool = False  # keep going past EOS (benchmarks; vLLM's extension)
-    logprobs: bool = False
-    top_logprobs: int = 0
-    logprobs_tokens: int | None = None  # logprobs for the first N generated tokens only (None: all)
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    steering: Steering  # conditions are decided at prefill (then this is the decided steering)
-    request_id: str = ""
-    tenant: str | None = None  # who asked (an API key id): fair queueing between tenants
-
-
-@dataclass
-class TokenEvent:
-    """One step of one request. `text` is the new text this token adds (may be "" while a
-    multi-byte character or a possible stop string is pending). `finish_reason` is set on the
-    last event: "stop" (EOS or stop string), "length" (max_tokens or context), "cancelled",
-    "timeout" or "error" (then `error` holds the message)."""
-
-    token_id: int | None
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    queue_wait_s: float | None = None  # set on the first event of a request
-    steering: Steering | None = None  # first event: as applied (conditions decided)
-
-
-class _Handle:
-    """What `submit` returns: an async iterator of TokenEvents, and cancel()."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
-        self.request = request
-        self._engine = engine
-        self._loop = loop
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.cancelled = False
-        self.done = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._engine._wake()
-
-    def _push(self, event: TokenEvent) -> None:  # called from the engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        try:
-            while True:
-                event = await self._queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    self.done = True
-                    return
-        finally:
-            if not self.done:  # the consumer went away (client disconnected)
-                self.cancel()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.context import UNPARSED, request_context
 from server.errors import APIError, ErrorCode, bad_request
+from server.security.audit import route_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
 MAX_DEPTH = 64
@@ -182,26 +183,45 @@ def check_json(body: bytes) -> Any:
     return data
 
 
+def declared_length(scope: Scope) -> int:
+    """The request's Content-Length (0 when absent or not a number)."""
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return 0
+    return 0
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds {limit} bytes", code=ErrorCode.REQUEST_TOO_LARGE)
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    """`streamed`: routes (path → their own limit) that read their body themselves, in chunks
+    (the pack upload); only a declared length above that limit is refused here."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed = dict(streamed or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
             await self.app(scope, receive, send)
             return
-        too_big = APIError(413, f"the request body exceeds {self.max_bytes} bytes",
-                           code=ErrorCode.REQUEST_TOO_LARGE)
-        for k, v in scope.get("headers", []):
-            if k.lower() == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await too_big.response()(scope, receive, send)
-                    return
+        own = self.streamed.get(route_path(scope))
+        if own is not None:
+            if declared_length(scope) > own:
+                await too_large(own).response()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        too_big = too_large(self.max_bytes)
+        if declared_length(scope) > self.max_bytes:
+            await too_big.response()(scope, receive, send)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()

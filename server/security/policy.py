@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -43,8 +43,6 @@ from steering.catalog import REGISTRY
 from steering.interventions.schema import Applied, AppliedSteering
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
-FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
-          "tokens_per_minute", "max_concurrent", "lower_refusal", "strength")
 # The refusal-lowering methods and strengths come from each method's record
 # (steering.catalog: `lowers`, `raises`).
 LOWERING_METHODS = tuple(m.name for m in REGISTRY.values()
@@ -74,7 +72,7 @@ def effect(method: str) -> dict:
 
 
 class PolicyError(ValueError):
-    """A keys file whose policy cannot be used."""
+    """A keys file whose policy cannot be used (`server.security.keysfile` validates it)."""
 
 
 @dataclass(frozen=True)
@@ -95,70 +93,6 @@ class Policy:
             if m == method:
                 return lo, hi
         return None, None
-
-    @classmethod
-    def parse(cls, data: dict | None, base: Policy | None = None, where: str = "policy"
-              ) -> Policy:
-        base = base or cls()
-        if data is None:
-            return base
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: expected a mapping")
-        updates = {}
-        for name in FIELDS:
-            if name not in data:
-                continue
-            value = data[name]
-            if name == "lower_refusal":
-                if not isinstance(value, bool):
-                    raise PolicyError(f"{where}.lower_refusal: expected true or false")
-                updates[name] = value
-                continue
-            if name == "strength":
-                updates[name] = _parse_bounds(value, f"{where}.strength")
-                continue
-            if name in ("methods", "packs", "presets"):
-                if value is None or value == "*":
-                    updates[name] = None
-                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                    updates[name] = frozenset(value)
-                else:
-                    raise PolicyError(f"{where}.{name}: expected a list of names or '*'")
-            elif value is None:
-                updates[name] = None
-            else:
-                if isinstance(value, bool) or not isinstance(value, int | float) \
-                        or not math.isfinite(value) or value < 0:
-                    raise PolicyError(f"{where}.{name}: expected a non-negative number")
-                updates[name] = int(value) if name in ("max_k", "max_concurrent") \
-                    else float(value)
-        return replace(base, **updates)
-
-
-def _number(value, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PolicyError(f"{where}: expected a finite number")
-    return float(value)
-
-
-def _parse_bounds(value, where: str) -> tuple[tuple[str, float | None, float | None], ...]:
-    """`{method: {min, max}}` (either may be omitted) → ((method, lo, hi), …)."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise PolicyError(f"{where}: expected a mapping of method to {{min, max}}")
-    out = []
-    for method, b in sorted(value.items()):
-        if not isinstance(b, dict) or set(b) - {"min", "max"}:
-            raise PolicyError(f"{where}.{method}: expected {{min: number, max: number}}")
-        lo, hi = _number(b.get("min"), f"{where}.{method}.min"), \
-            _number(b.get("max"), f"{where}.{method}.max")
-        if lo is not None and hi is not None and lo > hi:
-            raise PolicyError(f"{where}.{method}: min exceeds max")
-        out.append((str(method), lo, hi))
-    return tuple(out)
 
 
 def _forbidden(key_id: str, rule: str, message: str) -> APIError:
