@@ -265,7 +265,8 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
                        streamed={PACK_UPLOAD_PATH: settings.max_pack_bytes})
     app.add_middleware(AuthMiddleware, enabled=keys.configured, keys=keys,
                        open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
-    app.add_middleware(AuditMiddleware, path=settings.audit_log)
+    app.add_middleware(AuditMiddleware, path=settings.audit_log,
+                       max_field_chars=settings.log_field_chars, salt=settings.audit_salt)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
                        max_field_chars=settings.log_field_chars)
     app.add_middleware(FrontDoorMiddleware, methods=allowed_methods(settings),

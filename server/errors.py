@@ -141,16 +141,21 @@ def unsupported(param: str, message: str | None = None) -> PydanticCustomError:
                      ErrorCode.UNSUPPORTED_PARAMETER)
 
 
+PARAM_PART_CHARS = 64  # a field name in `param` (a client's unknown key may be any length)
+
+
 def loc_param(loc: tuple) -> str | None:
     parts = [p for p in loc if p != "body"]
     if not parts:
         return None
     out = ""
-    for p in parts:
+    for p in parts[:16]:
         if isinstance(p, int):
             out += f"[{p}]"
         else:
-            out += ("." if out else "") + str(p)
+            name = str(p)
+            name = name if len(name) <= PARAM_PART_CHARS else name[:PARAM_PART_CHARS] + "…"
+            out += ("." if out else "") + name
     return out
 
 

@@ -126,14 +126,17 @@ class Settings(BaseSettings):
     keys: str | None = Field(None, description="the same document inline (JSON/YAML), e.g. "
                                                "from the environment")
     audit_log: str | None = Field(None, description="also append audit lines to this file")
+    audit_salt: str | None = Field(None, description="key of the audit lines' prompt hash "
+                                   "(HMAC-SHA256; default: random per process, so hashes "
+                                   "match only within one run)")
     docs: Literal["open", "key", "off"] = Field("open", description="/docs, /redoc and "
                                                 "/openapi.json: open, behind a key, or off")
     metrics: Literal["open", "key", "off"] = Field("open", description="/metrics: open, behind "
                                                    "a key, or off")
     playground: Literal["open", "key", "off"] = Field("open", description="the /playground "
                                                       "page (its calls to /v1/* need a key)")
-    log_field_chars: int = Field(256, ge=16, description="longest string a log line carries "
-                                                         "per field (longer ones are cut)")
+    log_field_chars: int = Field(256, ge=16, le=65536, description="longest string an access "
+                                 "or audit line carries per field (longer ones are cut)")
     max_pack_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest pack upload "
                                 "body (POST /v1/steering/packs, read in chunks; 413 beyond)")
 

@@ -4,7 +4,8 @@ One step, as TGI's `validation.rs` is: every generating endpoint (chat and text 
 compare) hands its parsed body to `validate`, which checks it against the limits the settings
 declare (`server.settings`: each one a `STEER_*` variable and a `steer serve` flag, with one help
 text) and against the loaded model and packs, and produces what the rest of the path reads. Every
-refusal is a 4xx naming the field (`param`) with one `server.errors.ErrorCode`.
+refusal is a 4xx naming the field (`param`) with one `server.errors.ErrorCode`. (One file past
+400 lines on purpose: every request limit in one place, issue 26.)
 
 A request passes, in order:
 
@@ -34,6 +35,7 @@ from server.api.protocol import (
 from server.api.resolve import Checked, Part, Resolved, merge, resolve_model
 from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.security.hardening import check_name
+from server.security.policy import summed
 from server.state import ServerState
 from steering.interventions.methods import SteeringError, check_spec
 from steering.interventions.schema import AppliedSteering
@@ -307,6 +309,12 @@ def check_steering(state: ServerState, model: str | None, body: SteeringValue | 
              for i, (params, calibrated) in enumerate(merged)]
     name = preset.name if preset else None
     objects = [AppliedSteering(**p.applied(), preset=name) for p in parts]
+    lo, hi = state.settings.strength_min, state.settings.strength_max
+    for layer, total in summed(objects):  # repeats must stay in the range one object has
+        if not lo <= total.strength <= hi:
+            raise bad_request(f"the steering list's {total.method} objects at layer {layer} add "
+                              f"up to strength {total.strength:g}; the sum must be between "
+                              f"{lo:g} and {hi:g}", "steering", ErrorCode.STRENGTH_OUT_OF_RANGE)
     return Checked(model_id, preset, parts, listed, objects if listed else objects[0])
 
 

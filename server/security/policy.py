@@ -137,6 +137,37 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "max_k", f"k {applied.k} exceeds {policy.max_k}")
 
 
+def summed(parts: Sequence[AppliedSteering]) -> list[tuple[int, AppliedSteering]]:
+    """A steering list's objects of one method that edit the same layer of the same pack, added
+    up: (layer, one object at the summed strength) wherever two or more meet. Repeating an
+    object must not reach a strength no single object may have (`[actadd 2] × 4` is `actadd 8`).
+    The sum is exact for actadd (additions) and an upper bound for ace and the projections
+    (repeats of those do not add up), and it ignores token windows (conservative)."""
+    sums: dict[tuple[str, str | None, int], list[AppliedSteering]] = {}
+    for a in parts:
+        if a.method != "none":
+            for layer in a.layers or []:
+                sums.setdefault((a.method, a.pack, layer), []).append(a)
+    return [(layer, AppliedSteering(method=method, pack=pack, layers=[layer],
+                                    strength=sum(a.strength for a in group),
+                                    k=max((a.k for a in group if a.k is not None), default=None),
+                                    preset=group[0].preset))
+            for (method, pack, layer), group in sums.items() if len(group) > 1]
+
+
+def check_list(key_id: str, policy: Policy, parts: Sequence[AppliedSteering]) -> None:
+    """`check` on every object of a steering list, then on what its repeats add up to."""
+    for part in parts:
+        check(key_id, policy, part)
+    for layer, total in summed(parts):
+        try:
+            check(key_id, policy, total)
+        except APIError as exc:
+            exc.message = (f"{exc.message} (the steering list's {total.method} objects at "
+                           f"layer {layer} add up to strength {total.strength:g})")
+            raise
+
+
 # ---- rate limits ----------------------------------------------------------------------------------
 
 
@@ -273,6 +304,7 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
     if key is None:
+        audit.admission(request, notes)
         return Admission(state, None, tokens)
     limiter = _limiter(state)
     try:
@@ -280,12 +312,13 @@ def enforce(state, request: Request, variants: Sequence[Applied],
             request_context(request).finalizers.append(lambda: limiter.release(key.id))
         limiter.take(key.id, key.policy, tokens)
         for a in variants:
-            for part in (a if isinstance(a, list) else [a]):
-                check(key.id, key.policy, part)
+            check_list(key.id, key.policy, a if isinstance(a, list) else [a])
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code
+        audit.admission(request, notes, denied=exc)
         raise
+    audit.admission(request, notes)
     return Admission(state, key, tokens)
 
 

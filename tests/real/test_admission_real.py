@@ -79,4 +79,6 @@ def test_the_layers_stall_is_refused_and_healthz_answers(tmp_path):
     assert any(first < at < last for at, _ in poller.answers)
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     denial = [x for x in lines if x.get("denied") == "policy_methods"]
-    assert len(denial) == 1 and denial[0]["key_id"] == "low" and denial[0]["status"] == 403
+    # written when the policy decided, and again once the 403 was sent
+    assert [x["event"] for x in denial] == ["admission", "steered_request"]
+    assert all(x["key_id"] == "low" and x["status"] == 403 for x in denial)

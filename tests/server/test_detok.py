@@ -76,3 +76,61 @@ def test_work_per_token_is_bounded(tiny_lm):
 @pytest.mark.real
 def test_stream_equals_full_decode_real(real_lm):
     _check_tokenizer(real_lm.tokenizer)
+
+
+# ---- issue 28 item 9: a bounded wait on incomplete UTF-8, linear stop strings -----------------------
+
+
+def _byte_token(tok, byte: int) -> int:
+    """The id of the byte-level BPE token for one raw byte (GPT-2's byte ↔ character table)."""
+    from server.api.tracker import _byte_decoder
+
+    char = {b: c for c, b in _byte_decoder().items()}[byte]
+    return tok.convert_tokens_to_ids(char)
+
+
+def test_stray_bytes_cost_linear_work(tiny_lm):
+    """4,000 tokens that are each a lone UTF-8 lead byte never form a character: each waits for
+    at most MAX_PENDING tokens, then goes out as U+FFFD (the full decode's text)."""
+    tok = Counting(tiny_lm.tokenizer)
+    ids = [_byte_token(tiny_lm.tokenizer, 0xF0)] * 4000
+    text, hit = _stream(tok, ids)
+    assert not hit and text == tiny_lm.tokenizer.decode(ids)
+    assert set(text) == {"\ufffd"}
+    assert tok.decoded < 32 * len(ids), tok.decoded  # was ~ n²/2
+
+
+def test_split_characters_still_wait(tiny_lm):
+    """A 4-byte character split into 4 one-byte tokens is sent whole, not as U+FFFD."""
+    tok = tiny_lm.tokenizer
+    ids = [_byte_token(tok, b) for b in "🐳".encode()] + tok("ok", add_special_tokens=False)[
+        "input_ids"]
+    d = Detokenizer(tok, [])
+    pieces = [d.add(t)[0] for t in ids] + [d.finish()]
+    assert "".join(pieces) == "🐳ok" and "\ufffd" not in "".join(pieces)
+
+
+def test_long_stop_strings_cost_linear_work(tiny_lm):
+    tok = tiny_lm.tokenizer
+    x = tok("x", add_special_tokens=False)["input_ids"]
+    ids = x * 6000
+    stops = ["x" * 3000 + "y", "xy", "x" * 500 + "z"]
+    d = Detokenizer(tok, stops)
+    out = [d.add(t)[0] for t in ids]
+    out.append(d.finish())
+    assert "".join(out) == "x" * 6000
+    assert d.stop_steps <= 2 * 6000 * len(stops), d.stop_steps  # was ~ len(stop)² per token
+
+
+@pytest.mark.parametrize("text,stops,expected", [
+    ("abcabd and more", ["abd"], "abc"),  # a false start, then the stop string
+    ("hello STOP world", ["STOP", "hello"], ""),  # the first to complete wins
+    ("aXbXc", ["Xc", "Xb"], "a"),
+    ("no stop here", ["zzz"], "no stop here"),
+    ("ends with ST", ["STOP"], "ends with ST"),  # held back, then sent at the end
+])
+def test_stop_strings_cut_where_the_first_completes(tiny_lm, text, stops, expected):
+    tok = tiny_lm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    got, hit = _stream(tok, ids, stop=stops)
+    assert got == expected and hit == (expected != text)

@@ -225,3 +225,139 @@ def test_one_key_cannot_fill_the_queue(tiny_lm):
     import asyncio
 
     asyncio.run(main())
+
+
+# ---- 7: audit lines bounded, written at admission and completion, salted prompt hash -----------
+
+
+def _audit(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "steer.audit"]
+
+
+def test_audit_lines_and_errors_are_bounded(tiny_lm, tiny_pack, caplog):
+    """The issue's `{"steering": {"AAAA…": 1}}` wrote a 900 KB audit line."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    with TestClient(_app(tiny_lm, tiny_pack, max_body_bytes=1 << 20),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", headers=_auth("k-basic"),
+                   json={"model": MODEL, "messages": HELLO, "steering": {"A" * 900_000: 1}})
+        assert r.status_code == 400 and len(r.content) < 4096, len(r.content)
+        r2 = c.post("/v1/chat/completions", headers=_auth("k-basic"), json={
+            "model": MODEL, "max_tokens": 1, "user": "u" * 100_000,
+            "messages": HELLO, "steering": [{"method": "actadd", "layers": [0, 1]}] * 8})
+        assert r2.status_code == 200, r2.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "steer.audit"]
+    assert len(lines) >= 3
+    assert max(len(line) for line in lines) < 16_384, max(len(line) for line in lines)
+
+
+def test_admission_line_is_written_before_the_response(tiny_lm, tiny_pack, monkeypatch, caplog):
+    """A request in flight already has its audit line (a crash now would not lose it); the
+    completion line follows once the response is sent."""
+    import asyncio
+    import logging
+    import threading
+
+    import httpx
+
+    from server.api import resolve
+
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    app = _app(tiny_lm, tiny_pack)
+    started, release = threading.Event(), threading.Event()
+    real = resolve.build_row
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(30)  # a guard against a hang only
+        return real(*args, **kwargs)
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            monkeypatch.setattr(resolve, "build_row", held)
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                         timeout=60, headers=_auth("k-basic")) as c:
+                task = asyncio.create_task(c.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": HELLO, "max_tokens": 1,
+                    "steering": {"method": "actadd"}}))
+                while not started.is_set():
+                    await asyncio.sleep(0.005)
+                during = [x["event"] for x in _audit(caplog)]
+                release.set()
+                r = await task
+                return during, r
+
+    during, r = asyncio.run(main())
+    assert r.status_code == 200, r.text
+    assert during == ["admission"]
+    lines = [x for x in _audit(caplog) if x["request_id"] == r.headers["x-request-id"]]
+    assert [x["event"] for x in lines] == ["admission", "steered_request"]
+    assert lines[0]["admitted"] is True and lines[0]["method"] == "actadd"
+    assert lines[1]["status"] == 200
+
+
+def test_prompt_hash_is_salted(tiny_lm, tiny_pack, caplog):
+    import hashlib
+    import hmac
+    import logging
+
+    caplog.set_level(logging.INFO, logger="steer.audit")
+    prompt = "1234"  # short: a plain SHA-256 would be found by trying every 4-digit string
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    hashes = []
+    for salt in ("pepper", None, None):
+        with TestClient(_app(tiny_lm, tiny_pack, audit_salt=salt)) as c:
+            r = c.post("/v1/chat/completions", headers=_auth("k-basic"), json=body)
+            assert r.status_code == 200
+        [line] = [x for x in _audit(caplog) if x["request_id"] == r.headers["x-request-id"]
+                  and x["event"] == "steered_request"]
+        hashes.append(line["prompt_hmac_sha256"])
+    assert hashes[0] == hmac.new(b"pepper", prompt.encode(), hashlib.sha256).hexdigest()
+    assert hashlib.sha256(prompt.encode()).hexdigest() not in hashes
+    assert len(set(hashes)) == 3  # each process draws its own key when none is set
+
+
+# ---- 8: repetition cannot pass a strength limit --------------------------------------------------
+
+
+SUM_KEYS = {"keys": [
+    {"id": "maxed", "sha256": hash_key("k-maxed"), "max_strength": 2},
+    {"id": "bounded", "sha256": hash_key("k-bounded"), "strength": {"actadd": {"min": 0, "max": 2}}},
+    {"id": "wide", "sha256": hash_key("k-wide"), "methods": "*"},
+]}
+
+
+@pytest.mark.parametrize("key,steering,status,code", [
+    ("k-maxed", [{"method": "actadd", "strength": 2.0}] * 4, 403, "policy_max_strength"),
+    ("k-bounded", [{"method": "actadd", "strength": 1.5}] * 2, 403, "policy_strength"),
+    ("k-wide", [{"method": "actadd", "strength": 8.0}] * 8, 400, "strength_out_of_range"),
+    ("k-maxed", [{"method": "actadd", "strength": 2.0, "layers": [0]},
+                 {"method": "actadd", "strength": 2.0, "layers": [1]}], 200, None),
+    ("k-maxed", [{"method": "actadd", "strength": 2.0}, {"method": "ace", "strength": 2.0}],
+     200, None),
+])
+def test_a_steering_list_is_bounded_by_its_summed_strength(tiny_lm, tiny_pack, key, steering,
+                                                           status, code):
+    """`[actadd 2] × 4` from a key with `max_strength: 2` was `actadd 8`; `[actadd 8] × 8`
+    passed the server's range of ±8. Objects of one method at one layer now add up."""
+    with TestClient(_app(tiny_lm, tiny_pack, keys=SUM_KEYS),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", headers=_auth(key),
+                   json={"model": MODEL, "messages": HELLO, "max_tokens": 1,
+                         "steering": steering})
+    assert r.status_code == status, r.text
+    if code:
+        err = r.json()["error"]
+        assert err["code"] == code and "add up to" in err["message"], err
+
+
+def test_compare_variants_are_summed_too(tiny_lm, tiny_pack):
+    with TestClient(_app(tiny_lm, tiny_pack, keys=SUM_KEYS),
+                    raise_server_exceptions=False) as c:
+        r = c.post("/v1/steering/compare", headers=_auth("k-maxed"), json={
+            "model": MODEL, "prompt": "hi", "max_tokens": 1,
+            "variants": [{}, [{"method": "actadd", "strength": 2.0}] * 3]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "policy_max_strength"

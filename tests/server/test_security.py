@@ -299,17 +299,18 @@ def test_audit_line_fields_and_no_prompt_text(client, caplog, audit_file):
     assert r.status_code == 200, r.text
     lines = [json.loads(rec.getMessage()) for rec in caplog.records
              if rec.name == "steer.audit"]
-    line = next(x for x in lines if x["client_request_id"] == "audit-test-1")
+    line = next(x for x in lines if x["client_request_id"] == "audit-test-1"
+                and x["event"] == "steered_request")
     assert line["request_id"] == r.headers["x-request-id"] != "audit-test-1"
     for field in ("time", "key_id", "endpoint", "method", "strength", "k", "pack", "preset",
                   "status", "prompt_tokens", "completion_tokens", "request_id",
-                  "prompt_sha256"):
+                  "prompt_hmac_sha256"):
         assert field in line, field
     assert line["key_id"] == "power" and line["endpoint"] == "/v1/chat/completions"
     assert (line["method"], line["k"], line["strength"], line["status"]) == \
         ("inlp_null", 2, 1.5, 200)
     assert line["prompt_tokens"] > 0 and line["completion_tokens"] > 0
-    assert len(line["prompt_sha256"]) == 64
+    assert len(line["prompt_hmac_sha256"]) == 64
     text = audit_file.read_text()
     assert r.headers["x-request-id"] in text
     for blob in (text, json.dumps(lines)):

@@ -218,9 +218,14 @@ def test_every_refused_request_is_audited(client, caplog, headers, body, status,
     r = client.post("/v1/chat/completions", json=body,
                     headers={**headers, "X-Request-ID": "client-chosen-7"})
     assert r.status_code == status, r.text
-    lines = [x for x in _audit(caplog) if x["request_id"] == r.headers["x-request-id"]]
+    mine = [x for x in _audit(caplog) if x["request_id"] == r.headers["x-request-id"]]
+    lines = [x for x in mine if x["event"] != "admission"]
     assert len(lines) == 1, lines
     line = lines[0]
+    # a request refused by the policy was admitted or not at once: its admission line says so
+    admissions = [x for x in mine if x["event"] == "admission"]
+    assert [(x["admitted"], x["denied"]) for x in admissions] == \
+        ([(False, code)] if code and code.startswith("policy") else [])
     assert line["client_request_id"] == "client-chosen-7"
     assert line["status"] == status and line["outcome"] == "denied"
     assert line["key_id"] == ("basic" if headers is AUTH else "anonymous")
