@@ -176,6 +176,17 @@ def _in_child(settings: Settings) -> None:
                            "the log above says why)")
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the server that started it dies, however it
+    dies (a SIGKILL included), so a stopped first start leaves no extraction running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / glibc: multiprocessing's atexit still ends it
+        pass
+
+
 def _prepare_caches(settings_fields: dict) -> None:
     """In the child: load the model (dequantizing / converting it into the cache), extract the
     refusal pack — at full precision when a quantized model serves it (the precision gate in
@@ -183,6 +194,7 @@ def _prepare_caches(settings_fields: dict) -> None:
     packs, into the cache. Then the process exits and its memory with it."""
     from steering.extraction.store import ensure_pack, pack_cached
 
+    _die_with_parent()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=settings_fields.get("log_level", "info").upper(),
                             format="%(asctime)s %(levelname)s %(name)s (prepare): %(message)s")

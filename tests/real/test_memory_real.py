@@ -22,7 +22,7 @@ MARGIN = 1.15  # first start ≤ 1.15 × the cached start (the leak was 3×)
 def start(env: dict, log) -> tuple[int, str]:
     proc = ServerProcess(env=env, log_path=str(log))
     try:
-        proc.wait_ready()
+        proc.wait_ready(timeout_s=3600)  # a bound on a hang: extraction on a loaded 2-core box
         return proc.rss_kb(), log.read_text(errors="replace")
     finally:
         proc.stop()
