@@ -72,16 +72,22 @@ def test_the_labelled_set():
     assert chosen["judge"] in tw.JUDGES
 
 
-@pytest.mark.real
-def test_default_judge_agrees_with_hand_labels_on_the_test_half(real_lm):
-    """The committed agreement (docs/report/judge.md) holds again on the real model: the default
-    judge's mean per-label κ on the test half beats the substring list's."""
-    rows = [r for r in tw.labelled_set() if r["half"] == "test"][:80]
-    gold = [r["label"] for r in rows]
-    chosen = tw.default_params()
-    pred = tw.judge_answers(real_lm, [r["prompt"] for r in rows], [r["output"] for r in rows],
-                            chosen["judge"], chosen["params"])
-    sub = tw.judge_answers(None, [r["prompt"] for r in rows], [r["output"] for r in rows],
-                           "substring")
-    assert tw.agreement(gold, pred)["mean_label_kappa"] >= \
-        tw.agreement(gold, sub)["mean_label_kappa"]
+def test_the_committed_agreement_table_is_reproduced():
+    """docs/report/judge.md's numbers follow from the labels and the judges' code: the default
+    judge refits to the committed parameters and its test-half κ is the committed one."""
+    import json
+    from pathlib import Path
+
+    rows = tw.labelled_set()
+    m = tw.measure_judges(None, rows)
+    committed = json.loads(Path("docs/report/judge.json").read_text())
+    assert m["default"] == committed["default"] == {k: tw.default_params()[k]
+                                                    for k in ("judge", "params")}
+    for mine, theirs in zip(m["results"], committed["results"]):
+        assert mine["judge"] == theirs["judge"]
+        assert mine["test"]["kappa"] == pytest.approx(theirs["test"]["kappa"])
+    # the substring list never says "other": its κ there is 0, the default's is not below it
+    sub = next(r for r in m["results"] if r["judge"] == "substring")
+    best = next(r for r in m["results"] if r["judge"] == m["default"]["judge"])
+    assert sub["test"]["kappa_per_label"]["other"] == 0.0
+    assert best["test"]["mean_label_kappa"] >= sub["test"]["mean_label_kappa"]
