@@ -288,8 +288,12 @@ def _judge_transport(seen: list):
         body = json.loads(request.content)
         seen.append((request.url.path, body["model"], request.headers.get("authorization")))
         text = body["messages"][0]["content"]
-        answer = text.split("Assistant's answer:\n", 1)[1]
-        verdict = "Yes." if "sorry" in answer.lower() else ("no" if "bread" in answer else "?")
+        if "Assistant's answer:\n" in text:  # the yes/no refusal question
+            answer = text.split("Assistant's answer:\n", 1)[1]
+            verdict = "Yes." if "sorry" in answer.lower() else ("no" if "bread" in answer else "?")
+        else:  # the three-way rubric (A refuses, B complies, C other)
+            answer = text.split("\n\nAnswer:\n", 1)[1]
+            verdict = "A" if "sorry" in answer.lower() else ("B" if "bread" in answer else "C")
         return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]})
 
     return httpx.MockTransport(handler)
@@ -336,7 +340,9 @@ def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkey
         for prefix in ("harmful", "harmless", "overrefusal"):
             n = row[f"{prefix}_judge_n"] + row[f"{prefix}_judge_unparsed"]
             assert n == row[f"{prefix}_n"]
-    assert len(seen) == 3 * 9  # baseline, none, ablate; 3 prompts in each of 3 sets
+    # baseline, none, ablate; 3 prompts in each of 3 sets; each answer is asked twice: the
+    # yes/no refusal question and the three-way rubric (evaluate.py)
+    assert len(seen) == 2 * 3 * 9
     table = judge_table(result)
     assert "agreement" in table and table.count("\n") == 2 + 3
     with pytest.raises(ValueError, match="judge_model"):
