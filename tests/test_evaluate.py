@@ -34,7 +34,7 @@ from steering.evaluation.geometry import (
 from steering.evaluation.refusal import is_refusal
 
 TINY = dict(n_harmful=3, n_harmless=3, n_overrefusal=3, completion_tokens=6, n_general=2,
-            general_tokens=24, max_new_tokens=6, batch_size=4)
+            general_tokens=24, max_new_tokens=6, batch_size=4, humaneval=1, humaneval_tokens=4)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
