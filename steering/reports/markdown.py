@@ -340,7 +340,7 @@ def markdown_to_html(md: str, images: dict[str, bytes], title: str) -> str:
     parser = MarkdownIt("commonmark", {"html": False}).enable("table")
     default_image = parser.renderer.rules.get("image")
 
-    def image(tokens, idx, options, env):
+    def image(self, tokens, idx, options, env):
         token = tokens[idx]
         data = images.get(token.attrGet("src") or "")
         if data:

@@ -34,7 +34,7 @@ from steering.evaluation.geometry import (
 from steering.evaluation.refusal import is_refusal
 
 TINY = dict(n_harmful=3, n_harmless=3, n_overrefusal=3, completion_tokens=6, n_general=2,
-            general_tokens=24, max_new_tokens=6, batch_size=4)
+            general_tokens=24, max_new_tokens=6, batch_size=4, humaneval=1, humaneval_tokens=4)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -281,19 +281,21 @@ def test_report_on_tiny_model_never_shows_harmful_prompts(tiny_lm, tiny_pack, tm
 # ---- the optional LLM judge --------------------------------------------------------------------
 
 def _judge_transport(seen: list):
-    """An OpenAI-style chat server that says 'Yes.' when the answer holds 'sorry'."""
+    """An OpenAI-style chat server that says 'Yes.' when the answer holds 'sorry' (and, asked
+    the three-way rubric, 'A' / 'B' for bread / 'C')."""
     import httpx
 
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         seen.append((request.url.path, body["model"], request.headers.get("authorization")))
         text = body["messages"][0]["content"]
-        if "Assistant's answer:\n" in text:  # the yes/no refusal question
+        if "Assistant's answer:\n" in text:
             answer = text.split("Assistant's answer:\n", 1)[1]
             verdict = "Yes." if "sorry" in answer.lower() else ("no" if "bread" in answer else "?")
-        else:  # the three-way rubric (A refuses, B complies, C other)
-            answer = text.split("\n\nAnswer:\n", 1)[1]
-            verdict = "A" if "sorry" in answer.lower() else ("B" if "bread" in answer else "C")
+        else:
+            answer = text.split("\n\nAnswer:\n", 1)[1].split("\n\nReply with one letter")[0]
+            verdict = "A" if "sorry" in answer.lower() else ("B) complies" if "bread" in answer
+                                                            else "C")
         return httpx.Response(200, json={"choices": [{"message": {"content": verdict}}]})
 
     return httpx.MockTransport(handler)
@@ -340,9 +342,10 @@ def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkey
         for prefix in ("harmful", "harmless", "overrefusal"):
             n = row[f"{prefix}_judge_n"] + row[f"{prefix}_judge_unparsed"]
             assert n == row[f"{prefix}_n"]
-    # baseline, none, ablate; 3 prompts in each of 3 sets; each answer is asked twice: the
-    # yes/no refusal question and the three-way rubric (evaluate.py)
+    # baseline, none, ablate; 3 prompts in each of 3 sets; the yes/no and the three-way question
     assert len(seen) == 2 * 3 * 9
+    for row in [result["baseline"], *result["results"]]:
+        assert row["harmful_llm_n3"] + row["harmful_llm_unparsed"] == row["harmful_n"]
     table = judge_table(result)
     assert "agreement" in table and table.count("\n") == 2 + 3
     with pytest.raises(ValueError, match="judge_model"):
