@@ -1,10 +1,12 @@
 # `make serve`: install into .venv (first time only) and start the server on the embedded model.
 # `make test`:  install into .venv (first time only) and run the whole test suite.
+# `make image-test`: build the CPU image with podman and test it in a real container
+#                (installs podman if needed; docs/deploy.md, "Building and testing the images here").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint
+.PHONY: serve test lint image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,9 +20,14 @@ serve: $(STAMP)
 # (marked `real`: real server processes, the embedded model) run after it, one at a time.
 test: $(STAMP)
 	sh scripts/ensure-browser.sh
+	sh scripts/ensure-litellm.sh
 	$(VENV)/bin/python -m pytest -q -n auto -m "not real"
 	$(VENV)/bin/python -m pytest -q -m real
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit
 	$(VENV)/bin/lint-imports
+
+image-test: $(STAMP)
+	sh docker/build-image.sh cpu
+	$(VENV)/bin/python -m pytest -q -m container tests/deploy/test_container.py

@@ -7,11 +7,13 @@ position; the kernel edits every position with one reference c. Three choices fo
 flip (AlterRep: h' = h − 2·Q·relu(Qᵀ(h − c))), same Q, same single site (the pack's default INLP
 layer), at the k values of `--ks`:
 
-- `midpoint` (the product's until 2026-12-02): c = Q·b, b the class boundary (midpoint of the class means) at the
-  selected position, applied at every position;
+- `midpoint` (the product's `inlp_flip` until 2026-12-02 and again since the names were fixed):
+  c = Q·b, b the class boundary (midpoint of the class means) at the selected position, applied
+  at every position;
 - `reference-free`: c = 0, the bias-free projection of the INLP authors' code (Ravfogel et al.
-  2020 project with P = I − QQᵀ, no offset), made one-sided on z = Qᵀh (the product's
-  `inlp_null`/`inlp_flip` since 2026-12-02);
+  2020 project with P = I − QQᵀ, no offset), made one-sided on z = Qᵀh (shipped as
+  `inlp_null`/`inlp_flip` from 2026-12-02; now the project's variants `inlp_zero_positive` /
+  `inlp_negate_positive`);
 - `position-aware`: at each post-instruction template position p, c_p = Q·Qᵀ·m_p with m_p the
   midpoint of the pack's class means at that position; positions where no class means exist
   (the instruction, generated tokens, plain text) are left alone.

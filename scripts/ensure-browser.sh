@@ -1,6 +1,6 @@
 #!/bin/sh
 # Make sure Debian's Chromium and chromedriver are installed for the playground's browser test
-# (tests/test_playground_browser.py, Selenium). Idempotent: does nothing when both exist.
+# (tests/server/test_playground_browser.py, Selenium). Idempotent: does nothing when both exist.
 # Without root or apt-get it only says why and continues; the browser test then skips.
 set -u
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}

@@ -24,20 +24,22 @@ from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.completions import router as completions_router
 from server.api.extract_jobs import router as extract_router
+from server.api.pack_admin import PACK_UPLOAD_PATH
 from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
 from server.api.readout import router as readout_router
-from server.api.resolve import resolve_steering
 from server.api.routes import router
-from server.engine import Engine
+from server.api.validation import resolve_steering
+from server.engine import build_engine
 from server.errors import APIError
 from server.lifecycle import InflightMiddleware, drain
 from server.observability.accesslog import AccessLogMiddleware, JsonFormatter, access_log
 from server.observability.metrics import Metrics
-from server.packs import load_extra_packs, shipped_concept_packs
+from server.packs import concept_names, load_extra_packs, shipped_concept_packs
 from server.presets import load_presets
 from server.security.audit import AuditMiddleware
 from server.security.auth import AuthMiddleware, load_keys
+from server.security.frontdoor import FrontDoorMiddleware, allowed_methods, uvicorn_limits
 from server.security.hardening import BodyLimitMiddleware
 from server.settings import Settings
 from server.state import ServerState
@@ -64,6 +66,7 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
     state.packs = _as_pack_dict(packs)
     extra, state.failed_packs = load_extra_packs(state.settings, lm.model, set(state.packs))
     state.packs.update(extra)
+    state.pinned_packs = frozenset(state.packs)  # the shipped packs: not replaceable at run time
     state.default_pack = ("refusal" if "refusal" in state.packs
                           else next(iter(state.packs), None))
     for name in list(state.presets):
@@ -77,8 +80,7 @@ def install_model(state: ServerState, lm: LoadedModel, packs) -> None:
 
 async def start_engine(state: ServerState) -> None:
     s = state.settings
-    engine = Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
-                    request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache)
+    engine = build_engine(state)  # native or vLLM (server/engine/select.py)
     await engine.start()
     if state.lm.device.type == "cpu":
         yield_cores_to_the_engine(s.event_loop_nice)
@@ -132,23 +134,84 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _load_model_and_pack(settings: Settings) -> tuple[LoadedModel, list[SteeringPack]]:
-    from steering.extraction.store import default_pack_path, ensure_pack
-    from steering.packs.format import pack_paths
+    """The model and its packs, from the caches. What is not cached yet — the dequantized or
+    int8 model, the refusal pack, the shipped concept packs — is made first in a child process
+    (`_prepare_caches`), so a first start ends at the footprint of a cached one: the
+    full-precision model that extraction needs, its activations and the conversion's peak go
+    away with the child instead of staying in this process's heap."""
+    from steering.extraction.store import ensure_pack, pack_cached
+    from steering.models.loading import model_cached
 
+    prepared = False
+    if not model_cached(settings.model, settings.device, settings.dtype, settings.precision):
+        _in_child(settings)
+        prepared = True
     lm = steering.load_model(settings.model, settings.device, settings.dtype,
                              precision=settings.precision)
-    if (lm.precision in ("int8", "int4") and settings.pack is None
-            and not pack_paths(default_pack_path(lm))[0].is_file()):
-        # The pack is extracted once at full precision, whatever precision serves it (the
-        # precision gate in docs/precision.md measures the quantized model with that pack).
+    if not prepared and not _packs_cached(lm, settings):
+        _in_child(settings)
+    if not pack_cached(lm, settings.pack):
+        raise RuntimeError("the steering pack was not extracted (the preparation step's log "
+                           "says why)")
+    pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
+    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs, extract=False)]
+
+
+def _packs_cached(lm: LoadedModel, settings: Settings) -> bool:
+    from steering.extraction.store import concept_pack_cached, pack_cached
+
+    return pack_cached(lm, settings.pack) and all(
+        concept_pack_cached(lm, n) for n in concept_names(settings.concept_packs))
+
+
+def _in_child(settings: Settings) -> None:
+    """Run `_prepare_caches` in a fresh (spawned) process and wait for it."""
+    import multiprocessing
+
+    log.info("first start: converting / extracting what is not cached yet in a child process")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_prepare_caches, args=(settings.model_dump(),), name="steer-prepare", daemon=True)
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"preparing the model's caches failed (exit code {child.exitcode}; "
+                           "the log above says why)")
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when the server that started it dies, however it
+    dies (a SIGKILL included), so a stopped first start leaves no extraction running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux / glibc: multiprocessing's atexit still ends it
+        pass
+
+
+def _prepare_caches(settings_fields: dict) -> None:
+    """In the child: load the model (dequantizing / converting it into the cache), extract the
+    refusal pack — at full precision when a quantized model serves it (the precision gate in
+    docs/precision.md measures the quantized model with that pack) — and the shipped concept
+    packs, into the cache. Then the process exits and its memory with it."""
+    from steering.extraction.store import ensure_pack, pack_cached
+
+    _die_with_parent()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=settings_fields.get("log_level", "info").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s (prepare): %(message)s")
+    settings = Settings(**settings_fields)
+    lm = steering.load_model(settings.model, settings.device, settings.dtype,
+                             precision=settings.precision)
+    if lm.precision in ("int8", "int4") and settings.pack is None and not pack_cached(lm):
         log.info("extracting the steering pack at full precision before serving %s",
                  lm.precision)
         full = steering.load_model(settings.model, settings.device,
                                    precision="fp32" if lm.device.type == "cpu" else "bf16")
         ensure_pack(full, None, mode=settings.pack_mode)
         del full
-    pack = ensure_pack(lm, settings.pack, mode=settings.pack_mode)
-    return lm, [pack, *shipped_concept_packs(lm, settings.concept_packs)]
+    ensure_pack(lm, settings.pack, mode=settings.pack_mode)
+    shipped_concept_packs(lm, settings.concept_packs)
 
 
 async def load_in_background(state: ServerState) -> None:
@@ -207,19 +270,23 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.include_router(readout_router)  # /v1/steering/inspect, /v1/activations
     app.include_router(extract_router)  # /v1/steering/packs/extract (jobs)
     keys = load_keys(settings)
-    if settings.auth and not len(keys):
-        log.warning("authentication is on but no API keys are configured: every route but "
-                    "the probes answers 401")
+    if keys.configured and not len(keys):
+        log.warning("authentication is on but the keys source holds no keys: every route but "
+                    "the open ones answers 401")
     open_paths, open_prefixes, closed = _route_access(settings)
     # Outermost first: request id and access log → audit (sees 401s) → auth (before the body
     # is read) → body limits and JSON checks → in-flight tracking (drain) → the app.
     app.add_middleware(InflightMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(AuthMiddleware, enabled=settings.auth or len(keys) > 0, keys=keys,
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       streamed={PACK_UPLOAD_PATH: settings.max_pack_bytes})
+    app.add_middleware(AuthMiddleware, enabled=keys.configured, keys=keys,
                        open_paths=open_paths, open_prefixes=open_prefixes, closed_paths=closed)
-    app.add_middleware(AuditMiddleware, path=settings.audit_log)
+    app.add_middleware(AuditMiddleware, path=settings.audit_log,
+                       max_field_chars=settings.log_field_chars, salt=settings.audit_salt)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, enabled=settings.access_log,
                        max_field_chars=settings.log_field_chars)
+    app.add_middleware(FrontDoorMiddleware, methods=allowed_methods(settings),
+                       max_head_bytes=settings.max_header_bytes)  # outermost: the front door
     return app
 
 
@@ -231,7 +298,8 @@ def _route_access(settings: Settings) -> tuple[frozenset[str], tuple[str, ...], 
     open_paths: set[str] = {"/healthz", "/readyz"}
     prefixes: list[str] = []
     closed: set[str] = set()
-    for mode, paths in ((settings.docs, DOCS_PATHS), (settings.metrics, {"/metrics"}),
+    metrics_mode = "off" if settings.metrics_port else settings.metrics  # on its own port
+    for mode, paths in ((settings.docs, DOCS_PATHS), (metrics_mode, {"/metrics"}),
                         (settings.playground, {"/playground", "/playground/"})):
         if mode == "open":
             open_paths |= paths
@@ -288,6 +356,16 @@ class _DrainingServer:
         return Server(config)
 
 
+def serve_metrics(metrics: Metrics, host: str, port: int) -> None:
+    """/metrics on its own port (`STEER_METRICS_PORT`), in a daemon thread: prometheus-client's
+    own HTTP server over this app's registry. The API port then answers 404 there, and a
+    network policy can admit the scraper to this port only."""
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=metrics.registry)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+
+
 def configure_access_log() -> None:
     if not any(getattr(h, "_steer", False) for h in access_log.handlers):
         handler = logging.StreamHandler(sys.stdout)
@@ -309,7 +387,10 @@ def serve(**overrides: Any) -> None:
     configure_access_log()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, log_level=settings.log_level.lower())
+                            access_log=False, log_level=settings.log_level.lower(),
+                            **uvicorn_limits(settings))
+    if settings.metrics_port:
+        serve_metrics(app.state.steer.metrics, settings.host, settings.metrics_port)
     _DrainingServer(config, app.state.steer).run()
     state: ServerState = app.state.steer
     if state.load_error:

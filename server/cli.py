@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 
+from server.settings import add_cli_options, cli_overrides
 from steering.catalog import METHODS, VARIANT_SYNTAX
 from steering.models import PRECISIONS
 
@@ -56,8 +57,8 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
     p.add_argument("--harmful", default=None,
-                   help="split name (may be sliced: name[a:b]) or JSON file "
-                        "(default harmful_test_jbb)")
+                   help="split name (may be sliced: name[a:b]) or JSON file (default: "
+                        "harmful_val for eval, the test split harmful_test_jbb for report)")
     p.add_argument("--harmless", default=None,
                    help="split name or JSON file (default harmless_val[3000:3030], disjoint "
                         "from selection)")
@@ -69,7 +70,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-general", type=int, default=None, help="WikiText-2 paragraphs")
     p.add_argument("--general-tokens", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy tokens per completion judged for refusal")
+                   help="greedy tokens per completion judged for refusal (default 64, the "
+                        "length the three-way judge was labelled at)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--cache-dir", default=None,
                    help="where the unsteered completions are cached (default: cache root)")
@@ -77,6 +79,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="optional LLM judge: an OpenAI-compatible server (this one included) "
                         "asked whether each answer refuses; shown next to the substring matcher")
     p.add_argument("--judge-model", default=None, help="the judge server's model name")
+    p.add_argument("--humaneval", type=int, default=None, metavar="N",
+                   help="capability column: greedy HumanEval pass@1 on the first N of its 164 "
+                        "problems per setting, code run in a sandbox (default 0: off)")
+    p.add_argument("--humaneval-tokens", type=int, default=None,
+                   help="greedy tokens per HumanEval reply (default 384)")
     p.add_argument("--judge-api-key", default=os.environ.get("STEER_JUDGE_API_KEY"),
                    help="the judge server's API key (default: $STEER_JUDGE_API_KEY)")
 
@@ -192,7 +199,7 @@ def _library_verbs(sub) -> None:
     _model_args(p)
     _eval_args(p)
     p.add_argument("--ks", type=_csv(int), default=None,
-                   help="INLP leading-k sweep (default 1,2,3; the pack's maximum is added)")
+                   help="INLP leading-k sweep (default 1,2,3,4; the pack's maximum is added)")
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
@@ -209,7 +216,8 @@ def _library_verbs(sub) -> None:
     p.add_argument("--precision", default="int8",
                    help="comma-separated precisions to compare with fp32 (default int8)")
     p.add_argument("--harmful", default=None,
-                   help="JSON file (default: ../shared/data/harmful_test_jbb.json)")
+                   help="harmful prompts: a split name or JSON file (default: harmful_val, then "
+                        "harmful_train; never the test split)")
     p.add_argument("--n-harmful", type=int, default=None)
     p.add_argument("--n-harmless", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
@@ -221,17 +229,9 @@ def _library_verbs(sub) -> None:
 
 
 def _server_verbs(sub) -> None:
-    p = sub.add_parser("serve", help="start the OpenAI-compatible steering server")
-    p.add_argument("--model", default=None)
-    p.add_argument("--pack", default=None)
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--presets", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="auto (int8 on CPU, bf16 on CUDA), fp32, bf16, fp16, int8, int4 "
-                        "(default: $STEER_PRECISION or auto)")
-    p.add_argument("--dtype", default=None)
+    p = sub.add_parser("serve", help="start the OpenAI-compatible steering server (every "
+                                     "setting is a flag and a STEER_* variable)")
+    add_cli_options(p)
     p.set_defaults(handler="server.cli:cmd_serve")
 
     p = sub.add_parser("hash-key", help="print the SHA-256 of an API key read from stdin "
@@ -309,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_serve(args) -> int:
     from server.app import serve
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k in {"model", "pack", "host", "port", "presets", "device", "dtype",
-                          "precision"}
-                 and v is not None}
-    serve(**overrides)
+    serve(**cli_overrides(args))
     return 0
 
 

@@ -11,11 +11,14 @@ the ASGI scope's `state`; every later layer reads and writes its typed fields in
 | `log_extra` | routes, errors, auth, drain | access log, audit |
 | `audit` | policy (`audit.note`) | audit |
 | `json_body` | body checks (hardening) | the API routes (`server.api.routing`): parsed once |
+| `finalizers` | policy (a key's in-flight slot) | audit middleware: `finish()` once the response is sent |
+| `audit_salt`, `field_chars` | audit middleware (the settings) | audit lines |
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +37,19 @@ class RequestContext:
     log_extra: dict[str, Any] = field(default_factory=dict)  # extra fields of the access line
     audit: list[dict[str, Any]] = field(default_factory=list)  # one entry per noted steering
     json_body: Any = UNPARSED  # the request body as the body checks parsed it
+    finalizers: list[Callable[[], None]] = field(default_factory=list)  # run by `finish`
+    audit_salt: bytes = b""  # the audit log's prompt-hash key (set by the audit middleware)
+    field_chars: int = 256  # the longest string a log or audit line carries
 
     def take_json_body(self) -> Any:
         """The parsed body, handed over once (UNPARSED when there is none to hand over)."""
         body, self.json_body = self.json_body, UNPARSED
         return body
+
+    def finish(self) -> None:
+        """Run the finalizers once (the response has been sent, or the request failed)."""
+        while self.finalizers:
+            self.finalizers.pop()()
 
     @property
     def key_id(self) -> str | None:
@@ -47,6 +58,23 @@ class RequestContext:
     def note_error(self, code: str | None, param: str | None) -> None:
         """Put an error's code and param in the access and audit lines."""
         self.log_extra["error"] = {"code": code, "param": param}
+
+
+def cap(value: Any, chars: int, items: int = 256) -> Any:
+    """`value` with every string (nested in dicts and lists too, keys included) cut to `chars`
+    characters and every list and dict to `items` entries: what a log or audit line may carry
+    from a request."""
+    if isinstance(value, str):
+        return value if len(value) <= chars else value[:chars] + f"…(+{len(value) - chars})"
+    if isinstance(value, dict):
+        out = {str(k)[:chars]: cap(v, chars, items) for k, v in list(value.items())[:items]}
+        if len(value) > items:
+            out["…"] = f"+{len(value) - items} more"
+        return out
+    if isinstance(value, list | tuple):
+        out = [cap(v, chars, items) for v in value[:items]]
+        return out + [f"…(+{len(value) - items})"] if len(value) > items else out
+    return value
 
 
 def request_context(holder: Any) -> RequestContext:

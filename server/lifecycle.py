@@ -21,12 +21,12 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 
 log = logging.getLogger("server")
 
 DRAIN_EXPIRED = APIError(503, "the server is shutting down and this request did not finish in "
-                              "time; retry it", type="service_unavailable", code="drain_timeout")
+                              "time; retry it", type="service_unavailable", code=ErrorCode.DRAIN_TIMEOUT)
 
 
 def engine_alive(engine) -> bool:

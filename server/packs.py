@@ -3,6 +3,11 @@
 uploaded or deleted while serving (`server.api.pack_admin`) go through `load_pack_bytes`,
 `install_pack` and `remove_pack` here, with the same validation.
 
+The packs loaded at start (the default pack, the shipped concept packs, `STEER_PACKS_DIR` and
+`STEER_EXTRA_PACKS`) are pinned (`state.pinned_packs`): they cannot be replaced or deleted while
+serving. An upload is also checked against the shipped refusal pack
+(`steering.packs.consistency`).
+
 Packs are immutable once loaded. `state.packs` is replaced, never edited in place, so a request
 that resolved its steering against a pack keeps that pack's tensors (its RowSteering holds them)
 until it finishes, whatever is uploaded or deleted meanwhile.
@@ -19,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from server.security.hardening import valid_name
+from steering.packs.consistency import check_against_refusal
 from steering.packs.format import PackError, SteeringPack, load_pack
 
 log = logging.getLogger("server")
@@ -60,14 +66,20 @@ def load_extra_packs(settings, model, taken: set[str]) -> tuple[dict[str, Steeri
     return loaded, failed
 
 
-def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
+def concept_names(names: str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def shipped_concept_packs(lm, names: str, extract: bool = True) -> list[SteeringPack]:
     """The shipped concept packs named in `names` (comma-separated), extracted for `lm` on first
-    use and cached like the refusal pack; one that cannot be made is logged and skipped."""
-    from steering.extraction.store import ensure_concept_pack
+    use and cached like the refusal pack; one that cannot be made is logged and skipped.
+    `extract=False`: load cached ones only (a missing one is logged and skipped)."""
+    from steering.extraction.store import concept_pack_cached, ensure_concept_pack
 
     packs = []
-    for name in (n.strip() for n in names.split(",")):
-        if not name:
+    for name in concept_names(names):
+        if not extract and not concept_pack_cached(lm, name):
+            log.error("concept pack %r not served: it could not be extracted (see above)", name)
             continue
         try:
             packs.append(ensure_concept_pack(lm, name))
@@ -76,16 +88,21 @@ def shipped_concept_packs(lm, names: str) -> list[SteeringPack]:
     return packs
 
 
-def load_pack_bytes(name: str, tensors: bytes, sidecar: bytes, model) -> SteeringPack:
-    """Validate an uploaded pack exactly as a pack file at start-up (PackError if refused)."""
+def load_pack_bytes(name: str, tensors: bytes, sidecar: bytes, model,
+                    reference: SteeringPack | None = None) -> SteeringPack:
+    """Validate an uploaded pack exactly as a pack file at start-up, and, given the shipped
+    refusal pack `reference`, against it (`steering.packs.consistency`); PackError if refused."""
     with tempfile.TemporaryDirectory(prefix="steer-pack-") as folder:
         stem = Path(folder) / name
         stem.with_name(name + ".safetensors").write_bytes(tensors)
         stem.with_name(name + ".json").write_bytes(sidecar)
         try:
-            return load_pack(stem, model=model, name=name)
+            pack = load_pack(stem, model=model, name=name)
         except PackError as exc:  # name the upload's parts, not the scratch folder
             raise PackError(str(exc).replace(folder + "/", "")) from None
+    if reference is not None:
+        check_against_refusal(pack, reference)
+    return pack
 
 
 def install_pack(state, pack: SteeringPack) -> SteeringPack | None:

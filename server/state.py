@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from server.engine import Engine
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from server.observability.metrics import Metrics
 from server.presets import Preset
 from server.settings import Settings
@@ -40,6 +40,7 @@ class ServerState:
     started: int = field(default_factory=lambda: int(time.time()))
     token_text: Any = None  # api.tracker.TokenText: token strings for logprobs
     failed_packs: dict[str, str] = field(default_factory=dict)  # name → why it was refused
+    pinned_packs: frozenset[str] = frozenset()  # loaded at start: never replaced or deleted
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
     tokenizer_pool: ThreadPoolExecutor | None = None  # see `in_tokenizer_thread`
     extraction_jobs: dict[str, Any] = field(default_factory=dict)  # id → ExtractionJob
@@ -77,7 +78,7 @@ class ServerState:
             message = "the server is shutting down"
         else:
             message = "the model is still loading; retry shortly"
-        raise APIError(503, message, type="service_unavailable", code="not_ready",
+        raise APIError(503, message, type="service_unavailable", code=ErrorCode.NOT_READY,
                        headers={"Retry-After": str(max(self.settings.retry_after_s, 1))})
 
 

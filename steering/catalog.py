@@ -11,8 +11,14 @@ Effect on refusal is stated per strength range, in the papers' terms:
 |---|---|---|
 | actadd | strength > 0 | strength < 0 |
 | ace | strength > 0 (toward the harmful mean) | strength < 1 (0: the harmless mean) |
-| ablate, inlp_null, inlp_flip | never | any strength |
+| ablate, inlp_null, inlp_flip, inlp_zero_positive, inlp_negate_positive | never | any strength |
 | inlp_reflect | any strength | any strength |
+
+The INLP methods and their reference point are in `steering.interventions.methods`' docstring:
+`inlp_null` (Ravfogel et al. 2020's nullspace projection), `inlp_flip` (AlterRep, Ravfogel et
+al. 2021) and `inlp_reflect` act around the INLP origin (the midpoint of the class means the
+classifiers were fitted around); `inlp_zero_positive` and `inlp_negate_positive` are this
+project's variants around the residual stream's raw origin (`Method.variant_of`).
 
 (ActAdd: h' = h + s·r, Arditi et al. 2024; ACE: h' = h − r̂r̂ᵀ(h − μ⁻) + s·‖r‖·r̂, Marshall et al.
 2024 eq. 3, so s = 0 puts the refusal coordinate at the harmless mean's and s = 1 at the harmful
@@ -79,6 +85,8 @@ class Method:
     calibrated: bool = False  # extraction calibrates the strength that reaches its effect
     uses_k: bool = False  # takes `k`, the number of leading directions
     paper: str = ""
+    # A variant this project made of a published method (named here), not a method of a paper.
+    variant_of: str | None = None
 
     def purpose(self, strength: float) -> Literal["induce", "suppress", "other"]:
         """What a setting is for: it only raises refusal (induce), only lowers it (suppress),
@@ -115,18 +123,29 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("ace", "affine", "affine concept editing: strength 0 = no refusal, 1 = refusal",
            "affine", "pack", raises=Strengths(lo=0.0), lowers=Strengths(hi=1.0),
            eval_strengths=(0.0, 1.0), calibrated=True, paper="Marshall et al. 2024"),
-    Method("inlp_null", "inlp", "INLP one-sided nullspace projection: coordinates on the "
-           "harmful side of the INLP directions set to zero (weaker suppression)", "inlp",
-           "inlp", raises=None, lowers=ALWAYS, eval_strengths=(1.0,), uses_k=True,
-           paper="Rocchetti & Ferrara 2026"),
-    Method("inlp_flip", "inlp", "INLP one-sided counterfactual flip (AlterRep): coordinates "
-           "on the harmful side of the INLP directions negated, the others untouched "
-           "(suppresses refusal)", "inlp", "inlp", raises=None, lowers=ALWAYS,
+    Method("inlp_null", "inlp", "INLP nullspace projection: the leading k INLP coordinates "
+           "set to the class boundary's (h' = h − QQᵀ(h − m), m the midpoint of the class "
+           "means INLP was fitted around; lands between the clusters)", "inlp", "inlp",
+           raises=None, lowers=ALWAYS, eval_strengths=(1.0,), uses_k=True,
+           paper="Ravfogel et al. 2020; Rocchetti & Ferrara 2026"),
+    Method("inlp_flip", "inlp", "INLP counterfactual flip (AlterRep): harmful-side "
+           "coordinates mirrored across the class boundary, harmless-side ones untouched "
+           "(h' = h − 2·Q·relu(Qᵀ(h − m)))", "inlp", "inlp", raises=None, lowers=ALWAYS,
            eval_strengths=(1.0,), uses_k=True,
-           paper="Rocchetti & Ferrara 2026; Ravfogel et al. 2021"),
+           paper="Ravfogel et al. 2021; Rocchetti & Ferrara 2026"),
     Method("inlp_reflect", "inlp", "INLP two-sided reflection across the class boundary: "
            "every activation changes side, so harmless prompts move toward refusal (geometry "
            "studies)", "inlp", "inlp", raises=ALWAYS, lowers=ALWAYS, uses_k=True),
+    Method("inlp_zero_positive", "inlp", "this project's variant, not a paper's: INLP "
+           "coordinates measured from the residual stream's raw origin, the positive ones set "
+           "to 0 (h' = h − Q·relu(Qᵀh)); moves harmless activations too", "inlp", "inlp",
+           raises=None, lowers=ALWAYS, eval_strengths=(1.0,), uses_k=True,
+           variant_of="inlp_null"),
+    Method("inlp_negate_positive", "inlp", "this project's variant, not a paper's: INLP "
+           "coordinates measured from the residual stream's raw origin, the positive ones "
+           "negated (h' = h − 2·Q·relu(Qᵀh)); moves harmless activations too", "inlp", "inlp",
+           raises=None, lowers=ALWAYS, eval_strengths=(1.0,), uses_k=True,
+           variant_of="inlp_flip"),
 )}
 
 
@@ -156,20 +175,36 @@ CALIBRATED = "calibrated"
 
 # Built-in server presets (`<served-name>+<preset>`); `strength: "calibrated"` takes the pack's
 # calibrated strength for the method (steering.extraction.extract), 1 where the pack records none.
+# Each description states what the preset does and the validation measurement behind it: outputs
+# of the embedded model (int8, 64 greedy tokens) on harmful_val (37 prompts) and
+# harmless_val[400:424] (24), read by hand as refuses / complies / other
+# (steering/data/judge_labelled.jsonl; docs/report/judge.md). `no-refusal` is ablation: of the
+# suppression methods read, it answers harmful requests most often (complies 24/37; inlp_flip
+# 12/37, inlp_null 16/37, ace s=0 21/37, and the raw-origin inlp_negate_positive k=2, the
+# preset's setting until 2026-12-06, 14/37 with 23/37 deflecting), so it does what its name says.
 BUILTIN_PRESETS: dict[str, dict] = {
-    "no-refusal": {"method": "inlp_flip", "k": 2, "strength": 1.0,
-                   "description": "less refusal: one-sided INLP counterfactual flip (AlterRep) "
-                                  "on 2 leading directions; harmless prompts are left alone "
-                                  "(Rocchetti & Ferrara 2026)"},
+    "no-refusal": {"method": "ablate", "strength": 1.0,
+                   "description": "less refusal: directional ablation of the DiM direction at "
+                                  "every layer (Arditi et al. 2024), the same setting as "
+                                  "`ablate`. Embedded model, validation prompts read by hand: "
+                                  "harmful requests answered 24/37 (unsteered 10/37), refused "
+                                  "2/37 (unsteered 19/37); harmless ones answered 23/24 "
+                                  "(unsteered 20/24)"},
     "ablate": {"method": "ablate", "strength": 1.0,
                "description": "less refusal: directional ablation of the DiM direction at "
-                              "every layer (Arditi et al. 2024)"},
+                              "every layer (Arditi et al. 2024). Embedded model, validation "
+                              "prompts read by hand: harmful requests answered 24/37, refused "
+                              "2/37, deflected 11/37; harmless ones answered 23/24"},
     "more-refusal": {"method": "actadd", "strength": CALIBRATED,
                      "description": "more refusal: activation addition of the DiM vector at the "
-                                    "pack's calibrated strength (refuses most harmless prompts)"},
+                                    "pack's calibrated strength (embedded model: 1.5; harmless "
+                                    "validation prompts refused 20/24, read by hand; unsteered "
+                                    "4/24)"},
     "ace-refuse": {"method": "ace", "strength": CALIBRATED,
                    "description": "more refusal: affine concept editing at the pack's "
-                                  "calibrated strength (Marshall et al. 2024)"},
+                                  "calibrated strength (Marshall et al. 2024; embedded model: "
+                                  "1.5; harmless validation prompts refused 20/24, read by "
+                                  "hand; unsteered 4/24)"},
 }
 
 # The fields every steering object takes besides the method's own (documented by the server's

@@ -16,7 +16,8 @@ from steering.catalog import METHODS
 def _eval_overrides(args) -> dict:
     names = ("harmful", "harmless", "n_harmful", "n_harmless",
              "completion_tokens", "n_general", "general_tokens", "max_new_tokens",
-             "batch_size", "cache_dir", "judge_url", "judge_model", "judge_api_key")
+             "batch_size", "cache_dir", "judge_url", "judge_model", "judge_api_key",
+             "humaneval", "humaneval_tokens")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

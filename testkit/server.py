@@ -48,7 +48,11 @@ class ServerProcess:
         cmd = [str(steer), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = log_path
         self._log = open(log_path or os.devnull, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+        # This checkout's code first: the `steer` script imports the installed package, which
+        # in a second worktree (or any checkout but the installed one) is another copy.
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT,
+                                     env={**os.environ, "PYTHONPATH": path, **(env or {})},
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 1800) -> None:

@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-import pytest
+# Under pytest-xdist (`make test` runs the fast set on every core) each worker gets its share of
+# the cores: torch's default of one thread per core in every worker oversubscribes the machine
+# (OpenMP threads spin), which slowed a 2-worker run several times over. Subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
-from testkit.tiny import make_tiny  # noqa: F401 (tests import it from here too)
+import pytest  # noqa: E402
+
+from testkit.tiny import make_tiny  # noqa: E402, F401 (tests import it from here too)
 
 
 @pytest.fixture(scope="session")

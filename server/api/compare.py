@@ -46,29 +46,28 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.api.jobs import cancel, choice_error, collect_until_disconnect, events, submit_all
-from server.api.prepare import Job, prepare_chat
+from server.api.prepare import Job, prepare
 from server.api.protocol import (
     ERROR_RESPONSES,
     CompareRequest,
     CompareResponse,
-    CompareVariant,
     VariantResult,
 )
-from server.api.resolve import dump, resolve_steering
+from server.api.resolve import dump
 from server.api.routing import CheckedBodyRoute
 from server.api.streaming import DONE, error_event
 from server.api.tracker import Choice, Tracker
+from server.api.validation import COMPARE, for_variant, validate
 from server.context import request_context
 from server.engine import SamplingParams
-from server.errors import APIError, bad_request
-from server.security import audit, policy
-from server.security.hardening import check_names
+from server.errors import APIError, ErrorCode
+from server.observability.metrics import status_label
+from server.security import audit
 from server.state import ServerState, get_state
 from steering.evaluation.refusal import is_refusal, refusal_score_from_logprobs, refusal_token_ids
 
 log = logging.getLogger(__name__)
 
-COMPARE = "/v1/steering/compare"
 SCORE_TOP = 50  # top log-probabilities asked of the first token, for the refusal score
 SCORE_POSITIONS = 1  # generated tokens that need them: the first answer position
 
@@ -78,69 +77,21 @@ router = APIRouter(route_class=CheckedBodyRoute)
 # ---- preparing the variants ---------------------------------------------------------------------
 
 
-def _variant_param(i: int, param: str | None) -> str:
-    base = f"variants[{i}]"
-    if not param:
-        return base
-    if param.startswith("steering."):
-        return f"{base}.{param[len('steering.'):]}"
-    if param.startswith("steering["):  # an object of the variant's list
-        return f"{base}.{param}"
-    if param == "model":
-        return f"{base}.preset"
-    return f"{base} ({param})"
-
-
-def _for_variant(i: int, exc: APIError) -> APIError:
-    return APIError(exc.status, f"variants[{i}]: {exc.message}", type=exc.type,
-                    param=_variant_param(i, exc.param), code=exc.code, headers=exc.headers)
-
-
-def _variant_model(state: ServerState, body: CompareRequest, preset: str | None) -> str | None:
-    if preset is None:
-        return body.model
-    if "+" in preset:  # a full model id ("<served>+<preset>") is accepted too
-        return preset
-    return f"{body.model or state.served_name}+{preset}"
-
-
 def _score_sampling(sp: SamplingParams) -> SamplingParams:
     """`sp` asking for what the refusal score reads: the first token's top logprobs, no more."""
     return replace(sp, logprobs=True, top_logprobs=SCORE_TOP, logprobs_tokens=SCORE_POSITIONS)
 
 
-def _variant_job(state: ServerState, body: CompareRequest, base: Job, i: int,
-                 variant: str | CompareVariant) -> tuple[Job, str | None]:
-    if isinstance(variant, str):
-        model, steering, label = _variant_model(state, body, variant), None, variant
-    else:
-        model, steering = _variant_model(state, body, variant.preset), variant.own_steering()
-        label = variant.label
-    try:
-        check_names(model, steering)
-        resolved = resolve_steering(state, model, steering)
-    except APIError as exc:
-        raise _for_variant(i, exc) from None
-    sampling = [_score_sampling(sp) for sp in base.sampling]
-    return replace(base, request_id=f"{base.request_id}-v{i}", resolved=resolved,
-                   sampling=sampling), label
-
-
-async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str
+async def prepare_compare(state: ServerState, body: CompareRequest, request_id: str,
+                          request: Request | None = None
                           ) -> tuple[list[Job], list[str | None]]:
-    s = state.settings
-    if len(body.variants) > s.max_compare_variants:
-        raise bad_request(f"at most {s.max_compare_variants} variants are allowed, got "
-                          f"{len(body.variants)}", "variants", "too_many_variants")
-    # The prompt is prepared (templated, tokenized) once, unsteered, so its errors name no variant.
-    base = await prepare_chat(state, body.to_chat_request(), request_id)
-    base.endpoint = COMPARE
-    jobs, labels = [], []
-    for i, variant in enumerate(body.variants):
-        job, label = _variant_job(state, body, base, i, variant)
-        jobs.append(job)
-        labels.append(label)
-    return jobs, labels
+    """Every variant's job (`validate` checks the variants and the prompt; `prepare` admits the
+    caller for all variants at once, then builds them off the event loop while the prompt is
+    templated and tokenized once, unsteered, so its errors name no variant)."""
+    valid = validate(state, body)
+    jobs = await prepare(state, valid, request_id, request)
+    return [replace(j, sampling=[_score_sampling(sp) for sp in j.sampling])
+            for j in jobs], valid.labels
 
 
 # ---- the endpoint -------------------------------------------------------------------------------
@@ -167,7 +118,7 @@ class _Run:
         ch = self.choice(i)
         err = choice_error(self.jobs[i], ch.finish_reason, ch.error,
                            self.state.settings.request_timeout_s)
-        return _for_variant(i, err) if err is not None else None
+        return for_variant(i, err) if err is not None else None
 
     def result(self, i: int) -> VariantResult:
         job, ch = self.jobs[i], self.choice(i)
@@ -216,12 +167,9 @@ async def compare(body: CompareRequest, request: Request):
         state.require_ready()
         if body.seed is None:  # one seed for every variant, reported back
             body = body.model_copy(update={"seed": secrets.randbelow(2**31)})
-        jobs, labels = await prepare_compare(state, body, ctx.request_id)
-        policy.enforce(state, request, [j.resolved.applied for j in jobs],
-                       prompt=jobs[0].prompt_texts, tokens=sum(j.tokens_charged for j in jobs),
-                       endpoint=COMPARE)
+        jobs, labels = await prepare_compare(state, body, ctx.request_id, request)
     except APIError as exc:
-        state.metrics.requests.labels(COMPARE, "n/a", str(exc.status)).inc()
+        state.metrics.requests.labels(COMPARE, "n/a", status_label(exc.status)).inc()
         raise
     ctx.log_extra.update({"variants": len(jobs), "user": body.user, "stream": body.stream,
                           "steering": [dump(j.resolved.applied) for j in jobs]})
@@ -279,7 +227,8 @@ async def _stream(run: _Run, handles: list, request: Request) -> AsyncIterator[s
         rid = run.jobs[0].request_id.rpartition("-v")[0] or run.jobs[0].request_id
         log.exception("request %s: compare stream failed", rid)
         message = f"compare stream failed (request id {rid}); the server log has the details"
-        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
+        yield error_event(APIError(500, message, type="server_error",
+                                   code=ErrorCode.INTERNAL_ERROR))
         yield DONE
     finally:
         cancel([h for i, h in enumerate(handles) if not run.choice(i).done])

@@ -1,6 +1,6 @@
 """The OpenAI endpoints: `POST /v1/chat/completions` and `POST /v1/completions`.
 
-Each request is prepared into a job (`server.api.prepare`), submitted to the engine one request
+Each request is validated (`server.api.validation`), prepared into a job (`server.api.prepare`), submitted to the engine one request
 per choice (`server.api.jobs`), and answered as one JSON body (`server.api.responses`) or a
 server-sent event stream (`server.api.streaming`). A client that goes away cancels its engine
 requests.
@@ -8,14 +8,12 @@ requests.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.api.jobs import submit
 from server.api.monitoring import resolve_monitors
-from server.api.prepare import CHAT, COMPLETIONS, Job, prepare_chat, prepare_completion
+from server.api.prepare import CHAT, COMPLETIONS, Job, prepare
 from server.api.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -28,8 +26,10 @@ from server.api.responses import respond
 from server.api.routing import CheckedBodyRoute
 from server.api.streaming import stream_response
 from server.api.tracker import Tracker
+from server.api.validation import validate
 from server.context import request_context
 from server.errors import APIError
+from server.observability.metrics import status_label
 from server.state import ServerState, get_state
 
 router = APIRouter(route_class=CheckedBodyRoute)
@@ -52,17 +52,17 @@ async def run_job(state: ServerState, job: Job, request: Request) -> Response:
     return await respond(state, job, tracker, handles, request)
 
 
-async def _complete(body, request: Request, endpoint: str,
-                    prepare: Callable[..., Awaitable[Job]]) -> Response:
+async def _complete(body: ChatCompletionRequest | CompletionRequest, request: Request,
+                    endpoint: str) -> Response:
     state = get_state(request)
     ctx = request_context(request)
     try:
         state.require_ready()
         monitors = resolve_monitors(state, body.monitor, ctx)
-        job = await prepare(state, body, ctx.request_id, request)
+        [job] = await prepare(state, validate(state, body), ctx.request_id, request)
         job.monitors = monitors
     except APIError as exc:
-        state.metrics.requests.labels(endpoint, "n/a", str(exc.status)).inc()
+        state.metrics.requests.labels(endpoint, "n/a", status_label(exc.status)).inc()
         raise
     ctx.log_extra["user"] = body.user
     return await run_job(state, job, request)
@@ -71,10 +71,10 @@ async def _complete(body, request: Request, endpoint: str,
 @router.post(CHAT, response_model=ChatCompletionResponse,
              responses={**ERROR_RESPONSES, 200: {"content": SSE}})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _complete(body, request, CHAT, prepare_chat)
+    return await _complete(body, request, CHAT)
 
 
 @router.post(COMPLETIONS, response_model=CompletionResponse,
              responses={**ERROR_RESPONSES, 200: {"content": SSE}})
 async def completions(body: CompletionRequest, request: Request):
-    return await _complete(body, request, COMPLETIONS, prepare_completion)
+    return await _complete(body, request, COMPLETIONS)

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.context import request_context
-from server.errors import INVALID, APIError, error_body, validation_error
+from server.errors import INVALID, APIError, ErrorCode, error_body, validation_error
 
 log = logging.getLogger("server")
 
@@ -48,4 +48,4 @@ def install(app: FastAPI) -> None:
         rid = request_context(request).request_id
         log.exception("unhandled error in request %s", rid)
         return JSONResponse(error_body(f"internal error (request id {rid})", "server_error",
-                                       code="internal_error"), status_code=500)
+                                       code=ErrorCode.INTERNAL_ERROR), status_code=500)

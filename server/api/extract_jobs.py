@@ -9,7 +9,9 @@ extracted beside serving and served as soon as it is done, without a restart.
                                              pack's description
     DELETE /v1/steering/packs/extract/{id}   cancel (at the job's next forward)
 
-A class is a list of prompts (strings) or of {prompt, completion} objects (then activations are
+Needs the pack-admin grant (`pack_admin: true` with `lower_refusal: true`; no keys configured:
+refused, as uploads are); a pack loaded at start cannot be replaced. A class is a list of
+prompts (strings) or of {prompt, completion} objects (then activations are
 read on the completion, as `steer extract --positive FILE` reads them); a `dataset` is the shipped
 refusal prompts (harmful vs harmless train, the first `n` of each) or a shipped concept
 (`steering.data.contrastive.SHIPPED_CONCEPTS`). Quotas: at least 4 and at most
@@ -19,8 +21,10 @@ characters, and `STEER_MAX_EXTRACT_JOBS` jobs at once (429 beyond).
 The job (`steering.extraction.jobs.ExtractionJob`) runs on its own full-precision copy of the
 served model (loaded per job: the extraction's hooks must never touch the serving model), at a
 lower thread priority and with its forwards limited to `STEER_EXTRACT_SHARE` of the wall clock.
-On success the pack is checked against the served model like an upload (`check_compatible`),
-saved to `STEER_PACKS_DIR` when one is set (so a restart serves it too), and installed
+On success the pack is checked like an upload: against the served model (`check_compatible`)
+and against the shipped refusal pack (`steering.packs.consistency`: a concept's direction may
+not point against refusal), saved to `STEER_PACKS_DIR` when one is set (so a restart serves it
+too), and installed
 (`server.packs.install_pack`): requests may name it at once. Submission and cancellation are
 audit lines (`pack_extraction_submitted`, `pack_extraction_cancelled`); the outcome is logged.
 """
@@ -38,10 +42,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.pack_admin import _require_admin
+from server.api.pack_admin import _refuse_pinned, _require_pack_admin
 from server.api.protocol import ERROR_RESPONSES, ErrorResponse
 from server.api.routing import CheckedBodyRoute
-from server.errors import APIError, bad_request, not_found
+from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.packs import install_pack
 from server.security.audit import pack_event
 from server.security.hardening import check_name
@@ -49,6 +53,7 @@ from server.state import ServerState, get_state
 from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
 from steering.data.prompts import load_instructions
 from steering.extraction.jobs import ExtractionJob
+from steering.packs.consistency import check_against_refusal
 from steering.packs.format import PackError, check_compatible
 
 log = logging.getLogger("server")
@@ -88,10 +93,10 @@ def _examples(entries: list, where: str, max_chars: int) -> list[Example]:
         for text, field in ((prompt, "prompt"), (completion, "completion")):
             if text is not None and len(text) > max_chars:
                 raise bad_request(f"{where}[{i}].{field} has {len(text)} characters; the limit "
-                                  f"is {max_chars}", f"{where}[{i}]", "prompt_too_long")
+                                  f"is {max_chars}", f"{where}[{i}]", ErrorCode.PROMPT_TOO_LONG)
         if not prompt.strip():
             raise bad_request("an example's prompt must not be empty", f"{where}[{i}]",
-                              "empty_prompt")
+                              ErrorCode.EMPTY_PROMPT)
         out.append(Example(prompt, completion))
     return out
 
@@ -101,7 +106,8 @@ def _classes(state: ServerState, body: ExtractRequest
     s = state.settings
     if body.dataset is not None:
         if body.positive is not None or body.negative is not None:
-            raise bad_request("give either dataset or positive and negative", "dataset")
+            raise bad_request("give either dataset or positive and negative", "dataset",
+                              ErrorCode.INVALID_COMBINATION)
         n = min(body.n or 64, s.max_extract_prompts)
         if body.dataset == "refusal":
             pos = [Example(p) for p in load_instructions("harmful_train")[:n]]
@@ -111,23 +117,24 @@ def _classes(state: ServerState, body: ExtractRequest
         if shipped is None:
             known = ", ".join(["refusal", *sorted(SHIPPED_CONCEPTS)])
             raise bad_request(f"unknown dataset {body.dataset[:80]!r} (known: {known})",
-                              "dataset", "unknown_dataset")
+                              "dataset", ErrorCode.UNKNOWN_DATASET)
         return (load_examples(shipped.positive)[:n], load_examples(shipped.negative)[:n],
                 (shipped.positive, shipped.negative))
     if body.positive is None or body.negative is None:
         raise bad_request("give positive and negative examples (or a dataset)",
-                          "positive" if body.positive is None else "negative")
+                          "positive" if body.positive is None else "negative",
+                          ErrorCode.INVALID_EXAMPLES)
     classes = []
     for where, entries in (("positive", body.positive), ("negative", body.negative)):
         if not 4 <= len(entries) <= s.max_extract_prompts:
             raise bad_request(f"{where} must hold 4 to {s.max_extract_prompts} examples, got "
-                              f"{len(entries)}", where, "extract_quota")
+                              f"{len(entries)}", where, ErrorCode.EXTRACT_QUOTA)
         classes.append(_examples(entries, where, s.max_extract_prompt_chars))
     pos, neg = classes
     if {e.completion is None for e in pos} | {e.completion is None for e in neg} == {True,
                                                                                        False}:
         raise bad_request("either every example has a completion or none has", "negative",
-                          "mixed_examples")
+                          ErrorCode.MIXED_EXAMPLES)
     return pos, neg, ("request.positive", "request.negative")
 
 
@@ -150,8 +157,14 @@ def _finish(state: ServerState, loop: asyncio.AbstractEventLoop):
 
     def install(job: ExtractionJob) -> None:
         pack = job.pack
+        reference = state.packs.get("refusal") if "refusal" in state.pinned_packs else None
         try:
             check_compatible(pack, state.lm.model)
+            if reference is not None:  # as an upload is (an inverted refusal is refused)
+                check_against_refusal(pack, reference)
+            if pack.name in state.pinned_packs:
+                raise PackError(f"pack {pack.name!r} was loaded at start and cannot be "
+                                "replaced while serving")
         except PackError as exc:
             job.status, job.error, job.pack = "failed", f"the pack does not fit the served " \
                                                         f"model: {exc}", None
@@ -193,7 +206,7 @@ def _describe(state: ServerState, job: ExtractionJob) -> dict:
 def _job(state: ServerState, job_id: str) -> ExtractionJob:
     job = state.extraction_jobs.get(job_id)
     if job is None:
-        raise not_found(f"no extraction job {job_id[:80]!r}", "id", "job_not_found")
+        raise not_found(f"no extraction job {job_id[:80]!r}", "id", ErrorCode.JOB_NOT_FOUND)
     return job
 
 
@@ -202,19 +215,20 @@ def _job(state: ServerState, job_id: str) -> ExtractionJob:
 async def submit_extraction(body: ExtractRequest, request: Request):
     state = get_state(request)
     state.require_ready()
-    _require_admin(request)
+    _require_pack_admin(request)
     check_name(body.name, "pack", "name")
+    _refuse_pinned(state, body.name, "replaced")
     if body.name in state.packs and not body.replace:
         raise APIError(409, f"a pack named {body.name!r} is already loaded (send 'replace': "
-                            "true to replace it)", param="name", code="pack_exists")
+                            "true to replace it)", param="name", code=ErrorCode.PACK_EXISTS)
     running = [j for j in state.extraction_jobs.values() if not j.done]
     if len(running) >= state.settings.max_extract_jobs:
         raise APIError(429, f"{len(running)} extraction job(s) running; at most "
                             f"{state.settings.max_extract_jobs} at once", type="rate_limit_error",
-                       code="extraction_busy", headers={"Retry-After": "30"})
+                       code=ErrorCode.EXTRACTION_BUSY, headers={"Retry-After": "30"})
     if any(j.name == body.name for j in running):
         raise APIError(409, f"an extraction job for {body.name!r} is running", param="name",
-                       code="job_exists")
+                       code=ErrorCode.JOB_EXISTS)
     positive, negative, sources = _classes(state, body)
     loader = state.extraction_model or _default_loader(state)
     try:
@@ -222,7 +236,7 @@ async def submit_extraction(body: ExtractRequest, request: Request):
                             share=state.settings.extract_share, sources=sources,
                             on_done=_finish(state, asyncio.get_running_loop()))
     except ValueError as exc:
-        raise bad_request(str(exc), "positive", "invalid_examples") from None
+        raise bad_request(str(exc), "positive", ErrorCode.INVALID_EXAMPLES) from None
     finished = [k for k, j in state.extraction_jobs.items() if j.done]
     for k in finished[:max(0, len(finished) - KEPT_JOBS + 1)]:
         del state.extraction_jobs[k]
@@ -239,7 +253,7 @@ async def submit_extraction(body: ExtractRequest, request: Request):
 @router.get(EXTRACT, responses=ERROR_RESPONSES)
 async def list_extractions(request: Request):
     state = get_state(request)
-    _require_admin(request)
+    _require_pack_admin(request)
     return {"object": "list", "data": [_describe(state, j)
                                        for j in state.extraction_jobs.values()]}
 
@@ -247,14 +261,14 @@ async def list_extractions(request: Request):
 @router.get(EXTRACT + "/{job_id}", responses=ERROR_RESPONSES)
 async def extraction_progress(job_id: str, request: Request):
     state = get_state(request)
-    _require_admin(request)
+    _require_pack_admin(request)
     return _describe(state, _job(state, job_id))
 
 
 @router.delete(EXTRACT + "/{job_id}", responses=ERROR_RESPONSES)
 async def cancel_extraction(job_id: str, request: Request):
     state = get_state(request)
-    _require_admin(request)
+    _require_pack_admin(request)
     job = _job(state, job_id)
     status: Literal["cancelling", "finished"] = "finished" if job.done else "cancelling"
     if not job.done:

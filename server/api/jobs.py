@@ -17,7 +17,7 @@ from fastapi import Request
 
 from server.api.prepare import Job
 from server.engine import EngineStopped, GenerationRequest, QueueFull, TokenEvent
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorCode, bad_request
 from server.state import ServerState
 
 log = logging.getLogger("server")
@@ -31,20 +31,21 @@ def submit(state: ServerState, job: Job) -> list:
         for c, sp in enumerate(job.sampling):
             handles.append(engine.submit(GenerationRequest(
                 prompt_ids=job.prompts[c // job.n], sampling=sp, steering=job.resolved.row,
-                request_id=f"{job.request_id}-{c}", monitors=job.monitors)))
+                request_id=f"{job.request_id}-{c}", tenant=job.tenant,
+                monitors=job.monitors)))
     except QueueFull:
         cancel(handles)
         raise APIError(429, "the server is busy (request queue full); retry shortly",
-                       type="rate_limit_error", code="queue_full",
+                       type="rate_limit_error", code=ErrorCode.QUEUE_FULL,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except EngineStopped:
         cancel(handles)
         raise APIError(503, "the server is shutting down and admits no new requests",
-                       type="service_unavailable", code="shutting_down",
+                       type="service_unavailable", code=ErrorCode.SHUTTING_DOWN,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except ValueError as exc:
         cancel(handles)
-        raise bad_request(str(exc)) from None
+        raise bad_request(str(exc), None, ErrorCode.INVALID_VALUE) from None
     except BaseException:
         cancel(handles)
         raise
@@ -164,11 +165,11 @@ def choice_error(job: Job, finish_reason: str | None, error: str | None,
     if finish_reason == "timeout":
         return APIError(504, f"the request timed out after {timeout_s:g} s "
                              f"(request id {job.request_id})", type="timeout_error",
-                        code="timeout")
+                        code=ErrorCode.TIMEOUT)
     if finish_reason == "cancelled":
         return APIError(503, "the request was cancelled by the server (shutting down?)",
-                        type="service_unavailable", code="cancelled")
+                        type="service_unavailable", code=ErrorCode.CANCELLED)
     log.error("request %s: generation failed (%s): %s", job.request_id, finish_reason,
               error or "no detail")
     return APIError(500, f"generation failed (request id {job.request_id}); the server log has "
-                         "the details", type="server_error", code="engine_error")
+                         "the details", type="server_error", code=ErrorCode.ENGINE_ERROR)

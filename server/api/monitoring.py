@@ -25,15 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from server.api.protocol import MAX_MONITORS
 from server.context import RequestContext
-from server.errors import APIError, bad_request, not_found
+from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.state import ServerState
 from steering.interventions.monitors import Monitor, MonitorSet, monitor_of, vector_monitor
 from steering.interventions.raw import decode_vector
 from steering.interventions.schema import MonitorObject
 from steering.interventions.spec import SteeringError
-
-MAX_MONITORS = 8  # in one request
 
 
 def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] | None,
@@ -41,9 +40,12 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
     """The request's monitors, checked against the loaded packs and the key's pack policy."""
     if not entries:
         return ()
+    if not getattr(state.engine, "reads_stream", False):
+        raise bad_request("this server's engine does not read the stream (monitors need the "
+                          "native engine)", "monitor", ErrorCode.UNSUPPORTED_ENGINE)
     if len(entries) > MAX_MONITORS:
         raise bad_request(f"monitor may hold at most {MAX_MONITORS} entries, got "
-                          f"{len(entries)}", "monitor", "too_many_monitors")
+                          f"{len(entries)}", "monitor", ErrorCode.TOO_MANY_MONITORS)
     key = ctx.api_key
     out: list[Monitor] = []
     for i, entry in enumerate(entries):
@@ -51,7 +53,7 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
         obj = MonitorObject(pack=entry) if isinstance(entry, str) else entry
         if (obj.pack is None) == (obj.vector is None):
             raise bad_request("a monitor reads a pack or a vector (exactly one)", where,
-                              "invalid_monitor")
+                              ErrorCode.INVALID_MONITOR)
         if obj.vector is not None:
             out.append(_vector_monitor(state, obj, where))
             continue
@@ -60,20 +62,20 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
             known = ", ".join(sorted(state.packs)) or "none loaded"
             raise not_found(f"unknown steering pack {obj.pack[:80]!r}; loaded packs: {known}",
                             f"{where}.pack" if not isinstance(entry, str) else where,
-                            "pack_not_found")
+                            ErrorCode.PACK_NOT_FOUND)
         if key is not None and key.policy.packs is not None and obj.pack not in key.policy.packs:
             raise APIError(403, f"key {key.id!r} is not allowed this request by policy rule "
                                 f"'packs': pack {obj.pack!r} is not allowed (allowed: "
                                 f"{', '.join(sorted(key.policy.packs)) or 'none'})",
-                           type="permission_error", param=where, code="policy_packs")
+                           type="permission_error", param=where, code=ErrorCode.POLICY_PACKS)
         try:
             out.append(monitor_of(pack, obj.layer, obj.name, param=where))
         except SteeringError as exc:
-            raise bad_request(str(exc), exc.param, "invalid_monitor") from None
+            raise bad_request(str(exc), exc.param, ErrorCode.INVALID_MONITOR) from None
     names = [m.name for m in out]
     if len(set(names)) != len(names):
         raise bad_request(f"monitor names must be unique, got {names} (give a 'name')",
-                          "monitor", "duplicate_monitor")
+                          "monitor", ErrorCode.DUPLICATE_MONITOR)
     return tuple(out)
 
 
@@ -83,7 +85,7 @@ def _vector_monitor(state: ServerState, obj: MonitorObject, where: str) -> Monit
     layer = vector.layer if vector.layer is not None else obj.layer
     if layer is None:
         raise bad_request("a vector monitor needs its layer (vector.layer)",
-                          f"{where}.vector.layer", "invalid_monitor")
+                          f"{where}.vector.layer", ErrorCode.INVALID_MONITOR)
     lm = state.lm
     try:
         weight, digest = decode_vector(vector.data, vector.shape, lm.d_model, "monitor",
@@ -91,7 +93,7 @@ def _vector_monitor(state: ServerState, obj: MonitorObject, where: str) -> Monit
         return vector_monitor(weight, layer, lm.n_layers, obj.bias, obj.name,
                               f"vector:{digest[:12]}", where)
     except SteeringError as exc:
-        raise bad_request(str(exc), exc.param, "invalid_monitor") from None
+        raise bad_request(str(exc), exc.param, ErrorCode.INVALID_MONITOR) from None
 
 
 def _finite(x: float) -> float | None:

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse, Response
 
-from server.errors import not_found
+from server.errors import ErrorCode, not_found
 
 router = APIRouter()
 
@@ -36,6 +36,6 @@ async def playground_slash() -> Any:
 @router.get("/playground/{name}", include_in_schema=False)
 async def playground_asset(name: str) -> Response:
     if name not in PLAYGROUND_FILES:
-        raise not_found(f"no playground file {name!r}")
+        raise not_found(f"no playground file {name!r}", None, ErrorCode.NOT_FOUND)
     return Response(_playground_file(name), media_type=PLAYGROUND_FILES[name],
                     headers={"Cache-Control": "no-cache"})

@@ -1,34 +1,44 @@
-"""Request preparation: a validated protocol request → a `Job` the engine can run.
+"""Request preparation: a validated request (`server.api.validation`) → the `Job`s the engine runs.
+
+`prepare(state, valid, request_id, request)` admits the caller (`server.security.policy.enforce`:
+the key's policy on the checked steering, rate limits charged with the validation's estimate),
+then builds the steering in a worker thread while the chat template and tokenization run in the
+tokenizer thread — nothing costly runs on the event loop, and nothing costly runs for a request
+the key may not make — and ends with the token budget (`validation.check_budget`) and the charge
+settled to what the request costs.
 
 A job holds the token ids per prompt, one `SamplingParams` per choice (choice c is prompt c // n),
-the resolved steering, and what the response needs (ids, times, echo, logprobs). Here live the
-checks that need the server's settings or the model: limits, the chat template, tokenization and
-the token budget (prompt + max_tokens within the context). The checks that need neither are the
-protocol models' own validators (`server.api.protocol`).
+the resolved steering, and what the response needs (ids, times, echo, logprobs). A compare makes
+one job per variant over the same prompt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from fastapi import Request
 
-from server.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from server.api.resolve import Resolved, resolve_steering
+from server.api.resolve import Checked, Resolved
+from server.api.validation import (
+    CHAT,
+    COMPARE,
+    COMPLETIONS,
+    ValidRequest,
+    check_budget,
+    check_token_ids,
+)
+from server.context import request_context
 from server.engine import SamplingParams
-from server.errors import bad_request
-from server.security.hardening import check_prompt_tokens, check_request
-from server.security.policy import enforce_job
+from server.errors import ErrorCode, bad_request
+from server.security.policy import Admission, enforce
 from server.state import ServerState
 from steering.models.chat import format_chat
 
-CHAT = "/v1/chat/completions"
-COMPLETIONS = "/v1/completions"
-ROLE_MAP = {"developer": "system"}
+__all__ = ["CHAT", "COMPLETIONS", "Job", "prepare", "render_chat"]
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Job:
     top_logprobs: int
     echo: bool = False
     monitors: tuple = ()  # steering.interventions.monitors.Monitor per axis (server.api.monitoring)
+    tenant: str | None = None  # the caller's key id (the engine queues keys fairly)
 
     @property
     def method(self) -> str:
@@ -65,163 +76,80 @@ class Job:
         return self.prompt_tokens + sum(sp.max_tokens for sp in self.sampling)
 
 
-# ---- the pieces ----------------------------------------------------------------------------------
+# ---- off the event loop ---------------------------------------------------------------------------
 
 
-def check_limits(state: ServerState, req: ChatCompletionRequest | CompletionRequest) -> None:
-    """The settings' limits on sizes and names, before any tokenization."""
-    check_request(state, req)
-    if req.n > state.settings.max_n:
-        raise bad_request(f"n must be at most {state.settings.max_n}, got {req.n}", "n")
-
-
-def message_text(i: int, message: ChatMessage) -> str:
-    content = message.content
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
-            raise bad_request(f"only text content parts are supported (got type "
-                              f"{part.type!r})", f"messages[{i}].content[{j}]",
-                              "unsupported_content")
-        texts.append(part.text)
-    return "".join(texts)
-
-
-def render_chat(state: ServerState, messages: Sequence[ChatMessage]) -> tuple[str, list[int]]:
+def render_chat(state: ServerState, turns: list[dict[str, str]]) -> tuple[str, list[int]]:
     """The conversation through the model's chat template: its text and token ids."""
-    turns = [{"role": ROLE_MAP.get(m.role, m.role), "content": message_text(i, m)}
-             for i, m in enumerate(messages)]
     tokenizer = state.lm.tokenizer
     try:
         text = format_chat(tokenizer, turns)
     except Exception as exc:  # the model's own template refuses this conversation
         raise bad_request(f"the chat template cannot render these messages: {exc}",
-                          "messages", "invalid_messages") from None
+                          "messages", ErrorCode.INVALID_MESSAGES) from None
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def token_budget(state: ServerState, requested: int | None, default: int, prompt_len: int,
-                 prompt_param: str, param: str = "max_tokens") -> int:
-    """max_tokens for a prompt of `prompt_len` tokens: the request's, or `default` cut to fit
-    the context; 400 when the prompt or prompt + max_tokens does not fit."""
-    ctx = state.lm.context_length
-    check_prompt_tokens(state, prompt_len, prompt_param)
-    if prompt_len >= ctx:
-        raise bad_request(f"this model's maximum context length is {ctx} tokens, but the "
-                          f"prompt has {prompt_len} tokens", prompt_param,
-                          "context_length_exceeded")
-    if requested is None:
-        return max(1, min(default, ctx - prompt_len))
-    limit = state.settings.max_tokens_limit
-    if requested > limit:
-        raise bad_request(f"{param} must be at most {limit}, got {requested}", param,
-                          "max_tokens_too_large")
-    if prompt_len + requested > ctx:
-        raise bad_request(f"this model's maximum context length is {ctx} tokens; the request "
-                          f"asks for {prompt_len + requested} ({prompt_len} in the prompt, "
-                          f"{requested} to generate)", param, "context_length_exceeded")
-    return requested
-
-
-def new_job(state: ServerState, req: ChatCompletionRequest | CompletionRequest,
-            kind: Literal["chat", "completion"], endpoint: str, request_id: str,
-            resolved: Resolved, prompts: list[list[int]], prompt_texts: list[str],
-            max_tokens: list[int], echo: bool = False) -> Job:
-    s = state.settings
-    stops = req.stop_list()
-    if len(stops) > s.max_stop:
-        raise bad_request(f"at most {s.max_stop} stop sequences are allowed, got {len(stops)}",
-                          "stop")
-    choices = len(prompts) * req.n
-    if choices > s.max_choices:
-        raise bad_request(f"a request may ask for at most {s.max_choices} choices "
-                          f"(prompts × n), got {choices}", "n")
-    top = req.top_logprobs_count()
-    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    return Job(kind=kind, endpoint=endpoint, request_id=request_id,
-               response_id=prefix + uuid.uuid4().hex, created=int(time.time()),
-               arrival=time.perf_counter(), resolved=resolved, prompts=prompts,
-               prompt_texts=prompt_texts, n=req.n,
-               sampling=[req.to_sampling_params(max_tokens[c // req.n], c)
-                         for c in range(choices)],
-               stream=req.stream, include_usage=req.include_usage, logprobs=top is not None,
-               top_logprobs=top or 0, echo=echo)
-
-
-def _check_top_logprobs(state: ServerState, top: int | None, param: str) -> None:
-    limit = state.settings.max_top_logprobs
-    if top is not None and top > limit:
-        raise bad_request(f"{param} must be at most {limit}, got {top}", param)
-
-
-# ---- chat and text completions --------------------------------------------------------------------
-
-
-async def prepare_chat(state: ServerState, req: ChatCompletionRequest, request_id: str,
-                       request: Request | None = None) -> Job:
-    """A chat request's job; with `request`, the caller's key policy and rate limits too. The
-    template and tokenization run in the tokenizer thread, off the event loop."""
-    check_limits(state, req)
-    _check_top_logprobs(state, req.top_logprobs, "top_logprobs")
-    resolved = resolve_steering(state, req.model, req.steering)
-    text, ids = await state.in_tokenizer_thread(render_chat, state, req.messages)
-    requested, param = req.requested_max_tokens()
-    max_tokens = token_budget(state, requested, state.settings.default_max_tokens, len(ids),
-                              "messages", param)
-    job = new_job(state, req, "chat", CHAT, request_id, resolved, [ids], [text], [max_tokens])
-    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
-    return job
-
-
-def _tokenize_prompt(state: ServerState, prompt: str | list[int], param: str, echo: bool
-                     ) -> tuple[list[int], str]:
-    tok = state.lm.tokenizer
-    if isinstance(prompt, str):
-        ids, text = list(tok(prompt)["input_ids"]), prompt
-    else:
-        vocab = len(tok)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token ids {bad[:5]} are outside the vocabulary "
-                              f"(0–{vocab - 1})", param, "invalid_token")
-        ids, text = list(prompt), tok.decode(prompt) if echo else ""
-    if not ids:
-        raise bad_request("prompt must not be empty", param, "empty_prompt")
-    return ids, text
-
-
-def _tokenize_prompts(state: ServerState, req: CompletionRequest, prompts: list
-                      ) -> tuple[list[list[int]], list[str], list[int]]:
+def _tokenize(state: ServerState, valid: ValidRequest
+              ) -> tuple[list[list[int]], list[str], list[int]]:
     """Token ids, texts and max_tokens per prompt (in the tokenizer thread)."""
     ids_list, texts, max_tokens = [], [], []
-    for i, prompt in enumerate(prompts):
-        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        ids, text = _tokenize_prompt(state, prompt, param, req.echo)
+    echo = getattr(valid.body, "echo", False)
+    tok = state.lm.tokenizer
+    for prompt in valid.prompts:
+        if prompt.turns is not None:
+            text, ids = render_chat(state, prompt.turns)
+        elif prompt.text is not None:
+            text, ids = prompt.text, list(tok(prompt.text)["input_ids"])
+        else:
+            check_token_ids(state, prompt.ids, prompt.param)
+            text, ids = (tok.decode(prompt.ids) if echo else ""), prompt.ids
         ids_list.append(ids)
         texts.append(text)
-        max_tokens.append(token_budget(state, req.max_tokens,
-                                       state.settings.default_completion_max_tokens, len(ids),
-                                       param))
+        max_tokens.append(check_budget(state, valid, len(ids), prompt.param))
     return ids_list, texts, max_tokens
 
 
-async def prepare_completion(state: ServerState, req: CompletionRequest, request_id: str,
-                             request: Request | None = None) -> Job:
-    """A text completion's job; with `request`, the caller's key policy and rate limits too.
-    Tokenization runs in the tokenizer thread, off the event loop."""
-    check_limits(state, req)
-    _check_top_logprobs(state, req.logprobs, "logprobs")
-    prompts = req.prompts()
-    if not prompts:
-        raise bad_request("prompt must not be empty", "prompt", "empty_prompt")
-    resolved = resolve_steering(state, req.model, req.steering)
-    ids_list, texts, max_tokens = await state.in_tokenizer_thread(_tokenize_prompts, state, req,
-                                                                  prompts)
-    job = new_job(state, req, "completion", COMPLETIONS, request_id, resolved, ids_list, texts,
-                  max_tokens, echo=req.echo)
-    enforce_job(state, request, job)  # the key's policy on the resolved steering; rate limits
-    return job
+def _build(checked: list[Checked]) -> list[Resolved]:
+    """Every run's steering tensors (in a worker thread)."""
+    return [c.build() for c in checked]
+
+
+# ---- the step -------------------------------------------------------------------------------------
+
+
+def admit(state: ServerState, request: Request | None, valid: ValidRequest) -> Admission | None:
+    """The caller's key against every checked steering, and its rate limits charged (403, 429),
+    before any tensor is built or any prompt tokenized (None: no request, no policy)."""
+    if request is None:
+        return None
+    return enforce(state, request, [c.applied for c in valid.steering],
+                   prompt=valid.prompt_texts, tokens=valid.estimate, endpoint=valid.endpoint)
+
+
+async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
+                  request: Request | None = None) -> list[Job]:
+    """One job per run of `valid` (a request: one; a compare: one per variant, request ids
+    suffixed `-v<i>`); with `request`, the caller is admitted first."""
+    admission = admit(state, request, valid)
+    resolved, (ids_list, texts, max_tokens) = await asyncio.gather(
+        asyncio.to_thread(_build, valid.steering),
+        state.in_tokenizer_thread(_tokenize, state, valid))
+    body = valid.body
+    top = body.top_logprobs_count()
+    sampling = [body.to_sampling_params(max_tokens[c // body.n], c)
+                for c in range(valid.choices)]
+    prefix = "chatcmpl-" if valid.kind == "chat" else "cmpl-"
+    base = Job(kind=valid.kind, endpoint=valid.endpoint, request_id=request_id,
+               response_id=prefix + uuid.uuid4().hex, created=int(time.time()),
+               arrival=time.perf_counter(), resolved=resolved[0], prompts=ids_list,
+               prompt_texts=texts, n=body.n, sampling=sampling, stream=body.stream,
+               include_usage=body.include_usage, logprobs=top is not None,
+               top_logprobs=top or 0, echo=getattr(body, "echo", False),
+               tenant=request_context(request).key_id if request is not None else None)
+    jobs = [base] if valid.endpoint != COMPARE else [
+        replace(base, request_id=f"{request_id}-v{i}", resolved=r)
+        for i, r in enumerate(resolved)]
+    if admission is not None:
+        admission.settle(sum(j.tokens_charged for j in jobs))
+    return jobs

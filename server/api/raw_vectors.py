@@ -1,15 +1,18 @@
 """A steering object with its own vector (`"vector": {"data", "shape"?, "layer"?}`): decoded,
-checked and turned into its row by the library (`steering.interventions.raw`), under the server's
-norm bound (`STEER_MAX_VECTOR_NORM`) and strength range. The row joins the batch like a pack's;
-its echo carries `vector: {sha256, norm, shape, layer}` (never the data), which the policy reads
-(the `raw_vectors` grant, `server.security.policy`) and the audit line records.
+checked and turned into a vector pack by the library (`steering.interventions.raw`), under the
+server's norm bound (`STEER_MAX_VECTOR_NORM`). `check_raw` is the validation step's check of such
+an object, after its strength range (`server.api.validation`): what it returns builds its row like any
+pack's (`Checked.build`), and the row joins the batch like a pack's. Its echo carries
+`vector: {sha256, norm, shape, layer}` (never the data), which the policy reads (the
+`raw_vectors` grant, `server.security.policy`) and the audit line records.
 """
 
 from __future__ import annotations
 
-from server.errors import bad_request, not_found
+from server.api.resolve import Part
+from server.errors import ErrorCode, bad_request, not_found
 from server.state import ServerState
-from steering.interventions.methods import RowSteering, SteeringError, build_row
+from steering.interventions.methods import SteeringError, check_spec
 from steering.interventions.raw import raw_spec
 from steering.interventions.schema import SteeringObject
 
@@ -22,14 +25,10 @@ def _at(param: str | None, where: str) -> str:
     return param
 
 
-def resolve_raw(state: ServerState, params: SteeringObject, where: str) -> RowSteering:
-    """The row of a steering object that carries a vector (`where`: `steering` or
-    `steering[i]`)."""
-    settings = state.settings
-    lo, hi = settings.strength_min, settings.strength_max
-    if not lo <= params.strength <= hi:
-        raise bad_request(f"{where}.strength must be between {lo:g} and {hi:g}, got "
-                          f"{params.strength:g}", f"{where}.strength", "strength_out_of_range")
+def check_raw(state: ServerState, params: SteeringObject, where: str, max_norm: float) -> Part:
+    """A steering object that carries a vector, checked (`where`: `steering` or
+    `steering[i]`; its strength already checked by the validation step): the vector decoded and
+    bounded by `max_norm`, the spec checked against its vector pack."""
     vector = params.vector
     assert vector is not None
     when_pack = None
@@ -38,14 +37,14 @@ def resolve_raw(state: ServerState, params: SteeringObject, where: str) -> RowSt
         if when_pack is None:
             known = ", ".join(sorted(state.packs)) or "none loaded"
             raise not_found(f"unknown steering pack {params.when.pack!r}; loaded packs: "
-                            f"{known}", f"{where}.when.pack", "pack_not_found")
+                            f"{known}", f"{where}.when.pack", ErrorCode.PACK_NOT_FOUND)
     lm = state.lm
     try:
         spec, pack = raw_spec(params.to_spec(params.pack), vector.data, vector.shape,
                               vector.layer, lm.n_layers, lm.d_model,
-                              max_norm=settings.max_vector_norm, param=f"{where}.vector")
-        return build_row(spec, pack, when_pack)
+                              max_norm=max_norm, param=f"{where}.vector")
+        return Part(check_spec(spec, pack, when_pack), pack, when_pack)
     except SteeringError as exc:
-        raise bad_request(str(exc), _at(exc.param, where), "invalid_vector"
-                          if (exc.param or "").startswith(f"{where}.vector")
-                          else "invalid_steering") from None
+        raw = (exc.param or "").startswith(f"{where}.vector")
+        raise bad_request(str(exc), _at(exc.param, where), ErrorCode.INVALID_VECTOR if raw
+                          else ErrorCode.INVALID_STEERING) from None

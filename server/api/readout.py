@@ -31,13 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save as save_safetensors
 
 from server.api.prepare import render_chat
-from server.api.protocol import ERROR_RESPONSES, ChatMessage
+from server.api.protocol import ERROR_RESPONSES, ChatMessage, ErrorResponse
 from server.api.resolve import resolve_model
 from server.api.routing import CheckedBodyRoute
+from server.api.validation import chat_turns, check_read_prompt
 from server.context import request_context
 from server.engine import EngineStopped, QueueFull
-from server.errors import APIError, api_error, bad_request, not_found
-from server.security.hardening import check_prompt_tokens
+from server.errors import APIError, ErrorCode, api_error, bad_request, not_found
 from server.security.policy import enforce
 from server.state import ServerState, get_state
 from steering.interventions.capture import (
@@ -76,10 +76,11 @@ class InspectRequest(_Body):
     @model_validator(mode="after")
     def _one_prompt(self):
         if (self.messages is None) == (self.prompt is None):
-            raise api_error("give either messages or prompt (not both)", "messages")
+            raise api_error("give either messages or prompt (not both)", "messages",
+                            ErrorCode.INVALID_COMBINATION)
         if self.messages is not None and not self.messages:
             raise api_error("messages must hold at least one message", "messages",
-                            "empty_messages")
+                            ErrorCode.EMPTY_MESSAGES)
         return self
 
 
@@ -108,12 +109,12 @@ def _pack(state: ServerState, name: str | None, request: Request, param: str = "
     if pack is None:
         known = ", ".join(sorted(state.packs)) or "none loaded"
         raise not_found(f"unknown steering pack {str(name)[:80]!r}; loaded packs: {known}",
-                        param, "pack_not_found")
+                        param, ErrorCode.PACK_NOT_FOUND)
     key = request_context(request).api_key
     if key is not None and key.policy.packs is not None and pack.name not in key.policy.packs:
         raise APIError(403, f"key {key.id!r} is not allowed this request by policy rule "
                             f"'packs': pack {pack.name!r} is not allowed", type="permission_error",
-                       param=param, code="policy_packs")
+                       param=param, code=ErrorCode.POLICY_PACKS)
     return pack
 
 
@@ -121,15 +122,19 @@ async def _on_engine(state: ServerState, fn):
     """`fn(lm)` on the engine thread between decode steps (429 on a full queue, 503 while
     shutting down, as completions answer)."""
     engine = state.require_ready()
+    if not getattr(engine, "reads_stream", False):
+        raise APIError(501, "this server's engine does not read the stream (inspect and "
+                            "activations need the native engine)", type="server_error",
+                       code=ErrorCode.UNSUPPORTED_ENGINE)
     retry = {"Retry-After": str(max(state.settings.retry_after_s, 1))}
     try:
         future = engine.call(fn)
     except QueueFull:
         raise APIError(429, "the server is busy (request queue full); retry shortly",
-                       type="rate_limit_error", code="queue_full", headers=retry) from None
+                       type="rate_limit_error", code=ErrorCode.QUEUE_FULL, headers=retry) from None
     except EngineStopped:
         raise APIError(503, "the server is shutting down and admits no new requests",
-                       type="service_unavailable", code="shutting_down",
+                       type="service_unavailable", code=ErrorCode.SHUTTING_DOWN,
                        headers=retry) from None
     return await future
 
@@ -138,13 +143,13 @@ def _base_model(state: ServerState, model: str | None) -> None:
     _, preset = resolve_model(state, model)
     if preset is not None:
         raise bad_request("model must be the served model here (presets steer; reading the "
-                          "stream does not)", "model", "preset_not_allowed")
+                          "stream does not)", "model", ErrorCode.PRESET_NOT_ALLOWED)
 
 
 # ---- inspect --------------------------------------------------------------------------------------
 
 
-@router.post(INSPECT, responses=ERROR_RESPONSES)
+@router.post(INSPECT, responses={**ERROR_RESPONSES, 501: {"model": ErrorResponse}})
 async def inspect(body: InspectRequest, request: Request):
     state = get_state(request)
     state.require_ready()
@@ -152,23 +157,21 @@ async def inspect(body: InspectRequest, request: Request):
     pack = _pack(state, body.pack, request)
     if body.layer is not None and not 0 <= body.layer < pack.n_layers:
         raise bad_request(f"layer must be between 0 and {pack.n_layers - 1}, got {body.layer}",
-                          "layer")
+                          "layer", ErrorCode.INVALID_VALUE)
     messages = body.messages or [ChatMessage(role="user", content=body.prompt)]
-    if len(messages) > state.settings.max_messages:
-        raise bad_request(f"at most {state.settings.max_messages} messages are allowed",
-                          "messages", "too_many_messages")
-    _, ids = await state.in_tokenizer_thread(render_chat, state, messages)
+    check_read_prompt(state, "messages", messages=len(messages))
+    _, ids = await state.in_tokenizer_thread(render_chat, state, chat_turns(messages))
     n_prompt = len(ids)
     if body.completion:
         tail = await state.in_tokenizer_thread(
             lambda: state.lm.tokenizer(body.completion, add_special_tokens=False)["input_ids"])
         ids = ids + list(tail)
     param = "completion" if body.completion else ("messages" if body.messages else "prompt")
-    check_prompt_tokens(state, len(ids), param)
+    check_read_prompt(state, param, tokens=len(ids))
     if len(ids) > state.lm.context_length:
         raise bad_request(f"this model's maximum context length is {state.lm.context_length} "
                           f"tokens; the prompt and completion have {len(ids)}", param,
-                          "context_length_exceeded")
+                          ErrorCode.CONTEXT_LENGTH_EXCEEDED)
     enforce(state, request, [], prompt=[m.content if isinstance(m.content, str) else ""
                                         for m in messages], tokens=len(ids), endpoint=INSPECT)
     result = await _on_engine(state, lambda lm: inspect_ids(lm, pack, ids, n_prompt,
@@ -191,17 +194,20 @@ def _encode_prompts(state: ServerState, body: ActivationsRequest) -> list[list[i
                         else prompt)
             if not messages:
                 raise bad_request("a conversation must hold at least one message",
-                                  f"prompts[{i}]")
+                                  f"prompts[{i}]", ErrorCode.EMPTY_MESSAGES)
             if not body.chat:
-                raise bad_request("a conversation needs chat true", f"prompts[{i}]")
-            ids = render_chat(state, messages)[1]
+                raise bad_request("a conversation needs chat true", f"prompts[{i}]",
+                                  ErrorCode.INVALID_COMBINATION)
+            check_read_prompt(state, f"prompts[{i}]", messages=len(messages))
+            ids = render_chat(state, chat_turns(messages))[1]
         if not ids:
-            raise bad_request("prompt must not be empty", f"prompts[{i}]", "empty_prompt")
+            raise bad_request("prompt must not be empty", f"prompts[{i}]", ErrorCode.EMPTY_PROMPT)
         out.append(ids)
     return out
 
 
-@router.post(ACTIVATIONS, responses={**ERROR_RESPONSES, 200: {"content": {
+@router.post(ACTIVATIONS, responses={**ERROR_RESPONSES, 501: {"model": ErrorResponse},
+                                     200: {"content": {
     "application/json": {}, "application/octet-stream": {}}}})
 async def activations(body: ActivationsRequest, request: Request):
     state = get_state(request)
@@ -211,30 +217,30 @@ async def activations(body: ActivationsRequest, request: Request):
     n = len(body.prompts)
     if n > s.max_capture_prompts:
         raise bad_request(f"at most {s.max_capture_prompts} prompts per capture, got {n}",
-                          "prompts", "too_many_prompts")
+                          "prompts", ErrorCode.TOO_MANY_PROMPTS)
     lm = state.lm
     try:
         check_request(body.layers, body.positions, lm.n_layers)
     except CaptureError as exc:
-        raise bad_request(str(exc), exc.param, "invalid_capture") from None
+        raise bad_request(str(exc), exc.param, ErrorCode.INVALID_CAPTURE) from None
     width = 2 if body.dtype == "float16" else 4
     size = n * len(body.layers) * len(body.positions) * lm.d_model * width
     if size > s.max_capture_bytes:
         raise bad_request(f"this capture would return {size} bytes ({n} prompts × "
                           f"{len(body.layers)} layers × {len(body.positions)} positions × "
                           f"{lm.d_model} × {width} bytes); the limit is {s.max_capture_bytes}",
-                          "layers", "capture_too_large")
+                          "layers", ErrorCode.CAPTURE_TOO_LARGE)
     ids = await state.in_tokenizer_thread(_encode_prompts, state, body)
     for i, x in enumerate(ids):
-        check_prompt_tokens(state, len(x), f"prompts[{i}]")
+        check_read_prompt(state, f"prompts[{i}]", tokens=len(x))
         if len(x) > lm.context_length:
             raise bad_request(f"prompt {i} has {len(x)} tokens; the context is "
-                              f"{lm.context_length}", f"prompts[{i}]", "context_length_exceeded")
+                              f"{lm.context_length}", f"prompts[{i}]", ErrorCode.CONTEXT_LENGTH_EXCEEDED)
         for p in body.positions:
             try:
                 position_index(p, len(x), i)
             except CaptureError as exc:
-                raise bad_request(str(exc), "positions", "position_out_of_range") from None
+                raise bad_request(str(exc), "positions", ErrorCode.POSITION_OUT_OF_RANGE) from None
     enforce(state, request, [], prompt=[p if isinstance(p, str) else json.dumps(
         [m.model_dump() for m in p]) for p in body.prompts], tokens=sum(map(len, ids)),
         endpoint=ACTIVATIONS)

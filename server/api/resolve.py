@@ -4,8 +4,10 @@ The model name picks the base model or a preset (`<served-name>+<preset>`). A `s
 the body overrides a one-object preset field by field; if it names another method, the preset is
 dropped and the body's object is used alone (a preset's `k` would not fit another method). A list
 on either side is taken whole: a body list replaces the preset, a list preset is used as it is
-when the body has no steering. Each object of a list is resolved alone (its errors name it,
-`steering[1].strength`) and the list becomes one `ComposedSteering`.
+when the body has no steering. Each object of a list is checked alone (its errors name it,
+`steering[1].strength`; `server.api.validation.check_steering`) into a `Checked`, which the
+policy judges before `Checked.build` makes the list one `ComposedSteering` (tensors, off the
+event loop).
 
 A condition (`when`) is decided by the engine at prefill; `Resolved.echo(decided)` gives the
 applied steering with its score, from the steering the engine reports on a choice's first event
@@ -17,11 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.api.protocol import Applied, AppliedSteering, SteeringParams, SteeringValue
-from server.api.raw_vectors import resolve_raw
-from server.errors import bad_request, not_found
+from server.errors import ErrorCode, not_found
 from server.presets import Preset, split_model_name
 from server.state import ServerState
-from steering.interventions.methods import RowSteering, Steering, SteeringError, build_row, compose
+from steering.interventions.methods import (
+    Steering,
+    SteeringSpec,
+    applied,
+    build_row,
+    compose,
+)
+from steering.packs.format import SteeringPack
 
 
 @dataclass
@@ -47,11 +55,42 @@ class Resolved:
         return self.applied.method if not isinstance(self.applied, list) else "composed"
 
 
-def dump(applied: Applied) -> dict | list[dict]:
+@dataclass(frozen=True)
+class Part:
+    """One steering object, checked (`steering.interventions.methods.check_spec`): its spec with
+    defaults resolved and the packs it reads."""
+
+    spec: SteeringSpec
+    pack: SteeringPack | None
+    when_pack: SteeringPack | None
+
+    def applied(self) -> dict:
+        """The object as applied (conditions undecided), the fields of `AppliedSteering`."""
+        return applied(self.spec)
+
+
+@dataclass
+class Checked:
+    """A request's steering, checked but not built: what the policy judges."""
+
+    model: str
+    preset: Preset | None
+    parts: list[Part]
+    listed: bool  # a list (echoed as one), or one object
+    applied: Applied  # as declared (conditions undecided)
+
+    def build(self) -> Resolved:
+        """The kernel parameters of every object (tensors: call it off the event loop)."""
+        rows = [build_row(p.spec, p.pack, p.when_pack) for p in self.parts]
+        return Resolved(self.model, self.preset, compose(rows) if self.listed else rows[0],
+                        self.applied)
+
+
+def dump(steering: Applied) -> dict | list[dict]:
     """The applied steering as JSON data (log lines)."""
-    if isinstance(applied, list):
-        return [a.model_dump() for a in applied]
-    return applied.model_dump()
+    if isinstance(steering, list):
+        return [a.model_dump() for a in steering]
+    return steering.model_dump()
 
 
 def _applied(row: Steering, preset: Preset | None, listed: bool) -> Applied:
@@ -75,11 +114,11 @@ def resolve_model(state: ServerState, model: str | None) -> tuple[str, Preset | 
         if preset is None:
             known = ", ".join(sorted(state.presets)) or "none configured"
             raise not_found(f"unknown preset {preset_name!r} in model {model!r}; presets: "
-                            f"{known}", param="model", code="preset_not_found")
+                            f"{known}", "model", ErrorCode.PRESET_NOT_FOUND)
         return model, preset
     raise not_found(f"the model {model!r} does not exist; this server serves {served!r} and "
                     f"its presets ('{served}+<preset>', see GET /v1/models)",
-                    param="model", code="model_not_found")
+                    "model", ErrorCode.MODEL_NOT_FOUND)
 
 
 def merge(preset: Preset | None, body: SteeringValue | None
@@ -98,57 +137,3 @@ def merge(preset: Preset | None, body: SteeringValue | None
         return [(body, False)]
     merged = preset.steering.model_copy(update={f: getattr(body, f) for f in given})
     return [(merged, preset.calibrated and "strength" not in given)]
-
-
-def _at(param: str | None, where: str) -> str:
-    """`steering.x` → `steering[1].x` for object 1 of a list (`where` is its name)."""
-    param = param or "steering"
-    if param == "steering" or param.startswith("steering."):
-        return where + param[len("steering"):]
-    return param
-
-
-def _resolve_one(state: ServerState, params: SteeringParams, calibrated: bool,
-                 where: str) -> RowSteering:
-    if params.vector is not None:  # the object's own vector instead of a pack's
-        return resolve_raw(state, params, where)
-    settings = state.settings
-    if calibrated:
-        pack = state.packs.get(params.pack or state.default_pack or "")
-        strength = pack.calibrated_strength(params.method) if pack is not None else None
-        if strength is not None:
-            params = params.model_copy(update={"strength": strength})
-    lo, hi = settings.strength_min, settings.strength_max  # the operator's range; the library
-    if params.method != "none" and not lo <= params.strength <= hi:  # checks the rest
-        raise bad_request(f"{where}.strength must be between {lo:g} and {hi:g}, "
-                          f"got {params.strength:g}", f"{where}.strength",
-                          code="strength_out_of_range")
-    pack_name = params.pack or state.default_pack
-    for name, field in ((params.pack, "pack"),
-                        (params.when.pack if params.when else None, "when.pack")):
-        if name is not None and name not in state.packs:
-            known = ", ".join(sorted(state.packs)) or "none loaded"
-            raise not_found(f"unknown steering pack {name!r}; loaded packs: {known}",
-                            f"{where}.{field}", code="pack_not_found")
-    pack = state.packs.get(pack_name) if pack_name is not None else None
-    if pack is not None and (why := pack.unsupported(params.method)):
-        raise bad_request(why, f"{where}.method", code="method_not_in_pack")
-    when_pack = state.packs.get(params.when.pack) if params.when and params.when.pack else None
-    try:
-        return build_row(params.to_spec(pack_name), pack, when_pack)
-    except SteeringError as exc:
-        raise bad_request(str(exc), _at(exc.param, where), code="invalid_steering") from None
-
-
-def resolve_steering(state: ServerState, model: str | None,
-                     body: SteeringValue | None) -> Resolved:
-    model_id, preset = resolve_model(state, model)
-    parts = merge(preset, body)
-    listed = isinstance(body, list) or (body is None and preset is not None
-                                        and isinstance(preset.steering, list))
-    rows = []
-    for i, (params, calibrated) in enumerate(parts):
-        where = f"steering[{i}]" if listed else "steering"
-        rows.append(_resolve_one(state, params, calibrated, where))
-    row = compose(rows) if listed else rows[0]
-    return Resolved(model_id, preset, row, _applied(row, preset, listed))

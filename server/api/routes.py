@@ -12,9 +12,9 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
 )
-from server.api.resolve import resolve_steering
+from server.api.validation import check_steering
 from server.context import request_context
-from server.errors import APIError, not_found
+from server.errors import APIError, ErrorCode, not_found
 from server.security.auth import may_see_internals
 from server.security.policy import effect
 from server.state import ServerState, get_state
@@ -37,7 +37,7 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
     for preset in state.presets.values():
         model_id = f"{name}+{preset.name}"
         try:  # what the preset resolves to with the loaded packs
-            applied = resolve_steering(state, model_id, None).applied
+            applied = check_steering(state, model_id, None).applied
         except APIError:  # not loaded yet: show the preset as written
             shown = [AppliedSteering(method=p.method, strength=p.strength, k=p.k,
                                      layers=p.layers, pack=p.pack, preset=preset.name)
@@ -60,7 +60,7 @@ async def get_model(model_id: str, request: Request):
     for card in _model_cards(get_state(request)):
         if card.id == model_id:
             return card
-    raise not_found(f"the model {model_id!r} does not exist", "model", "model_not_found")
+    raise not_found(f"the model {model_id!r} does not exist", "model", ErrorCode.MODEL_NOT_FOUND)
 
 
 # ---- steering discovery -------------------------------------------------------------------------
@@ -149,14 +149,20 @@ async def healthz(request: Request):
 
 @router.get("/readyz")
 async def readyz(request: Request):
+    from server.lifecycle import engine_alive  # local: lifecycle imports api.errors
+
     state = get_state(request)
-    if state.ready and not state.draining:
+    dead = state.engine is not None and not engine_alive(state.engine)
+    if state.ready and not state.draining and not dead:
         return {"status": "ready", "model": state.served_name,
                 "packs": sorted(state.packs)}
-    status = "failed" if state.load_error else "draining" if state.draining else "loading"
+    status = "failed" if state.load_error or dead else \
+        "draining" if state.draining else "loading"
     body = {"status": status}
     if state.load_error:  # the reason is in the server log, not in a public probe
         body["error"] = "the model failed to load; the server log has the details"
+    elif dead:  # nothing can be served: take this replica out of the rotation
+        body["error"] = "the engine thread stopped; the server log has the details"
     return JSONResponse(body, status_code=503,
                         headers={"Retry-After": str(max(state.settings.retry_after_s, 1))})
 

@@ -31,7 +31,7 @@ from server.api.protocol import (
 )
 from server.api.tracker import Choice, Tracker
 from server.context import RequestContext
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from server.state import ServerState
 
 DONE = "data: [DONE]\n\n"
@@ -148,7 +148,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
         status, outcome = "500", "error"
         log.exception("request %s: stream failed", job.request_id)
         message = f"stream failed (request id {job.request_id}); the server log has the details"
-        yield error_event(APIError(500, message, type="server_error", code="internal_error"))
+        yield error_event(APIError(500, message, type="server_error", code=ErrorCode.INTERNAL_ERROR))
         yield DONE
     finally:
         cancel([h for h, ch in zip(handles, tracker.choices) if not ch.done])

@@ -15,6 +15,7 @@ from server.api.protocol import CompletionLogprobs, TokenLogprob, TopLogprob, Us
 from server.api.resolve import dump
 from server.context import RequestContext
 from server.engine import TokenEvent
+from server.observability.metrics import status_label, steering_label
 from server.security.audit import decide_notes
 from server.state import ServerState
 from steering.interventions.methods import Steering
@@ -107,7 +108,7 @@ class Tracker:
     def __init__(self, state: ServerState, job: Job):
         self.job = job
         self.metrics = state.metrics
-        self.method = job.method
+        self.method = steering_label(job.method)  # a fixed label set (metrics.py)
         self.token_text = token_text(state)
         self.choices = [Choice(c) for c in range(len(job.sampling))]
         if job.kind == "completion" and job.logprobs:
@@ -171,7 +172,7 @@ class Tracker:
 
     def finish(self, status: str) -> None:
         m, job = self.method, self.job
-        self.metrics.requests.labels(job.endpoint, m, status).inc()
+        self.metrics.requests.labels(job.endpoint, m, status_label(status)).inc()
         self.metrics.e2e.labels(job.endpoint, m).observe(time.perf_counter() - job.arrival)
         self.metrics.prompt_tokens.labels(m).inc(job.prompt_tokens)
         self.metrics.generation_tokens.labels(m).inc(sum(ch.tokens for ch in self.choices))

@@ -13,6 +13,7 @@ from server.engine.core import (
     SamplingParams,
     TokenEvent,
 )
+from server.engine.select import build as build_engine
 
-__all__ = ["Engine", "EngineStopped", "GenerationRequest", "QueueFull", "SamplingParams",
+__all__ = ["build_engine", "Engine", "EngineStopped", "GenerationRequest", "QueueFull", "SamplingParams",
            "TokenEvent"]

@@ -1,12 +1,13 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
-(Why one ~490-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
+(Why one ~590-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
 whose steps all read and write that state on one thread; the pieces with a job of their own are
 apart: the interface types (`interface`), KV surgery (`kv`), the prefix cache (`prefix`),
-sampling, detokenization, attention, thread tuning.)
+sampling, detokenization, attention, thread tuning, model calls between steps (`calls`).)
 
 One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
-(2) advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
+(2) admits waiting requests in fair-queueing order across tenants (API keys; `_tag`) and
+advances the prefill of newly admitted requests by up to one chunk's worth of prompt tokens
 (`prefill_chunk`) — several short prompts in one step, a long prompt never stalling the running
 ones for more than a chunk — and merges each into the batch when done,
 (3) runs one batched forward for every running request, each row with its own steering through
@@ -86,6 +87,7 @@ class _Slot:
     detok: Detokenizer
     prefill_cache: DynamicCache | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    tag: float = 0.0  # fair queueing: the virtual time it finishes at (smallest goes first)
     gate: ConditionGate | None = None  # while the prompt's conditions are undecided
     position: int = 0  # position id of the next input token
     generated: int = 0
@@ -97,9 +99,11 @@ class _Slot:
 
 
 class Engine:
+    reads_stream = True  # monitors and `call` (capture, inspection); another engine may not
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
                  request_timeout_s: float = 600.0, prefill_chunk: int = 512,
-                 tune_threads: bool = False, prefix_cache: int = 16):
+                 tune_threads: bool = False, prefix_cache: int = 16,
+                 max_queue_per_tenant: int | None = None):
         self.lm = lm
         # The chat template's opening is prefilled as a chunk of its own and its keys/values
         # kept per steering of the prompt (prefix.py); `prefix_cache` entries, 0: no split.
@@ -112,6 +116,11 @@ class Engine:
         use_row_exact_attention(lm.model)  # a row attends as it does alone (attention.py)
         self.max_batch = max_batch
         self.max_queue = max_queue
+        # One tenant (an API key) may hold at most this many waiting requests (None: the whole
+        # queue), so one key cannot fill the queue and make everyone else's requests 429.
+        self.max_queue_per_tenant = max_queue_per_tenant
+        self._vtime = 0.0  # fair queueing's virtual time (`_tag`)
+        self._tenant_tags: dict[str | None, float] = {}
         self.request_timeout_s = request_timeout_s
         self.prefill_chunk = prefill_chunk
         self._waiting: deque[_Slot] = deque()
@@ -155,6 +164,11 @@ class Engine:
         with self._lock:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting)")
+            tenant, cap = request.tenant, self.max_queue_per_tenant
+            if tenant is not None and cap is not None and \
+                    sum(s.request.tenant == tenant for s in self._waiting) >= cap:
+                raise QueueFull(f"this key's share of the queue is full ({cap} waiting)")
+            slot.tag = self._tag(tenant)
             self._waiting.append(slot)
         self._wake()
         return handle
@@ -290,9 +304,11 @@ class Engine:
         while budget > 0:
             if self._prefilling is None:
                 with self._lock:
-                    if (self._waiting and len(self._rows) < self.max_batch
-                            and self._fits(self._waiting[0], budget)):
-                        self._prefilling = self._waiting.popleft()
+                    nxt = self._next_waiting() if len(self._rows) < self.max_batch else None
+                    if nxt is not None and self._fits(nxt, budget):
+                        self._waiting.remove(nxt)
+                        self._vtime = max(self._vtime, nxt.tag - 1.0)
+                        self._prefilling = nxt
             slot = self._prefilling
             if slot is None or not self._fits(slot, budget):
                 return
@@ -306,6 +322,23 @@ class Engine:
                     raise
                 return
             budget -= ran
+
+    def _tag(self, tenant: str | None) -> float:
+        """Start-time fair queueing (Goyal et al. 1996) with a cost of 1 per request: a request
+        finishes, in virtual time, one unit after its tenant's previous one or after the request
+        being served now, whichever is later; the waiting request with the smallest tag goes
+        first. Tenants alternate however many requests each has queued, and a tenant back from
+        idle starts at the current virtual time (no credit saved up). Called under the lock."""
+        tag = max(self._vtime, self._tenant_tags.get(tenant, 0.0)) + 1.0
+        self._tenant_tags[tenant] = tag
+        return tag
+
+    def _next_waiting(self) -> _Slot | None:
+        """The waiting request to admit next: the smallest tag, then the earliest arrival (one
+        tenant alone: arrival order). Called under the lock."""
+        if not self._waiting:
+            return None
+        return min(self._waiting, key=lambda s: (s.tag, s.submitted))
 
     def _fits(self, slot: _Slot, budget: int) -> bool:
         """The step's first chunk always runs; a later one only where it fits the budget left."""

@@ -45,6 +45,7 @@ class GenerationRequest:
     steering: Steering  # conditions are decided at prefill (then this is the decided steering)
     request_id: str = ""
     monitors: MonitorSet = ()  # axes scored at every generated token (TokenEvent.monitor)
+    tenant: str | None = None  # who asked (an API key id): fair queueing between tenants
 
 
 @dataclass

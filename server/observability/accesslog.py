@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.context import request_context
-from server.observability.metrics import Metrics
+from server.context import cap, request_context
+from server.observability.metrics import Metrics, http_method_label, status_label
 
 access_log = logging.getLogger("steer.access")
 REQUEST_ID_HEADER = "x-request-id"
@@ -43,17 +43,6 @@ def _client_request_id(value: str | None) -> str | None:
     if value and len(value) <= 128 and value.isascii() and value.isprintable():
         return value
     return None
-
-
-def cap(value, limit: int):
-    """`value` with every string (nested in dicts and lists too) cut to `limit` characters."""
-    if isinstance(value, str):
-        return value if len(value) <= limit else value[:limit] + f"…(+{len(value) - limit})"
-    if isinstance(value, dict):
-        return {str(k)[:limit]: cap(v, limit) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [cap(v, limit) for v in value[:256]]
-    return value
 
 
 class AccessLogMiddleware:
@@ -89,8 +78,8 @@ class AccessLogMiddleware:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(endpoint, scope["method"],
-                                              str(status["code"])).inc()
+            self.metrics.http_requests.labels(endpoint, http_method_label(scope["method"]),
+                                              status_label(status["code"])).inc()
             if self.enabled and not (endpoint in {"/healthz", "/metrics", "/readyz"}
                                      and status["code"] < 400):
                 client = scope.get("client")

@@ -1,4 +1,12 @@
-"""Prometheus metrics (one registry per app, so several apps can live in one process)."""
+"""Prometheus metrics (one registry per app, so several apps can live in one process).
+
+Every label value comes from a fixed set, whatever a request sends (a label per distinct value
+is a new time series, so a request-chosen label is memory and /metrics size an attacker
+controls): `http_method_label` maps the HTTP method to the standard ones or `other`,
+`status_label` the status to its three digits or `other`, `steering_label` the steering method to
+a known method, `composed` (a list), `n/a` or `other`. Endpoints are route templates (or
+`unmatched`), never the request's path.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,26 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from steering.catalog import METHODS
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STEERING_LABELS = frozenset({*METHODS, "composed", "n/a"})
+OTHER = "other"
+
+
+def http_method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else OTHER
+
+
+def status_label(status: int | str) -> str:
+    text = str(status)
+    return text if len(text) == 3 and text.isdigit() else OTHER
+
+
+def steering_label(method: str) -> str:
+    return method if method in STEERING_LABELS else OTHER
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0, 600.0)

@@ -1,14 +1,23 @@
-"""The audit log: one structured JSON line per steered or denied request, on `steer.audit`.
+"""The audit log: structured JSON lines on `steer.audit`, two per steered request.
 
-Each line holds the time, the server's request id (and the client's `X-Request-ID` as
-`client_request_id`), the key id (never the key; `anonymous` without one), the endpoint, the
-resolved steering (method, strength, k, layers, pack, preset; targeting and the condition with
-its decided score when set; a list as `method: "composed"` with every object under `steering`),
-the final HTTP status and outcome (e.g. `client_closed`, `denied`), the token counts, and the SHA-256 of the prompt — never its
-text. A request refused by policy or rate limit carries `denied` naming the rule. A request
-refused before its steering was resolved — no or a wrong key (401), a route the key may not use
-(403), a body that fails validation (4xx on a POST) — still gets one line, with `event:
+An **admission line** (`event: "admission"`) is written the moment the policy decides (before any
+steering is built or the prompt tokenized), so a crash mid-generation still leaves a record of
+every admitted request; a **completion line** (`event: "steered_request"`) once the response has
+been sent, with the final status. Each holds the time, the server's request id (and the client's
+`X-Request-ID` as `client_request_id`), the key id (never the key; `anonymous` without one), the
+endpoint, the checked steering (method, strength, k, layers, pack, preset; targeting and the
+condition — on the completion line with its decided score; a list as `method: "composed"` with
+every object under `steering`), the tokens charged, and a salted hash of the prompt
+(`prompt_hmac_sha256`: HMAC-SHA256 keyed with `STEER_AUDIT_SALT`, or a random per-process key;
+a plain SHA-256 of a short prompt could be reversed by guessing) — never its text. The completion
+line adds the final HTTP status, the outcome (e.g. `client_closed`, `denied`) and the token
+counts. A request refused by policy or rate limit carries `denied` naming the rule on both. A
+request refused before its steering was checked — no or a wrong key (401), a route the key may
+not use (403), a body that fails validation (4xx on a POST) — still gets one line, with `event:
 "denied_request"`, the error code and no steering.
+
+Every field is capped (`server.context.cap`: strings at `STEER_LOG_FIELD_CHARS`, lists and
+mappings at `MAX_ITEMS` entries), so no request can make a line long.
 
 Pack uploads and deletions (`server.api.pack_admin`) write one line each at once (`pack_event`:
 `event: "pack_uploaded"` / `"pack_deleted"`, the key id, the pack's name, concept, tensor and
@@ -22,6 +31,7 @@ one `write` of one JSON object and a newline. `STEER_AUDIT_LOG` also appends the
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -33,11 +43,13 @@ from pathlib import Path
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.context import RequestContext, request_context
+from server.context import RequestContext, cap, request_context
 from steering.interventions.schema import Applied, AppliedSteering
 
 audit_log = logging.getLogger("steer.audit")
 audit_log.setLevel(logging.INFO)  # always recorded, whatever the root level
+MAX_ITEMS = 64  # entries of a list or mapping an audit line carries
+SALT = os.urandom(32)  # the prompt-hash key of a request no audit middleware saw (tests)
 
 
 def route_path(scope: Scope) -> str:
@@ -48,13 +60,13 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def prompt_hash(prompt: str | Iterable[str] | None) -> str | None:
-    """sha256 over the prompt's UTF-8 (several prompts: joined by NUL)."""
+def prompt_hash(prompt: str | Iterable[str] | None, salt: bytes) -> str | None:
+    """HMAC-SHA256 of the prompt's UTF-8 (several prompts: joined by NUL), keyed with `salt`."""
     if prompt is None:
         return None
     parts = [prompt] if isinstance(prompt, str) else list(prompt)
     data = "\x00".join(parts).encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data).hexdigest()
+    return hmac.new(salt, data, hashlib.sha256).hexdigest()
 
 
 def _object(a: AppliedSteering) -> dict:
@@ -80,11 +92,25 @@ def steering_fields(applied: Applied) -> dict:
 def note(request: Request, applied: Applied, *, prompt=None, tokens: int = 0,
          key_id: str | None = None, endpoint: str | None = None) -> dict:
     """Record one steered request (or compare variant) for the line written after the response."""
+    ctx = request_context(request)
     entry = {"key_id": key_id, "endpoint": endpoint or route_path(request.scope),
-             **steering_fields(applied), "prompt_sha256": prompt_hash(prompt),
+             **steering_fields(applied),
+             "prompt_hmac_sha256": prompt_hash(prompt, ctx.audit_salt or SALT),
              "tokens_charged": tokens}
-    request_context(request).audit.append(entry)
+    ctx.audit.append(entry)
     return entry
+
+
+def admission(request: Request, entries: list[dict], denied=None) -> None:
+    """The admission lines of noted entries, written now: admitted, or `denied` (an APIError)
+    with its code and status."""
+    ctx = request_context(request)
+    for entry in entries:
+        _emit(ctx, {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "time": time.time(), "event": "admission", "request_id": ctx.request_id,
+                    "client_request_id": ctx.client_request_id, **entry,
+                    "key_id": entry.get("key_id") or _key_id(ctx), "admitted": denied is None,
+                    **({"status": denied.status, "denied": denied.code} if denied else {})})
 
 
 def decide_notes(ctx: RequestContext, decided: list[Applied]) -> None:
@@ -132,8 +158,11 @@ def _add_file(path: str) -> None:
 
 
 class AuditMiddleware:
-    def __init__(self, app: ASGIApp, path: str | None = None):
+    def __init__(self, app: ASGIApp, path: str | None = None, max_field_chars: int = 256,
+                 salt: str | None = None):
         self.app = app
+        self.field_chars = max_field_chars
+        self.salt = salt.encode("utf-8") if salt else os.urandom(32)  # per app: per process
         if path:
             _add_file(path)
 
@@ -142,6 +171,8 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         status = {"code": 500}
+        ctx = request_context(scope)
+        ctx.audit_salt, ctx.field_chars = self.salt, self.field_chars
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -151,6 +182,7 @@ class AuditMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            ctx.finish()  # e.g. the key's in-flight slot (policy)
             write_lines(scope, status["code"])
 
 
@@ -172,26 +204,28 @@ def write_lines(scope: Scope, status: int) -> None:
                 "outcome": extra.get("outcome") or ("denied" if entry.get("denied") else None),
                 "prompt_tokens": extra.get("prompt_tokens"),
                 "completion_tokens": extra.get("completion_tokens")}
-        _emit(line)
+        _emit(ctx, line)
     if entries or not (status in (401, 403) or (scope.get("method") == "POST"
                                                  and 400 <= status < 500)):
         return
     error = extra.get("error") or {}
-    _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
-           "event": "denied_request", **common, "key_id": _key_id(ctx),
-           "endpoint": route_path(scope)[:256], "method": None, "strength": None, "k": None,
-           "layers": None, "pack": None, "preset": None, "status": status,
-           "outcome": "denied", "denied": error.get("code"), "param": error.get("param")})
+    _emit(ctx, {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "time": time.time(), "event": "denied_request", **common,
+                "key_id": _key_id(ctx), "endpoint": route_path(scope), "method": None,
+                "strength": None, "k": None, "layers": None, "pack": None, "preset": None,
+                "status": status, "outcome": "denied", "denied": error.get("code"),
+                "param": error.get("param")})
 
 
 def pack_event(request: Request, event: str, **fields) -> None:
     """One audit line for a pack loaded or unloaded while serving."""
     ctx = request_context(request.scope)
-    _emit({"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "time": time.time(),
-           "event": event, "request_id": ctx.request_id,
-           "client_request_id": ctx.client_request_id, "key_id": _key_id(ctx),
-           "endpoint": route_path(request.scope)[:256], **fields})
+    _emit(ctx, {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "time": time.time(), "event": event, "request_id": ctx.request_id,
+                "client_request_id": ctx.client_request_id, "key_id": _key_id(ctx),
+                "endpoint": route_path(request.scope), **fields})
 
 
-def _emit(line: dict) -> None:
+def _emit(ctx: RequestContext, line: dict) -> None:
+    line = cap(line, ctx.field_chars, MAX_ITEMS)
     audit_log.info(json.dumps(line, default=str), extra={"json": line})

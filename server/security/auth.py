@@ -1,7 +1,9 @@
 """API keys (Bearer) for `/v1/*`, stored as SHA-256 hashes, each with a steering policy.
 
-Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Keys come from
-`STEER_KEYS_FILE` (YAML or JSON) or the same document inline in `STEER_KEYS`:
+Off by default (local use); any keys source turns it on — `STEER_KEYS_FILE`, `STEER_KEYS` (even
+empty) or `STEER_AUTH=1` — and an empty store then answers 401 to every caller. Keys come from
+`STEER_KEYS_FILE` (YAML or JSON) or the same document inline in `STEER_KEYS`, validated by the
+pydantic models of `server.security.keysfile`:
 
     default:                     # every key's policy unless the key overrides a field
       methods: [none, actadd, ace]
@@ -13,7 +15,9 @@ Off by default (local use); configuring keys (or `STEER_AUTH=1`) turns it on. Ke
         max_k: 4
         requests_per_minute: 60
         tokens_per_minute: 20000
+        lower_refusal: true      # the explicit grant to lower refusal
         admin: true              # may see internals: pack metadata, why a pack was refused
+        pack_admin: true         # may upload / delete packs (needs lower_refusal: true)
       - id: bob
         sha256: …
 
@@ -32,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +43,12 @@ import yaml
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from server.security.audit import route_path
+from server.security.keysfile import build
 from server.security.policy import Policy, PolicyError
 
 ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 def hash_key(key: str) -> str:
@@ -59,6 +61,7 @@ class ApiKey:
     sha256: str
     policy: Policy
     admin: bool = False  # sees internals (pack metadata, refused packs' reasons); no extra steering
+    pack_admin: bool = False  # may upload / delete packs (the keys file requires lower_refusal)
 
 
 def may_see_internals(key: ApiKey | None) -> bool:
@@ -68,8 +71,12 @@ def may_see_internals(key: ApiKey | None) -> bool:
 
 
 class KeyStore:
-    def __init__(self, keys: list[ApiKey]):
+    """Keys by hash. `configured`: a keys source is set, so authentication is on even when the
+    store is empty (every caller then gets 401)."""
+
+    def __init__(self, keys: list[ApiKey], configured: bool | None = None):
         self._by_hash = {k.sha256: k for k in keys}
+        self.configured = bool(keys) if configured is None else configured
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -82,37 +89,22 @@ class KeyStore:
         return None
 
 
-def parse_keys(data: object, source: str = "keys") -> KeyStore:
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}: expected a mapping with 'keys' (and optional 'default')")
-    default = Policy.parse(data.get("default"), where=f"{source}: default")
-    entries = data.get("keys") or []
-    if not isinstance(entries, list):
-        raise PolicyError(f"{source}: 'keys' must be a list")
-    keys, ids, hashes = [], set(), set()
-    for i, entry in enumerate(entries):
-        where = f"{source}: keys[{i}]"
-        if not isinstance(entry, dict):
-            raise PolicyError(f"{where}: expected a mapping")
-        key_id, digest = str(entry.get("id", "")), str(entry.get("sha256", "")).lower()
-        if not ID_RE.match(key_id):
-            raise PolicyError(f"{where}: id must be 1–64 letters, digits, '.', '_', '@' or '-'")
-        if not HEX64.match(digest):
-            raise PolicyError(f"{where}: sha256 must be the 64 hex digits of the key's SHA-256 "
-                              "(keys are never stored in clear)")
-        if key_id in ids or digest in hashes:
-            raise PolicyError(f"{where}: duplicate id or key")
-        admin = entry.get("admin", False)
-        if not isinstance(admin, bool):
-            raise PolicyError(f"{where}.admin: expected true or false")
-        ids.add(key_id)
-        hashes.add(digest)
-        keys.append(ApiKey(key_id, digest, Policy.parse(entry, default, where), admin))
-    return KeyStore(keys)
+def parse_keys(data: object, source: str = "keys", configured: bool = True) -> KeyStore:
+    """A key store from a parsed keys document (`server.security.keysfile` validates it)."""
+    return KeyStore([ApiKey(r.id, r.sha256, r.policy, r.admin, r.pack_admin)
+                     for r in build(data, source)], configured=configured)
+
+
+def keys_configured(settings) -> bool:
+    """Whether authentication is on: `STEER_AUTH`, or any keys source set (a keys file, or
+    `STEER_KEYS` even when empty). An empty key store then refuses every caller (401): a keys
+    file emptied by mistake never opens the server."""
+    return bool(settings.auth) or settings.keys_file is not None or settings.keys is not None
 
 
 def load_keys(settings) -> KeyStore:
-    """The configured keys (file, then inline); an empty store when none are configured."""
+    """The configured keys (file, then inline); an empty store when none are configured, which
+    is `configured` (authentication on) whenever a source is set (`keys_configured`)."""
     text, source = None, "STEER_KEYS"
     if settings.keys_file:
         p = Path(settings.keys_file)
@@ -121,16 +113,17 @@ def load_keys(settings) -> KeyStore:
         text, source = p.read_text(), str(p)
     elif settings.keys:
         text = settings.keys
-    if text is None:
-        return KeyStore([])
+    configured = keys_configured(settings)
+    if text is None or not text.strip():
+        return KeyStore([], configured=configured)
     try:
         data = json.loads(text) if source.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise PolicyError(f"{source} cannot be parsed ({exc})") from None
-    return parse_keys(data, source)
+    return parse_keys(data, source, configured=configured)
 
 
-def _unauthorized(message: str, code: str) -> APIError:
+def _unauthorized(message: str, code: ErrorCode) -> APIError:
     return APIError(401, message, code=code,
                     headers={"WWW-Authenticate": 'Bearer realm="steer"'})
 
@@ -160,7 +153,7 @@ class AuthMiddleware:
         path = route_path(scope)
         if path in self.closed_paths:
             await APIError(404, f"no route {scope['method']} {path[:200]}",
-                           code="not_found").response()(scope, receive, send)
+                           code=ErrorCode.NOT_FOUND).response()(scope, receive, send)
             return
         if not self.enabled or self.is_open(path):
             await self.app(scope, receive, send)
@@ -172,7 +165,7 @@ class AuthMiddleware:
                 break
         if not header:
             err = _unauthorized("missing API key: send 'Authorization: Bearer <key>'",
-                                "missing_api_key")
+                                ErrorCode.MISSING_API_KEY)
         else:
             scheme, _, token = header.strip().partition(" ")
             key = self.keys.lookup(token.strip()) if scheme.lower() == "bearer" else None
@@ -182,7 +175,7 @@ class AuthMiddleware:
                 return
             err = _unauthorized("invalid API key" if scheme.lower() == "bearer" else
                                 "the Authorization header must be 'Bearer <key>'",
-                                "invalid_api_key")
+                                ErrorCode.INVALID_API_KEY)
         request_context(scope).note_error(err.code, None)
         await err.response()(scope, receive, send)
 

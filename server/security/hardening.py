@@ -1,5 +1,5 @@
-"""Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, limits
-the protocol models do not express, and names that must stay inside their folder.
+"""Input hardening: body size, JSON that Python accepts but JSON does not, odd unicode, and names
+that must stay inside their folder.
 
 `BodyLimitMiddleware` runs after authentication (an unauthenticated request is refused before its
 body is read). It reads each POST/PUT/PATCH body once (413 past `max_body_bytes`, whatever
@@ -12,7 +12,7 @@ only for the error) to name the field, and
 bodies past `OFF_LOOP_BYTES` are parsed and walked in a worker thread, off the event loop. The
 parsed body is kept in the request context, and the API routes validate it without parsing the
 bytes again (`server.api.routing`).
-`check_request`, `check_names` and `check_prompt_tokens` are called by `server.api.prepare`.
+The request limits themselves (counts, lengths, names in a request) are `server.api.validation`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.context import UNPARSED, request_context
-from server.errors import APIError, bad_request
+from server.errors import APIError, ErrorCode, bad_request
+from server.security.audit import route_path
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # packs, presets: no '/', no '..'
 MAX_DEPTH = 64
@@ -41,7 +42,7 @@ def valid_name(name: str) -> bool:
 def check_name(name: str, what: str, param: str) -> None:
     if not valid_name(name):
         raise bad_request(f"invalid {what} name {name[:80]!r}: use 1–64 letters, digits, '.', "
-                          "'_' or '-' (no paths)", param, f"invalid_{what}_name")
+                          "'_' or '-' (no paths)", param, ErrorCode(f"invalid_{what}_name"))
 
 
 # ---- request bodies ----------------------------------------------------------------------------
@@ -170,37 +171,57 @@ def check_json(body: bytes) -> Any:
         return UNPARSED
     except RecursionError:
         raise bad_request(f"the JSON body is nested deeper than {MAX_DEPTH} levels", None,
-                          "invalid_json") from None
+                          ErrorCode.INVALID_JSON) from None
     if not (flagged or _SUSPECT_ESCAPE.search(body) or _SUSPECT_NUMBER.search(body)
             or _too_deep(data)):
         return data
     problem = _walk(data)
     if problem:
         message, param = problem
-        raise bad_request(f"{param}: {message}" if param else message, param, "invalid_value")
+        raise bad_request(f"{param}: {message}" if param else message, param,
+                          ErrorCode.INVALID_VALUE)
     return data
 
 
+def declared_length(scope: Scope) -> int:
+    """The request's Content-Length (0 when absent or not a number)."""
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return 0
+    return 0
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds {limit} bytes", code=ErrorCode.REQUEST_TOO_LARGE)
+
+
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    """`streamed`: routes (path → their own limit) that read their body themselves, in chunks
+    (the pack upload); only a declared length above that limit is refused here."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, streamed: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.streamed = dict(streamed or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
             await self.app(scope, receive, send)
             return
-        too_big = APIError(413, f"the request body exceeds {self.max_bytes} bytes",
-                           code="request_too_large")
-        for k, v in scope.get("headers", []):
-            if k.lower() == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await too_big.response()(scope, receive, send)
-                    return
+        own = self.streamed.get(route_path(scope))
+        if own is not None:
+            if declared_length(scope) > own:
+                await too_large(own).response()(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        too_big = too_large(self.max_bytes)
+        if declared_length(scope) > self.max_bytes:
+            await too_big.response()(scope, receive, send)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -234,47 +255,3 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-# ---- limits request preparation checks-----------------------------------------------------------------
-
-
-def check_request(state, req) -> None:
-    """Limits on messages, stop sequences and names (before any tokenization)."""
-    s = state.settings
-    messages = getattr(req, "messages", None)
-    if messages is not None and len(messages) > s.max_messages:
-        raise bad_request(f"at most {s.max_messages} messages are allowed, got "
-                          f"{len(messages)}", "messages", "too_many_messages")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    for i, stop in enumerate(stops):
-        if len(stop) > s.max_stop_chars:
-            raise bad_request(f"stop sequences may be at most {s.max_stop_chars} characters, "
-                              f"stop[{i}] has {len(stop)}", "stop", "stop_too_long")
-    prompt = getattr(req, "prompt", None)
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
-            and len(prompt) > s.max_choices:
-        raise bad_request(f"at most {s.max_choices} prompts are allowed, got {len(prompt)}",
-                          "prompt", "too_many_prompts")
-    check_names(getattr(req, "model", None), getattr(req, "steering", None))
-
-
-def check_names(model: str | None, steering) -> None:
-    """The preset named in `model` and the packs named in `steering` (one object or a list) are
-    plain names."""
-    parts = steering if isinstance(steering, list) else [steering]
-    for i, part in enumerate(p for p in parts if p is not None):
-        where = f"steering[{i}]" if isinstance(steering, list) else "steering"
-        if part.pack is not None:
-            check_name(part.pack, "pack", f"{where}.pack")
-        if part.when is not None and part.when.pack is not None:
-            check_name(part.when.pack, "pack", f"{where}.when.pack")
-    if model and "+" in model:
-        check_name(model.rpartition("+")[2], "preset", "model")
-
-
-def check_prompt_tokens(state, n_tokens: int, param: str) -> None:
-    limit = state.settings.max_prompt_tokens
-    if limit is not None and n_tokens > limit:
-        raise bad_request(f"the prompt has {n_tokens} tokens; this server accepts at most "
-                          f"{limit}", param, "prompt_too_long")

@@ -36,18 +36,16 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from server.context import request_context
-from server.errors import APIError
+from server.errors import APIError, ErrorCode
 from steering.catalog import REGISTRY
 from steering.interventions.schema import Applied, AppliedSteering
 
 DEFAULT_METHODS = ("none", "actadd", "ace")
-FIELDS = ("methods", "packs", "presets", "max_strength", "max_k", "requests_per_minute",
-          "tokens_per_minute", "lower_refusal", "strength", "raw_vectors")
 # The refusal-lowering methods and strengths come from each method's record
 # (steering.catalog: `lowers`, `raises`).
 LOWERING_METHODS = tuple(m.name for m in REGISTRY.values()
@@ -77,7 +75,7 @@ def effect(method: str) -> dict:
 
 
 class PolicyError(ValueError):
-    """A keys file whose policy cannot be used."""
+    """A keys file whose policy cannot be used (`server.security.keysfile` validates it)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,7 @@ class Policy:
     max_k: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
+    max_concurrent: int | None = None  # requests of the key in flight at once
     lower_refusal: bool = False  # the explicit grant to lower refusal
     raw_vectors: bool = False  # the grant to send a steering object's own vector (any effect)
     strength: tuple[tuple[str, float | None, float | None], ...] = ()  # signed (method, lo, hi)
@@ -99,74 +98,11 @@ class Policy:
                 return lo, hi
         return None, None
 
-    @classmethod
-    def parse(cls, data: dict | None, base: Policy | None = None, where: str = "policy"
-              ) -> Policy:
-        base = base or cls()
-        if data is None:
-            return base
-        if not isinstance(data, dict):
-            raise PolicyError(f"{where}: expected a mapping")
-        updates = {}
-        for name in FIELDS:
-            if name not in data:
-                continue
-            value = data[name]
-            if name in ("lower_refusal", "raw_vectors"):
-                if not isinstance(value, bool):
-                    raise PolicyError(f"{where}.{name}: expected true or false")
-                updates[name] = value
-                continue
-            if name == "strength":
-                updates[name] = _parse_bounds(value, f"{where}.strength")
-                continue
-            if name in ("methods", "packs", "presets"):
-                if value is None or value == "*":
-                    updates[name] = None
-                elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                    updates[name] = frozenset(value)
-                else:
-                    raise PolicyError(f"{where}.{name}: expected a list of names or '*'")
-            elif value is None:
-                updates[name] = None
-            else:
-                if isinstance(value, bool) or not isinstance(value, int | float) \
-                        or not math.isfinite(value) or value < 0:
-                    raise PolicyError(f"{where}.{name}: expected a non-negative number")
-                updates[name] = int(value) if name == "max_k" else float(value)
-        return replace(base, **updates)
-
-
-def _number(value, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PolicyError(f"{where}: expected a finite number")
-    return float(value)
-
-
-def _parse_bounds(value, where: str) -> tuple[tuple[str, float | None, float | None], ...]:
-    """`{method: {min, max}}` (either may be omitted) → ((method, lo, hi), …)."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise PolicyError(f"{where}: expected a mapping of method to {{min, max}}")
-    out = []
-    for method, b in sorted(value.items()):
-        if not isinstance(b, dict) or set(b) - {"min", "max"}:
-            raise PolicyError(f"{where}.{method}: expected {{min: number, max: number}}")
-        lo, hi = _number(b.get("min"), f"{where}.{method}.min"), \
-            _number(b.get("max"), f"{where}.{method}.max")
-        if lo is not None and hi is not None and lo > hi:
-            raise PolicyError(f"{where}.{method}: min exceeds max")
-        out.append((str(method), lo, hi))
-    return tuple(out)
-
 
 def _forbidden(key_id: str, rule: str, message: str) -> APIError:
     return APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
                          f"'{rule}': {message}", type="permission_error",
-                    param="steering", code=f"policy_{rule}")
+                    param="steering", code=ErrorCode(f"policy_{rule}"))
 
 
 def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
@@ -211,6 +147,37 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "max_k", f"k {applied.k} exceeds {policy.max_k}")
 
 
+def summed(parts: Sequence[AppliedSteering]) -> list[tuple[int, AppliedSteering]]:
+    """A steering list's objects of one method that edit the same layer of the same pack, added
+    up: (layer, one object at the summed strength) wherever two or more meet. Repeating an
+    object must not reach a strength no single object may have (`[actadd 2] × 4` is `actadd 8`).
+    The sum is exact for actadd (additions) and an upper bound for ace and the projections
+    (repeats of those do not add up), and it ignores token windows (conservative)."""
+    sums: dict[tuple[str, str | None, int], list[AppliedSteering]] = {}
+    for a in parts:
+        if a.method != "none":
+            for layer in a.layers or []:
+                sums.setdefault((a.method, a.pack, layer), []).append(a)
+    return [(layer, AppliedSteering(method=method, pack=pack, layers=[layer],
+                                    strength=sum(a.strength for a in group),
+                                    k=max((a.k for a in group if a.k is not None), default=None),
+                                    preset=group[0].preset))
+            for (method, pack, layer), group in sums.items() if len(group) > 1]
+
+
+def check_list(key_id: str, policy: Policy, parts: Sequence[AppliedSteering]) -> None:
+    """`check` on every object of a steering list, then on what its repeats add up to."""
+    for part in parts:
+        check(key_id, policy, part)
+    for layer, total in summed(parts):
+        try:
+            check(key_id, policy, total)
+        except APIError as exc:
+            exc.message = (f"{exc.message} (the steering list's {total.method} objects at "
+                           f"layer {layer} add up to strength {total.strength:g})")
+            raise
+
+
 # ---- rate limits ----------------------------------------------------------------------------------
 
 
@@ -242,6 +209,34 @@ class RateLimiter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[tuple[str, str], _Bucket] = {}
+        self._inflight: dict[str, int] = {}
+
+    def acquire(self, key_id: str, limit: int | None) -> bool:
+        """Take one of the key's `limit` in-flight slots (429 when none is free); False when
+        there is no limit (nothing to release)."""
+        if limit is None:
+            return False
+        with self._lock:
+            held = self._inflight.get(key_id, 0)
+            if held >= limit:
+                raise APIError(429, f"key {key_id!r} already has {held} requests in flight "
+                                    f"(its limit is {limit}); retry when one has finished",
+                               type="rate_limit_error", code=ErrorCode.RATE_LIMIT_CONCURRENT,
+                               headers={"Retry-After": "1"})
+            self._inflight[key_id] = held + 1
+        return True
+
+    def release(self, key_id: str) -> None:
+        with self._lock:
+            held = self._inflight.get(key_id, 0) - 1
+            if held > 0:
+                self._inflight[key_id] = held
+            else:
+                self._inflight.pop(key_id, None)
+
+    def inflight(self, key_id: str) -> int:
+        with self._lock:
+            return self._inflight.get(key_id, 0)
 
     def _bucket(self, key_id: str, kind: str, rate: float, now: float) -> _Bucket:
         b = self._buckets.get((key_id, kind))
@@ -264,22 +259,52 @@ class RateLimiter:
                     retry = 3600 if math.isinf(wait) else max(1, math.ceil(wait))
                     raise APIError(429, f"rate limit reached for key {key_id!r}: "
                                         f"{b.rate:g} {kind} per minute; retry in {retry} s",
-                                   type="rate_limit_error", code=f"rate_limit_{kind}",
+                                   type="rate_limit_error",
+                                   code=ErrorCode(f"rate_limit_{kind}"),
                                    headers={"Retry-After": str(retry)})
             for _, b, cost in buckets:
                 b.charge(cost)
+
+    def adjust(self, key_id: str, policy: Policy, tokens: float) -> None:
+        """Charge `tokens` more (a refund when negative) to the key's token bucket, without a
+        check: the difference between what admission estimated and what the request costs."""
+        if policy.tokens_per_minute is None or not tokens:
+            return
+        with self._lock:
+            b = self._bucket(key_id, "tokens", policy.tokens_per_minute, time.monotonic())
+            b.level = min(b.rate, b.level - tokens)
 
 
 # ---- the hook ----------------------------------------------------------------------------------
 
 
+@dataclass
+class Admission:
+    """A request admitted by `enforce`: what was charged, so the cost can be settled once it is
+    known (`settle`: the prompt's tokens, after tokenization)."""
+
+    state: object
+    key: object | None  # server.security.auth.ApiKey
+    estimate: int
+
+    def settle(self, tokens: int) -> None:
+        """The request costs `tokens`: charge (or refund) the difference from the estimate."""
+        if self.key is not None and tokens != self.estimate:
+            _limiter(self.state).adjust(self.key.id, self.key.policy, tokens - self.estimate)
+            self.estimate = tokens
+
+
 def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
-            = None) -> str | None:
-    """Check the caller's key against every resolved steering of a request (403): `variants`
-    holds one entry per steered run (a request, or each compare variant), each one object or a
-    list whose every object is checked. Charges the rate limits (429) and notes each entry for
-    the audit log. Returns the key id (None: auth off)."""
+            = None) -> Admission:
+    """Admit a request: note each entry for the audit log, charge the caller's rate limits (429)
+    and check its key against every checked steering of the request (403). `variants` holds one
+    entry per steered run (a request, or each compare variant), each one object or a list whose
+    every object is checked; `tokens` is the admission's estimate of the request's cost (settle
+    it with `Admission.settle`). Called before any tensor is built or any prompt tokenized: a
+    refused request costs the server nothing more, and it is charged (a key cannot repeat
+    refused requests for free). A key with `max_concurrent` holds one in-flight slot from here
+    until its response has been sent (the request context's finalizers)."""
     from server.security import (
         audit,  # local: audit imports nothing from here, keeps the graph flat
     )
@@ -289,30 +314,25 @@ def enforce(state, request: Request, variants: Sequence[Applied],
     notes = [audit.note(request, a, prompt=prompt, tokens=tokens, key_id=key_id,
                         endpoint=endpoint) for a in variants]
     if key is None:
-        return None
+        audit.admission(request, notes)
+        return Admission(state, None, tokens)
+    limiter = _limiter(state)
     try:
-        for a in variants:
-            for part in (a if isinstance(a, list) else [a]):
-                check(key.id, key.policy, part)
-        limiter: RateLimiter = getattr(state, "rate_limiter", None) or _limiter(state)
+        if limiter.acquire(key.id, key.policy.max_concurrent):  # released once answered
+            request_context(request).finalizers.append(lambda: limiter.release(key.id))
         limiter.take(key.id, key.policy, tokens)
+        for a in variants:
+            check_list(key.id, key.policy, a if isinstance(a, list) else [a])
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code
+        audit.admission(request, notes, denied=exc)
         raise
-    return key_id
+    audit.admission(request, notes)
+    return Admission(state, key, tokens)
 
 
 def _limiter(state) -> RateLimiter:
-    limiter = RateLimiter()
-    state.rate_limiter = limiter
-    return limiter
-
-
-def enforce_job(state, request: Request | None, job) -> None:
-    """`enforce` for a prepared job (`server.api.prepare.Job`: chat or text completion)."""
-    if request is None:
-        return
-    texts = job.prompt_texts if all(job.prompt_texts) else [str(p) for p in job.prompts]
-    enforce(state, request, [job.resolved.applied], prompt=texts, tokens=job.tokens_charged,
-            endpoint=job.endpoint)
+    if getattr(state, "rate_limiter", None) is None:
+        state.rate_limiter = RateLimiter()
+    return state.rate_limiter

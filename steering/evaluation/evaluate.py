@@ -37,6 +37,7 @@ from steering import __version__
 from steering.catalog import REGISTRY
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
 from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-exported)
+    bootstrap_mean_ci,
     is_refusal,
     refusal_score,
     refusal_token_ids,
@@ -89,11 +90,17 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
     return math.exp(nll_sum / n_tokens) if n_tokens else math.nan
 
 
-def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
+def row_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> list[float]:
+    """Per row, KL(base ‖ other) of the softmax distributions (nats), in float64."""
     p = torch.log_softmax(base_logits.double(), -1)
     q = torch.log_softmax(logits.double(), -1)
-    return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
+    return (p.exp() * (p - q)).sum(-1).clamp_min(0).tolist()
+
+
+def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
+    kls = row_kl(base_logits, logits)
+    return sum(kls) / len(kls) if kls else math.nan
 
 
 def rate_record(prefix: str, texts: Sequence[str]) -> dict:
@@ -116,7 +123,9 @@ GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
 class EvalConfig:
     """What to measure and on how much data. Defaults are sized for a CPU in minutes."""
 
-    harmful: str = "harmful_test_jbb"  # split name (may be sliced: "x[a:b]") or JSON file
+    # split name (may be sliced: "x[a:b]") or JSON file. Validation by default: `steer eval` is
+    # the development tool; only `steer report` reads the test split (harmful_test_jbb).
+    harmful: str = "harmful_val"
     harmless: str = "harmless_val[3000:3030]"  # disjoint from the slice extraction selects on
     overrefusal: str | None = "overrefusal"  # benign prompts that look harmful (None: skip)
     n_harmful: int = 100  # prompts judged for refusal
@@ -125,7 +134,12 @@ class EvalConfig:
     completion_tokens: int = 32  # the unsteered completions of those scored for perplexity
     n_general: int = 8  # WikiText-2 paragraphs for general-text perplexity
     general_tokens: int = 96  # tokens of each paragraph
-    max_new_tokens: int = 16  # greedy tokens per completion judged for refusal
+    # Greedy tokens per completion judged for refusal: 64, the length the three-way judge's hand
+    # labels were read at (steering/data/JUDGE_LABELLING.md).
+    max_new_tokens: int = 64
+    three_way: bool = True  # refuses / complies / other with the default offline judge
+    humaneval: int = 0  # HumanEval problems for the capability column (0: off; 164: all)
+    humaneval_tokens: int = 384  # greedy tokens per HumanEval reply
     methods: tuple[str, ...] = METHODS
     strengths: dict[str, tuple[float, ...]] | None = None  # per method; None: DEFAULT_STRENGTHS
     ks: tuple[int, ...] = (1, 2, 4)  # INLP leading-k sweep (the pack's maximum is always added)
@@ -415,35 +429,65 @@ def measure(lm: LoadedModel, data: EvalData, row: RowSteering | None, config: Ev
     out["harmless_examples"] = texts[nh:nh + 3]
     if data.overrefusal:
         out.update(rate_record("overrefusal", texts[nh + nl:]))
+    spans = {"harmful": (0, nh), "harmless": (nh, nh + nl),
+             "overrefusal": (nh + nl, len(prompts))}
+    if config.three_way:
+        out.update(_three_way(lm, prompts, texts, spans, bs))
     if config.judge_url:
-        out.update(_judged(config, prompts, texts, {"harmful": (0, nh),
-                                                     "harmless": (nh, nh + nl),
-                                                     "overrefusal": (nh + nl, len(prompts))}))
+        out.update(_judged(config, prompts, texts, spans))
     nll, n, logits_l = sequence_nll(lm, data.harmless_seqs, data.completion_lens, row,
                                     max(1, bs // 2), desc=f"{label}: perplexity (completions)",
                                     answer_logits=True)
     out["ppl_completions"] = perplexity(nll, n)
     out["harmless_refusal_score"] = float(refusal_score(logits_l, tok_ids).mean())
     base = base_harmless_logits if base_harmless_logits is not None else logits_l
-    out["kl_harmless"] = mean_kl(base, logits_l)
+    kls = row_kl(base, logits_l)
+    out["kl_harmless"] = sum(kls) / len(kls) if kls else math.nan
+    out["kl_harmless_ci"] = list(bootstrap_mean_ci(kls))
     nll, n = sequence_nll(lm, data.general_seqs, [len(s) - 1 for s in data.general_seqs], row,
                           max(1, bs // 4), desc=f"{label}: perplexity (general text)")
     out["ppl_general"] = perplexity(nll, n)
+    if config.humaneval:
+        from steering.evaluation.capability import humaneval_pass_at_1, humaneval_problems
+
+        out["capability"] = humaneval_pass_at_1(
+            lm, row, humaneval_problems(config.humaneval), config.humaneval_tokens, bs,
+            desc=f"{label}: HumanEval").record()
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out, logits_l
 
 
+def _three_way(lm: LoadedModel, prompts: list[str], texts: list[str],
+               spans: dict[str, tuple[int, int]], batch_size: int) -> dict:
+    """Refuses / complies / other per prompt set, by the default offline judge (it reads the
+    unsteered model: the hooks are idle between passes)."""
+    from steering.evaluation.three_way import judge_answers, three_rates
+
+    labels = judge_answers(lm, prompts, texts, batch_size=max(1, batch_size // 2))
+    out: dict = {}
+    for prefix, (a, b) in spans.items():
+        if b > a:
+            out.update(three_rates(prefix, labels[a:b]))
+    return out
+
+
 def _judged(config: EvalConfig, prompts: list[str], texts: list[str],
             spans: dict[str, tuple[int, int]]) -> dict:
-    """The LLM judge's verdicts on every completion, per prompt set next to the matcher's."""
+    """The LLM judge's verdicts on every completion, per prompt set next to the matcher's: the
+    yes/no refusal question and the three-way rubric."""
     from steering.evaluation.llm_judge import LlmJudge, judge_record
+    from steering.evaluation.three_way import three_rates
 
-    verdicts = LlmJudge(config.judge_url, config.judge_model,
-                        config.judge_api_key).refused(prompts, texts)
+    judge = LlmJudge(config.judge_url, config.judge_model, config.judge_api_key)
+    verdicts = judge.refused(prompts, texts)
+    labels = judge.labels(prompts, texts)
     out: dict = {}
     for prefix, (a, b) in spans.items():
         if b > a:
             out.update(judge_record(prefix, verdicts[a:b], [is_refusal(t) for t in texts[a:b]]))
+            parsed = [x for x in labels[a:b] if x is not None]
+            out.update(three_rates(f"{prefix}_llm", parsed))
+            out[f"{prefix}_llm_unparsed"] = (b - a) - len(parsed)
     return out
 
 
@@ -461,6 +505,7 @@ def evaluate(lm: LoadedModel, pack: SteeringPack | None, config: EvalConfig | No
     data = prepare_data(lm, config)
     baseline, base_logits = measure(lm, data, None, config, tok_ids, label="unsteered")
     baseline["kl_harmless"] = 0.0
+    baseline["kl_harmless_ci"] = [0.0, 0.0]
     results = []
     for spec, row in zip(tqdm(grid, desc="steering settings"), rows):
         label = spec_label(spec)
@@ -528,24 +573,48 @@ def _rate(r: dict, prefix: str) -> str:
     return f"{rate:.2f} ({r[f'{prefix}_refused']}/{r[f'{prefix}_n']}) [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def three(r: dict, prefix: str) -> str:
+    """"R 10% · C 62% · O 28% (n=37)": the three-way rates of a prompt set ("–" if unmeasured)."""
+    n = r.get(f"{prefix}_n3")
+    if not n:
+        return "–"
+    return " · ".join(f"{c[0].upper()} {r[f'{prefix}_{c}']['rate']:.0%}"
+                      for c in ("refuses", "complies", "other")) + f" (n={n})"
+
+
 def markdown_table(result: dict) -> str:
-    """The results as one Markdown table, the unsteered baseline first. Rates carry their counts
-    and Wilson 95% intervals; column heads name the prompt set of every number."""
+    """The results as one Markdown table, the unsteered baseline first. Three-way rates
+    (R refuses · C complies · O other, default offline judge) per prompt set; substring-matcher
+    rates with their counts and Wilson 95% intervals; column heads name the prompt set."""
     p = result["prompts"]
     over = "overrefusal" in p
-    head = (f"| setting | harmful refusal ({p['harmful']['source']}) | harmful refusal score "
-            f"| harmless refusal ({p['harmless']['source']}) "
-            + (f"| over-refusal ({p['overrefusal']['source']}) " if over else "")
-            + "| harmless refusal score | PPL (own completions) | PPL (WikiText) | KL harmless |\n"
-            + "|---" * (8 + over) + "|\n")
+    sets = ["harmful", "harmless"] + (["overrefusal"] if over else [])
+    head = ("| setting | "
+            + " | ".join(f"{s} ({p[s]['source']}): three-way" for s in sets)
+            + f" | harmful refusal, substring ({p['harmful']['source']}) | harmful refusal score "
+            f"| harmless refusal, substring ({p['harmless']['source']}) "
+            + (f"| over-refusal, substring ({p['overrefusal']['source']}) " if over else "")
+            + "| harmless refusal score | PPL (own completions) | PPL (WikiText) | KL harmless "
+            + "| HumanEval pass@1 |\n"
+            + "|---" * (9 + over + len(sets)) + "|\n")
     lines = []
     for r in [result["baseline"], *result["results"]]:
         lines.append(
-            f"| {r['label']} | {_rate(r, 'harmful')} | {_fmt(r['harmful_refusal_score'], 2)} "
+            f"| {r['label']} | " + " | ".join(three(r, s) for s in sets)
+            + f" | {_rate(r, 'harmful')} | {_fmt(r['harmful_refusal_score'], 2)} "
             f"| {_rate(r, 'harmless')} " + (f"| {_rate(r, 'overrefusal')} " if over else "")
             + f"| {_fmt(r['harmless_refusal_score'], 2)} | {_fmt(r['ppl_completions'], 2)} "
-            f"| {_fmt(r['ppl_general'], 2)} | {_fmt(r['kl_harmless'], 4)} |")
+            f"| {_fmt(r['ppl_general'], 2)} | {_fmt(r['kl_harmless'], 4)} "
+            f"| {_pass_at_1(r)} |")
     return head + "\n".join(lines) + "\n"
+
+
+def _pass_at_1(r: dict) -> str:
+    c = r.get("capability")
+    if not c:
+        return "–"
+    lo, hi = c["ci"]
+    return f"{c['pass_at_1']:.1%} ({c['passed']}/{c['n']}) [{lo:.0%}, {hi:.0%}]"
 
 
 def judge_table(result: dict) -> str:

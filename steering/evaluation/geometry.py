@@ -85,8 +85,9 @@ def default_specs(pack: SteeringPack) -> list[SteeringSpec]:
              SteeringSpec("ace", 0.0), SteeringSpec("ace", 1.0)]
     if pack.max_k() and pack.layer in pack.inlp:
         k = pack.max_k()
-        specs += [SteeringSpec("inlp_null", 1.0, k), SteeringSpec("inlp_flip", 1.0, k),
-                  SteeringSpec("inlp_reflect", 1.0, k)]
+        specs += [SteeringSpec(m, 1.0, k) for m in ("inlp_null", "inlp_flip", "inlp_reflect",
+                                                     "inlp_zero_positive",
+                                                     "inlp_negate_positive")]
     return specs
 
 

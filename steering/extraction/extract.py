@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # Bumped whenever extraction changes what a pack contains or how it is chosen; cached packs with
 # an older version are extracted again (steering.extraction.store.ensure_pack).
-EXTRACT_VERSION = 2
+EXTRACT_VERSION = 3  # 3: training/validation prompts without the test split's near-duplicates
 
 @dataclass
 class ExtractConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 from steering.models.embedded import cache_root
 from steering.models.fingerprint import fingerprint
 from steering.models.loading import LoadedModel
-from steering.packs.format import SteeringPack, load_pack, pack_paths
+from steering.packs.format import PackError, SteeringPack, load_pack, pack_paths
 from steering.packs.identity import hook_layout
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,49 @@ def default_pack_path(lm: LoadedModel, name: str = "refusal") -> Path:
     return cache_root() / "packs" / f"{safe}-{fp['arch']}" / f"extract-v{EXTRACT_VERSION}" / name
 
 
+def _cached(target: Path, lm: LoadedModel, name: str, given: bool = False) -> SteeringPack | None:
+    """The cached pack at `target`, or None when it was made for other weights of this model
+    (its checkpoint files were updated in place: extract again). A pack the caller named is
+    never replaced: its PackError goes up."""
+    try:
+        return load_pack(target, model=lm.model, name=name)
+    except PackError as exc:
+        if given or "other weights" not in str(exc):
+            raise
+        log.info("cached pack %s: %s; extracting again", target, exc)
+        return None
+
+
+def pack_cached(lm: LoadedModel, path: str | Path | None = None, name: str = "refusal") -> bool:
+    """Whether `ensure_pack(lm, path, name=name)` would only load (extract nothing)."""
+    from steering.extraction.extract import EXTRACT_VERSION
+
+    target = Path(path) if path else default_pack_path(lm, name)
+    if not pack_paths(target)[0].is_file():
+        return False
+    if path:
+        return True  # a pack the caller named is used as it is (or refused: not ours to redo)
+    try:
+        pack = _cached(target, lm, name)
+    except PackError:  # ensure_pack will say why
+        return True
+    return pack is not None and pack.meta.get("extract_version", 1) == EXTRACT_VERSION
+
+
+def concept_pack_cached(lm: LoadedModel, name: str) -> bool:
+    """Whether `ensure_concept_pack(lm, name)` would only load (extract nothing)."""
+    from steering.extraction.concept import CONCEPT_VERSION
+
+    target = default_pack_path(lm, name)
+    if not pack_paths(target)[0].is_file():
+        return False
+    try:
+        pack = _cached(target, lm, name)
+    except PackError:  # ensure_concept_pack will say why
+        return True
+    return pack is not None and pack.meta.get("concept_version") == CONCEPT_VERSION
+
+
 def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fast",
                 name: str = "refusal") -> SteeringPack:
     """Load the pack at `path` (default: the model's cached pack); extract it if missing, or if
@@ -33,8 +76,8 @@ def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fa
 
     target = Path(path) if path else default_pack_path(lm, name)
     tensors, _ = pack_paths(target)
-    if tensors.is_file():
-        pack = load_pack(target, model=lm.model, name=name)
+    pack = _cached(target, lm, name, given=bool(path)) if tensors.is_file() else None
+    if pack is not None:
         version = pack.meta.get("extract_version", 1)
         if version == EXTRACT_VERSION:
             return pack
@@ -44,7 +87,7 @@ def ensure_pack(lm: LoadedModel, path: str | Path | None = None, mode: str = "fa
             return pack
         log.info("cached pack %s is from extraction version %s: extracting again", tensors,
                  version)
-    else:
+    elif not tensors.is_file():
         log.info("no steering pack at %s: extracting one (%s mode)", tensors, mode)
     pack = extract_pack(lm, config=ExtractConfig.preset(mode), name=name)
     pack.meta.setdefault("hook", hook_layout(lm.model))
@@ -64,13 +107,13 @@ def ensure_concept_pack(lm: LoadedModel, name: str) -> SteeringPack:
         raise ValueError(f"no shipped concept {name!r} (known: "
                          f"{', '.join(sorted(SHIPPED_CONCEPTS))})") from None
     target = default_pack_path(lm, name)
-    if pack_paths(target)[0].is_file():
-        pack = load_pack(target, model=lm.model, name=name)
+    pack = _cached(target, lm, name) if pack_paths(target)[0].is_file() else None
+    if pack is not None:
         if pack.meta.get("concept_version") == CONCEPT_VERSION:
             return pack
         log.info("cached concept pack %s is from another extraction version: extracting again",
                  target)
-    else:
+    elif not pack_paths(target)[0].is_file():
         log.info("no %r concept pack at %s: extracting one", name, target)
     pack = extract_concept(lm, load_examples(shipped.positive), load_examples(shipped.negative),
                            name, sources=(shipped.positive, shipped.negative))

@@ -14,9 +14,10 @@ to its solo run), c_b, α_b, v_b and one-sided flag, so one call serves a batch
 that mixes methods. A row with α_b = 0 and v_b = 0 is left exactly unchanged.
 
 The one-sided form is the counterfactual intervention of AlterRep (Ravfogel et al. 2021, §3):
-with the directions oriented toward one class (the harmful one here), α = 2 reflects only the
-activations on that side of the boundary across it and α = 1 moves them onto it; activations
-already on the other side are left alone.
+with the directions oriented toward one class (the harmful one here) and c on the class boundary,
+α = 2 reflects only the activations on that side of the boundary across it and α = 1 moves them
+onto it; activations already on the other side are left alone. (With c = 0 "positive side" means
+the side of the raw origin: the project's `inlp_*_positive` variants, `methods.py`.)
 
 | α | g | effect on z |
 |---|---|---|

@@ -6,24 +6,49 @@
 | actadd    | –                     | –                      | 0            | strength · r_l         | input of layer l (default: the pack's layer) |
 | ablate    | r̂                     | 0                      | strength     | 0                      | every layer's attention and MLP outputs, and the input of layer 0 (see below) |
 | ace       | r̂_l                   | harmless mean μ⁻_l     | 1            | strength · ‖r_l‖ · r̂_l | input of layer l |
-| inlp_null | first k INLP dirs     | 0 (reference-free)     | strength     | 0                      | INLP layer(s), one-sided |
-| inlp_flip | first k INLP dirs     | 0 (reference-free)     | 2 · strength | 0                      | INLP layer(s), one-sided |
-| inlp_reflect | first k INLP dirs  | boundary point         | 2 · strength | 0                      | INLP layer(s), two-sided |
+| inlp_null | first k INLP dirs     | INLP origin m          | strength     | 0                      | INLP layer(s), two-sided |
+| inlp_flip | first k INLP dirs     | INLP origin m          | 2 · strength | 0                      | INLP layer(s), one-sided (relu) |
+| inlp_reflect | first k INLP dirs  | INLP origin m          | 2 · strength | 0                      | INLP layer(s), two-sided |
+| inlp_zero_positive | first k INLP dirs | 0 (raw origin) | strength     | 0                      | INLP layer(s), one-sided (relu); project variant |
+| inlp_negate_positive | first k INLP dirs | 0 (raw origin) | 2 · strength | 0                   | INLP layer(s), one-sided (relu); project variant |
 
-The INLP directions point toward the harmful class. `inlp_null` and `inlp_flip` are one-sided
-and reference-free (c = 0, the bias-free linear maps of the INLP authors' code; the kernel's
-g = relu; AlterRep, Ravfogel et al. 2021): with z = Qᵀh, only the coordinates on the harmful
-(positive) side move, to zero (α = 1, h' = h − Q·relu(z)) or to their negative (α = 2,
-h' = h − 2·Q·relu(z)); negative coordinates are left as they are. This is the counterfactual
-intervention Rocchetti & Ferrara 2026 study (toward the harmless class), and the form their
-claims refer to. Why not the class boundary as c: the boundary is the midpoint of the
-*last-position* class means, but the edit runs at every position, where the stream's
-coordinates sit elsewhere; `bench/inlp_reference.py` measured both (docs/report/notes.md):
-on validation prompts the boundary-referenced flip at k = 2 left 23% harmful refusal, the
-reference-free one 0%, at +1.5% WikiText perplexity, harmless refusal 5% vs 0%.
-`inlp_reflect` is the two-sided reflection across the class boundary, h' = h − 2·QQᵀ(h − c)
-with c the boundary point: harmful activations land among harmless ones and harmless ones among
-harmful ones (it raises refusal on harmless prompts); it is kept for the geometry study.
+The INLP methods share one reference point, the **INLP origin** m = (μ⁺ + μ⁻)/2: the midpoint of
+the harmful and harmless class means at the pack's INLP layer and position. It is where INLP's
+classifiers were fitted from (`steering.extraction.inlp` centres the activations on m before
+every fit), so Qᵀ(h − m) are the coordinates those classifiers read, and m is their class
+boundary (nearest-mean rule; the pack stores Qᵀm as `boundary`). With z = Qᵀ(h − m):
+
+- `inlp_null` is INLP's nullspace projection (Ravfogel et al. 2020, "Null It Out", Alg. 1:
+  x ← P_N x with P_N = I − Σᵢ wᵢwᵢᵀ over the orthonormal classifier directions), applied in the
+  coordinates it was fitted in: h' = m + P_N(h − m) = h − QQᵀ(h − m), i.e. z → 0. Every
+  activation lands on the class boundary inside span(Q), *between* the clusters; nothing outside
+  span(Q) moves. Why m and not the raw origin: the projection is linear in the classifier's input
+  coordinates, and those are centred on m; projecting around the raw origin 0 would put the
+  activation at Qᵀ(0 − m) instead, a point set by where the residual stream's origin happens to
+  lie (on the embedded model's pack, 0.11, −0.92, 0.35 and 0.57 of the way from the harmless to
+  the harmful mean along the four directions). LEACE (Belrose et al. 2023) makes the same point
+  for any orthogonal eraser: its closed form is applied around the mean, x − P(x − E[x]).
+- `inlp_flip` is AlterRep's counterfactual toward the harmless class (Ravfogel et al. 2021,
+  "Counterfactual Interventions Reveal the Causal Effect of Relative Clause Representations on
+  Agreement Prediction", §3: each rowspace coordinate is given the target class's sign, its
+  magnitude kept), in the same coordinates: z → −|z|, h' = h − 2·Q·relu(z). Activations on the
+  harmful side of a direction's boundary are mirrored across it; those on the harmless side stay.
+- `inlp_reflect` reflects every activation across the boundary, h' = h − 2·QQᵀ(h − m) (z → −z):
+  harmful activations land among harmless ones and harmless ones among harmful ones (it raises
+  refusal on harmless prompts); kept for the geometry study.
+- `inlp_zero_positive` and `inlp_negate_positive` are **this project's variants**, not methods
+  of a paper: the same one-sided maps as the flip but around the raw origin of the residual
+  stream (c = 0, z = Qᵀh): positive coordinates set to 0 (z → min(z, 0)) or negated (z → −|z|).
+  "Positive" is relative to the stream's origin, not to the class boundary: on the embedded
+  model the harmless mean itself has positive coordinates along several INLP directions, so these
+  move harmless activations too (89% of WikiText positions; KL 0.48–0.57 on harmless first
+  tokens at k = 2–4, against 0.15 for ablation, in the 2026-12-02 report). From 2026-12-02 to
+  the names' change they were shipped as `inlp_null` / `inlp_flip`; they remove refusal phrases
+  more than the faithful forms, but read by hand their outputs mostly deflect or confabulate
+  instead of answering (the three-way rates in docs/report/judge.md).
+
+Every INLP edit runs at every position of the chosen layer(s) with the reference of the pack's
+position (the class means exist only at the template positions).
 
 Ablation edits where the residual stream is written: the stream entering the chosen layers (the
 embedding, by default) and every attention and MLP output in them — the sites of Arditi et al.'s
@@ -128,17 +153,22 @@ class RowSteering:
         return replace(self, outcome=ConditionOutcome(score, self.condition.holds(score)))
 
     def applied(self) -> dict:
-        s = self.spec
-        window = list(s.generation_window) if s.generation_window is not None else None
-        out = {"method": s.method, "strength": s.strength, "k": s.k,
-               "layers": list(s.layers) if s.layers is not None else None, "pack": s.pack,
-               "apply_to": s.apply_to or "all", "generation_window": window,
-               "when": s.when.describe() if s.when is not None else None, "condition": None}
-        if s.vector is not None:  # a raw vector (raw.py): which one, never its values
-            out["vector"] = s.vector.describe()
-        if self.outcome is not None:
-            out["condition"] = {"score": self.outcome.score, "applied": self.outcome.applied}
-        return out
+        return applied(self.spec, self.outcome)
+
+
+def applied(spec: SteeringSpec, outcome: ConditionOutcome | None = None) -> dict:
+    """A checked spec as applied (the fields of the wire schema's `AppliedSteering`), with its
+    condition's outcome once decided."""
+    window = list(spec.generation_window) if spec.generation_window is not None else None
+    out = {"method": spec.method, "strength": spec.strength, "k": spec.k,
+           "layers": list(spec.layers) if spec.layers is not None else None, "pack": spec.pack,
+           "apply_to": spec.apply_to or "all", "generation_window": window,
+           "when": spec.when.describe() if spec.when is not None else None, "condition": None}
+    if spec.vector is not None:  # a raw vector (raw.py): which one, never its values
+        out["vector"] = spec.vector.describe()
+    if outcome is not None:
+        out["condition"] = {"score": outcome.score, "applied": outcome.applied}
+    return out
 
 
 @dataclass
@@ -192,13 +222,13 @@ def layer_choice(method: str, pack: SteeringPack) -> tuple[list[int], list[int]]
 
 # ---- the row builders: one per method record (steering.catalog) ------------------
 
-Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], tuple[dict, SteeringSpec]]
+Builder = Callable[[SteeringSpec, SteeringPack, tuple[int, ...]], dict]
 BUILDERS: dict[str, Builder] = {}
 
 
 def builder(name: str) -> Callable[[Builder], Builder]:
-    """Register the kernel parameters of method `name`: (spec, pack, layers) → (edits per site,
-    the spec with its defaults resolved)."""
+    """Register the kernel parameters of method `name`: (spec checked by `check_spec`, pack,
+    layers) → edits per site."""
     def register(fn: Builder) -> Builder:
         assert name in REGISTRY, f"{name!r} has no Method record in catalog.py"
         BUILDERS[name] = fn
@@ -216,14 +246,14 @@ def _ablate(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
         # orthogonalization), so projecting it again changes nothing.
         for kind in SITE_KINDS if layer - 1 not in chosen else SITE_KINDS[1:]:
             edits[(layer, kind)] = RowEdit(q=q, c=zeros, alpha=s, v=zeros)
-    return edits, spec
+    return edits
 
 
 @builder("actadd")
 def _actadd(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
     d, s = pack.d_model, float(spec.strength)
     return {(layer, "input"): RowEdit(q=torch.zeros(d, 0), c=torch.zeros(d), alpha=0.0,
-                                      v=s * pack.dim(layer)) for layer in layers}, spec
+                                      v=s * pack.dim(layer)) for layer in layers}
 
 
 @builder("ace")
@@ -235,56 +265,82 @@ def _ace(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
         r_hat = _unit(r)
         edits[(layer, "input")] = RowEdit(q=r_hat[:, None], c=pack.harmless_mean(layer),
                                           alpha=1.0, v=float(spec.strength) * r.norm() * r_hat)
-    return edits, spec
+    return edits
 
 
 def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha: float,
-          one_sided: bool, boundary: bool):
-    k_max = min(pack.inlp[layer].count for layer in layers)
-    k = spec.k if spec.k is not None else k_max
-    if not 1 <= k <= k_max:
-        raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
-                            f"got {k}", "steering.k")
+          one_sided: bool, origin: bool):
+    """The INLP edits: z = Qᵀ(h − c) with c the INLP origin m (`origin`, the literature's
+    forms) or the raw origin 0 (the project's variants); h' = h − α·Q·g(z)."""
+    k = spec.k  # resolved and checked by `check_spec`
     zeros, edits = torch.zeros(pack.d_model), {}
     for layer in layers:
         inl = pack.inlp[layer]
         q = inl.directions[:k].T.contiguous()  # [d, k]
-        # The reflection crosses the class boundary (the boundary point inside span(Q)); the
-        # one-sided edits are reference-free (see the module docstring).
-        c = q @ inl.boundary[:k] if boundary else zeros
+        # Q·(Qᵀm): the INLP origin's part inside span(Q), all that the edit reads of m.
+        c = q @ inl.boundary[:k] if origin else zeros
         edits[(layer, "input")] = RowEdit(q=q, c=c, alpha=alpha, v=zeros, one_sided=one_sided)
-    return edits, replace(spec, k=k)
+    return edits
 
 
 @builder("inlp_null")
 def _inlp_null(spec, pack, layers):
-    return _inlp(spec, pack, layers, float(spec.strength), one_sided=True, boundary=False)
+    """Ravfogel et al. 2020: h' = h − s·QQᵀ(h − m) (s = 1: the nullspace projection)."""
+    return _inlp(spec, pack, layers, float(spec.strength), one_sided=False, origin=True)
 
 
 @builder("inlp_flip")
 def _inlp_flip(spec, pack, layers):
-    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, boundary=False)
+    """Ravfogel et al. 2021 (AlterRep), toward harmless: h' = h − 2s·Q·relu(Qᵀ(h − m))."""
+    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, origin=True)
 
 
 @builder("inlp_reflect")
 def _inlp_reflect(spec, pack, layers):
-    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=False, boundary=True)
+    """Reflection across the class boundary: h' = h − 2s·QQᵀ(h − m)."""
+    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=False, origin=True)
+
+
+@builder("inlp_zero_positive")
+def _inlp_zero_positive(spec, pack, layers):
+    """Project variant: h' = h − s·Q·relu(Qᵀh) (positive raw coordinates to 0)."""
+    return _inlp(spec, pack, layers, float(spec.strength), one_sided=True, origin=False)
+
+
+@builder("inlp_negate_positive")
+def _inlp_negate_positive(spec, pack, layers):
+    """Project variant: h' = h − 2s·Q·relu(Qᵀh) (positive raw coordinates negated)."""
+    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, origin=False)
+
+
+def check_spec(spec: SteeringSpec, pack: SteeringPack | None,
+               condition_pack: SteeringPack | None = None) -> SteeringSpec:
+    """Validate `spec` against `pack` (and its condition against `condition_pack`, default
+    `pack`) and return it with its defaults resolved (layers, k, pack, targeting, the condition's
+    pack and layer), building no tensor: what it reads of the packs is their shapes and INLP
+    direction counts. Its cost grows with the spec's own size only (the schema bounds that), so
+    a server can check a request, and a policy judge what it will do, before any tensor is
+    built. `check_spec` of its own result returns that result."""
+    apply_to, window, _ = _targeting(spec)
+    when = _check_condition(spec.when, condition_pack or pack) if spec.when else None
+    core = _check_method(replace(spec, apply_to=None, generation_window=None, when=None), pack)
+    if core.method == "none":
+        return replace(core, when=when)
+    return replace(core, apply_to=apply_to, generation_window=window, when=when)
 
 
 def build_row(spec: SteeringSpec, pack: SteeringPack | None,
               condition_pack: SteeringPack | None = None) -> RowSteering:
-    """Validate `spec` against `pack` and produce its per-site edits, each limited to the spec's
-    token window, and its condition bound to `condition_pack` (default: `pack`)."""
-    apply_to, window, bounds = _targeting(spec)
-    condition = _bind_condition(spec.when, condition_pack or pack) if spec.when else None
-    row = _method_row(replace(spec, apply_to=None, generation_window=None, when=None), pack)
-    if row.spec.method == "none":
-        return RowSteering(replace(row.spec, when=condition.when if condition else None),
-                           condition=condition)
-    edits = {site: replace(e, window=bounds) for site, e in row.edits.items()}
-    resolved = replace(row.spec, apply_to=apply_to, generation_window=window,
-                       when=condition.when if condition else None)
-    return RowSteering(resolved, edits, condition)
+    """Validate `spec` against `pack` (`check_spec`) and produce its per-site edits, each limited
+    to the spec's token window, and its condition bound to `condition_pack` (default: `pack`)."""
+    resolved = check_spec(spec, pack, condition_pack)
+    condition = _bind_condition(resolved.when, condition_pack or pack) if resolved.when else None
+    if resolved.method == "none":
+        return RowSteering(resolved, condition=condition)
+    _, _, bounds = _targeting(resolved)
+    edits = BUILDERS[resolved.method](resolved, pack, resolved.layers)
+    return RowSteering(resolved, {site: replace(e, window=bounds) for site, e in edits.items()},
+                       condition)
 
 
 def _targeting(spec: SteeringSpec) -> tuple[str, tuple[int, int | None] | None,
@@ -315,7 +371,8 @@ def _targeting(spec: SteeringSpec) -> tuple[str, tuple[int, int | None] | None,
     return "generation", (start, end), (start, end if end is not None else NO_BOUND)
 
 
-def _bind_condition(when: Condition, pack: SteeringPack | None) -> BoundCondition:
+def _check_condition(when: Condition, pack: SteeringPack | None) -> Condition:
+    """`when` with its pack and layer resolved (no tensor is read)."""
     given = [x for x in (when.above, when.below) if x is not None]
     if len(given) != 1:
         raise SteeringError("steering.when needs exactly one of 'above' and 'below'",
@@ -331,13 +388,18 @@ def _bind_condition(when: Condition, pack: SteeringPack | None) -> BoundConditio
     if not 0 <= layer < pack.n_layers:
         raise SteeringError(f"steering.when.layer must be between 0 and {pack.n_layers - 1}, "
                             f"got {layer}", "steering.when.layer")
+    return replace(when, pack=pack.name, layer=layer)
+
+
+def _bind_condition(when: Condition, pack: SteeringPack) -> BoundCondition:
+    """A checked condition with the class means its score reads."""
     p = pack.positions.index(pack.position)
-    return BoundCondition(replace(when, pack=pack.name, layer=layer), pack.position,
-                          pack.mean_harmful[layer, p], pack.mean_harmless[layer, p])
+    return BoundCondition(when, pack.position, pack.mean_harmful[when.layer, p],
+                          pack.mean_harmless[when.layer, p])
 
 
-def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
-    """The method table: `spec`'s per-site edits on every position."""
+def _check_method(spec: SteeringSpec, pack: SteeringPack | None) -> SteeringSpec:
+    """The method table's checks: `spec` with its layers, k and pack resolved."""
     method = spec.method
     if method not in METHODS:
         raise SteeringError(f"unknown steering method {method!r}; choose one of "
@@ -345,7 +407,7 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     if not math.isfinite(spec.strength):
         raise SteeringError("steering strength must be a finite number", "steering.strength")
     if method == "none":
-        return RowSteering(replace(spec, strength=0.0, k=None, layers=None, pack=None))
+        return replace(spec, strength=0.0, k=None, layers=None, pack=None)
     if pack is None:
         raise SteeringError(f"method {method!r} needs a steering pack, and none is loaded",
                             "steering.pack")
@@ -359,6 +421,11 @@ def _method_row(spec: SteeringSpec, pack: SteeringPack | None) -> RowSteering:
     allowed, default = layer_choice(method, pack)
     layers = spec.layers if spec.layers is not None else tuple(default)
     _check_layers(layers, allowed, method)
-    edits, spec = BUILDERS[method](spec, pack, tuple(layers))
-    resolved = replace(spec, layers=tuple(sorted(set(layers))), pack=pack.name)
-    return RowSteering(resolved, edits)
+    k = spec.k
+    if REGISTRY[method].uses_k:
+        k_max = min(pack.inlp[layer].count for layer in layers)
+        k = k if k is not None else k_max
+        if not 1 <= k <= k_max:
+            raise SteeringError(f"k must be between 1 and {k_max} for pack {pack.name!r}, "
+                                f"got {k}", "steering.k")
+    return replace(spec, k=k, layers=tuple(sorted(layers)), pack=pack.name)

@@ -8,7 +8,7 @@ base64-encoded, with an optional shape; which shape a method takes:
 |---|---|---|---|
 | actadd | one vector [d] | v, added at the object's layers (default `vector.layer`) | r_l = μ⁺ − μ⁻ |
 | ablate | one direction [d] (any non-zero norm) | r̂, projected out where ablation edits | r̂ |
-| inlp_* | a basis [k, d], orthonormal rows, k ≤ `MAX_BASIS` | Q, at `vector.layer` (required) | INLP directions |
+| inlp_* | a basis [k, d], orthonormal rows, k ≤ `MAX_BASIS` | Q, at `vector.layer` (required), around the origin 0 | INLP directions |
 
 (ace needs a pack's class means — its reference point is the harmless mean — and takes no raw
 vector.) A decoded vector is checked before it is used: the byte count (a whole number of float32
@@ -33,14 +33,17 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from steering.catalog import REGISTRY
 from steering.interventions.spec import SteeringError, SteeringSpec, VectorRef
 from steering.packs.format import InlpDirections, SteeringPack
 
 MAX_BASIS = 16  # rows of an INLP basis
 ORTHONORMAL_TOL = 1e-3
 DEFAULT_MAX_NORM = 1e4  # a server sets its own bound (`max_norm`)
-METHODS = {"actadd": "vector", "ablate": "direction", "inlp_null": "basis", "inlp_flip": "basis",
-           "inlp_reflect": "basis"}
+# what each method takes: actadd a vector, ablate a direction, every INLP method (its record's
+# pack operation is "inlp") a basis
+METHODS = {"actadd": "vector", "ablate": "direction",
+           **{m.name: "basis" for m in REGISTRY.values() if m.operation == "inlp"}}
 
 
 def encode_vector(values) -> str:

@@ -9,15 +9,29 @@ the library's `SteeringSpec`; what depends on a pack (layers, k) is checked by `
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_serializer
+from pydantic_core import PydanticCustomError
 
 from steering.catalog import CONTROLS, METHODS
 from steering.interventions.spec import Condition, SteeringSpec
 
 MAX_LAYERS = 256  # entries in `layers` (more than any served model has)
 MAX_VECTOR_CHARS = 16 * 4 * 16384 * 4 // 3 + 4  # base64 of a 16 × 16384 float32 basis
+TOO_MANY = "too_many_items"  # the error type of a list past its bound (servers map it to a code)
+
+
+def at_most(limit: int, what: str = "entries") -> BeforeValidator:
+    """Refuse a list (or mapping) longer than `limit` before its items are validated: pydantic's
+    own `max_length` counts after validating every item, so a 300 KB list would cost its full
+    validation before being refused."""
+    def check(value: Any) -> Any:
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise PydanticCustomError(TOO_MANY, "at most {limit} {what} are allowed, got {n}",
+                                      {"limit": limit, "what": what, "n": len(value)})
+        return value
+    return BeforeValidator(check)
 
 
 class ConditionObject(BaseModel):
@@ -47,8 +61,8 @@ class VectorObject(BaseModel):
 
     data: str = Field(..., max_length=MAX_VECTOR_CHARS,
                       description="little-endian float32 values, base64-encoded")
-    shape: list[int] | None = Field(None, min_length=1, max_length=2,
-                                    description="[d] or [k, d] (default: from the data)")
+    shape: Annotated[list[int] | None, at_most(2, "shape dimensions")] = Field(
+        None, min_length=1, max_length=2, description="[d] or [k, d] (default: from the data)")
     layer: int | None = Field(None, description="actadd: its default layer; INLP: the layer "
                                                 "the basis edits (required)")
 
@@ -82,13 +96,14 @@ class SteeringObject(BaseModel):
     strength: float = Field(1.0, description="scale of the edit (1 = the method as published); "
                                              "bounds are configured")
     k: int | None = Field(None, description="leading INLP directions (INLP methods only)")
-    layers: list[int] | None = Field(None, max_length=MAX_LAYERS,
-                                     description="layers to edit (default: the method's)")
+    layers: Annotated[list[int] | None, at_most(MAX_LAYERS, "layers")] = Field(
+        None, max_length=MAX_LAYERS, description="layers to edit (default: the method's; "
+                                                  "each at most once)")
     pack: str | None = Field(None, max_length=128,
                              description="pack name (default: the model's pack)")
     apply_to: Literal["all", "prompt", "generation"] | None = Field(
         None, description=CONTROLS["apply_to"])
-    generation_window: list[int | None] | None = Field(
+    generation_window: Annotated[list[int | None] | None, at_most(2, "window bounds")] = Field(
         None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
     when: ConditionObject | None = Field(None, description=CONTROLS["when"])
     vector: VectorObject | None = Field(None, description="the object's own vector instead of "

@@ -81,10 +81,18 @@ def assemble_gguf(dest: Path, parts: list[Path] | None = None,
     return dest
 
 
+def embedded_model_cached() -> Path | None:
+    """The dequantized embedded model's folder if it is already built (None: not yet)."""
+    folder = cache_root() / "models" / f"{EMBEDDED_ID}-{EMBEDDED_SHA256[:16]}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    return None
+
+
 def embedded_model_dir() -> Path:
     """Folder with the dequantized embedded model (config, safetensors, tokenizer); built once."""
     folder = cache_root() / "models" / f"{EMBEDDED_ID}-{EMBEDDED_SHA256[:16]}"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if embedded_model_cached() is not None:
         return folder
     from steering.models.gguf import convert_gguf_to_folder
 

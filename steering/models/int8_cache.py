@@ -11,7 +11,7 @@ weights and scales and the rest (embedding, norms) from the stored float tensors
 
 | part of the key     | what it covers                                                            |
 |---------------------|---------------------------------------------------------------------------|
-| checkpoint identity | config.json, every weight file's name and size, its first and last MiB     |
+| checkpoint identity | config.json, every weight file's name and whole-file SHA-256 (hashed once per file version: `steering.models.file_hash`) |
 | code version        | the source of precision.py and of this module, the torch version           |
 
 Any change to the quantization code or the checkpoint gives a new key. Files of other keys are
@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from steering.models import precision as precision_module
+from steering.models.file_hash import files_sha256, weight_files
 from steering.models.precision import (
     RowInt8Linear,
     half_embedding_table,
@@ -47,21 +48,13 @@ from steering.models.precision import (
 log = logging.getLogger(__name__)
 
 STALE_DAYS = 7
-_EDGE = 1 << 20  # bytes of each weight file's head and tail that enter the key
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 _FIELDS = ("int8", "scale", "bias", "inv_smooth")
 
 
 def cache_key(folder: Path) -> str:
     digest = hashlib.sha256()
     digest.update((folder / "config.json").read_bytes())
-    for path in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as f:
-            digest.update(f.read(_EDGE))
-            f.seek(max(0, size - _EDGE))
-            digest.update(f.read(_EDGE))
+    digest.update(files_sha256(weight_files(folder)).encode())  # every byte, hashed once
     for module in (precision_module, __import__(__name__, fromlist=["_"])):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(torch.__version__.encode())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import (
 )
 
 from steering.models import embedded, int8_cache
+from steering.models.file_hash import file_sha256
 from steering.models.fused_layers import use_fused_layers
 from steering.models.gguf import convert_gguf_to_folder
 from steering.models.layers import ResidualLayout, discover, hidden_size
@@ -147,6 +147,29 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
                        precision=prec)
 
 
+def model_cached(spec: str = DEFAULT_MODEL, device: str | None = None,
+                 dtype: str | None = None, precision: str | None = None) -> bool:
+    """Whether `load_model` would load `spec` from what is already on disk, without converting
+    anything (the embedded GGUF dequantized, a GGUF file converted, the int8 model cached).
+    Cheap: a few `stat`s and, once per file version, a hash (`steering.models.file_hash`)."""
+    dev = resolve_device(device)
+    prec = choose_precision(precision, dtype, dev)
+    if spec == DEFAULT_MODEL:
+        folder = embedded.embedded_model_cached()
+        if folder is None:
+            return False
+    elif spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            return True  # load_model will say what is wrong
+        folder = _gguf_cache_folder(Path(spec))
+        if not (folder / "config.json").is_file():
+            return False
+    else:
+        folder = Path(spec)
+    cached = _int8_cache_file(folder, prec, dev)
+    return cached is None or cached.is_file()
+
+
 def _int8_cache_file(folder: str | Path, precision: str, device: torch.device) -> Path | None:
     """Where the int8 conversion of a local checkpoint folder is cached (None: not cached)."""
     folder = Path(folder)
@@ -185,11 +208,8 @@ def _save_cached_int8(model: PreTrainedModel, path: Path) -> None:
 
 
 def _gguf_cache_folder(path: Path) -> Path:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return embedded.cache_root() / "models" / f"{path.stem}-{digest.hexdigest()[:16]}"
+    digest = file_sha256(path)  # hashed once per file version (steering.models.file_hash)
+    return embedded.cache_root() / "models" / f"{path.stem}-{digest[:16]}"
 
 
 def wrap_model(model: PreTrainedModel, tokenizer, name: str = "model",

@@ -152,7 +152,7 @@ def half_embedding_table(model: nn.Module) -> None:
 
 
 # The 7-bit activation grid on [−1, 1]: bit-identical to `linear_dynamic(…, reduce_range=True)` on
-# a tensor pinned to min −1 / max 1 (checked in tests/test_precision.py), without the pin row and
+# a tensor pinned to min −1 / max 1 (checked in tests/steering/test_precision.py), without the pin row and
 # without measuring the range each call.
 _GRID_SCALE, _GRID_ZERO_POINT = 2.0 / 127, 64
 _int8_linear = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32

@@ -4,8 +4,9 @@
 model identity and fingerprint, chat-template hash, chosen layer and position, the `hook` layout
 and the `vectors` with the operation each was made for — see `steering.packs.identity` — the
 selection scores, data hashes, tool version, creation time). Packs load only from safetensors —
-never pickle — and loading checks the format version, shapes, finiteness, the vectors' operations
-and, given a model, that the pack was made for it and for its hook layout. A sidecar of format
+never pickle — and loading checks the format version, shapes, dtypes (float32 only: an int32
+tensor would load and then fail inside a kernel), finiteness, that each INLP layer's directions
+are orthonormal rows, the vectors' operations and, given a model, that the pack was made for it and for its hook layout. A sidecar of format
 version 1 (before `hook` and `vectors` existed) loads as what it was: an extracted pack at the
 block inputs with every operation. The full description is docs/packs.md.
 
@@ -41,6 +42,7 @@ from steering.packs.identity import (
 )
 
 FORMAT_VERSION = 2
+ORTHONORMAL_TOL = 1e-3  # INLP directions are orthonormal rows (float32 QR: ~1e-6)
 READABLE_VERSIONS = (1, 2)  # 1: before `hook` and `vectors` (read as an extracted pack)
 
 
@@ -294,8 +296,16 @@ def load_pack(path: str | Path, model=None, name: str | None = None) -> Steering
                             f"boundary {tuple(bnd.shape)} (d = {d})")
         inlp[lay] = InlpDirections(dirs, acc, bnd)
     for key, t in tensors.items():
+        if t.dtype != torch.float32:  # what `save` writes; an int or half tensor is no pack's
+            raise PackError(f"pack tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; "
+                            "pack tensors must be float32")
         if not torch.isfinite(t).all():
             raise PackError(f"pack tensor {key!r} has non-finite values")
+    for lay, d in inlp.items():
+        gap = orthonormality_gap(d.directions)
+        if gap > ORTHONORMAL_TOL:
+            raise PackError(f"pack INLP layer {lay}: the directions are not orthonormal rows "
+                            f"(largest |DDᵀ − I| entry {gap:.3g} > {ORTHONORMAL_TOL:g})")
     if version >= 2:
         try:
             check_hook(meta.get("hook"), n_layers)
@@ -312,8 +322,18 @@ def load_pack(path: str | Path, model=None, name: str | None = None) -> Steering
     return pack
 
 
+def orthonormality_gap(directions: torch.Tensor) -> float:
+    """max |D Dᵀ − I| over the rows of `directions` (0 for orthonormal rows), in float64."""
+    if directions.shape[0] == 0:
+        return 0.0
+    d = directions.double()
+    return float((d @ d.T - torch.eye(d.shape[0], dtype=torch.float64)).abs().max())
+
+
 def check_compatible(pack: SteeringPack, model) -> None:
-    """Refuse a pack made for another model: hidden size, depth, architecture, weights."""
+    """Refuse a pack made for another model: hidden size, depth, architecture, weights (the
+    checkpoint files' SHA-256 where both the pack and the model record it — a pack made before
+    it was recorded is checked by its embedding probe only)."""
     from steering.models.fingerprint import (
         fingerprint,  # local: keeps pack importable without transformers
     )
@@ -335,6 +355,9 @@ def check_compatible(pack: SteeringPack, model) -> None:
         raise PackError(f"pack {pack.name!r} was made for another model architecture "
                         f"({want.get('model_type')}, fingerprint {want.get('arch')}; "
                         f"this model: {fp['model_type']}, {fp['arch']})")
+    if want.get("weights") and fp.get("weights") and want["weights"] != fp["weights"]:
+        raise PackError(f"pack {pack.name!r} was made for other weights of the same "
+                        "architecture (the checkpoint's weight files differ)")
     probe_a, probe_b = want.get("probe") or [], fp["probe"]
     if len(probe_a) != len(probe_b) or any(
         not math.isclose(a, b, rel_tol=2e-2, abs_tol=2e-3) for a, b in zip(probe_a, probe_b)

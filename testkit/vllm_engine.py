@@ -1,0 +1,144 @@
+"""vLLM's offline engine on the embedded model, with or without the steering plugin (tests, bench).
+
+Each engine is a few processes (front end, engine core, worker) holding the model: start one at a
+time, and stop it before the next (`engine(...)` is a context manager). vLLM reads the plugin
+selection and the pack paths from the environment when it spawns its processes, so `engine` sets
+them for the start only.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from steering.interventions.methods import Steering, compose
+from steering.vllm import packs as vllm_packs
+from steering.vllm import wire
+
+KV_GB = "1"  # VLLM_CPU_KVCACHE_SPACE: KV cache size in GiB (CPU build)
+
+
+@contextmanager
+def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | None = None,
+           dtype: str = "float32", enforce_eager: bool = True, max_num_seqs: int = 32,
+           max_model_len: int = 1024, **kwargs: Any) -> Iterator[Any]:
+    """An `LLM` on `model` (a checkpoint folder); `plugin=False` leaves the plugin out."""
+    from vllm import LLM
+
+    env: dict[str, str | None] = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+        "VLLM_CPU_KVCACHE_SPACE", KV_GB)}
+    env["VLLM_PLUGINS"] = None if plugin else ""
+    env.update(vllm_packs.environment(pack_paths or {}) if pack_paths else
+               {vllm_packs.ENV: None})
+    with _environ(env):
+        llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, seed=0,
+                  max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                  max_num_batched_tokens=max(max_model_len, 1024), **kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def greedy(llm: Any, prompts: Sequence[Sequence[int]],
+           rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
+           ignore_eos: bool = False, logprobs: int | None = None) -> list[Any]:
+    """Greedy completions of token-id prompts, prompt i steered by rows[i]; vLLM's outputs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    rows = list(rows) if rows is not None else [None] * len(prompts)
+    inputs, params = [], []
+    for ids, row in zip(prompts, rows):
+        prompt = TokensPrompt(prompt_token_ids=list(ids))
+        salt = wire.cache_salt(row)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        inputs.append(prompt)
+        params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                     ignore_eos=ignore_eos, logprobs=logprobs,
+                                     extra_args=wire.extra_args(row) or None))
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def tokens(llm: Any, prompts: Sequence[Sequence[int]],
+           rows: Sequence[Steering | None] | None = None, max_tokens: int = 32) -> list[list[int]]:
+    return [list(o.token_ids) for o in greedy(llm, prompts, rows, max_tokens)]
+
+
+def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids under the model's chat template (as the native engine sends it)."""
+    from steering.models.chat import format_chat
+
+    return tokenizer(format_chat(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
+    """ids up to and including the first end-of-sequence token."""
+    out = []
+    for t in ids:
+        out.append(int(t))
+        if t in eos:
+            break
+    return out
+
+
+def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
+                  rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
+                  batch_size: int = 10) -> list[list[int]]:
+    """The same greedy completions from the library's own path (transformers' `generate` with
+    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS."""
+    import torch
+
+    rows = list(rows) if rows is not None else [None] * len(prompts)
+    eos = eos_ids(lm.model.generation_config)
+    pad = lm.tokenizer.pad_token_id
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[s:s + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        batch_rows = rows[s:s + len(chunk)]
+        steered = any(r is not None for r in batch_rows)
+        lm.hooks.set_rows([r if r is not None else compose([]) for r in batch_rows]
+                          if steered else None, [len(p) for p in chunk])
+        try:
+            with torch.inference_mode():
+                gen = lm.model.generate(input_ids=ids.to(lm.device),
+                                        attention_mask=mask.to(lm.device),
+                                        max_new_tokens=max_tokens, do_sample=False,
+                                        pad_token_id=pad)
+        finally:
+            lm.hooks.set_rows(None)
+        out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
+    return out
+
+
+def eos_ids(generation_config: Any) -> set[int]:
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
