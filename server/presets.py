@@ -5,7 +5,7 @@ or JSON, either `{"presets": {NAME: {...}}}` or `{NAME: {...}}`, each entry hold
 the request's `steering` object plus an optional `description`:
 
     presets:
-      no-refusal:
+      flip-k2:
         method: inlp_flip
         k: 2
         description: counterfactual flipping on the 2 leading INLP directions

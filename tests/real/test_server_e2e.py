@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from steering.catalog import BUILTIN_PRESETS
 from steering.data.prompts import load_instructions
 from steering.evaluation.refusal import is_refusal
 from testkit.server import ServerProcess
@@ -102,7 +103,8 @@ def test_steered_through_extra_body(client, model):
 def test_preset_through_model_name(client, model):
     r = ask(client, model=f"{model}+no-refusal", prompt="Say hello.", max_tokens=4)
     assert r.model == f"{model}+no-refusal"
-    assert r.steering["preset"] == "no-refusal" and r.steering["method"] == "inlp_flip"
+    expected = BUILTIN_PRESETS["no-refusal"]["method"]
+    assert r.steering["preset"] == "no-refusal" and r.steering["method"] == expected
 
 
 def test_bad_steering_is_a_4xx(client, model):
