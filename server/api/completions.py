@@ -12,7 +12,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.api.jobs import submit
-from server.api.monitoring import resolve_monitors
 from server.api.prepare import CHAT, COMPLETIONS, Job, prepare
 from server.api.protocol import (
     ERROR_RESPONSES,
@@ -58,9 +57,7 @@ async def _complete(body: ChatCompletionRequest | CompletionRequest, request: Re
     ctx = request_context(request)
     try:
         state.require_ready()
-        monitors = resolve_monitors(state, body.monitor, ctx)
         [job] = await prepare(state, validate(state, body), ctx.request_id, request)
-        job.monitors = monitors
     except APIError as exc:
         state.metrics.requests.labels(endpoint, "n/a", status_label(exc.status)).inc()
         raise

@@ -10,8 +10,10 @@ Each entry reads a loaded pack's DiM axis (default layer: the pack's), normalise
 harmless mean is 0 and the harmful mean 1 (`steering.interventions.monitors`), or the caller's
 own linear probe, scored w·h + b (its weights checked like a raw steering vector: shape, finite,
 `STEER_MAX_VECTOR_NORM`; reading changes nothing, so no grant is needed). A name is the pack's,
-`pack@layer` off its layer, `vector:<sha256[:12]>`, or the entry's `name`. A key whose policy
-limits `packs` may monitor only those packs. In a response each choice carries
+`pack@layer` off its layer, `vector:<sha256[:12]>`, or the entry's `name`. The validation step
+(`server.api.validation.validate`) resolves them with the rest of the request; a key whose policy
+limits `packs` may monitor only those packs (`server.security.policy.check_monitors`, at
+admission). In a response each choice carries
 
     "monitor": {"refusal": {"pack": "refusal", "layer": 16, "tokens": [0.12, …], "mean": …,
                             "max": …}, …}
@@ -26,8 +28,7 @@ import math
 from collections.abc import Sequence
 
 from server.api.protocol import MAX_MONITORS
-from server.context import RequestContext
-from server.errors import APIError, ErrorCode, bad_request, not_found
+from server.errors import ErrorCode, bad_request, not_found
 from server.state import ServerState
 from steering.interventions.monitors import Monitor, MonitorSet, monitor_of, vector_monitor
 from steering.interventions.raw import decode_vector
@@ -35,9 +36,10 @@ from steering.interventions.schema import MonitorObject
 from steering.interventions.spec import SteeringError
 
 
-def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] | None,
-                     ctx: RequestContext) -> MonitorSet:
-    """The request's monitors, checked against the loaded packs and the key's pack policy."""
+def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] | None
+                     ) -> MonitorSet:
+    """The request's monitors, checked against the loaded packs (the validation step calls it;
+    the key's pack list is the policy's, `server.security.policy.check_monitors`)."""
     if not entries:
         return ()
     if not getattr(state.engine, "reads_stream", False):
@@ -46,7 +48,6 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
     if len(entries) > MAX_MONITORS:
         raise bad_request(f"monitor may hold at most {MAX_MONITORS} entries, got "
                           f"{len(entries)}", "monitor", ErrorCode.TOO_MANY_MONITORS)
-    key = ctx.api_key
     out: list[Monitor] = []
     for i, entry in enumerate(entries):
         where = f"monitor[{i}]"
@@ -63,11 +64,6 @@ def resolve_monitors(state: ServerState, entries: Sequence[str | MonitorObject] 
             raise not_found(f"unknown steering pack {obj.pack[:80]!r}; loaded packs: {known}",
                             f"{where}.pack" if not isinstance(entry, str) else where,
                             ErrorCode.PACK_NOT_FOUND)
-        if key is not None and key.policy.packs is not None and obj.pack not in key.policy.packs:
-            raise APIError(403, f"key {key.id!r} is not allowed this request by policy rule "
-                                f"'packs': pack {obj.pack!r} is not allowed (allowed: "
-                                f"{', '.join(sorted(key.policy.packs)) or 'none'})",
-                           type="permission_error", param=where, code=ErrorCode.POLICY_PACKS)
         try:
             out.append(monitor_of(pack, obj.layer, obj.name, param=where))
         except SteeringError as exc:

@@ -124,7 +124,8 @@ def admit(state: ServerState, request: Request | None, valid: ValidRequest) -> A
     if request is None:
         return None
     return enforce(state, request, [c.applied for c in valid.steering],
-                   prompt=valid.prompt_texts, tokens=valid.estimate, endpoint=valid.endpoint)
+                   prompt=valid.prompt_texts, tokens=valid.estimate, endpoint=valid.endpoint,
+                   monitors=valid.monitor_packs)
 
 
 async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
@@ -146,6 +147,7 @@ async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
                prompt_texts=texts, n=body.n, sampling=sampling, stream=body.stream,
                include_usage=body.include_usage, logprobs=top is not None,
                top_logprobs=top or 0, echo=getattr(body, "echo", False),
+               monitors=valid.monitors,
                tenant=request_context(request).key_id if request is not None else None)
     jobs = [base] if valid.endpoint != COMPARE else [
         replace(base, request_id=f"{request_id}-v{i}", resolved=r)

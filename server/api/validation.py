@@ -12,7 +12,7 @@ A request passes, in order:
 | step | where | what | cost |
 |---|---|---|---|
 | schema | `server.api.protocol` | types, field combinations, a hard ceiling on every list (`at_most`, `server.settings.CEILING_*`) | linear in the body; no list is validated item by item past its ceiling |
-| validate | here | the settings' limits (n, choices, messages, stop sequences, logprobs, max_tokens, variants), names, the model or preset, each steering object checked against its pack without a tensor (`check_spec`) | small, on the event loop |
+| validate | here | the settings' limits (n, choices, messages, stop sequences, logprobs, max_tokens, variants), names, the model or preset, each steering object checked against its pack without a tensor (`check_spec`; an object with its own vector: its size from the text's length first, then its values, `server.api.raw_vectors`), the monitors against the packs (`server.api.monitoring`) | small, on the event loop |
 | admission | `server.security.policy.enforce` | the key's policy on the checked steering; rate limits charged with `ValidRequest.estimate` | constant |
 | tokenize, build | `server.api.prepare` | chat template and tokens (the tokenizer thread), steering tensors (a worker thread) | off the event loop |
 | budget | here: `check_token_ids`, `check_budget` | token ids in the vocabulary; prompt tokens and max_tokens within the context | linear in the prompt |
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from server.api.monitoring import resolve_monitors
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -39,6 +40,7 @@ from server.security.hardening import check_name
 from server.security.policy import summed
 from server.state import ServerState
 from steering.interventions.methods import SteeringError, check_spec
+from steering.interventions.monitors import MonitorSet
 from steering.interventions.schema import AppliedSteering
 
 CHAT = "/v1/chat/completions"
@@ -93,6 +95,12 @@ class ValidRequest:
     max_tokens_param: str
     default_max_tokens: int
     estimate: int  # the tokens admission charges before tokenizing (settled after)
+    monitors: MonitorSet = ()  # axes scored at every generated token (server.api.monitoring)
+
+    @property
+    def monitor_packs(self) -> list[str]:
+        """The packs the monitors read (what the key's pack list judges)."""
+        return [m.pack for m in self.monitors if m.position is not None]
 
     @property
     def choices(self) -> int:
@@ -127,8 +135,9 @@ def validate(state: ServerState,
     _check_prompt_sizes(state, prompts)
     check_max_tokens(state, requested, param)
     steering = [check_steering(state, body.model, body.steering, names=True)]
+    monitors = resolve_monitors(state, body.monitor)
     return ValidRequest(kind, endpoint, body, prompts, steering, [None], requested, param,
-                        default, _estimate(state, prompts, body.n, requested, default))
+                        default, _estimate(state, prompts, body.n, requested, default), monitors)
 
 
 # ---- the pieces -----------------------------------------------------------------------------------
@@ -276,8 +285,13 @@ def _check_one(state: ServerState, params: SteeringParams, calibrated: bool,
         raise bad_request(f"{where}.strength must be between {lo:g} and {hi:g}, "
                           f"got {params.strength:g}", f"{where}.strength",
                           ErrorCode.STRENGTH_OUT_OF_RANGE)
-    if params.vector is not None:  # the object's own vector instead of a pack's (issue 30)
-        return check_raw(state, params, where, settings.max_vector_norm)
+    if params.vector is not None:  # the object's own vector instead of a pack's
+        try:
+            return check_raw(state, params, where, settings.max_vector_norm)
+        except SteeringError as exc:
+            raw = (exc.param or "").startswith(f"{where}.vector")
+            raise bad_request(str(exc), _at(exc.param, where), ErrorCode.INVALID_VECTOR if raw
+                              else ErrorCode.INVALID_STEERING) from None
     pack_name = params.pack or state.default_pack
     for name, field in ((params.pack, "pack"),
                         (params.when.pack if params.when else None, "when.pack")):

@@ -147,6 +147,20 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "max_k", f"k {applied.k} exceeds {policy.max_k}")
 
 
+def check_monitors(key_id: str, policy: Policy, packs: Sequence[str]) -> None:
+    """Monitors read the stream and change no token, so they need no grant; a key whose policy
+    lists `packs` may read only those packs' axes (a probe of the caller's own is no pack)."""
+    if policy.packs is None:
+        return
+    for pack in packs:
+        if pack not in policy.packs:
+            raise APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
+                                f"'packs': monitor pack {pack!r} is not allowed (allowed: "
+                                f"{', '.join(sorted(policy.packs)) or 'none'})",
+                           type="permission_error", param="monitor",
+                           code=ErrorCode.POLICY_PACKS)
+
+
 def summed(parts: Sequence[AppliedSteering]) -> list[tuple[int, AppliedSteering]]:
     """A steering list's objects of one method that edit the same layer of the same pack, added
     up: (layer, one object at the summed strength) wherever two or more meet. Repeating an
@@ -296,11 +310,12 @@ class Admission:
 
 def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
-            = None) -> Admission:
+            = None, monitors: Sequence[str] = ()) -> Admission:
     """Admit a request: note each entry for the audit log, charge the caller's rate limits (429)
     and check its key against every checked steering of the request (403). `variants` holds one
     entry per steered run (a request, or each compare variant), each one object or a list whose
-    every object is checked; `tokens` is the admission's estimate of the request's cost (settle
+    every object is checked; `monitors` the packs the request's monitors read (the key's pack
+    list, `check_monitors`; reading needs no grant); `tokens` is the admission's estimate of the request's cost (settle
     it with `Admission.settle`). Called before any tensor is built or any prompt tokenized: a
     refused request costs the server nothing more, and it is charged (a key cannot repeat
     refused requests for free). A key with `max_concurrent` holds one in-flight slot from here
@@ -323,6 +338,7 @@ def enforce(state, request: Request, variants: Sequence[Applied],
         limiter.take(key.id, key.policy, tokens)
         for a in variants:
             check_list(key.id, key.policy, a if isinstance(a, list) else [a])
+        check_monitors(key.id, key.policy, monitors)
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code

@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,6 +128,26 @@ def test_monitor_errors_name_the_entry(client, tiny_pack):
         assert r.json()["error"]["param"] == param, (monitor, r.json())
 
 
+def test_monitor_list_is_bounded_and_read_only(client, tiny_pack):
+    """At most 8 monitors (a 400 naming the field, from the shared sampling fields: chat and text
+    completions alike); reading needs no grant, but a key's pack list bounds what it reads."""
+    many = [{"pack": "refusal", "layer": i % tiny_pack.n_layers, "name": f"m{i}"}
+            for i in range(9)]
+    for r in (chat(client, monitor=many),
+              client.post("/v1/completions", headers=ROOT, json={
+                  "model": MODEL, "prompt": "Hi", "max_tokens": 2, "monitor": many})):
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "monitor" and err["code"] == "too_many_monitors", err
+    assert chat(client, monitor=many[:8]).status_code == 200
+    assert chat(client, USER, monitor=["refusal"]).status_code == 200  # no grant needed
+    client.app.state.steer.packs["other"] = replace(tiny_pack, name="other")  # not the user's
+    r = chat(client, USER, monitor=["refusal", "other"])
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["param"] == "monitor" and "'other'" in r.json()["error"]["message"]
+    assert chat(client, monitor=["refusal", "other"]).status_code == 200
+
+
 # ---- raw vectors ----------------------------------------------------------------------------------
 
 
@@ -153,6 +174,13 @@ def test_raw_vector_under_policy_echo_and_audit(client, tiny_pack, tmp_path):
                                       {"method": "actadd", "vector": {"data": data,
                                                                       "shape": [3]}}])
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "steering[1].vector.shape"
+    # the size is bounded by the model's hidden size before anything is decoded
+    short = encode_vector(np.ones(tiny_pack.d_model - 1, dtype=np.float32))
+    r = chat(client, VEC, steering={"method": "actadd", "vector": {"data": short}})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "steering.vector.data" and err["code"] == "invalid_vector", err
+    assert f"[{tiny_pack.d_model}]" in err["message"]
     nan = encode_vector(np.full(tiny_pack.d_model, np.nan, dtype=np.float32))
     r = chat(client, VEC, steering={"method": "actadd", "vector": {"data": nan}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "steering.vector.data"

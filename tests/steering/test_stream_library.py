@@ -164,14 +164,16 @@ def test_raw_vector_checks(tiny_pack):
     cases = [
         ("actadd", "not base64!", None, "steering.vector.data"),
         ("actadd", base64.b64encode(b"abc").decode(), None, "steering.vector.data"),
-        ("actadd", _b64(np.ones(d + 1)), None, "steering.vector.shape"),
+        ("actadd", _b64(np.ones(d + 1)), None, "steering.vector.data"),  # not the hidden size
+        ("actadd", _b64(np.ones(d + 1)), [d + 1], "steering.vector.shape"),
         ("actadd", good, [2, d // 2], "steering.vector.shape"),
         ("actadd", good, [d + 1], "steering.vector.shape"),
         ("actadd", _b64(np.full(d, np.nan)), None, "steering.vector.data"),
         ("actadd", _b64(np.full(d, 1e5)), None, "steering.vector.data"),  # norm bound
         ("ablate", _b64(np.zeros(d)), None, "steering.vector.data"),
         ("inlp_null", _b64(np.ones((2, d))), None, "steering.vector.data"),  # not orthonormal
-        ("inlp_null", _b64(np.eye(17, d)), None, "steering.vector.shape"),  # k > 16
+        ("inlp_null", _b64(np.eye(17, d)), None, "steering.vector.data"),  # k > 16
+        ("inlp_null", _b64(np.eye(17, d)), [17, d], "steering.vector.shape"),
         ("ace", good, None, "steering.vector"),
     ]
     for method, data, shape, param in cases:
