@@ -25,6 +25,7 @@ CEILING_STOP_CHARS = 4096  # characters of one stop sequence
 CEILING_VARIANTS = 64  # compare variants
 CEILING_PROMPTS = 256  # prompts of one text completion (and choices of one request)
 CEILING_PROMPT_IDS = 262_144  # token ids of one prompt
+CEILING_EXAMPLES = 4096  # examples of one class of an extraction job
 CEILING_MAPPING = 1024  # entries of a mapping the server refuses anyway (logit_bias)
 
 
@@ -153,8 +154,9 @@ class Settings(BaseSettings):
                                    "vector (each row of a basis)")
     max_capture_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest "
                                    "activation capture one request may return")
-    max_capture_prompts: int = Field(64, ge=1, description="most prompts of one capture")
-    max_extract_prompts: int = Field(256, ge=8, description="most prompts per class of one "
+    max_capture_prompts: int = Field(64, ge=1, le=CEILING_PROMPTS,
+                                     description="most prompts of one capture")
+    max_extract_prompts: int = Field(256, ge=8, le=CEILING_EXAMPLES, description="most prompts per class of one "
                                      "extraction job")
     max_extract_prompt_chars: int = Field(2000, ge=16, description="longest prompt (or "
                                           "completion) of an extraction job, in characters")

@@ -36,7 +36,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -49,10 +49,12 @@ from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.packs import install_pack
 from server.security.audit import pack_event
 from server.security.hardening import check_name
+from server.settings import CEILING_EXAMPLES
 from server.state import ServerState, get_state
 from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
 from steering.data.prompts import load_instructions
 from steering.extraction.jobs import ExtractionJob
+from steering.interventions.schema import at_most
 from steering.packs.consistency import check_against_refusal
 from steering.packs.format import PackError, check_compatible
 
@@ -75,9 +77,11 @@ class ExtractRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(description="the pack's name once served (`steering.pack`)")
-    positive: list[str | ExampleObject] | None = Field(
+    positive: Annotated[list[str | ExampleObject] | None,
+                        at_most(CEILING_EXAMPLES, "examples")] = Field(
         None, description="examples of the concept (prompts, or {prompt, completion})")
-    negative: list[str | ExampleObject] | None = Field(
+    negative: Annotated[list[str | ExampleObject] | None,
+                        at_most(CEILING_EXAMPLES, "examples")] = Field(
         None, description="contrasting examples, the same kind as `positive`")
     dataset: str | None = Field(None, description="instead of the lists: 'refusal' (the "
                                                   "shipped harmful vs harmless prompts) or a "

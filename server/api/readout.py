@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from server.context import request_context
 from server.engine import EngineStopped, QueueFull
 from server.errors import APIError, ErrorCode, api_error, bad_request, not_found
 from server.security.policy import enforce
+from server.settings import CEILING_MESSAGES, CEILING_PROMPTS
 from server.state import ServerState, get_state
 from steering.interventions.capture import (
     CaptureError,
@@ -47,6 +48,7 @@ from steering.interventions.capture import (
     position_index,
 )
 from steering.interventions.inspection import inspect_ids
+from steering.interventions.schema import at_most
 from steering.packs.format import SteeringPack
 
 INSPECT = "/v1/steering/inspect"
@@ -65,7 +67,7 @@ class _Body(BaseModel):
 
 class InspectRequest(_Body):
     prompt: str | None = Field(None, description="shorthand for one user message")
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage] | None, at_most(CEILING_MESSAGES, "messages")] = None
     completion: str | None = Field(None, max_length=MAX_COMPLETION_CHARS,
                                    description="an answer to score after the prompt")
     pack: str | None = Field(None, max_length=128, description="pack (default: the model's)")
@@ -85,13 +87,13 @@ class InspectRequest(_Body):
 
 
 class ActivationsRequest(_Body):
-    prompts: list[str | list[ChatMessage]] = Field(
+    prompts: Annotated[list[str | list[ChatMessage]], at_most(CEILING_PROMPTS, "prompts")] = Field(
         ..., min_length=1, description="user messages (or raw text with chat false), or chat "
                                        "conversations")
-    layers: list[int] = Field(..., min_length=1, max_length=256,
+    layers: Annotated[list[int], at_most(256, "layers")] = Field(..., min_length=1, max_length=256,
                               description="block inputs to read (n_layers: the final norm's "
                                           "input)")
-    positions: list[int] = Field([-1], min_length=1, max_length=64,
+    positions: Annotated[list[int], at_most(64, "positions")] = Field([-1], min_length=1, max_length=64,
                                  description="token indices: negative from the prompt's end, "
                                              "non-negative from its start")
     chat: bool = Field(True, description="put each prompt through the chat template")

@@ -336,6 +336,8 @@ def test_extraction_job_cancel_and_quotas(client):
                             "positive"),
                            ({"name": "x", "positive": ["a" * 3000] * 4, "negative": negative},
                             "positive[0]"),
+                           ({"name": "x", "positive": ["a"] * 4097, "negative": negative},
+                            "positive"),  # the schema's ceiling, before any item is read
                            ({"name": "x", "dataset": "nope"}, "dataset"),
                            ({"name": "../x", "dataset": "refusal"}, "name"),
                            ({"name": "x", "positive": positive}, "negative")):
