@@ -93,6 +93,11 @@ def test_monitors_in_mixed_batches(server):
             assert len(mon["refusal"]["tokens"]) == together["usage"]["completion_tokens"]
         else:
             assert "monitor" not in choice
+    many = [{"pack": "refusal", "layer": i, "name": f"m{i}"} for i in range(9)]
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers=USER, timeout=3600, json={
+        "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2,
+        "monitor": many})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "monitor", r.text
     harmful = _chat(server, PROMPTS[1], max_tokens=4, monitor=["refusal"])
     harmless = _chat(server, PROMPTS[0], max_tokens=4, monitor=["refusal"])
     first = [r["choices"][0]["monitor"]["refusal"]["tokens"][0] for r in (harmful, harmless)]
@@ -126,6 +131,13 @@ def test_raw_vectors_under_policy(server):
         "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 8,
         "temperature": 0, "steering": vector})
     assert r.status_code == 403 and r.json()["error"]["code"] == "policy_raw_vectors"
+    # the size is bounded by the model's hidden size (896) before anything is decoded
+    short = {**vector, "vector": {"data": Vector.of(dim[:100]).data, "layer": pack.layer}}
+    r = httpx.post(f"{server.url}/v1/chat/completions", headers=ROOT, timeout=3600, json={
+        "messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 8,
+        "steering": short})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "steering.vector.data", r.text
+    assert "896" in r.json()["error"]["message"]
     by_vector = _chat(server, PROMPTS[2], steering=vector)
     by_pack = _chat(server, PROMPTS[2], steering={"method": "actadd", "strength": 1.5})
     assert by_vector["choices"][0]["message"] == by_pack["choices"][0]["message"]
