@@ -150,7 +150,10 @@ def test_raw_vectors_under_policy(server):
                                          rel=1e-6)
     lines = [json.loads(x) for x in (server.folder / "audit.jsonl").read_text().splitlines()]
     logged = [x for x in lines if x.get("vector")]
-    assert any(x["vector"]["sha256"] == echo["sha256"] and x["status"] == 200 for x in logged)
+    mine = [x for x in logged if x["vector"]["sha256"] == echo["sha256"]]
+    # the admission line (written when the policy decided) and the completion line
+    assert any(x["event"] == "admission" and x["admitted"] for x in mine)
+    assert any(x["event"] == "steered_request" and x["status"] == 200 for x in mine)
     assert any(x.get("denied") == "policy_raw_vectors" for x in logged)
     assert not any(x.get("data") for x in logged)
 
