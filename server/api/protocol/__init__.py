@@ -69,14 +69,13 @@ from server.api.protocol.completions import (
 from server.api.protocol.models import ModelCard, ModelList
 
 __all__ = [
-    "ERROR_RESPONSES", "INT64_MAX", "INT64_MIN", "MAX_MONITORS", "MAX_STEERING_OBJECTS",
-    "Applied",
+    "ERROR_RESPONSES", "INT64_MAX", "INT64_MIN", "MAX_MONITORS", "MAX_STEERING_OBJECTS", "Applied",
     "AppliedSteering", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk",
     "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage", "ChoiceLogprobs",
     "CompareRequest", "CompareResponse", "CompareVariant", "CompletionChoice", "CompletionChunk",
     "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "ConditionParams",
     "ConditionResult", "DeltaMessage", "ErrorDetail", "ErrorResponse", "Lenient", "ModelCard",
-    "ModelList", "Monitored", "MonitorObject", "ResponseMessage", "SteeringParams", "SteeringValue", "StreamOptions",
-    "TextPart", "TokenLogprob", "TopLogprob", "Usage", "VariantResult", "parse_monitor",
-    "parse_steering",
+    "ModelList", "Monitored", "MonitorObject", "ResponseMessage", "SteeringParams",
+    "SteeringValue", "StreamOptions", "TextPart", "TokenLogprob", "TopLogprob", "Usage",
+    "VariantResult", "parse_monitor", "parse_steering",
 ]
