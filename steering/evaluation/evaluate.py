@@ -573,13 +573,14 @@ def _rate(r: dict, prefix: str) -> str:
     return f"{rate:.2f} ({r[f'{prefix}_refused']}/{r[f'{prefix}_n']}) [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def three(r: dict, prefix: str) -> str:
+def three(r: dict, prefix: str, show_n: bool = True) -> str:
     """"R 10% · C 62% · O 28% (n=37)": the three-way rates of a prompt set ("–" if unmeasured)."""
     n = r.get(f"{prefix}_n3")
     if not n:
         return "–"
-    return " · ".join(f"{c[0].upper()} {r[f'{prefix}_{c}']['rate']:.0%}"
-                      for c in ("refuses", "complies", "other")) + f" (n={n})"
+    rates = " · ".join(f"{c[0].upper()} {r[f'{prefix}_{c}']['rate']:.0%}"
+                       for c in ("refuses", "complies", "other"))
+    return rates + (f" (n={n})" if show_n else "")
 
 
 def markdown_table(result: dict) -> str:
