@@ -1,7 +1,7 @@
 """Issue 28 items 2, 10 and 12 on the real server (`steer serve`, embedded model) with the shipped
 key layout (`scripts/gateway_keys.py`) and, in front of it on loopback, the real LiteLLM proxy
 (the pinned version, in its own virtualenv: `scripts/ensure-litellm.sh`) with the shipped
-`docker/litellm.yaml` and `docker/gateway_auth.py`:
+`docker/litellm.yaml` and `deploy/base/gateway_auth.py`:
 
 - a gateway client without the refusal-lowering routes gets 403 for `+no-refusal`; one with
   them gets 200, and the server's audit line names that route's key (`gateway-no-refusal`);
@@ -88,7 +88,7 @@ def gateway(server, keys, tmp_path_factory):
                     f"{setup.stderr.strip()[-500:]})")
     tmp = tmp_path_factory.mktemp("litellm")
     shutil.copy(ROOT / "docker" / "litellm.yaml", tmp / "config.yaml")
-    shutil.copy(ROOT / "docker" / "gateway_auth.py", tmp / "gateway_auth.py")
+    shutil.copy(ROOT / "deploy" / "base" / "gateway_auth.py", tmp / "gateway_auth.py")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEER")}
     env.update(keys["gateway.env"], STEERING_API_BASE=f"{server.url}/v1",
