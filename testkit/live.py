@@ -27,3 +27,27 @@ def serve_in_thread(app, ready_path: str = "/readyz", timeout_s: float = 60) -> 
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def app_client(lm, pack, **settings) -> Iterator:
+    """An in-process TestClient of the server over `lm` with `pack`, errors as responses."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(**settings), lm=lm, packs=[pack])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@contextmanager
+def app_url(lm, pack, **settings) -> Iterator[str]:
+    """The server over `lm` with `pack` on a loopback port (no access log): its base URL."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    app = create_app(Settings(access_log=False, **settings), lm=lm, packs=[pack])
+    with serve_in_thread(app) as url:
+        yield url
