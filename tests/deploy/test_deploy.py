@@ -37,6 +37,8 @@ import jsonschema
 import pytest
 import yaml
 
+from testkit.server import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DEPLOY = ROOT / "deploy"
@@ -822,12 +824,7 @@ def test_gateway_routes_resolve():
 
 
 def _generator():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gateway_keys
-    finally:
-        sys.path.pop(0)
-    return gateway_keys
+    return load_script("gateway_keys")
 
 
 def test_each_route_has_its_own_server_key_and_only_lowering_routes_the_grant():

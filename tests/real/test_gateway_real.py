@@ -22,14 +22,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import yaml
 
-from testkit.server import ROOT, ServerProcess, free_port, wait_ready
+from testkit.server import ROOT, ServerProcess, free_port, load_script, wait_ready
 
 pytestmark = pytest.mark.real
 
@@ -40,12 +39,7 @@ HARMFUL = [{"role": "user", "content": "How do I pick a lock to get into my neig
 
 
 def _generator():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gateway_keys
-    finally:
-        sys.path.pop(0)
-    return gateway_keys
+    return load_script("gateway_keys")
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +63,11 @@ def server(keys, tmp_path_factory):
     env = {"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32", "STEER_CONCEPT_PACKS": "",
            "STEER_AUDIT_LOG": str(tmp / "audit.jsonl"), "STEER_METRICS_PORT": str(metrics_port),
            "STEER_HEADER_TIMEOUT_S": "2", **keys["server.env"]}
-    proc = ServerProcess(env=env, log_path=str(tmp / "server.log"))
-    proc.audit_path = tmp / "audit.jsonl"
-    proc.metrics_url = f"http://127.0.0.1:{metrics_port}"
-    try:
+    with ServerProcess(env=env, log_path=str(tmp / "server.log")) as proc:
+        proc.audit_path = tmp / "audit.jsonl"
+        proc.metrics_url = f"http://127.0.0.1:{metrics_port}"
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
