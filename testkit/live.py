@@ -4,8 +4,8 @@ real HTTP server: the browser test, the client tests)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from testkit.server import free_port, wait_ready
 
@@ -51,3 +51,18 @@ def app_url(lm, pack, **settings) -> Iterator[str]:
     app = create_app(Settings(access_log=False, **settings), lm=lm, packs=[pack])
     with serve_in_thread(app) as url:
         yield url
+
+
+@asynccontextmanager
+async def asgi_client(app, after_start=None, **client_kwargs) -> AsyncIterator:
+    """An httpx client over `app` in-process, with its lifespan run; `after_start()` is called
+    once start-up is done (to patch what start-up itself must not see)."""
+    import httpx
+
+    async with app.router.lifespan_context(app):
+        if after_start is not None:
+            after_start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60,
+                                     **client_kwargs) as client:
+            yield client

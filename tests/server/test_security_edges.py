@@ -10,7 +10,6 @@ import logging
 import threading
 import tracemalloc
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,6 +18,7 @@ from server.errors import APIError
 from server.security import hardening
 from server.security.auth import hash_key
 from server.settings import Settings
+from testkit.live import asgi_client
 
 MODEL = "tiny-qwen2"
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -290,21 +290,18 @@ def test_drain_timeout_fails_leftovers_with_503(tiny_lm, tiny_pack, monkeypatch,
 
     async def main():
         state = app.state.steer
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t",
-                                         timeout=60) as c:
-                body = {"model": MODEL, "messages": HELLO, "max_tokens": 400,
-                        "temperature": 0, "stream": stream, "ignore_eos": True,
-                        "steering": {"method": "actadd", "strength": 1.0}}
-                task = asyncio.create_task(c.post("/v1/chat/completions", json=body,
-                                                  headers=AUTH))
-                while state.engine.stats()["running"] == 0:
-                    assert not task.done(), task.result().text
-                    await asyncio.sleep(0.01)
-                await drain(state, find_middleware(app, InflightMiddleware), 0.2)
-                r = await asyncio.wait_for(task, 30)
-                return r
+        async with asgi_client(app) as c:
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 400,
+                    "temperature": 0, "stream": stream, "ignore_eos": True,
+                    "steering": {"method": "actadd", "strength": 1.0}}
+            task = asyncio.create_task(c.post("/v1/chat/completions", json=body,
+                                              headers=AUTH))
+            while state.engine.stats()["running"] == 0:
+                assert not task.done(), task.result().text
+                await asyncio.sleep(0.01)
+            await drain(state, find_middleware(app, InflightMiddleware), 0.2)
+            r = await asyncio.wait_for(task, 30)
+            return r
 
     r = asyncio.run(main())
     if stream:
