@@ -199,18 +199,21 @@ def test_a_real_extracted_pack_uploads(server, tmp_path):
     assert r.status_code == 409 and r.json()["error"]["code"] == "pack_pinned"
 
 
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(60)
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
 def test_front_door_on_the_real_server(server):
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.settimeout(60)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
+    # headers never finished: the header-read deadline answers 408
+    reply = _raw_exchange(server.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.settimeout(60)
-        s.sendall(b"PROPFIND / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
+    reply = _raw_exchange(server.port,
+                          b"PROPFIND / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 405"), reply[:200]

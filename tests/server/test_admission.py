@@ -17,9 +17,8 @@ from server.security.auth import hash_key
 from server.settings import Settings
 from testkit.live import asgi_client
 from testkit.spy import Counter
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 KEYS = {"keys": [
     {"id": "low", "sha256": hash_key("k-low"), "methods": ["none"], "requests_per_minute": 1},
     {"id": "wide", "sha256": hash_key("k-wide"), "methods": "*", "lower_refusal": True},

@@ -9,9 +9,8 @@ import pytest
 
 from steering.evaluation.refusal import is_refusal
 from testkit.live import app_client
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 LIMITS = dict(max_tokens_limit=64, strength_min=-4.0, strength_max=4.0, max_compare_variants=4)
 
 
