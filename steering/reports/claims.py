@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 
 from steering.catalog import REGISTRY
-from steering.evaluation.evaluate import three
 from steering.evaluation.refusal import newcombe_difference, wilson_interval
+from steering.evaluation.tables import three
 from steering.packs.format import SteeringPack
 
 PPL_TOLERANCE = 1.10  # WikiText perplexity within 10% of unsteered
