@@ -1,5 +1,8 @@
 """From a request's steering settings to per-site kernel parameters (the design's one table).
 
+(Past 400 lines because this docstring holds every method's math, ~80 lines, next to the
+builders that implement it; the code itself is ~330 lines.)
+
 | method    | Q                     | c                      | α            | v                      | sites |
 |-----------|-----------------------|------------------------|--------------|------------------------|-------|
 | none      | –                     | –                      | 0            | 0                      | – |
