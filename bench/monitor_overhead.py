@@ -40,12 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--direct", type=int, default=2000, help="repetitions of the direct timing")
     args = ap.parse_args(argv)
 
-    import torch
-    from transformers import DynamicCache
-
+    from bench.decode_step import prefilled, round_robin
     from steering import SteeringSpec, build_row, load_model
     from steering.extraction.store import default_pack_path, ensure_pack
-    from steering.interventions.activations import encode_chats
     from steering.interventions.hooks import hooks_of
     from steering.interventions.monitors import monitor_of, monitors_of
     from steering.packs.format import load_pack, pack_paths
@@ -67,17 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         "ablate": (ablate, None, "ablate"),
         "ablate + 2 monitors": (ablate, (first, second), "ablate"),
     }
-    enc = encode_chats(lm, ["Write a short story about a lighthouse keeper."] * b)
-    cache = DynamicCache(config=lm.model.config)
-    with torch.inference_mode():
-        out = lm.model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    positions = enc["position_ids"][:, -1:] + 1
-    mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], 1)
+    cache, token, positions, mask = prefilled(lm, b)
     watch = monitors_of(lm)
     scores: list = []
 
-    def step(steering, monitors) -> float:
+    def step(row) -> float:
+        steering, monitors, _ = row
         t0 = time.perf_counter()
         hooks_of(lm).set_rows(None if steering is None else [steering] * b)
         watch.set_rows(None if monitors is None else [monitors] * b)
@@ -89,17 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.crop(-1)  # back to the prompt: every step sees the same cache
         return seconds
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    with torch.inference_mode():
-        for _ in range(5):  # warm-up
-            for steering, monitors, _ in rows.values():
-                step(steering, monitors)
-        names = list(rows)
-        for i in range(args.steps):
-            # the order rotates every round: no row always follows the same one
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                steering, monitors, _ = rows[name]
-                times[name].append(step(steering, monitors))
+    times = round_robin(rows, step, args.steps)
     hooks_of(lm).set_rows(None)
     watch.set_rows(None)
     assert scores and all(len(s) == b for s in scores)
