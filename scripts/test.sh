@@ -23,6 +23,6 @@ done
 fast=$?
 for pid in $pids; do wait "$pid"; done
 for name in $SIDE_VENVS; do cat "build/ensure-$name.log" >&2; done
-"$PY" -m pytest -q -m real
+"$PY" -m pytest -q -m real --durations=15
 real=$?
 [ "$fast" -eq 0 ] && [ "$real" -eq 0 ]
