@@ -125,6 +125,13 @@ class Container:
                        for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
         sc = self.container["securityContext"]
         args = ["run", "-d", "--name", self.name, "-p", f"127.0.0.1:{self.port}:8000"]
+        # /metrics is served on the Deployment's `metrics` port only (off on the API port)
+        ports = {p["name"]: p["containerPort"] for p in self.container.get("ports", [])}
+        self.metrics_url = None
+        if "metrics" in ports:
+            metrics_port = free_port()
+            self.metrics_url = f"http://127.0.0.1:{metrics_port}"
+            args += ["-p", f"127.0.0.1:{metrics_port}:{ports['metrics']}"]
         if sc.get("readOnlyRootFilesystem"):
             # exactly the pod's writable places: podman's own tmpfs on /tmp, /run... off
             args += ["--read-only", "--read-only-tmpfs=false"]
@@ -159,6 +166,9 @@ class Container:
 
     def get(self, path: str, **kw) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30, **kw)
+
+    def metrics(self) -> httpx.Response:
+        return httpx.get((self.metrics_url or self.url) + "/metrics", timeout=30)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -263,7 +273,9 @@ def test_steered_and_streamed_chat(server):
 
 def test_metrics(server):
     chat(server.url, "Say hello.", {"method": "ablate"}, max_tokens=2)
-    r = server.get("/metrics")
+    if server.metrics_url:
+        assert server.get("/metrics").status_code == 404  # not on the API port
+    r = server.metrics()
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     lines = r.text.splitlines()
@@ -274,7 +286,7 @@ def test_metrics(server):
 
 
 def _running(server) -> float:
-    for line in server.get("/metrics").text.splitlines():
+    for line in server.metrics().text.splitlines():
         if line.startswith("steer_requests_running "):
             return float(line.split()[1])
     return 0.0
