@@ -41,8 +41,9 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()  # a given port: e.g. a restart in a stopped one's place
         self.url = f"http://127.0.0.1:{self.port}"
         steer = Path(sys.executable).with_name("steer")
         cmd = [str(steer), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]

@@ -27,7 +27,9 @@ from server.api.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     DeltaMessage,
+    ToolCallDelta,
 )
+from server.api.tools import CLOSE, finish_reason, start
 from server.api.tracker import Choice, Tracker
 from server.context import RequestContext
 from server.errors import APIError, ErrorCode
@@ -57,10 +59,12 @@ class ChunkBuilder:
                    choices=choices, **extra)
 
     def _choice(self, c: int, text: str | None = None, *, role: bool = False,
-                logprobs=None, finish: str | None = None):
+                logprobs=None, finish: str | None = None, calls: list[dict] | None = None):
         if self.job.kind == "chat":
             delta = DeltaMessage(role="assistant", content="") if role else (
                 DeltaMessage(content=text) if text is not None else DeltaMessage())
+            if calls:
+                delta.tool_calls = [ToolCallDelta(**c) for c in calls]
             return ChatChunkChoice(index=c, delta=delta, logprobs=logprobs, finish_reason=finish)
         return CompletionChoice(index=c, text=text or "", logprobs=logprobs,
                                      finish_reason=finish)
@@ -71,8 +75,8 @@ class ChunkBuilder:
         return self._chunk([self._choice(c, text, role=True)],
                            steering=job.resolved.applied).sse()
 
-    def piece(self, c: int, text: str, logprobs) -> str:
-        return self._chunk([self._choice(c, text, logprobs=logprobs)]).sse()
+    def piece(self, c: int, text: str, logprobs, calls: list[dict] | None = None) -> str:
+        return self._chunk([self._choice(c, text, logprobs=logprobs, calls=calls)]).sse()
 
     def closing(self, c: int, finish: str, decided=None) -> str:
         extra = {}
@@ -106,6 +110,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                   ctx: RequestContext) -> AsyncIterator[str]:
     chunks = ChunkBuilder(job)
     status, outcome = "200", None
+    parsers = [start(job.tools) for _ in job.sampling] if job.tools is not None else None
     try:
         for c in range(len(job.sampling)):  # an opening chunk per choice carries the steering
             yield chunks.opening(c)
@@ -116,8 +121,16 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
             lp = None
             if job.logprobs and ev.token_id is not None and ev.logprob is not None:
                 lp = chunks.new_logprobs(ch, seen)
-            if ev.text or lp is not None:
-                yield chunks.piece(c, ev.text, lp)
+            text, calls, reason = ev.text, None, ch.finish_reason
+            if parsers is not None:  # tool calls: held back until their block closes
+                text, calls = parsers[c].feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest, last = parsers[c].finish(
+                        closed_by_stop=ev.finish_reason == "stop" and CLOSE in job.tools.stop)
+                    text, calls = text + rest, calls + last
+                    reason = finish_reason(parsers[c], ch.finish_reason)
+            if text or lp is not None or calls:
+                yield chunks.piece(c, text, lp, calls)
             if ev.finish_reason is not None:
                 err = choice_error(job, ch.finish_reason, ch.error,
                                    state.settings.request_timeout_s)
@@ -125,7 +138,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     status, outcome = str(err.status), ev.finish_reason
                     yield error_event(err)
                     break
-                yield chunks.closing(c, ch.finish_reason, ch.steering)
+                yield chunks.closing(c, reason, ch.steering)
         else:
             if job.include_usage:
                 yield chunks.usage(tracker)

@@ -48,6 +48,8 @@ from server.api.protocol.chat import (
     ChatCompletionResponse,
     DeltaMessage,
     ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
 )
 from server.api.protocol.compare import (
     CompareRequest,
@@ -71,6 +73,6 @@ __all__ = [
     "CompareRequest", "CompareResponse", "CompareVariant", "CompletionChoice", "CompletionChunk",
     "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "ConditionParams",
     "ConditionResult", "DeltaMessage", "ErrorDetail", "ErrorResponse", "Lenient", "ModelCard",
-    "ModelList", "ResponseMessage", "SteeringParams", "SteeringValue", "StreamOptions",
+    "ModelList", "ResponseMessage", "ToolCall", "ToolCallDelta", "SteeringParams", "SteeringValue", "StreamOptions",
     "TextPart", "TokenLogprob", "TopLogprob", "Usage", "VariantResult", "parse_steering",
 ]
