@@ -29,7 +29,7 @@ from server.api.protocol import (
     DeltaMessage,
     ToolCallDelta,
 )
-from server.api.tools import CLOSE, finish_reason, start
+from server.api.tools import finish_reason, start
 from server.api.tracker import Choice, Tracker
 from server.context import RequestContext
 from server.errors import APIError, ErrorCode
@@ -125,8 +125,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
             if parsers is not None:  # tool calls: held back until their block closes
                 text, calls = parsers[c].feed(ev.text)
                 if ev.finish_reason is not None:
-                    rest, last = parsers[c].finish(
-                        closed_by_stop=ev.finish_reason == "stop" and CLOSE in job.tools.stop)
+                    rest, last = parsers[c].finish(ended=ev.finish_reason == "stop")
                     text, calls = text + rest, calls + last
                     reason = finish_reason(parsers[c], ch.finish_reason)
             if text or lp is not None or calls:

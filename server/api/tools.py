@@ -13,8 +13,11 @@ the Hermes format); the answer is parsed back into `tool_calls`. `tool_choice`:
 
 `ToolCallParser` reads the generated text as it streams: text outside the tags is content, each
 complete block whose JSON has a string `name` becomes a call (`arguments` re-serialized as a JSON
-string, as OpenAI sends it). A block that is cut off or does not parse stays content, so nothing
-the model wrote is lost. The finish reason is `tool_calls` when the answer ended normally with at
+string, as OpenAI sends it). A last block the model ended without `</tool_call>` (finish `stop`:
+its end-of-turn token, a stop string, or a named call's closing tag) is a call too when its JSON
+parses — small models often end the turn right after the call's `}` (vLLM's Hermes parser accepts
+the same unclosed last block). A block cut off by `max_tokens` or whose JSON does not parse stays
+content, so nothing the model wrote is lost. The finish reason is `tool_calls` when the answer ended normally with at
 least one call. With `parallel_tool_calls: false` only the first call is kept.
 """
 
@@ -134,12 +137,12 @@ class ToolCallParser:
             break
         return "".join(content), done
 
-    def finish(self, closed_by_stop: bool = False) -> tuple[str, list[dict]]:
-        """(the content still held back, a last call): a block left open is content, unless the
-        answer stopped at `</tool_call>` itself (a named `tool_choice` stops there)."""
+    def finish(self, ended: bool = False) -> tuple[str, list[dict]]:
+        """(the content still held back, a last call): a block left open is a call when the
+        answer `ended` normally (finish `stop`) and the block's JSON is a call, else content."""
         done: list[dict] = []
         content = ""
-        if self._in_block and closed_by_stop:
+        if self._in_block and ended and _call_of(self._pending.strip()) is not None:
             content, done = self.feed(CLOSE)
         rest = (OPEN if self._in_block else "") + self._pending
         self._pending, self._in_block = "", False
@@ -171,7 +174,7 @@ def parse_all(tools: ToolPlan, text: str, reason: str | None
     """A whole answer: (content, or None when it is only calls; the calls; finish reason)."""
     p = start(tools)
     content, _ = p.feed(text)
-    rest, _ = p.finish(closed_by_stop=reason == "stop" and CLOSE in tools.stop)
+    rest, _ = p.finish(ended=reason == "stop")
     content += rest
     if p.calls and not content.strip():
         content = None

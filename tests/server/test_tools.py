@@ -52,6 +52,21 @@ def test_cut_or_broken_blocks_stay_content():
     assert calls == [] and content == broken
 
 
+def test_a_last_block_the_model_ended_unclosed_is_a_call():
+    # the embedded model, tool_choice "required": it ends its turn right after the call's "}"
+    tools = plan([WEATHER], "required", None)
+    text = 'get_weather", "arguments": {"city": "Paris"}}'
+    content, calls, reason = parse_all(tools, text, "stop")
+    assert content is None and reason == "tool_calls"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    # the same text cut by max_tokens, or an unclosed block that is not a call, stays content
+    content, calls, reason = parse_all(tools, text, "length")
+    assert calls == [] and reason == "length" and content.endswith(text)
+    content, calls, _ = parse_all(plan([WEATHER], "auto", None), "<tool_call>\n{\"a\": 1}",
+                                  "stop")
+    assert calls == [] and content == '<tool_call>\n{"a": 1}'
+
+
 def test_text_that_only_looks_like_a_tag_is_content():
     p = ToolCallParser()
     text, _ = p.feed("a < b and <tool")
