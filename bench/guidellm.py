@@ -50,6 +50,10 @@ from testkit.venvs import ensure_venv  # noqa: E402
 GUIDELLM = ["guidellm==0.8.1", "torch==2.13.0"]
 
 
+def guidellm_venv(log=print) -> tuple[Path, float | None]:
+    return ensure_venv("guidellm", GUIDELLM, log=log)
+
+
 def tokenizer_of(model: str | None):
     """The served model's tokenizer: a model folder's own, else the embedded model's."""
     from transformers import AutoTokenizer
@@ -173,7 +177,7 @@ def main() -> int:
     levels = [int(x) for x in args.streams.split(",")]
     scenarios = args.scenarios.split(",")
 
-    bin_dir, install_s = ensure_venv("guidellm", GUIDELLM)
+    bin_dir, install_s = guidellm_venv()
     work = Path(tempfile.mkdtemp(prefix="guidellm-"))
     tok = tokenizer_of(args.model)
     processor = save_tokenizer(tok, work / "tokenizer")

@@ -15,13 +15,13 @@ import pytest
 
 from steering.evaluation.refusal import is_refusal
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.clients]
 
 N_ITEMS = 3
 
 
 @pytest.fixture(scope="module")
-def lm_eval_bin():
+def lm_eval_bin(outside_clients):
     from bench.lm_eval_refusal import lm_eval_venv
 
     bin_dir, _ = lm_eval_venv()
