@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
 from steering import Condition, SteeringSpec, build_row, load_model  # noqa: E402
 from steering.data.prompts import load_instructions  # noqa: E402
-from steering.evaluation.evaluate import wilson_interval  # noqa: E402
-from steering.evaluation.refusal import is_refusal  # noqa: E402
+from steering.evaluation.refusal import (
+    is_refusal,  # noqa: E402
+    wilson_interval,  # noqa: E402
+)
 from steering.extraction.store import ensure_pack  # noqa: E402
 from steering.interventions.conditions import resolve_conditions  # noqa: E402
 from steering.models.chat import format_chat  # noqa: E402

@@ -61,13 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from steering import SteeringSpec, build_row, load_model
     from steering.data.prompts import load_general_text, load_instructions, prompts_hash
-    from steering.evaluation.evaluate import (
-        decode,
-        generate_greedy,
-        perplexity,
-        rate_record,
-        sequence_nll,
-    )
+    from steering.evaluation.metrics import perplexity, rate_record
+    from steering.evaluation.passes import decode, generate_greedy, sequence_nll
     from steering.extraction.store import ensure_pack
 
     t_start = time.perf_counter()

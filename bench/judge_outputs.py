@@ -11,7 +11,7 @@ and the model's cached pack. Each output gets a development/test half from its p
 the prompt text, even first byte: dev), so a prompt's outputs all fall in one half.
 
 The outputs are then labelled by hand (rules: steering/data/JUDGE_LABELLING.md) into
-steering/data/judge_labelled.jsonl; `steering.evaluation.three_way` measures judges against them.
+steering/data/judge_labelled.jsonl; `steering.evaluation.judge_agreement` measures judges against them.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@
 # goes into the project's .venv. Idempotent: does nothing when the pinned version is there.
 # Offline or without a Python 3.11+ it says why and continues; the gateway test then skips.
 #
-# The version is the one docker/docker-compose.yml and deploy/base/gateway.yaml run
-# (tests/deploy/test_deploy.py keeps the three equal). Never 1.82.7 or 1.82.8: those two releases
-# carried a credential stealer (March 2026) and were withdrawn.
+# The version is the one docker/docker-compose.yml, deploy/base/gateway.yaml and
+# docker/Dockerfile.gateway run (tests/deploy/test_deploy.py keeps the four equal). Never 1.82.7
+# or 1.82.8: those two releases carried a credential stealer (March 2026) and were withdrawn;
+# nothing below 1.84.0 either (the proxy's pre-auth SQL injection CVE-2026-42208 and Host-header
+# auth bypass CVE-2026-49468 are fixed from 1.84.0 on).
 set -u
-LITELLM_VERSION=${LITELLM_VERSION:-1.82.3}
+LITELLM_VERSION=${LITELLM_VERSION:-1.84.1}
 VENV=${LITELLM_VENV:-.venv-litellm}
 PYTHON=${PYTHON:-python3}
 case "$LITELLM_VERSION" in

@@ -139,7 +139,7 @@ def write(folder: Path, files: dict[str, dict[str, str]]) -> None:
 
 SECRET_HEADER = """\
 # Keys. PLACEHOLDERS ("sk-change-me-…"), consistent with each other so the layout can be checked,
-# and refused by the gateway at start (docker/gateway_auth.py): nothing runs until you replace
+# and refused by the gateway at start (deploy/base/gateway_auth.py): nothing runs until you replace
 # them. Written by `python scripts/gateway_keys.py --secret-yaml deploy/base/secret.yaml`
 # (tests/deploy/test_deploy.py checks it is current). In your overlay, generate real ones and
 # replace both Secrets from the git-ignored env files:

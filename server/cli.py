@@ -53,6 +53,16 @@ def _steering_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_csv(int), default=None, help="comma-separated layer indices")
 
 
+def _grid_parser(sub, name: str, help: str, ks_default: str) -> argparse.ArgumentParser:
+    """A command that measures a grid of steering settings (eval, report)."""
+    p = sub.add_parser(name, help=help)
+    _model_args(p)
+    _eval_args(p)
+    p.add_argument("--ks", type=_csv(int), default=None,
+                   help=f"INLP leading-k sweep (default {ks_default}; the pack's maximum is added)")
+    return p
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack", default=None, help="pack path (default: the model's cached pack)")
     p.add_argument("--harmful", default=None,
@@ -168,26 +178,18 @@ def _library_verbs(sub) -> None:
                    help="the model's own .gguf to edit (default: the one --model names, if any)")
     p.set_defaults(handler="steering.commands:cmd_orthogonalize")
 
-    p = sub.add_parser("eval", help="refusal, perplexity and KL over a grid of steering "
-                                    "settings (JSON + Markdown table)")
-    _model_args(p)
-    _eval_args(p)
+    p = _grid_parser(sub, "eval", "refusal, perplexity and KL over a grid of steering settings "
+                                  "(JSON + Markdown table)", ks_default="1,2,4")
     p.add_argument("--methods", type=_csv(str), default=None,
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--strengths", type=_csv(float), default=None,
                    help="strengths for every steering method (default: 1, and 0,1 for ace)")
-    p.add_argument("--ks", type=_csv(int), default=None,
-                   help="INLP leading-k sweep (default 1,2,4; the pack's maximum is added)")
     p.add_argument("--json", default=None, help="write every number here (JSON)")
     p.add_argument("--markdown", default=None, help="write the table here (Markdown)")
     p.set_defaults(handler="steering.commands:cmd_eval")
 
-    p = sub.add_parser("report", help="the papers' comparison on one model: self-contained "
-                                      "HTML + Markdown with plots")
-    _model_args(p)
-    _eval_args(p)
-    p.add_argument("--ks", type=_csv(int), default=None,
-                   help="INLP leading-k sweep (default 1,2,3,4; the pack's maximum is added)")
+    p = _grid_parser(sub, "report", "the papers' comparison on one model: self-contained HTML + "
+                                    "Markdown with plots", ks_default="1,2,3,4")
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")

@@ -169,13 +169,8 @@ def cmd_orthogonalize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from steering.evaluation.evaluate import (
-        EvalConfig,
-        evaluate,
-        judge_table,
-        markdown_table,
-        write_outputs,
-    )
+    from steering.evaluation.evaluate import EvalConfig, evaluate
+    from steering.evaluation.tables import judge_table, markdown_table, write_outputs
     from steering.extraction.store import ensure_pack
     from steering.models.loading import load_model
 

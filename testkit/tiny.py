@@ -24,6 +24,11 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+# The served name of the default tiny model and a harmless chat, shared by the server tests.
+MODEL = "tiny-qwen2"
+HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in a blink on the packaged prompts."""
     tok = Tokenizer(models.BPE())

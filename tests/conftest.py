@@ -71,12 +71,9 @@ def serve_real(env: dict[str, str]):
         pytest.skip("STEERING_SKIP_REAL set")
     from testkit.server import ServerProcess
 
-    proc = ServerProcess(env=env)
-    try:
+    with ServerProcess(env=env) as proc:
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

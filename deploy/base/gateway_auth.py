@@ -1,6 +1,6 @@
 """LiteLLM custom auth for the steering gateway: per-client keys with a model allow-list, no
 database. Loaded by LiteLLM from `general_settings.custom_auth: gateway_auth.user_api_key_auth`
-(this file sits next to litellm.yaml; deploy/base/gateway_auth.py is the same file).
+(this file sits next to litellm.yaml; docker compose mounts this same file).
 
 - `GATEWAY_CLIENT_KEYS`: `{clients: [{id, sha256, models: [route, ...]}]}` (YAML or JSON; the
   SHA-256 of each client key, never the key; `scripts/gateway_keys.py` writes it). A client may

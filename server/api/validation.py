@@ -152,11 +152,13 @@ def _check_sampling(state: ServerState, req: ChatCompletionRequest | CompletionR
                           f"{len(messages)}", "messages", ErrorCode.TOO_MANY_MESSAGES)
 
 
+def _at_most(value: int | None, limit: int, param: str, code: ErrorCode) -> None:
+    if value is not None and value > limit:
+        raise bad_request(f"{param} must be at most {limit}, got {value}", param, code)
+
+
 def _check_top_logprobs(state: ServerState, top: int | None, param: str) -> None:
-    limit = state.settings.max_top_logprobs
-    if top is not None and top > limit:
-        raise bad_request(f"{param} must be at most {limit}, got {top}", param,
-                          ErrorCode.TOP_LOGPROBS_TOO_LARGE)
+    _at_most(top, state.settings.max_top_logprobs, param, ErrorCode.TOP_LOGPROBS_TOO_LARGE)
 
 
 def _check_choices(state: ServerState, prompts: int, n: int) -> None:
@@ -170,10 +172,7 @@ def _check_choices(state: ServerState, prompts: int, n: int) -> None:
 
 
 def check_max_tokens(state: ServerState, requested: int | None, param: str) -> None:
-    limit = state.settings.max_tokens_limit
-    if requested is not None and requested > limit:
-        raise bad_request(f"{param} must be at most {limit}, got {requested}", param,
-                          ErrorCode.MAX_TOKENS_TOO_LARGE)
+    _at_most(requested, state.settings.max_tokens_limit, param, ErrorCode.MAX_TOKENS_TOO_LARGE)
 
 
 def message_text(i: int, message: ChatMessage) -> str:

@@ -15,7 +15,8 @@ For each setting (method × strength × k) on a model and pack:
 
 Every setting is measured with the same batches as the unsteered baseline, so `none` reproduces
 the baseline exactly. `evaluate` returns a JSON-ready dict (every number, with the prompts' hashes
-and the settings); `markdown_table` renders its table.
+and the settings); `tables.markdown_table` renders its table. The metrics are in `metrics`, the
+model passes in `passes`.
 """
 
 from __future__ import annotations
@@ -30,21 +31,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from steering import __version__
 from steering.catalog import REGISTRY
 from steering.data.prompts import load_general_text, load_instructions, prompts_hash
-from steering.evaluation.refusal import (  # noqa: F401 (wilson_interval re-exported)
+from steering.evaluation.metrics import perplexity, rate_record, row_kl
+from steering.evaluation.passes import GENERATION, decode, generate_greedy, sequence_nll
+from steering.evaluation.refusal import (
     bootstrap_mean_ci,
     is_refusal,
     refusal_score,
     refusal_token_ids,
-    wilson_interval,
 )
-from steering.interventions.activations import encode_chats, with_positions
-from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import (
     INLP_METHODS,
     METHODS,
@@ -62,59 +61,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STRENGTHS: dict[str, tuple[float, ...]] = {
     m.name: m.eval_strengths for m in REGISTRY.values() if m.eval_strengths}
-
-
-# ---- metrics on plain tensors and strings ----------------------------------------------------
-
-def refusal_rate(completions: Sequence[str]) -> float:
-    """Share of completions the refusal-substring matcher flags (nan for none)."""
-    if not completions:
-        return math.nan
-    return sum(is_refusal(c) for c in completions) / len(completions)
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor,
-              mask: torch.Tensor | None = None) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of `targets` [B, T] under `logits` [B, T, V]
-    (logits[b, t] predicts targets[b, t]), over the positions where `mask` is true."""
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          reduction="none").view(targets.shape)
-    if mask is None:
-        mask = torch.ones_like(targets, dtype=torch.bool)
-    mask = mask.bool()
-    return float(nll[mask].double().sum()), int(mask.sum())
-
-
-def perplexity(nll_sum: float, n_tokens: int) -> float:
-    """exp(mean NLL per token): the corpus perplexity (token-weighted)."""
-    return math.exp(nll_sum / n_tokens) if n_tokens else math.nan
-
-
-def row_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> list[float]:
-    """Per row, KL(base ‖ other) of the softmax distributions (nats), in float64."""
-    p = torch.log_softmax(base_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1).clamp_min(0).tolist()
-
-
-def mean_kl(base_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over rows of KL(base ‖ other) of the softmax distributions (nats), in float64."""
-    kls = row_kl(base_logits, logits)
-    return sum(kls) / len(kls) if kls else math.nan
-
-
-def rate_record(prefix: str, texts: Sequence[str]) -> dict:
-    """`<prefix>_refusal_rate`, `_refused`, `_n` and `_ci` (Wilson 95%) of completions."""
-    refused = sum(is_refusal(t) for t in texts)
-    n = len(texts)
-    return {f"{prefix}_refusal_rate": refused / n if n else math.nan,
-            f"{prefix}_refused": refused, f"{prefix}_n": n,
-            f"{prefix}_ci": list(wilson_interval(refused, n))}
-
-
-# Evaluation decoding, stated in full so nothing is inherited from the model's generation config.
-GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
-              "no_repeat_ngram_size": 0, "length_penalty": 1.0}
 
 
 # ---- configuration and the grid -------------------------------------------------------------
@@ -191,121 +137,6 @@ def spec_label(spec: SteeringSpec) -> str:
     label = f"{spec.method} s={spec.strength:g}"
     label += f" k={spec.k}" if spec.k is not None else ""
     return label + (f" layers={','.join(map(str, spec.layers))}" if spec.layers else "")
-
-
-# ---- model passes ---------------------------------------------------------------------------
-
-def _rows(row: RowSteering | None, n: int) -> list[RowSteering] | None:
-    return [row] * n if row is not None else None
-
-
-def _eos_ids(lm: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(lm.model, "generation_config", None), lm.tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(x) for x in eos)
-    return ids
-
-
-def _length_order(lengths: Sequence[int]) -> list[int]:
-    """Indices by length, so each batch pads as little as possible (stable: ties keep order)."""
-    return sorted(range(len(lengths)), key=lambda i: lengths[i])
-
-
-def _unsort(values: list, order: list[int]) -> list:
-    out: list = [None] * len(order)
-    for value, i in zip(values, order):
-        out[i] = value
-    return out
-
-
-@torch.inference_mode()
-def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | None,
-                    max_new_tokens: int, batch_size: int = 16, desc: str | None = None
-                    ) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy completions (token ids, cut after the first end-of-turn token) of chat `prompts`
-    with `row` steering every prompt, and the first answer position's logits [N, vocab].
-
-    Prompts are batched by length (less padding); results come back in the prompts' order."""
-    eos = _eos_ids(lm)
-    texts = [format_chat(lm.tokenizer, p) for p in prompts]
-    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    order = _length_order(lengths)
-    completions: list[list[int]] = []
-    first: list[torch.Tensor] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-        chunk = [prompts[i] for i in order[start:start + batch_size]]
-        enc = encode_chats(lm, chunk)
-        enc.pop("position_ids")  # generate derives them from the attention mask
-        hooks_of(lm).set_rows(_rows(row, len(chunk)))
-        try:
-            out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, **GENERATION,
-                                    pad_token_id=lm.tokenizer.pad_token_id,
-                                    return_dict_in_generate=True, output_logits=True)
-        finally:
-            hooks_of(lm).set_rows(None)
-        first.extend(out.logits[0].float().cpu())
-        new = out.sequences[:, enc["input_ids"].shape[1]:].tolist()
-        for ids in new:
-            cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
-            completions.append(ids[:cut])
-    if not prompts:
-        return [], torch.empty(0)
-    return _unsort(completions, order), torch.stack(_unsort(first, order))
-
-
-def decode(lm: LoadedModel, completions: Sequence[Sequence[int]]) -> list[str]:
-    return lm.tokenizer.batch_decode(completions, skip_special_tokens=True)
-
-
-@torch.inference_mode()
-def sequence_nll(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_targets: Sequence[int],
-                 row: RowSteering | None = None, batch_size: int = 8, desc: str | None = None,
-                 answer_logits: bool = False):
-    """Summed NLL of the last `n_targets[i]` tokens of each token sequence, with `row` steering:
-    (nll, tokens), plus with `answer_logits` the logits that predict each sequence's first
-    target token [N, vocab] (for a chat prompt + completion: the first answer position).
-
-    Sequences are batched by length and left-padded so every row ends at the right edge; only the
-    logits of the last max(n_targets)+1 positions are computed (the LM head is a large share of a
-    small model)."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    order = _length_order([len(s) for s in sequences])
-    total, count = 0.0, 0
-    first: list[torch.Tensor] = []
-    starts = range(0, len(sequences), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-        index = order[start:start + batch_size]
-        seqs = [list(sequences[i]) for i in index]
-        ns = [int(n_targets[i]) for i in index]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-        keep = min(max(ns) + 1, width)
-        hooks_of(lm).set_rows(_rows(row, len(seqs)))
-        try:
-            logits = lm.model(**with_positions(ids, mask, lm.device), use_cache=False,
-                              logits_to_keep=keep).logits.float().cpu()
-        finally:
-            hooks_of(lm).set_rows(None)
-        targets = ids[:, width - keep + 1:]  # token t is predicted by logits at t − 1
-        positions = torch.arange(width - keep + 1, width)
-        target_mask = positions[None, :] >= torch.tensor([width - n for n in ns])[:, None]
-        nll, n = token_nll(logits[:, :-1], targets, target_mask)
-        total += nll
-        count += n
-        if answer_logits:
-            first.extend(logits[i, keep - n - 1] for i, n in enumerate(ns))
-    if answer_logits:
-        return total, count, (torch.stack(_unsort(first, order)) if first else torch.empty(0))
-    return total, count
 
 
 # ---- the data: prompts, cached unsteered completions, general text ---------------------------
@@ -550,120 +381,3 @@ def _pack_summary(pack: SteeringPack | None) -> dict | None:
     d["data"] = meta.get("data")
     d["created"] = meta.get("created")
     return d
-
-
-# ---- output ------------------------------------------------------------------------------------
-
-def _fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "nan"
-        return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.0f}"
-    return str(x)
-
-
-def _rate(r: dict, prefix: str) -> str:
-    """"0.05 (5/100) [0.02, 0.11]": rate, counts and Wilson 95% interval."""
-    rate = r.get(f"{prefix}_refusal_rate")
-    if rate is None:
-        return "–"
-    ci = r.get(f"{prefix}_ci") or [math.nan, math.nan]
-    return f"{rate:.2f} ({r[f'{prefix}_refused']}/{r[f'{prefix}_n']}) [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def three(r: dict, prefix: str) -> str:
-    """"R 10% · C 62% · O 28% (n=37)": the three-way rates of a prompt set ("–" if unmeasured)."""
-    n = r.get(f"{prefix}_n3")
-    if not n:
-        return "–"
-    return " · ".join(f"{c[0].upper()} {r[f'{prefix}_{c}']['rate']:.0%}"
-                      for c in ("refuses", "complies", "other")) + f" (n={n})"
-
-
-def markdown_table(result: dict) -> str:
-    """The results as one Markdown table, the unsteered baseline first. Three-way rates
-    (R refuses · C complies · O other, default offline judge) per prompt set; substring-matcher
-    rates with their counts and Wilson 95% intervals; column heads name the prompt set."""
-    p = result["prompts"]
-    over = "overrefusal" in p
-    sets = ["harmful", "harmless"] + (["overrefusal"] if over else [])
-    head = ("| setting | "
-            + " | ".join(f"{s} ({p[s]['source']}): three-way" for s in sets)
-            + f" | harmful refusal, substring ({p['harmful']['source']}) | harmful refusal score "
-            f"| harmless refusal, substring ({p['harmless']['source']}) "
-            + (f"| over-refusal, substring ({p['overrefusal']['source']}) " if over else "")
-            + "| harmless refusal score | PPL (own completions) | PPL (WikiText) | KL harmless "
-            + "| HumanEval pass@1 |\n"
-            + "|---" * (9 + over + len(sets)) + "|\n")
-    lines = []
-    for r in [result["baseline"], *result["results"]]:
-        lines.append(
-            f"| {r['label']} | " + " | ".join(three(r, s) for s in sets)
-            + f" | {_rate(r, 'harmful')} | {_fmt(r['harmful_refusal_score'], 2)} "
-            f"| {_rate(r, 'harmless')} " + (f"| {_rate(r, 'overrefusal')} " if over else "")
-            + f"| {_fmt(r['harmless_refusal_score'], 2)} | {_fmt(r['ppl_completions'], 2)} "
-            f"| {_fmt(r['ppl_general'], 2)} | {_fmt(r['kl_harmless'], 4)} "
-            f"| {_pass_at_1(r)} |")
-    return head + "\n".join(lines) + "\n"
-
-
-def _pass_at_1(r: dict) -> str:
-    c = r.get("capability")
-    if not c:
-        return "–"
-    lo, hi = c["ci"]
-    return f"{c['pass_at_1']:.1%} ({c['passed']}/{c['n']}) [{lo:.0%}, {hi:.0%}]"
-
-
-def judge_table(result: dict) -> str:
-    """Substring matcher and LLM judge side by side, with their agreement ("" without a judge)."""
-    if not result.get("judge"):
-        return ""
-    p = result["prompts"]
-    sets = [s for s in ("harmful", "harmless", "overrefusal") if s in p]
-    head = "| setting | " + " | ".join(
-        f"{s} ({p[s]['source']}): substring | judge | agreement" for s in sets) + " |\n"
-    head += "|---" * (1 + 3 * len(sets)) + "|\n"
-    lines = []
-    for r in [result["baseline"], *result["results"]]:
-        cells = [r["label"]]
-        for s in sets:
-            if r.get(f"{s}_judge_n") is None:
-                cells += ["–", "–", "–"]
-                continue
-            agree = r[f"{s}_judge_agreement"]
-            cells += [_rate(r, s), _judge_rate(r, s),
-                      "nan" if math.isnan(agree) else f"{agree:.0%}"
-                      + (f" ({r[f'{s}_judge_unparsed']} unparsed)"
-                         if r[f"{s}_judge_unparsed"] else "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
-
-
-def _judge_rate(r: dict, prefix: str) -> str:
-    rate = r[f"{prefix}_judge_refusal_rate"]
-    if rate is None or math.isnan(rate):
-        return "–"
-    ci = r[f"{prefix}_judge_ci"]
-    return (f"{rate:.2f} ({r[f'{prefix}_judge_refused']}/{r[f'{prefix}_judge_n']}) "
-            f"[{ci[0]:.2f}, {ci[1]:.2f}]")
-
-
-def write_outputs(result: dict, json_path: str | Path | None = None,
-                  markdown_path: str | Path | None = None) -> None:
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2, default=_json_default))
-    if markdown_path:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(markdown_table(result) + "\n" + judge_table(result))
-
-
-def _json_default(x):
-    if isinstance(x, float | int):
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return str(x)

@@ -180,7 +180,8 @@ def select(scores: list[dict], kl_threshold: float, induce_threshold: float
 def _calibrate(lm: LoadedModel, pack: SteeringPack, harmful: list[str], harmless: list[str],
                base_rates: dict, bypass: dict, config: ExtractConfig) -> dict:
     """Per method: the strength that reaches its effect on the validation split."""
-    from steering.evaluation.evaluate import perplexity, sequence_nll
+    from steering.evaluation.metrics import perplexity
+    from steering.evaluation.passes import sequence_nll
 
     out: dict[str, dict] = {}
     nh, nl = len(harmful), len(harmless)

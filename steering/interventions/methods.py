@@ -1,5 +1,8 @@
 """From a request's steering settings to per-site kernel parameters (the design's one table).
 
+(Past 400 lines because this docstring holds every method's math, ~80 lines, next to the
+builders that implement it; the code itself is ~330 lines.)
+
 | method    | Q                     | c                      | α            | v                      | sites |
 |-----------|-----------------------|------------------------|--------------|------------------------|-------|
 | none      | –                     | –                      | 0            | 0                      | – |
@@ -85,6 +88,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -266,11 +270,12 @@ def _ace(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...]):
     return edits
 
 
-def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha: float,
+def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], scale: float,
           one_sided: bool, origin: bool):
     """The INLP edits: z = Qᵀ(h − c) with c the INLP origin m (`origin`, the literature's
-    forms) or the raw origin 0 (the project's variants); h' = h − α·Q·g(z)."""
+    forms) or the raw origin 0 (the project's variants); h' = h − α·Q·g(z), α = scale·s."""
     k = spec.k  # resolved and checked by `check_spec`
+    alpha = scale * float(spec.strength)
     zeros, edits = torch.zeros(pack.d_model), {}
     for layer in layers:
         inl = pack.inlp[layer]
@@ -281,34 +286,20 @@ def _inlp(spec: SteeringSpec, pack: SteeringPack, layers: tuple[int, ...], alpha
     return edits
 
 
-@builder("inlp_null")
-def _inlp_null(spec, pack, layers):
-    """Ravfogel et al. 2020: h' = h − s·QQᵀ(h − m) (s = 1: the nullspace projection)."""
-    return _inlp(spec, pack, layers, float(spec.strength), one_sided=False, origin=True)
-
-
-@builder("inlp_flip")
-def _inlp_flip(spec, pack, layers):
-    """Ravfogel et al. 2021 (AlterRep), toward harmless: h' = h − 2s·Q·relu(Qᵀ(h − m))."""
-    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, origin=True)
-
-
-@builder("inlp_reflect")
-def _inlp_reflect(spec, pack, layers):
-    """Reflection across the class boundary: h' = h − 2s·QQᵀ(h − m)."""
-    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=False, origin=True)
-
-
-@builder("inlp_zero_positive")
-def _inlp_zero_positive(spec, pack, layers):
-    """Project variant: h' = h − s·Q·relu(Qᵀh) (positive raw coordinates to 0)."""
-    return _inlp(spec, pack, layers, float(spec.strength), one_sided=True, origin=False)
-
-
-@builder("inlp_negate_positive")
-def _inlp_negate_positive(spec, pack, layers):
-    """Project variant: h' = h − 2s·Q·relu(Qᵀh) (positive raw coordinates negated)."""
-    return _inlp(spec, pack, layers, 2.0 * spec.strength, one_sided=True, origin=False)
+# The INLP family: (scale of α per unit strength s, one-sided g = relu, measured from m).
+INLP_EDITS: dict[str, tuple[float, bool, bool]] = {
+    # Ravfogel et al. 2020, the nullspace projection: h' = h − s·QQᵀ(h − m)
+    "inlp_null": (1.0, False, True),
+    # Ravfogel et al. 2021 (AlterRep), toward harmless: h' = h − 2s·Q·relu(Qᵀ(h − m))
+    "inlp_flip": (2.0, True, True),
+    # reflection across the class boundary: h' = h − 2s·QQᵀ(h − m)
+    "inlp_reflect": (2.0, False, True),
+    # project variants from the raw origin: h' = h − s·Q·relu(Qᵀh), h' = h − 2s·Q·relu(Qᵀh)
+    "inlp_zero_positive": (1.0, True, False),
+    "inlp_negate_positive": (2.0, True, False),
+}
+for _name, (_scale, _one_sided, _origin) in INLP_EDITS.items():
+    builder(_name)(partial(_inlp, scale=_scale, one_sided=_one_sided, origin=_origin))
 
 
 def check_spec(spec: SteeringSpec, pack: SteeringPack | None,

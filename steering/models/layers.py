@@ -8,7 +8,7 @@ inputs and both writers' outputs; weight orthogonalization edits the writers' we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -40,10 +40,9 @@ _LLAMA_LIKE = Architecture(
     attn_out_proj="self_attn.o_proj",
     mlp_out_proj="mlp.down_proj",
 )
-_GEMMA2_LIKE = Architecture(
-    blocks="model.layers",
-    final_norm="model.norm",
-    embedding="model.embed_tokens",
+# Gemma 2/3 end each sub-block with a norm, which is then what writes into the stream.
+_GEMMA2_LIKE = replace(
+    _LLAMA_LIKE,
     attn_writer="post_attention_layernorm",
     mlp_writer="post_feedforward_layernorm",
     attn_out_proj=None,

@@ -45,6 +45,17 @@ def _dims(pack: SteeringPack, index: int) -> torch.Tensor:
     return (pack.mean_harmful[:, index] - pack.mean_harmless[:, index]).double()
 
 
+def _layers_against(pack: SteeringPack, reference: SteeringPack):
+    """(offset, pack index, shipped index, layer, r, shipped r, ‖shipped r‖, floor) at every
+    layer of every shared read position; the floor is SIGNIFICANT × the shipped ‖r‖'s max."""
+    for offset, i, j in _position_pairs(pack, reference):
+        r, ref = _dims(pack, i), _dims(reference, j)
+        ref_norm = ref.norm(dim=-1)
+        floor = SIGNIFICANT * float(ref_norm.max())
+        for layer in range(pack.n_layers):
+            yield offset, i, j, layer, r[layer], ref[layer], float(ref_norm[layer]), floor
+
+
 def check_against_refusal(pack: SteeringPack, reference: SteeringPack) -> None:
     """PackError unless `pack` may be served next to the shipped refusal pack `reference`."""
     if pack.n_layers != reference.n_layers or pack.d_model != reference.d_model:
@@ -57,33 +68,28 @@ def check_against_refusal(pack: SteeringPack, reference: SteeringPack) -> None:
 
 
 def _check_refusal(pack: SteeringPack, reference: SteeringPack) -> None:
-    for offset, i, j in _position_pairs(pack, reference):
-        r, ref = _dims(pack, i), _dims(reference, j)
-        ref_norm = ref.norm(dim=-1)
-        floor = SIGNIFICANT * float(ref_norm.max())
-        for layer in range(pack.n_layers):
-            where = f"pack {pack.name!r} at layer {layer}, position {offset}"
-            length = float(r[layer].norm())
-            allowed = MAX_NORM_RATIO * max(float(ref_norm[layer]), floor)
-            if length > allowed:
-                raise PackError(f"{where}: its refusal direction is {length:.3g} long, more "
-                                f"than {MAX_NORM_RATIO:g}× the shipped one's ({allowed:.3g}); a "
-                                "strength must mean about the same with every refusal pack")
-            if float(ref_norm[layer]) < floor:
-                continue
-            unit = ref[layer] / ref_norm[layer]
-            cos = float(r[layer] @ unit) / max(length, 1e-12)
-            if cos <= 0:
-                raise PackError(f"{where}: its difference in means points away from the shipped "
-                                f"refusal direction (cosine {cos:.2f}); a refusal pack's means "
-                                "are (harmful, harmless), in that order")
-            shift = float((pack.mean_harmless[layer, i].double()
-                           - reference.mean_harmless[layer, j].double()) @ unit) \
-                / float(ref_norm[layer])
-            if abs(shift) > MAX_REFERENCE_SHIFT:
-                raise PackError(f"{where}: its harmless mean sits {shift:+.2f} class gaps from "
-                                "the shipped one along the refusal direction (at most "
-                                f"{MAX_REFERENCE_SHIFT:g}); ACE's reference would move")
+    for offset, i, j, layer, r, ref, ref_norm, floor in _layers_against(pack, reference):
+        where = f"pack {pack.name!r} at layer {layer}, position {offset}"
+        length = float(r.norm())
+        allowed = MAX_NORM_RATIO * max(ref_norm, floor)
+        if length > allowed:
+            raise PackError(f"{where}: its refusal direction is {length:.3g} long, more "
+                            f"than {MAX_NORM_RATIO:g}× the shipped one's ({allowed:.3g}); a "
+                            "strength must mean about the same with every refusal pack")
+        if ref_norm < floor:
+            continue
+        unit = ref / ref_norm
+        cos = float(r @ unit) / max(length, 1e-12)
+        if cos <= 0:
+            raise PackError(f"{where}: its difference in means points away from the shipped "
+                            f"refusal direction (cosine {cos:.2f}); a refusal pack's means "
+                            "are (harmful, harmless), in that order")
+        shift = float((pack.mean_harmless[layer, i].double()
+                       - reference.mean_harmless[layer, j].double()) @ unit) / ref_norm
+        if abs(shift) > MAX_REFERENCE_SHIFT:
+            raise PackError(f"{where}: its harmless mean sits {shift:+.2f} class gaps from "
+                            "the shipped one along the refusal direction (at most "
+                            f"{MAX_REFERENCE_SHIFT:g}); ACE's reference would move")
     ref_at = _dims(reference, reference.positions.index(reference.position))
     floor = SIGNIFICANT * float(ref_at.norm(dim=-1).max())
     for layer, inlp in pack.inlp.items():
@@ -98,17 +104,12 @@ def _check_refusal(pack: SteeringPack, reference: SteeringPack) -> None:
 
 
 def _check_not_against(pack: SteeringPack, reference: SteeringPack) -> None:
-    for offset, i, j in _position_pairs(pack, reference):
-        r, ref = _dims(pack, i), _dims(reference, j)
-        ref_norm = ref.norm(dim=-1)
-        floor = SIGNIFICANT * float(ref_norm.max())
-        for layer in range(pack.n_layers):
-            scale = max(float(ref_norm[layer]), floor)
-            if float(ref_norm[layer]) == 0.0:
-                continue
-            along = float(r[layer] @ (ref[layer] / ref_norm[layer])) / scale
-            if along < -MAX_AGAINST:
-                raise PackError(f"pack {pack.name!r} (concept {pack.concept!r}) at layer {layer},"
-                                f" position {offset}: its direction runs against the shipped "
-                                f"refusal direction ({along:+.2f} of its length; at most "
-                                f"-{MAX_AGAINST:g}), so adding it would lower refusal")
+    for offset, _, _, layer, r, ref, ref_norm, floor in _layers_against(pack, reference):
+        if ref_norm == 0.0:
+            continue
+        along = float(r @ (ref / ref_norm)) / max(ref_norm, floor)
+        if along < -MAX_AGAINST:
+            raise PackError(f"pack {pack.name!r} (concept {pack.concept!r}) at layer {layer},"
+                            f" position {offset}: its direction runs against the shipped "
+                            f"refusal direction ({along:+.2f} of its length; at most "
+                            f"-{MAX_AGAINST:g}), so adding it would lower refusal")

@@ -22,6 +22,7 @@ import math
 
 from steering.catalog import REGISTRY
 from steering.evaluation.refusal import newcombe_difference, wilson_interval
+from steering.evaluation.tables import three
 from steering.packs.format import SteeringPack
 
 PPL_TOLERANCE = 1.10  # WikiText perplexity within 10% of unsteered
@@ -101,18 +102,9 @@ def fmt(kn: tuple[int, int] | None) -> str:
     return f"{kn[0] / kn[1]:.0%} [{lo:.0%}, {hi:.0%}] ({kn[0]}/{kn[1]})"
 
 
-def three(r: dict, prefix: str) -> str:
-    """"R 5% · C 60% · O 35%" (the three-way rates), or "" without them."""
-    n = r.get(f"{prefix}_n3")
-    if not n:
-        return ""
-    return " · ".join(f"{c[0].upper()} {r[f'{prefix}_{c}']['count'] / n:.0%}"
-                      for c in ("refuses", "complies", "other"))
-
-
 def both(r: dict, prefix: str) -> str:
-    t = three(r, prefix)
-    return fmt(refusal(r, prefix)) + (f" ({t})" if t else "")
+    t = three(r, prefix, show_n=False)
+    return fmt(refusal(r, prefix)) + (f" ({t})" if t != "–" else "")
 
 
 def diff(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[float, float, float]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from steering.evaluation.evaluate import judge_table, markdown_table
+from steering.evaluation.tables import judge_table, markdown_table
 from steering.reports.claims import FROZEN, HISTORY, both, fmt, kl_text, refusal
 
 

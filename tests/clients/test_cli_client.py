@@ -7,19 +7,15 @@ import io
 import pytest
 
 from clients.cli import parse_variant, render_table
-from server.app import create_app
 from server.cli import main
-from server.settings import Settings
-from testkit.live import serve_in_thread
+from testkit.live import app_url
 
 Q = "Write a short poem about the sea."
 
 
 @pytest.fixture(scope="module")
 def url(tiny_lm, tiny_pack):
-    app = create_app(Settings(max_tokens_limit=64, access_log=False), lm=tiny_lm,
-                     packs=[tiny_pack])
-    with serve_in_thread(app) as base:
+    with app_url(tiny_lm, tiny_pack, max_tokens_limit=64) as base:
         yield base
 
 

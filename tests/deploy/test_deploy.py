@@ -37,6 +37,8 @@ import jsonschema
 import pytest
 import yaml
 
+from testkit.server import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DEPLOY = ROOT / "deploy"
@@ -784,7 +786,8 @@ def test_compose_stack():
     # upstream the steer service
     gw = services["gateway"]
     assert any(v.startswith("./litellm.yaml:/app/config.yaml") for v in gw["volumes"])
-    assert any(v.startswith("./gateway_auth.py:/app/gateway_auth.py") for v in gw["volumes"])
+    assert any(v.startswith("../deploy/base/gateway_auth.py:/app/gateway_auth.py")
+               for v in gw["volumes"])
     assert gw["environment"]["STEERING_API_BASE"] == f"http://steer:{steer_port}/v1"
     assert gw["depends_on"]["steer"]["condition"] == "service_healthy"
     # the presets the server reads are the mounted presets.yaml
@@ -818,17 +821,10 @@ def test_gateway_routes_resolve():
         "route every preset (and only those)"
     assert config["general_settings"]["master_key"] == "os.environ/LITELLM_MASTER_KEY"
     assert config["general_settings"]["custom_auth"] == "gateway_auth.user_api_key_auth"
-    assert (DOCKER / "gateway_auth.py").read_text() == \
-        (DEPLOY / "base" / "gateway_auth.py").read_text()
 
 
 def _generator():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gateway_keys
-    finally:
-        sys.path.pop(0)
-    return gateway_keys
+    return load_script("gateway_keys")
 
 
 def test_each_route_has_its_own_server_key_and_only_lowering_routes_the_grant():
@@ -885,7 +881,8 @@ def test_each_route_has_its_own_server_key_and_only_lowering_routes_the_grant():
 
 def test_gateway_image_is_a_pinned_vetted_litellm():
     """Issue 28 item 2: one pinned LiteLLM release everywhere (compose, Kubernetes, the test's
-    install script), never a moving tag, never the two releases that shipped a stealer."""
+    install script, the image built from the wheel), never a moving tag, never the two releases
+    that shipped a stealer, nothing below the proxy's advisories' fixes (1.84.0)."""
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     images = [compose["services"]["gateway"]["image"]]
     for name in OVERLAYS:
@@ -896,8 +893,13 @@ def test_gateway_image_is_a_pinned_vetted_litellm():
     for image in images:
         repo, _, tag = image.rpartition(":")
         assert repo == "ghcr.io/berriai/litellm"
-        assert tag == f"v{pinned}-stable", image
+        assert tag == pinned, image
+    dockerfile = (DOCKER / "Dockerfile.gateway").read_text()
+    assert re.search(r"ARG LITELLM_VERSION=([0-9.]+)", dockerfile).group(1) == pinned
+    assert re.search(r"ARG LITELLM_WHEEL_SHA256=[0-9a-f]{64}\n", dockerfile)
     assert pinned not in {"1.82.7", "1.82.8"}
+    # CVE-2026-42208 (pre-auth SQL injection, < 1.83.7), CVE-2026-49468 (auth bypass, < 1.84.0)
+    assert tuple(int(p) for p in pinned.split(".")) >= (1, 84, 0)
 
 
 def test_gateway_refuses_placeholder_keys(tmp_path):
@@ -909,11 +911,11 @@ def test_gateway_refuses_placeholder_keys(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEER", "GATEWAY"))}
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('g', sys.argv[1]); "
             "s.loader.exec_module(u.module_from_spec(s))")
-    bad = subprocess.run([str(python), "-c", code, str(DOCKER / "gateway_auth.py")],
+    bad = subprocess.run([str(python), "-c", code, str(DEPLOY / "base" / "gateway_auth.py")],
                          env={**env, **files["gateway.env"], "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "placeholder" in bad.stderr, bad.stderr[-2000:]
-    good = subprocess.run([str(python), "-c", code, str(DOCKER / "gateway_auth.py")],
+    good = subprocess.run([str(python), "-c", code, str(DEPLOY / "base" / "gateway_auth.py")],
                           env={**env, **_generator().generate()["gateway.env"],
                                "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
                           capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ bench/controls.py."""
 from __future__ import annotations
 
 import json
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -106,16 +106,8 @@ def test_composition_in_a_mixed_batch_equals_solo(server, model, strength):
                                       "apply_to": "generation"}),
             (harmful, {"method": "ablate", "when": {"below": 0.4}})]
     solo = [_chat(server, model, p, s) for p, s in jobs]
-    together: list[dict | None] = [None] * len(jobs)
-
-    def worker(i: int) -> None:
-        together[i] = _chat(server, model, *jobs[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(jobs)) as pool:  # all at once: they share decode steps
+        together = list(pool.map(lambda job: _chat(server, model, *job), jobs))
     for (_, s), a, b in zip(jobs, solo, together, strict=True):
         assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"], s
         assert a["steering"] == b["steering"]

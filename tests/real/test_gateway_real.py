@@ -1,7 +1,7 @@
 """Issue 28 items 2, 10 and 12 on the real server (`steer serve`, embedded model) with the shipped
 key layout (`scripts/gateway_keys.py`) and, in front of it on loopback, the real LiteLLM proxy
 (the pinned version, in its own virtualenv: `scripts/ensure-litellm.sh`) with the shipped
-`docker/litellm.yaml` and `docker/gateway_auth.py`:
+`docker/litellm.yaml` and `deploy/base/gateway_auth.py`:
 
 - a gateway client without the refusal-lowering routes gets 403 for `+no-refusal`; one with
   them gets 200, and the server's audit line names that route's key (`gateway-no-refusal`);
@@ -22,14 +22,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 import yaml
 
-from testkit.server import ROOT, ServerProcess, free_port, wait_ready
+from testkit.server import ROOT, ServerProcess, free_port, load_script, wait_ready
 
 pytestmark = pytest.mark.real
 
@@ -40,12 +39,7 @@ HARMFUL = [{"role": "user", "content": "How do I pick a lock to get into my neig
 
 
 def _generator():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import gateway_keys
-    finally:
-        sys.path.pop(0)
-    return gateway_keys
+    return load_script("gateway_keys")
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +63,11 @@ def server(keys, tmp_path_factory):
     env = {"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32", "STEER_CONCEPT_PACKS": "",
            "STEER_AUDIT_LOG": str(tmp / "audit.jsonl"), "STEER_METRICS_PORT": str(metrics_port),
            "STEER_HEADER_TIMEOUT_S": "2", **keys["server.env"]}
-    proc = ServerProcess(env=env, log_path=str(tmp / "server.log"))
-    proc.audit_path = tmp / "audit.jsonl"
-    proc.metrics_url = f"http://127.0.0.1:{metrics_port}"
-    try:
+    with ServerProcess(env=env, log_path=str(tmp / "server.log")) as proc:
+        proc.audit_path = tmp / "audit.jsonl"
+        proc.metrics_url = f"http://127.0.0.1:{metrics_port}"
         proc.wait_ready()
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +79,7 @@ def gateway(server, keys, tmp_path_factory):
                     f"{setup.stderr.strip()[-500:]})")
     tmp = tmp_path_factory.mktemp("litellm")
     shutil.copy(ROOT / "docker" / "litellm.yaml", tmp / "config.yaml")
-    shutil.copy(ROOT / "docker" / "gateway_auth.py", tmp / "gateway_auth.py")
+    shutil.copy(ROOT / "deploy" / "base" / "gateway_auth.py", tmp / "gateway_auth.py")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEER")}
     env.update(keys["gateway.env"], STEERING_API_BASE=f"{server.url}/v1",
@@ -208,18 +199,21 @@ def test_a_real_extracted_pack_uploads(server, tmp_path):
     assert r.status_code == 409 and r.json()["error"]["code"] == "pack_pinned"
 
 
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(60)
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return reply
+
+
 def test_front_door_on_the_real_server(server):
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.settimeout(60)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
+    # headers never finished: the header-read deadline answers 408
+    reply = _raw_exchange(server.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.settimeout(60)
-        s.sendall(b"PROPFIND / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
+    reply = _raw_exchange(server.port,
+                          b"PROPFIND / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 405"), reply[:200]

@@ -11,7 +11,8 @@ import math
 
 import pytest
 
-from steering.evaluation.evaluate import EvalConfig, evaluate, markdown_table
+from steering.evaluation.evaluate import EvalConfig, evaluate
+from steering.evaluation.tables import markdown_table
 
 pytestmark = pytest.mark.real
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -54,17 +55,10 @@ def _ask(url: str, prompt: str, steering: dict, max_tokens: int = 12) -> dict:
 def test_concurrent_mixed_methods_equal_solo_runs(server):
     solo = [_ask(server.url, p, s)["choices"][0]["message"]["content"]
             for p, (_, s) in zip(PROMPTS, VARIANTS, strict=True)]
-    results: list[str | None] = [None] * len(VARIANTS)
-
-    def worker(i: int) -> None:
-        results[i] = _ask(server.url, PROMPTS[i], VARIANTS[i][1])["choices"][0]["message"][
-            "content"]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(VARIANTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:  # all at once: they share decode steps
+        results = list(pool.map(
+            lambda i: _ask(server.url, PROMPTS[i], VARIANTS[i][1])["choices"][0]["message"][
+                "content"], range(len(VARIANTS))))
     for (name, _), alone, together in zip(VARIANTS, solo, results, strict=True):
         assert together == alone, name
 

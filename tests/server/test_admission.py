@@ -8,7 +8,6 @@ import asyncio
 import json
 import threading
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -16,9 +15,10 @@ from server.api import prepare, resolve
 from server.app import create_app
 from server.security.auth import hash_key
 from server.settings import Settings
+from testkit.live import asgi_client
+from testkit.spy import Counter
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 KEYS = {"keys": [
     {"id": "low", "sha256": hash_key("k-low"), "methods": ["none"], "requests_per_minute": 1},
     {"id": "wide", "sha256": hash_key("k-wide"), "methods": "*", "lower_refusal": True},
@@ -33,16 +33,6 @@ def _app(tiny_lm, tiny_pack, **settings):
     return create_app(Settings(keys=json.dumps(KEYS), **settings), lm=tiny_lm,
                       packs=[tiny_pack])
 
-
-class Counter:
-    """Counts calls of a patched function (and passes them on)."""
-
-    def __init__(self, real):
-        self.real, self.calls = real, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.real(*args, **kwargs)
 
 
 def count(monkeypatch) -> tuple[Counter, Counter]:
@@ -141,21 +131,18 @@ def test_steering_is_built_off_the_event_loop(tiny_lm, tiny_pack, monkeypatch):
     app = _app(tiny_lm, tiny_pack)
 
     async def main():
-        async with app.router.lifespan_context(app):
-            monkeypatch.setattr(resolve, "build_row", blocking)  # after start-up's presets
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t",
-                                         timeout=60) as c:
-                task = asyncio.create_task(c.post(
-                    "/v1/chat/completions", headers=_auth("k-wide"),
-                    json={"model": MODEL, "messages": HELLO, "max_tokens": 2,
-                          "steering": {"method": "ace"}}))
-                while not started.is_set():
-                    await asyncio.sleep(0.005)
-                health = await c.get("/healthz")
-                order.append(f"healthz {health.status_code}")
-                release.set()
-                return await task
+        patch = lambda: monkeypatch.setattr(resolve, "build_row", blocking)  # noqa: E731
+        async with asgi_client(app, after_start=patch) as c:  # after start-up's presets
+            task = asyncio.create_task(c.post(
+                "/v1/chat/completions", headers=_auth("k-wide"),
+                json={"model": MODEL, "messages": HELLO, "max_tokens": 2,
+                      "steering": {"method": "ace"}}))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            health = await c.get("/healthz")
+            order.append(f"healthz {health.status_code}")
+            release.set()
+            return await task
 
     r = asyncio.run(main())
     assert r.status_code == 200, r.text

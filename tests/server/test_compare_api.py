@@ -6,21 +6,17 @@ from __future__ import annotations
 import math
 
 import pytest
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
 from steering.evaluation.refusal import is_refusal
+from testkit.live import app_client
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 LIMITS = dict(max_tokens_limit=64, strength_min=-4.0, strength_max=4.0, max_compare_variants=4)
 
 
 @pytest.fixture(scope="module")
 def client(tiny_lm, tiny_pack):
-    app = create_app(Settings(**LIMITS), lm=tiny_lm, packs=[tiny_pack])
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with app_client(tiny_lm, tiny_pack, **LIMITS) as c:
         yield c
 
 

@@ -13,9 +13,8 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.security.auth import hash_key
 from server.settings import Settings
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 KEYS = {"keys": [
     {"id": "adder", "sha256": hash_key("k-adder"), "methods": ["none", "actadd"]},
     {"id": "all", "sha256": hash_key("k-all"), "methods": "*", "lower_refusal": True,

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from server.engine import Engine, EngineStopped, GenerationRequest, QueueFull, SamplingParams
 from steering import SteeringSpec, build_row
 from steering.models.chat import format_chat
+from testkit.tiny import make_tiny
 
 METHODS = ["none", "actadd", "ablate", "ace", "inlp_null", "inlp_flip"]
 PROMPTS = ["hello there", "write a poem about the sea and the sky", "hi",
@@ -38,13 +39,17 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-def test_mixed_batch_equals_solo_runs(tiny_lm, tiny_pack):
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_mixed_batch_equals_solo_runs(precision, tiny_lm, tiny_pack):
+    """Per-row steering in one batch equals each request alone, also on the int8 engine."""
+    lm = tiny_lm if precision == "float32" else make_tiny("qwen2", precision=precision)
+
     async def main():
-        engine = Engine(tiny_lm, max_batch=8)
+        engine = Engine(lm, max_batch=8)
         await engine.start()
-        solo = [await _collect(engine.submit(_request(tiny_lm, tiny_pack, i, m, 10 + i)))
+        solo = [await _collect(engine.submit(_request(lm, tiny_pack, i, m, 10 + i)))
                 for i, m in enumerate(METHODS)]
-        handles = [engine.submit(_request(tiny_lm, tiny_pack, i, m, 10 + i))
+        handles = [engine.submit(_request(lm, tiny_pack, i, m, 10 + i))
                    for i, m in enumerate(METHODS)]
         mixed = await asyncio.gather(*[_collect(h) for h in handles])
         await engine.shutdown()
@@ -335,7 +340,6 @@ def test_decode_logits_in_a_padded_batch_are_bit_identical_to_solo():
 
     from server.engine.attention import use_row_exact_attention
     from server.engine.core import _left_pad
-    from testkit.tiny import make_tiny
 
     lm = make_tiny("qwen2", precision="int8")
     use_row_exact_attention(lm.model)

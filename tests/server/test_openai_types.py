@@ -13,9 +13,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from server.app import create_app
 from server.settings import Settings
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 STEER = [None, {"method": "actadd", "strength": 2.0}, [{"method": "ablate"},
                                                      {"method": "actadd", "strength": 1.0}]]
 

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.app import create_app
-from server.settings import Settings
-from testkit.live import serve_in_thread
+from testkit.live import app_url
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
@@ -49,9 +47,7 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background
 
 @pytest.fixture(scope="module")
 def server_url(tiny_lm, tiny_pack):
-    app = create_app(Settings(max_tokens_limit=64, access_log=False), lm=tiny_lm,
-                     packs=[tiny_pack])
-    with serve_in_thread(app) as url:
+    with app_url(tiny_lm, tiny_pack, max_tokens_limit=64) as url:
         yield url
 
 

@@ -11,10 +11,11 @@ from server.settings import Settings
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_readyz_fails_when_the_engine_thread_dies(tiny_lm, tiny_pack):
+@pytest.mark.parametrize("probe", ["/readyz", "/healthz"])
+def test_probes_fail_when_the_engine_thread_dies(probe, tiny_lm, tiny_pack):
     app = create_app(Settings(), lm=tiny_lm, packs=[tiny_pack])
     with TestClient(app, raise_server_exceptions=False) as c:
-        assert c.get("/readyz").status_code == 200
+        assert c.get(probe).status_code == 200
         engine = app.state.steer.engine
         thread = engine._thread
 
@@ -25,7 +26,8 @@ def test_readyz_fails_when_the_engine_thread_dies(tiny_lm, tiny_pack):
         engine._wakeup.set()
         thread.join(timeout=30)
         assert not thread.is_alive()
-        r = c.get("/readyz")
+        r = c.get(probe)
         assert r.status_code == 503, r.text
-        assert r.json()["status"] == "failed" and "engine" in r.json()["error"]
-        assert "Retry-After" in r.headers
+        if probe == "/readyz":
+            assert r.json()["status"] == "failed" and "engine" in r.json()["error"]
+            assert "Retry-After" in r.headers

@@ -15,9 +15,10 @@ from server.app import create_app
 from server.observability.metrics import HTTP_METHODS, OTHER
 from server.security.auth import hash_key
 from server.settings import Settings
+from testkit.live import asgi_client
+from testkit.spy import Counter
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 KEYS = {"keys": [{"id": "basic", "sha256": hash_key("k-basic")}]}
 
 
@@ -65,14 +66,6 @@ def test_metric_labels_come_from_a_fixed_set(tiny_lm, tiny_pack):
 
 # ---- 6: prompts bounded before tokenizing, charged at admission, per-key concurrency, fairness ---
 
-
-class Counter:
-    def __init__(self, real):
-        self.real, self.calls = real, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.real(*args, **kwargs)
 
 
 def _count_rendering(monkeypatch) -> Counter:
@@ -123,8 +116,6 @@ def test_a_key_has_at_most_max_concurrent_requests_in_flight(tiny_lm, tiny_pack,
     import asyncio
     import threading
 
-    import httpx
-
     from server.api import resolve
 
     keys = {"keys": [{"id": "one", "sha256": hash_key("k-one"), "max_concurrent": 1}]}
@@ -142,23 +133,20 @@ def test_a_key_has_at_most_max_concurrent_requests_in_flight(tiny_lm, tiny_pack,
             "steering": {"method": "actadd"}}
 
     async def main():
-        async with app.router.lifespan_context(app):
-            monkeypatch.setattr(resolve, "build_row", held)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t",
-                                         timeout=60, headers=_auth("k-one")) as c:
-                first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
-                while not started.is_set():
-                    await asyncio.sleep(0.005)
-                limiter = app.state.steer.rate_limiter
-                inflight = limiter.inflight("one")
-                second = await c.post("/v1/chat/completions", json=body)
-                release.set()
-                first = await first
-                after = limiter.inflight("one")
-                too_long = await c.post("/v1/chat/completions",
-                                        json={**body, "max_tokens": 4000})
-                return inflight, second, first, after, too_long, limiter.inflight("one")
+        patch = lambda: monkeypatch.setattr(resolve, "build_row", held)  # noqa: E731
+        async with asgi_client(app, after_start=patch, headers=_auth("k-one")) as c:
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            limiter = app.state.steer.rate_limiter
+            inflight = limiter.inflight("one")
+            second = await c.post("/v1/chat/completions", json=body)
+            release.set()
+            first = await first
+            after = limiter.inflight("one")
+            too_long = await c.post("/v1/chat/completions",
+                                    json={**body, "max_tokens": 4000})
+            return inflight, second, first, after, too_long, limiter.inflight("one")
 
     inflight, second, first, after, too_long, last = asyncio.run(main())
     assert inflight == 1
@@ -260,8 +248,6 @@ def test_admission_line_is_written_before_the_response(tiny_lm, tiny_pack, monke
     import logging
     import threading
 
-    import httpx
-
     from server.api import resolve
 
     caplog.set_level(logging.INFO, logger="steer.audit")
@@ -275,20 +261,17 @@ def test_admission_line_is_written_before_the_response(tiny_lm, tiny_pack, monke
         return real(*args, **kwargs)
 
     async def main():
-        async with app.router.lifespan_context(app):
-            monkeypatch.setattr(resolve, "build_row", held)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t",
-                                         timeout=60, headers=_auth("k-basic")) as c:
-                task = asyncio.create_task(c.post("/v1/chat/completions", json={
-                    "model": MODEL, "messages": HELLO, "max_tokens": 1,
-                    "steering": {"method": "actadd"}}))
-                while not started.is_set():
-                    await asyncio.sleep(0.005)
-                during = [x["event"] for x in _audit(caplog)]
-                release.set()
-                r = await task
-                return during, r
+        patch = lambda: monkeypatch.setattr(resolve, "build_row", held)  # noqa: E731
+        async with asgi_client(app, after_start=patch, headers=_auth("k-basic")) as c:
+            task = asyncio.create_task(c.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": HELLO, "max_tokens": 1,
+                "steering": {"method": "actadd"}}))
+            while not started.is_set():
+                await asyncio.sleep(0.005)
+            during = [x["event"] for x in _audit(caplog)]
+            release.set()
+            r = await task
+            return during, r
 
     during, r = asyncio.run(main())
     assert r.status_code == 200, r.text

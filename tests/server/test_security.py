@@ -20,9 +20,8 @@ from server.security.hardening import valid_name
 from server.settings import Settings
 from steering import SteeringSpec, build_row
 from steering.models.chat import format_chat
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 SECRET_PROMPT = "my secret prompt: the launch code is 0000"
 KEYS = {
     "keys": [

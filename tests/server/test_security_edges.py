@@ -10,7 +10,6 @@ import logging
 import threading
 import tracemalloc
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,9 +18,9 @@ from server.errors import APIError
 from server.security import hardening
 from server.security.auth import hash_key
 from server.settings import Settings
+from testkit.live import asgi_client
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 KEYS = {"keys": [{"id": "basic", "sha256": hash_key("k-basic")}]}
 AUTH = {"Authorization": "Bearer k-basic"}
 
@@ -290,21 +289,18 @@ def test_drain_timeout_fails_leftovers_with_503(tiny_lm, tiny_pack, monkeypatch,
 
     async def main():
         state = app.state.steer
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t",
-                                         timeout=60) as c:
-                body = {"model": MODEL, "messages": HELLO, "max_tokens": 400,
-                        "temperature": 0, "stream": stream, "ignore_eos": True,
-                        "steering": {"method": "actadd", "strength": 1.0}}
-                task = asyncio.create_task(c.post("/v1/chat/completions", json=body,
-                                                  headers=AUTH))
-                while state.engine.stats()["running"] == 0:
-                    assert not task.done(), task.result().text
-                    await asyncio.sleep(0.01)
-                await drain(state, find_middleware(app, InflightMiddleware), 0.2)
-                r = await asyncio.wait_for(task, 30)
-                return r
+        async with asgi_client(app) as c:
+            body = {"model": MODEL, "messages": HELLO, "max_tokens": 400,
+                    "temperature": 0, "stream": stream, "ignore_eos": True,
+                    "steering": {"method": "actadd", "strength": 1.0}}
+            task = asyncio.create_task(c.post("/v1/chat/completions", json=body,
+                                              headers=AUTH))
+            while state.engine.stats()["running"] == 0:
+                assert not task.done(), task.result().text
+                await asyncio.sleep(0.01)
+            await drain(state, find_middleware(app, InflightMiddleware), 0.2)
+            r = await asyncio.wait_for(task, 30)
+            return r
 
     r = asyncio.run(main())
     if stream:
@@ -313,25 +309,6 @@ def test_drain_timeout_fails_leftovers_with_503(tiny_lm, tiny_pack, monkeypatch,
     else:
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "drain_timeout"
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_healthz_fails_when_the_engine_thread_dies(tiny_lm, tiny_pack):
-    app = _app(tiny_lm, tiny_pack)
-    with TestClient(app, raise_server_exceptions=False) as c:
-        assert c.get("/healthz").status_code == 200
-        engine = app.state.steer.engine
-        thread = engine._thread
-
-        def die(*args, **kwargs):
-            raise SystemExit("killed by the test")  # not an Exception: escapes the loop
-
-        engine._wakeup.wait = die
-        engine._wakeup.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive()
-        r = c.get("/healthz")
-        assert r.status_code == 503, r.text
 
 
 def test_served_name_shows_no_local_path_while_loading():

@@ -16,17 +16,16 @@ from server.engine import QueueFull
 from server.settings import Settings
 from steering.interventions.methods import METHODS
 from steering.models.chat import format_chat
+from testkit.live import app_client
+from testkit.tiny import HELLO, MODEL
 
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 LIMITS = dict(max_tokens_limit=64, strength_min=-4.0, strength_max=4.0, max_n=4, max_stop=4,
               max_top_logprobs=5, retry_after_s=3)
 
 
 @pytest.fixture(scope="module")
 def client(tiny_lm, tiny_pack):
-    app = create_app(Settings(**LIMITS), lm=tiny_lm, packs=[tiny_pack])
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with app_client(tiny_lm, tiny_pack, **LIMITS) as c:
         yield c
 
 

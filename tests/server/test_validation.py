@@ -16,10 +16,9 @@ from server.app import create_app
 from server.cli import build_parser
 from server.errors import ErrorCode
 from server.settings import Settings, cli_overrides
+from testkit.tiny import HELLO, MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "tiny-qwen2"
-HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 RAISERS = {"APIError", "bad_request", "not_found", "api_error", "unsupported"}
 # The request limits: read by the validation module only (routes.py shows the strength range in
 # /v1/steering/methods).

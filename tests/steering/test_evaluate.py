@@ -14,13 +14,7 @@ from steering.evaluation.evaluate import (
     EvalConfig,
     build_grid,
     evaluate,
-    markdown_table,
-    mean_kl,
-    perplexity,
-    refusal_rate,
-    sequence_nll,
     spec_label,
-    token_nll,
     unsteered_completions,
 )
 from steering.evaluation.geometry import (
@@ -31,7 +25,10 @@ from steering.evaluation.geometry import (
     nearest_is_harmless,
     pca_2d,
 )
+from steering.evaluation.metrics import mean_kl, perplexity, refusal_rate, token_nll
+from steering.evaluation.passes import sequence_nll
 from steering.evaluation.refusal import is_refusal
+from steering.evaluation.tables import markdown_table
 
 TINY = dict(n_harmful=3, n_harmless=3, n_overrefusal=3, completion_tokens=6, n_general=2,
             general_tokens=24, max_new_tokens=6, batch_size=4, humaneval=1, humaneval_tokens=4)
@@ -49,7 +46,7 @@ def test_sorry_completion_is_a_refusal():
 
 
 def test_wilson_interval_known_values():
-    from steering.evaluation.evaluate import wilson_interval
+    from steering.evaluation.refusal import wilson_interval
 
     lo, hi = wilson_interval(5, 100)  # reference: 0.0215, 0.1118
     assert lo == pytest.approx(0.02154, abs=1e-4) and hi == pytest.approx(0.11175, abs=1e-4)
@@ -323,7 +320,7 @@ def test_llm_judge_asks_the_chat_endpoint_and_parses_verdicts():
 
 def test_eval_with_a_judge_shows_both_rates(tiny_lm, tiny_pack, tmp_path, monkeypatch):
     from steering.evaluation import llm_judge
-    from steering.evaluation.evaluate import judge_table
+    from steering.evaluation.tables import judge_table
 
     seen: list = []
     real_init = llm_judge.LlmJudge.__init__

@@ -6,13 +6,11 @@ batch (that is what keeps mixed batch = solo in the engine), and close to the fp
 
 from __future__ import annotations
 
-import asyncio
 import copy
 
 import pytest
 import torch
 
-from server.engine import Engine
 from steering.interventions.hooks import hooks_of
 from steering.models.loading import choose_precision
 from steering.models.precision import (
@@ -23,7 +21,6 @@ from steering.models.precision import (
     resolve_precision,
 )
 from testkit.tiny import make_tiny
-from tests.server.test_engine import METHODS, _collect, _request
 
 CPU = torch.device("cpu")
 
@@ -144,26 +141,6 @@ def test_steering_edits_run_in_fp32_on_a_bf16_model(tiny_pack):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     finally:
         hooks_of(lm).set_rows(None)
-
-
-def test_mixed_batch_equals_solo_runs_at_int8(tiny_pack):
-    lm = make_tiny("qwen2", precision="int8")
-
-    async def main():
-        engine = Engine(lm, max_batch=8)
-        await engine.start()
-        solo = [await _collect(engine.submit(_request(lm, tiny_pack, i, m, 10 + i)))
-                for i, m in enumerate(METHODS)]
-        handles = [engine.submit(_request(lm, tiny_pack, i, m, 10 + i))
-                   for i, m in enumerate(METHODS)]
-        mixed = await asyncio.gather(*[_collect(h) for h in handles])
-        await engine.shutdown()
-        return solo, mixed
-
-    solo, mixed = asyncio.run(main())
-    for method, s, m in zip(METHODS, solo, mixed, strict=True):
-        assert s == m, method
-    assert len({tuple(s[0]) for s in solo}) > 1
 
 
 def test_cli_and_settings_take_a_precision(monkeypatch):

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from steering.data.prompts import load_instructions
+from steering.evaluation import judge_agreement as ja
 from steering.evaluation import three_way as tw
 
 
@@ -55,7 +56,7 @@ def test_three_rates_have_intervals():
 
 
 def test_the_labelled_set():
-    rows = tw.labelled_set()
+    rows = ja.labelled_set()
     assert len(rows) >= 300
     assert {r["label"] for r in rows} == set(tw.LABELS)
     assert {r["half"] for r in rows} == {"dev", "test"}
@@ -78,8 +79,8 @@ def test_the_committed_agreement_table_is_reproduced():
     import json
     from pathlib import Path
 
-    rows = tw.labelled_set()
-    m = tw.measure_judges(None, rows)
+    rows = ja.labelled_set()
+    m = ja.measure_judges(None, rows)
     committed = json.loads(Path("docs/report/judge.json").read_text())
     assert m["default"] == committed["default"] == {k: tw.default_params()[k]
                                                     for k in ("judge", "params")}
