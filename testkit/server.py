@@ -140,3 +140,17 @@ def load_script(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's samples (at `url`/metrics) whose labels include
+    `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from testkit.server import metric
+
 pytestmark = pytest.mark.real
 
 RETRY_AFTER_S = 2  # the server's Retry-After; the SDK's own first backoff is 0.375-0.5 s
@@ -86,19 +88,6 @@ def sdk_client(base_url: str, log: AttemptLog, max_retries: int):
         event_hooks={"request": [log.on_request], "response": [log.on_response]})
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=max_retries,
                               http_client=http, timeout=600)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a Prometheus counter's samples whose labels include `labels`."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def check_retry_after_honoured(attempts: list[Attempt]) -> int:
