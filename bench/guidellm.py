@@ -50,8 +50,9 @@ from testkit.venvs import ensure_venv  # noqa: E402
 GUIDELLM = ["guidellm==0.8.1", "torch==2.13.0"]
 
 
-def guidellm_venv(log=print) -> tuple[Path, float | None]:
-    return ensure_venv("guidellm", GUIDELLM, log=log)
+def guidellm_venv() -> tuple[Path, float | None]:
+    """guidellm's venv: its bin folder, and its install's seconds when it was installed now."""
+    return ensure_venv("guidellm", GUIDELLM)
 
 
 def tokenizer_of(model: str | None):

@@ -45,8 +45,9 @@ TASKS_DIR = ROOT / "tasks" / "lm_eval"
 MAX_TOKENS = 16  # the task's max_gen_toks and steer eval's --max-new-tokens
 
 
-def lm_eval_venv(log=print) -> tuple[Path, float | None]:
-    return ensure_venv("lm-eval", [LM_EVAL], log=log)
+def lm_eval_venv() -> tuple[Path, float | None]:
+    """lm-eval's venv: its bin folder, and its install's seconds when it was installed now."""
+    return ensure_venv("lm-eval", [LM_EVAL])
 
 
 def run_lm_eval(bin_dir: Path, url: str, model: str, out: Path, limit: int | None = None,

@@ -18,7 +18,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("STEERING_CACHE", Path.home() / ".cache" / "steering"))
 
 
-def ensure_venv(name: str, requirements: list[str], log=print) -> tuple[Path, float | None]:
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # stdout stays the caller's (a path, a table)
+
+
+def ensure_venv(name: str, requirements: list[str], log=_say) -> tuple[Path, float | None]:
     """(the venv's bin folder, seconds its install took now or None when it was there already).
     The folder is `<cache root>/venvs/<name>-<hash of the requirements>`; an interrupted install
     leaves no stamp and is redone."""
