@@ -214,3 +214,12 @@ def test_unsupported_fields_get_an_openai_400(client, model, field, value):
     body = err.value.body
     assert body["param"] == field and body["type"] == "invalid_request_error"
     assert field in body["message"]
+
+
+def test_health_is_the_vllm_probe_name_for_healthz(real_server):
+    # guidellm (and other vLLM-minded clients) probe /health before they start
+    import httpx
+
+    health = httpx.get(f"{real_server.url}/health", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert httpx.get(f"{real_server.url}/healthz", timeout=30).json() == health.json()
