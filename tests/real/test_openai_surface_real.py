@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -218,8 +219,6 @@ def test_unsupported_fields_get_an_openai_400(client, model, field, value):
 
 def test_health_is_the_vllm_probe_name_for_healthz(real_server):
     # guidellm (and other vLLM-minded clients) probe /health before they start
-    import httpx
-
     health = httpx.get(f"{real_server.url}/health", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert httpx.get(f"{real_server.url}/healthz", timeout=30).json() == health.json()
