@@ -1,7 +1,7 @@
 """lm-evaluation-harness against the real server, steering chosen by the model name alone, beside
 `steer eval` on the same prompts (issue 31, item 2). Prints a table and one JSON line.
 
-    .venv/bin/python bench/lm_eval_refusal.py [--presets none,no-refusal,ablate] [--limit N]
+    .venv/bin/python bench/lm_eval_refusal.py [--presets none,no-refusal] [--limit N]
                                               [--precision auto] [--skip-steer-eval]
 
 1. `lm-eval[api]==0.4.13` in its own virtual environment (testkit/venvs.py: created on first
@@ -11,9 +11,9 @@
    `steer_refusal_harmful_val` (tasks/lm_eval/steer_refusal: the 37 prompts of harmful_val, 16
    greedy tokens, the project's substring matcher), once per model name `<id>` and
    `<id>+<preset>`: what a gateway user who can set only `model` would run;
-4. `steer eval --harmful harmful_val` at the same precision and length, the presets' methods
-   (no-refusal = inlp_flip k=2, ablate = ablate, strength 1) — after the server has stopped, so
-   the two never share the cores;
+4. `steer eval --harmful harmful_val` at the same precision and length, with each preset's
+   method, strength and k as the built-in presets define them (steering.catalog) — after the
+   server has stopped, so the two never share the cores;
 5. per setting: both refusal rates with Wilson 95% intervals and the difference's 95% interval
    (Newcombe 1998, method 10: from the two Wilson intervals); "within noise" when it holds 0.
 Both sides decode greedily; they differ only by numerics (the server decodes each row alone in
@@ -137,7 +137,7 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="none,no-refusal,ablate",
+    ap.add_argument("--presets", default="none,no-refusal",
                     help="'none' (the base model name) and preset names")
     ap.add_argument("--limit", type=int, default=None, help="first N prompts only")
     ap.add_argument("--model", default=None, help="the server's model (default: embedded)")
