@@ -2,7 +2,11 @@
 server process on the embedded model (issue 31, item 3): n > 1, stop (string and list), seed,
 logprobs (chat: top_logprobs; completions: logprobs), usage in the last stream chunk,
 max_completion_tokens, user, and the OpenAI-shaped 400 for fields the server does not support.
-Steering is applied as usual alongside each (by model name or `extra_body`)."""
+Steering is applied as usual alongside each (by model name or `extra_body`).
+
+The server runs at the CPU's default precision (int8), as a user's does: nothing here asserts a
+figure measured at fp32, and int8 decodes several times faster, which keeps this file cheap
+enough for `make test`."""
 
 from __future__ import annotations
 
@@ -17,6 +21,15 @@ pytestmark = pytest.mark.real
 
 COUNT = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
 STORY = [{"role": "user", "content": "Write a short story about a cat."}]
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """The real server at the default precision (module docstring)."""
+    from tests.conftest import serve_real
+
+    with serve_real({"STEER_DEVICE": "cpu"}) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +208,7 @@ def test_tool_results_go_back_through_the_template(client, model):
 
 def test_json_object_mode_answers_parse(client, model):
     r = client.chat.completions.create(
-        model=f"{model}+no-refusal", n=3, temperature=0.8, seed=2, max_tokens=80,
+        model=f"{model}+no-refusal", n=2, temperature=0.8, seed=2, max_tokens=64,
         response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Describe a fictional person as JSON with the "
                                               "keys name, age and city."}])
