@@ -19,7 +19,8 @@ import threading
 import numpy as np
 import torch
 
-SCHEMA = {"type": "object", "x-guidance": {"whitespace_flexible": False,
+OBJECT = {"type": "object"}  # the schema, as another engine's structured outputs take it (vLLM)
+SCHEMA = {**OBJECT, "x-guidance": {"whitespace_flexible": False,
                                            "item_separator": ", ", "key_separator": ": "}}
 
 _lock = threading.Lock()
@@ -40,6 +41,8 @@ def _ll_tokenizer(tokenizer, vocab: int, eos: list[int]):
 class JsonObjectConstraint:
     """The engine's per-choice constraint protocol: `allowed(vocab)` → bool mask [vocab] (None:
     no constraint this step), `advance(token)`."""
+
+    schema = OBJECT  # what an engine with its own structured outputs constrains to instead
 
     def __init__(self, tokenizer, vocab: int, eos: list[int]):
         import llguidance
