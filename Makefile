@@ -18,13 +18,11 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/steer serve
 
-# The fast set (tiny models, in-process apps) runs on every core; the tests on the real model
-# (marked `real`: real server processes, the embedded model) run after it, one at a time.
+# The fast set (tiny models, in-process apps) runs on every core while the real tests' side
+# virtualenvs install; the tests on the real model (marked `real`: real server processes, the
+# embedded model) run after it, one at a time (scripts/test.sh).
 test: $(STAMP)
-	sh scripts/ensure-browser.sh
-	sh scripts/ensure-litellm.sh
-	$(VENV)/bin/python -m pytest -q -n auto -m "not real"
-	$(VENV)/bin/python -m pytest -q -m "real and not clients"
+	PY=$(PY) sh scripts/test.sh
 
 # Not in `make test`: their first run installs lm-eval and guidellm (~10 min, 2.3 GB) before
 # the runs themselves (docs/clients.md, "Cost").

@@ -33,12 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args(argv)
 
-    import torch
-    from transformers import DynamicCache
-
+    from bench.decode_step import prefilled, round_robin
     from steering import SteeringSpec, build_row, compose, load_model
     from steering.extraction.store import ensure_pack
-    from steering.interventions.activations import encode_chats
 
     lm = load_model("embedded", "cpu", "auto", precision=args.precision)
     pack = ensure_pack(lm)
@@ -51,13 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             "inlp_reflect": row("inlp_reflect"),
             "[ablate,actadd]": compose([row("ablate"), row("actadd")])}
     b = args.batch
-    enc = encode_chats(lm, ["Write a short story about a lighthouse keeper."] * b)
-    cache = DynamicCache(config=lm.model.config)
-    with torch.inference_mode():
-        out = lm.model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    positions = enc["position_ids"][:, -1:] + 1
-    mask = torch.cat([enc["attention_mask"], torch.ones(b, 1, dtype=torch.long)], 1)
+    cache, token, positions, mask = prefilled(lm, b)
 
     def step(steering) -> float:
         hooks_of(lm).set_rows(None if steering is None else [steering] * b)
@@ -68,17 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         cache.crop(-1)  # back to the prompt: every step sees the same cache
         return seconds
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    with torch.inference_mode():
-        for _ in range(5):  # warm-up
-            for steering in rows.values():
-                step(steering)
-        names = list(rows)
-        for i in range(args.steps):
-            # The order rotates every round: no row always follows the same one (a fixed
-            # order showed a few percent of bias on the row after the longest one).
-            for name in names[i % len(names):] + names[: i % len(names)]:
-                times[name].append(step(rows[name]))
+    times = round_robin(rows, step, args.steps)
     hooks_of(lm).set_rows(None)
     base = statistics.median(times["none"])
     result = {name: {"ms": 1000 * statistics.median(v),

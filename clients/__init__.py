@@ -1,5 +1,6 @@
 """Python clients for the steering server (see `clients.steering_client`)."""
 
+from clients.readout import Inspection, Vector
 from clients.steering_client import (
     AsyncSteeringClient,
     ChatResult,
@@ -13,4 +14,5 @@ from clients.steering_client import (
 )
 
 __all__ = ["AsyncSteeringClient", "ChatResult", "CompareEvent", "CompareResult", "Condition",
-           "Steering", "SteeringClient", "SteeringServerError", "VariantResult"]
+           "Inspection", "Steering", "SteeringClient", "SteeringServerError", "VariantResult",
+           "Vector"]

@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
+from clients.readout import ReadoutMixin
 from steering.interventions.schema import ConditionObject, SteeringObject
 
 Messages = str | Sequence[dict[str, Any]]
@@ -86,6 +87,7 @@ class ChatResult:
     usage: dict[str, int]
     model: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    monitor: dict[str, Any] | None = None  # with `monitor=[...]`: per monitor tokens, mean, max
 
 
 @dataclass
@@ -206,7 +208,8 @@ def _chat_result(data: dict[str, Any]) -> ChatResult:
     choice = data["choices"][0]
     return ChatResult(text=choice["message"]["content"] or "",
                       finish_reason=choice.get("finish_reason"), steering=data.get("steering", {}),
-                      usage=data.get("usage", {}), model=data.get("model", ""), raw=data)
+                      usage=data.get("usage", {}), model=data.get("model", ""), raw=data,
+                      monitor=choice.get("monitor"))
 
 
 def _variant_result(item: dict[str, Any]) -> VariantResult:
@@ -260,8 +263,10 @@ def _headers(api_key: str | None) -> dict[str, str]:
 # ---- the clients --------------------------------------------------------------------------------
 
 
-class SteeringClient:
-    """Synchronous client. `model` defaults to the server's first model (GET /v1/models)."""
+class SteeringClient(ReadoutMixin):
+    """Synchronous client. `model` defaults to the server's first model (GET /v1/models).
+    Reading the stream (inspect, activations, extraction jobs): `clients.readout`; monitors:
+    `chat(..., monitor=["refusal"])` (`ChatResult.monitor`)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
                  model: str | None = None, timeout: float = 600.0,
@@ -282,6 +287,12 @@ class SteeringClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         r = self._http.post(path, json=body)
+        _raise_for(r)
+        return r.json()
+
+    def _send(self, method: str, path: str,
+              body: dict[str, Any] | None = None) -> dict[str, Any]:
+        r = self._http.request(method, path, json=body)
         _raise_for(r)
         return r.json()
 

@@ -23,9 +23,11 @@ import steering
 from server.api import errors
 from server.api.compare import router as compare_router
 from server.api.completions import router as completions_router
+from server.api.extract_jobs import router as extract_router
 from server.api.pack_admin import PACK_UPLOAD_PATH
 from server.api.pack_admin import router as pack_admin_router
 from server.api.playground import router as playground_router
+from server.api.readout import router as readout_router
 from server.api.routes import router
 from server.api.validation import resolve_steering
 from server.engine import build_engine
@@ -265,6 +267,8 @@ def create_app(settings: Settings | None = None, lm: LoadedModel | None = None,
     app.include_router(router)  # models, steering discovery, probes, metrics
     app.include_router(playground_router)
     app.include_router(pack_admin_router)  # POST / DELETE /v1/steering/packs
+    app.include_router(readout_router)  # /v1/steering/inspect, /v1/activations
+    app.include_router(extract_router)  # /v1/steering/packs/extract (jobs)
     keys = load_keys(settings)
     if keys.configured and not len(keys):
         log.warning("authentication is on but the keys source holds no keys: every route but "

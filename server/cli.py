@@ -8,6 +8,7 @@ Each verb names its handler as "module:function"; the module is imported when th
               precision-gate                                   (steering.evaluation)
     server    serve, hash-key                                  (server.app, server.security.auth)
     client    chat, compare                                    (clients.cli, over HTTP)
+              inspect, extract --remote                        (clients.readout_cli)
 """
 
 from __future__ import annotations
@@ -131,6 +132,17 @@ def _library_verbs(sub) -> None:
                    help="last post-instruction positions to try (prompt-only data)")
     g.add_argument("--max-layer-fraction", type=float, default=0.75,
                    help="layer cap: candidates below this fraction of the depth")
+    r = p.add_argument_group("on a running server (an extraction job; needs the pack-admin "
+                             "grant; the pack is served when done)")
+    r.add_argument("--remote", default=None, metavar="URL",
+                   help="submit --positive/--negative (read here) or --dataset to this server")
+    r.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                   help="API key (default: $STEER_API_KEY)")
+    r.add_argument("--dataset", default=None, help="'refusal' or a shipped concept, instead "
+                                                    "of the files")
+    r.add_argument("--n", type=int, default=None, help="examples per class of --dataset")
+    r.add_argument("--replace", action="store_true", help="replace a served pack of the name")
+    r.add_argument("--poll", type=float, default=1.0, help="seconds between progress checks")
     p.set_defaults(handler="steering.commands:cmd_extract")
 
     p = sub.add_parser("export", help="write a pack for another tool: a llama.cpp control "
@@ -259,6 +271,19 @@ def _client_verbs(sub) -> None:
     m.add_argument("--width", type=int, default=None, help="table width (default: terminal)")
     m.set_defaults(handler="clients.cli:cmd_compare")
 
+    i = sub.add_parser("inspect", help="a pack's direction on one prompt, on a running server: "
+                                       "layer × token scores, logit lens, cosines")
+    _connection_args(i)
+    i.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or none: stdin)")
+    i.add_argument("--completion", default=None, help="an answer scored after the prompt")
+    i.add_argument("--pack", default=None, help="pack (default: the server's)")
+    i.add_argument("--layer", type=int, default=None,
+                   help="the direction the lens and cosines use (default: the pack's layer)")
+    i.add_argument("--top-k", type=int, default=8, help="tokens per side of the logit lens")
+    i.add_argument("--tokens", type=int, default=24, help="last tokens shown in the table")
+    i.add_argument("--json", action="store_true", help="print the raw JSON response")
+    i.set_defaults(handler="clients.readout_cli:cmd_inspect")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
@@ -272,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "remote", None):  # `steer extract --remote URL`: a job on that server
+        args.handler = "clients.readout_cli:cmd_extract_remote"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

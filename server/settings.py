@@ -25,6 +25,7 @@ CEILING_STOP_CHARS = 4096  # characters of one stop sequence
 CEILING_VARIANTS = 64  # compare variants
 CEILING_PROMPTS = 256  # prompts of one text completion (and choices of one request)
 CEILING_PROMPT_IDS = 262_144  # token ids of one prompt
+CEILING_EXAMPLES = 4096  # examples of one class of an extraction job
 CEILING_MAPPING = 1024  # entries of a mapping the server refuses anyway (logit_bias)
 
 
@@ -147,6 +148,21 @@ class Settings(BaseSettings):
                                                       "as well")
     concept_packs: str = Field("casual", description="comma-separated shipped concept packs "
                                "to extract on first start and serve ('' for none)")
+
+    # Reading the stream (issue 30: monitors, inspect, capture, raw vectors, extraction jobs).
+    max_vector_norm: float = Field(1000.0, gt=0, description="largest norm of a raw steering "
+                                   "vector (each row of a basis)")
+    max_capture_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest "
+                                   "activation capture one request may return")
+    max_capture_prompts: int = Field(64, ge=1, le=CEILING_PROMPTS,
+                                     description="most prompts of one capture")
+    max_extract_prompts: int = Field(256, ge=8, le=CEILING_EXAMPLES, description="most prompts per class of one "
+                                     "extraction job")
+    max_extract_prompt_chars: int = Field(2000, ge=16, description="longest prompt (or "
+                                          "completion) of an extraction job, in characters")
+    max_extract_jobs: int = Field(1, ge=1, description="extraction jobs running at once")
+    extract_share: float = Field(0.5, gt=0, le=1, description="share of the wall clock an "
+                                 "extraction job's forwards may use (it sleeps the rest)")
 
     # Operations.
     log_level: str = Field("info", description="debug, info, warning, error")

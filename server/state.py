@@ -43,6 +43,8 @@ class ServerState:
     pinned_packs: frozenset[str] = frozenset()  # loaded at start: never replaced or deleted
     rate_limiter: Any = None  # policy.RateLimiter (per-key token buckets)
     tokenizer_pool: ThreadPoolExecutor | None = None  # see `in_tokenizer_thread`
+    extraction_jobs: dict[str, Any] = field(default_factory=dict)  # id → ExtractionJob
+    extraction_model: Callable[[], LoadedModel] | None = None  # the jobs' model (api.extract_jobs)
 
     @property
     def served_name(self) -> str:

@@ -40,19 +40,30 @@ _EXPORTS = {
     "SteeringPack": "steering.packs.format",
     "load_pack": "steering.packs.format",
     "ensure_pack": "steering.extraction.store",
+    "Activations": "steering.interventions.capture",
+    "capture": "steering.interventions.capture",
+    "Monitor": "steering.interventions.monitors",
+    "monitor_of": "steering.interventions.monitors",
+    "inspect_pack": "steering.interventions.inspection",
+    "vector_pack": "steering.interventions.raw",
+    "ExtractionJob": "steering.extraction.jobs",
 }
 
 __all__ = [
-    "METHODS", "ComposedSteering", "Condition", "LoadedModel", "PackError", "RowSteering",
-    "SteeringError", "SteeringPack", "SteeringSpec", "build_row", "compose", "ensure_pack",
-    "generate", "load_model", "load_pack", "resolve_conditions", "wrap_model", "__version__",
+    "METHODS", "Activations", "ComposedSteering", "Condition", "ExtractionJob", "LoadedModel",
+    "Monitor", "PackError", "RowSteering", "SteeringError", "SteeringPack", "SteeringSpec",
+    "build_row", "capture", "compose", "ensure_pack", "generate", "inspect_pack", "load_model",
+    "load_pack", "monitor_of", "resolve_conditions", "vector_pack", "wrap_model", "__version__",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from steering.catalog import METHODS
+    from steering.extraction.jobs import ExtractionJob
     from steering.extraction.store import ensure_pack
+    from steering.interventions.capture import Activations, capture
     from steering.interventions.conditions import resolve_conditions
     from steering.interventions.generate import generate
+    from steering.interventions.inspection import inspect_pack
     from steering.interventions.methods import (
         ComposedSteering,
         Condition,
@@ -62,6 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         build_row,
         compose,
     )
+    from steering.interventions.monitors import Monitor, monitor_of
+    from steering.interventions.raw import vector_pack
     from steering.models.loading import LoadedModel, load_model, wrap_model
     from steering.packs.format import PackError, SteeringPack, load_pack
 

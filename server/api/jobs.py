@@ -35,7 +35,8 @@ def submit(state: ServerState, job: Job, request: Request | None = None) -> list
         for c, sp in enumerate(job.sampling):
             handles.append(engine.submit(GenerationRequest(
                 prompt_ids=job.prompts[c // job.n], sampling=sp, steering=job.resolved.row,
-                request_id=f"{job.request_id}-{c}", tenant=job.tenant)))
+                request_id=f"{job.request_id}-{c}", tenant=job.tenant,
+                monitors=job.monitors)))
     except QueueFull:
         cancel(handles)
         _refused(state, request, ErrorCode.QUEUE_FULL)

@@ -14,6 +14,7 @@ router = APIRouter()
 
 PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8",
                     "app.js": "text/javascript; charset=utf-8",
+                    "heatmap.js": "text/javascript; charset=utf-8",
                     "style.css": "text/css; charset=utf-8"}
 
 

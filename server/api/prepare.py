@@ -61,6 +61,7 @@ class Job:
     logprobs: bool  # the response reports logprobs
     top_logprobs: int
     echo: bool = False
+    monitors: tuple = ()  # steering.interventions.monitors.Monitor per axis (server.api.monitoring)
     tenant: str | None = None  # the caller's key id (the engine queues keys fairly)
     tools: ToolPlan | None = None  # chat with tools: the answer is parsed into tool calls
     json_object: bool = False  # response_format json_object: decoding is constrained
@@ -153,7 +154,8 @@ def admit(state: ServerState, request: Request | None, valid: ValidRequest) -> A
     if request is None:
         return None
     return enforce(state, request, [c.applied for c in valid.steering],
-                   prompt=valid.prompt_texts, tokens=valid.estimate, endpoint=valid.endpoint)
+                   prompt=valid.prompt_texts, tokens=valid.estimate, endpoint=valid.endpoint,
+                   monitors=valid.monitor_packs)
 
 
 async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
@@ -175,6 +177,7 @@ async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
                prompt_texts=texts, n=body.n, sampling=sampling, stream=body.stream,
                include_usage=body.include_usage, logprobs=top is not None,
                top_logprobs=top or 0, echo=getattr(body, "echo", False),
+               monitors=valid.monitors,
                tenant=request_context(request).key_id if request is not None else None)
     if valid.kind == "chat":
         await _tools_and_json(state, valid, base)

@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from server.api.jobs import choice_error, collect_until_disconnect
+from server.api.monitoring import summary
 from server.api.prepare import Job
 from server.api.protocol import (
     ChatChoice,
@@ -58,7 +59,8 @@ def build_response(job: Job, tracker: Tracker) -> ChatCompletionResponse | Compl
     if job.kind == "chat":
         choices = [ChatChoice(
             index=ch.index, message=message, finish_reason=reason,
-            logprobs=ChoiceLogprobs(content=ch.chat_logprobs) if job.logprobs else None)
+            logprobs=ChoiceLogprobs(content=ch.chat_logprobs) if job.logprobs else None,
+            monitor=summary(job.monitors, ch.monitor))
             for ch in tracker.choices for message, reason in [chat_message(job, ch)]]
         return ChatCompletionResponse(id=job.response_id, created=job.created,
                                       model=job.resolved.model, choices=choices,
@@ -68,6 +70,7 @@ def build_response(job: Job, tracker: Tracker) -> ChatCompletionResponse | Compl
         prefix = job.prompt_texts[ch.index // job.n] if job.echo else ""
         choices.append(CompletionChoice(index=ch.index, text=prefix + ch.text,
                                         logprobs=ch.text_logprobs,
-                                        finish_reason=ch.finish_reason))
+                                        finish_reason=ch.finish_reason,
+                                        monitor=summary(job.monitors, ch.monitor)))
     return CompletionResponse(id=job.response_id, created=job.created, model=job.resolved.model,
                               choices=choices, usage=tracker.usage(), steering=applied)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi.responses import StreamingResponse
 
 from server.api.jobs import cancel, choice_error, events
+from server.api.monitoring import delta
 from server.api.prepare import Job
 from server.api.protocol import (
     ChatChunkChoice,
@@ -59,15 +60,17 @@ class ChunkBuilder:
                    choices=choices, **extra)
 
     def _choice(self, c: int, text: str | None = None, *, role: bool = False,
-                logprobs=None, finish: str | None = None, calls: list[dict] | None = None):
+                logprobs=None, finish: str | None = None, monitor: dict | None = None,
+                calls: list[dict] | None = None):
         if self.job.kind == "chat":
-            delta = DeltaMessage(role="assistant", content="") if role else (
+            message = DeltaMessage(role="assistant", content="") if role else (
                 DeltaMessage(content=text) if text is not None else DeltaMessage())
             if calls:
-                delta.tool_calls = [ToolCallDelta(**c) for c in calls]
-            return ChatChunkChoice(index=c, delta=delta, logprobs=logprobs, finish_reason=finish)
+                message.tool_calls = [ToolCallDelta(**call) for call in calls]
+            return ChatChunkChoice(index=c, delta=message, logprobs=logprobs,
+                                   finish_reason=finish, monitor=monitor)
         return CompletionChoice(index=c, text=text or "", logprobs=logprobs,
-                                     finish_reason=finish)
+                                finish_reason=finish, monitor=monitor)
 
     def opening(self, c: int) -> str:
         job = self.job
@@ -75,14 +78,23 @@ class ChunkBuilder:
         return self._chunk([self._choice(c, text, role=True)],
                            steering=job.resolved.applied).sse()
 
-    def piece(self, c: int, text: str, logprobs, calls: list[dict] | None = None) -> str:
-        return self._chunk([self._choice(c, text, logprobs=logprobs, calls=calls)]).sse()
+    def piece(self, c: int, text: str, logprobs, monitor: dict | None = None,
+              calls: list[dict] | None = None) -> str:
+        return self._chunk([self._choice(c, text, logprobs=logprobs, monitor=monitor,
+                                         calls=calls)]).sse()
 
-    def closing(self, c: int, finish: str, decided=None) -> str:
+    def closing(self, c: int, finish: str, decided=None, monitor: dict | None = None) -> str:
         extra = {}
         if any(p.when is not None for p in self.job.resolved.parts):
             extra["steering"] = self.job.resolved.echo(decided)
-        return self._chunk([self._choice(c, finish=finish)], **extra).sse()
+        return self._chunk([self._choice(c, finish=finish, monitor=monitor)], **extra).sse()
+
+    def new_monitor(self, ch: Choice, sent: list[int]) -> dict | None:
+        """The monitor scores `ch` gained since the last chunk that carried them (`sent[c]`:
+        how many tokens' scores went out)."""
+        scores = ch.monitor[sent[ch.index]:]
+        sent[ch.index] = len(ch.monitor)
+        return delta(self.job.monitors, scores)
 
     def usage(self, tracker: Tracker) -> str:
         decided = tracker.choices[0].steering if tracker.choices else None
@@ -111,6 +123,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
     chunks = ChunkBuilder(job)
     status, outcome = "200", None
     parsers = [start(job.tools) for _ in job.sampling] if job.tools is not None else None
+    sent = [0] * len(job.sampling)  # per choice: tokens whose monitor scores went out
     try:
         for c in range(len(job.sampling)):  # an opening chunk per choice carries the steering
             yield chunks.opening(c)
@@ -129,7 +142,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     text, calls = text + rest, calls + last
                     reason = finish_reason(parsers[c], ch.finish_reason)
             if text or lp is not None or calls:
-                yield chunks.piece(c, text, lp, calls)
+                yield chunks.piece(c, text, lp, chunks.new_monitor(ch, sent), calls)
             if ev.finish_reason is not None:
                 err = choice_error(job, ch.finish_reason, ch.error,
                                    state.settings.request_timeout_s)
@@ -137,7 +150,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     status, outcome = str(err.status), ev.finish_reason
                     yield error_event(err)
                     break
-                yield chunks.closing(c, reason, ch.steering)
+                yield chunks.closing(c, reason, ch.steering, chunks.new_monitor(ch, sent))
         else:
             if job.include_usage:
                 yield chunks.usage(tracker)

@@ -84,6 +84,7 @@ class Choice:
     chat_logprobs: list[TokenLogprob] = field(default_factory=list)
     text_logprobs: CompletionLogprobs | None = None
     text_len: int = 0
+    monitor: list[list[float]] = field(default_factory=list)  # per token: each monitor's score
 
     @property
     def done(self) -> bool:
@@ -134,6 +135,8 @@ class Tracker:
             else:
                 self.metrics.itl.labels(m).observe(now - ch.last_at)
             ch.last_at = now
+            if ev.monitor is not None:
+                ch.monitor.append(ev.monitor)
             if self.job.logprobs and ev.logprob is not None:
                 self._logprob(ch, ev)
         if ev.text:

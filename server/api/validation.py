@@ -12,7 +12,7 @@ A request passes, in order:
 | step | where | what | cost |
 |---|---|---|---|
 | schema | `server.api.protocol` | types, field combinations, a hard ceiling on every list (`at_most`, `server.settings.CEILING_*`) | linear in the body; no list is validated item by item past its ceiling |
-| validate | here | the settings' limits (n, choices, messages, stop sequences, logprobs, max_tokens, variants), names, the model or preset, each steering object checked against its pack without a tensor (`check_spec`) | small, on the event loop |
+| validate | here | the settings' limits (n, choices, messages, stop sequences, logprobs, max_tokens, variants), names, the model or preset, each steering object checked against its pack without a tensor (`check_spec`; an object with its own vector: its size from the text's length first, then its values, `server.api.raw_vectors`), the monitors against the packs (`server.api.monitoring`) | small, on the event loop |
 | admission | `server.security.policy.enforce` | the key's policy on the checked steering; rate limits charged with `ValidRequest.estimate` | constant |
 | tokenize, build | `server.api.prepare` | chat template and tokens (the tokenizer thread), steering tensors (a worker thread) | off the event loop |
 | budget | here: `check_token_ids`, `check_budget` | token ids in the vocabulary; prompt tokens and max_tokens within the context | linear in the prompt |
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.api.monitoring import resolve_monitors
 from server.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -32,12 +33,14 @@ from server.api.protocol import (
     SteeringParams,
     SteeringValue,
 )
+from server.api.raw_vectors import check_raw
 from server.api.resolve import Checked, Part, Resolved, merge, resolve_model
 from server.errors import APIError, ErrorCode, bad_request, not_found
 from server.security.hardening import check_name
 from server.security.policy import summed
 from server.state import ServerState
 from steering.interventions.methods import SteeringError, check_spec
+from steering.interventions.monitors import MonitorSet
 from steering.interventions.schema import AppliedSteering
 
 CHAT = "/v1/chat/completions"
@@ -92,6 +95,12 @@ class ValidRequest:
     max_tokens_param: str
     default_max_tokens: int
     estimate: int  # the tokens admission charges before tokenizing (settled after)
+    monitors: MonitorSet = ()  # axes scored at every generated token (server.api.monitoring)
+
+    @property
+    def monitor_packs(self) -> list[str]:
+        """The packs the monitors read (what the key's pack list judges)."""
+        return [m.pack for m in self.monitors if m.position is not None]
 
     @property
     def choices(self) -> int:
@@ -126,8 +135,9 @@ def validate(state: ServerState,
     _check_prompt_sizes(state, prompts)
     check_max_tokens(state, requested, param)
     steering = [check_steering(state, body.model, body.steering, names=True)]
+    monitors = resolve_monitors(state, body.monitor)
     return ValidRequest(kind, endpoint, body, prompts, steering, [None], requested, param,
-                        default, _estimate(state, prompts, body.n, requested, default))
+                        default, _estimate(state, prompts, body.n, requested, default), monitors)
 
 
 # ---- the pieces -----------------------------------------------------------------------------------
@@ -283,6 +293,13 @@ def _check_one(state: ServerState, params: SteeringParams, calibrated: bool,
         raise bad_request(f"{where}.strength must be between {lo:g} and {hi:g}, "
                           f"got {params.strength:g}", f"{where}.strength",
                           ErrorCode.STRENGTH_OUT_OF_RANGE)
+    if params.vector is not None:  # the object's own vector instead of a pack's
+        try:
+            return check_raw(state, params, where, settings.max_vector_norm)
+        except SteeringError as exc:
+            raw = (exc.param or "").startswith(f"{where}.vector")
+            raise bad_request(str(exc), _at(exc.param, where), ErrorCode.INVALID_VECTOR if raw
+                              else ErrorCode.INVALID_STEERING) from None
     pack_name = params.pack or state.default_pack
     for name, field in ((params.pack, "pack"),
                         (params.when.pack if params.when else None, "when.pack")):
@@ -393,6 +410,22 @@ def _compare(state: ServerState, body: CompareRequest) -> ValidRequest:
     each = _estimate(state, prompts, 1, chat.max_tokens, default)
     return ValidRequest("chat", COMPARE, chat, prompts, list(checked), list(labels),
                         chat.max_tokens, "max_tokens", default, each * len(checked))
+
+
+# ---- the endpoints that read the stream (server.api.readout) ------------------------------------
+
+
+def check_read_prompt(state: ServerState, param: str, messages: int | None = None,
+                      tokens: int | None = None) -> None:
+    """The message count and prompt token limits, for inspect and activation capture (their
+    other bounds, on what they return, are `server.api.readout`'s)."""
+    s = state.settings
+    if messages is not None and messages > s.max_messages:
+        raise bad_request(f"at most {s.max_messages} messages are allowed, got {messages}",
+                          param, ErrorCode.TOO_MANY_MESSAGES)
+    if tokens is not None and s.max_prompt_tokens is not None and tokens > s.max_prompt_tokens:
+        raise bad_request(f"the prompt has {tokens} tokens; this server accepts at most "
+                          f"{s.max_prompt_tokens}", param, ErrorCode.PROMPT_TOO_LONG)
 
 
 # ---- after tokenization ---------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
-(Why one ~530-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
+(Why one ~590-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
 whose steps all read and write that state on one thread; the pieces with a job of their own are
 apart: the interface types (`interface`), KV surgery (`kv`), the prefix cache (`prefix`),
-sampling, detokenization, attention, thread tuning.)
+sampling, detokenization, attention, thread tuning, model calls between steps (`calls`).)
 
 One background thread runs the loop. Each step it (1) drops cancelled and timed-out requests,
 (2) admits waiting requests in fair-queueing order across tenants (API keys; `_tag`) and
@@ -19,7 +19,9 @@ The hooks get each row's prompt length with its steering, so targeted edits (app
 generation_window) know which positions are prompt and which generated. A request with a
 condition (`when`) prefills unsteered while `ConditionGate` captures the residual it scores; the
 decided steering then replaces the request's, and the prefill is redone from the first prompt
-position it edits, if any. The first TokenEvent carries the steering as applied.
+position it edits, if any. The first TokenEvent carries the steering as applied. A request's
+`monitors` are scored by read-only hooks in the forward that yields each of its tokens
+(`steering.interventions.monitors`); each TokenEvent carries them (`monitor`).
 
 The serving layer uses only:
 
@@ -29,6 +31,7 @@ The serving layer uses only:
     async for event in handle:                 # TokenEvent per generated token
         ...
     handle.cancel()                            # frees the slot at the next step
+    result = await engine.call(fn)             # fn(lm) on the engine thread, between steps
     await engine.shutdown()                    # stop admitting, finish running, stop the loop
     engine.stats()                             # {"running": int, "waiting": int}
 """
@@ -41,13 +44,16 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from server.engine.attention import use_row_exact_attention
+from server.engine.calls import ModelCall
 from server.engine.detok import Detokenizer
 from server.engine.interface import (  # noqa: F401 (the interface, re-exported)
     EngineStopped,
@@ -63,6 +69,7 @@ from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.hooks import hooks_of
+from steering.interventions.monitors import monitors_of
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
@@ -92,6 +99,7 @@ class _Slot:
 
 
 class Engine:
+    reads_stream = True  # monitors and `call` (capture, inspection); another engine may not
     def __init__(self, lm: LoadedModel, max_batch: int = 16, max_queue: int = 64,
                  request_timeout_s: float = 600.0, prefill_chunk: int = 512,
                  tune_threads: bool = False, prefix_cache: int = 16,
@@ -116,6 +124,7 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self.prefill_chunk = prefill_chunk
         self._waiting: deque[_Slot] = deque()
+        self._calls: deque[ModelCall] = deque()  # model work between steps (`call`)
         self._prefilling: _Slot | None = None
         self._rows: list[_Slot] = []  # running requests, in batch order
         self._cache: DynamicCache | None = None
@@ -164,6 +173,40 @@ class Engine:
         self._wake()
         return handle
 
+    def call(self, fn: Callable[[LoadedModel], Any]) -> asyncio.Future:
+        """Run `fn(lm)` on the engine thread between two steps and get its result (or its
+        exception) in the returned future: work that needs the model to itself (activation
+        capture, inspection). The steering and monitor hooks are idle while it runs, and one
+        call runs per step, so decoding continues between calls."""
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down and admits no new requests")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if len(self._calls) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} calls waiting)")
+            self._calls.append(ModelCall(fn, future, loop))
+        self._wake()
+        return future
+
+    def _run_call(self) -> None:
+        with self._lock:
+            call = self._calls.popleft() if self._calls else None
+        if call is None:
+            return
+        hooks_of(self.lm).set_rows(None)
+        watch = monitors_of(self.lm, create=False)
+        if watch is not None:
+            watch.set_rows(None)
+        try:
+            with torch.inference_mode():
+                result, error = call.fn(self.lm), None
+        except Exception as exc:  # the caller's error, handed to it
+            result, error = None, exc
+        finally:
+            hooks_of(self.lm).set_rows(None)
+        call.settle(result, error)
+
     async def shutdown(self, timeout_s: float | None = None) -> None:
         """Stop admitting, let waiting and running requests finish, then stop the loop."""
         self._accepting = False
@@ -201,13 +244,14 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping:
-            if not (self._rows or self._prefilling or self._waiting):
+            if not (self._rows or self._prefilling or self._waiting or self._calls):
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue
             if self._threads is not None:
                 self._threads.apply()
             try:
+                self._run_call()
                 self._step()
             except Exception as exc:  # a broken step fails its requests, not the server
                 log.exception("engine step failed")
@@ -324,6 +368,7 @@ class Engine:
         device = self.lm.device
         input_ids = torch.tensor([ids[start:end]], device=device)
         hooks_of(self.lm).set_rows(None if gate else [slot.request.steering], [len(ids)])
+        watch = self._watch([slot])
         with gate.capture(self.lm, start, end) if gate else nullcontext():
             out = self.lm.model(
                 input_ids=input_ids,
@@ -342,7 +387,8 @@ class Engine:
         if slot.prefilled < len(ids):
             return end - start
         slot.position = len(ids)
-        token = self._sample_and_emit([slot], out.logits[:, -1, :])[0]
+        token = self._sample_and_emit([slot], out.logits[:, -1, :],
+                                      watch.take() if watch else None)[0]
         if token is not None:
             self._merge(slot, token)
         # only now: `stats()` (hence a draining shutdown) must never see the request in neither
@@ -358,12 +404,14 @@ class Engine:
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
         hooks_of(self.lm).set_rows([s.request.steering for s in self._rows],
                                [len(s.request.prompt_ids) for s in self._rows])
+        watch = self._watch(self._rows)
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
                             position_ids=positions, cache=self._cache, use_cache=True)
         self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
-        tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :])
+        tokens = self._sample_and_emit(self._rows, out.logits[:, -1, :],
+                                       watch.take() if watch else None)
         finished = [i for i, t in enumerate(tokens) if t is None]
         self._next_tokens = torch.tensor([t if t is not None else 0 for t in tokens],
                                          device=device)
@@ -371,9 +419,23 @@ class Engine:
 
     # ---- sampling and events --------------------------------------------------------------------
 
-    def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor) -> list[int | None]:
-        """Sample one token per row and send its event; None where the request finished. A row
-        that cannot be sampled (non-finite logits) fails alone."""
+    def _watch(self, slots: list[_Slot]):
+        """The monitor hooks scoring these rows in the next forward (None: no row is
+        monitored and none ever was; monitors.py)."""
+        if not any(s.request.monitors for s in slots):
+            watch = monitors_of(self.lm, create=False)
+            if watch is not None:
+                watch.set_rows(None)
+            return None
+        watch = monitors_of(self.lm)
+        watch.set_rows([s.request.monitors for s in slots])
+        return watch
+
+    def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor,
+                         monitor: list[list[float]] | None = None) -> list[int | None]:
+        """Sample one token per row and send its event (with the row's monitor scores); None
+        where the request finished. A row that cannot be sampled (non-finite logits, or a
+        constraint that raised) fails alone."""
         logits, failed = _constrain(slots, logits)
         draws = draw(logits, [_row_sampling(s) for s in slots])
         result: list[int | None] = []
@@ -383,18 +445,18 @@ class Engine:
                                reset_hooks=False)
                 result.append(None)
                 continue
-            result.append(self._emit(slot, d))
+            result.append(self._emit(slot, d, monitor[i] if monitor else None))
             if slot.request.sampling.constraint is not None:
                 slot.request.sampling.constraint.advance(d.token)
         return result
 
-    def _emit(self, slot: _Slot, d: Draw) -> int | None:
+    def _emit(self, slot: _Slot, d: Draw, monitor: list[float] | None = None) -> int | None:
         """Send one row's token event; its token, or None when the request finished."""
         sp = slot.request.sampling
         token = d.token
         slot.generated += 1
         event = TokenEvent(token_id=token, text="", logprob=d.logprob,
-                           top_logprobs=d.top_logprobs)
+                           top_logprobs=d.top_logprobs, monitor=monitor or None)
         if slot.first_event:
             event.queue_wait_s = time.monotonic() - slot.submitted
             event.steering = slot.request.steering

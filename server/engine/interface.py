@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steering.interventions.methods import Steering
+from steering.interventions.monitors import MonitorSet
 
 
 class QueueFull(Exception):
@@ -47,6 +48,7 @@ class GenerationRequest:
     sampling: SamplingParams
     steering: Steering  # conditions are decided at prefill (then this is the decided steering)
     request_id: str = ""
+    monitors: MonitorSet = ()  # axes scored at every generated token (TokenEvent.monitor)
     tenant: str | None = None  # who asked (an API key id): fair queueing between tenants
 
 
@@ -65,6 +67,7 @@ class TokenEvent:
     error: str | None = None
     queue_wait_s: float | None = None  # set on the first event of a request
     steering: Steering | None = None  # first event: as applied (conditions decided)
+    monitor: list[float] | None = None  # the request's monitor scores for this token
 
 
 class _Handle:

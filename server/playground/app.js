@@ -331,6 +331,7 @@ async function run() {
     delete comp.dataset.partial;
     $(".result-meta", node).textContent = "";
     for (const c of node.querySelectorAll(".condition-result")) { c.textContent = ""; c.className = "condition-result"; }
+    for (const c of node.querySelectorAll(".inspect")) c.remove();
     node.classList.remove("is-refusal", "is-ok");
   }
   setStatus(`Running ${body.variants.length} variant(s)…`);
@@ -433,6 +434,10 @@ function showResult(node, v) {
   comp.className = "completion";
   comp.dataset.text = v.completion;
   comp.textContent = v.completion || "(empty)";
+  if (typeof Heatmap !== "undefined" && v.completion) {  // heatmap.js: layer × token scores
+    const prompt = $("#prompt").value;
+    Heatmap.attach(node, () => ({ prompt, completion: v.completion, headers: headers() }));
+  }
 }
 
 // ---- differences between columns -------------------------------------------------------------

@@ -76,6 +76,8 @@ def _object(a: AppliedSteering) -> dict:
         out.update(apply_to=a.apply_to, generation_window=a.generation_window)
     if a.when is not None:
         out.update(when=a.when, condition=a.condition.model_dump() if a.condition else None)
+    if a.vector is not None:  # a raw vector: its SHA-256, norm, shape and layer, never its data
+        out["vector"] = a.vector
     return out
 
 

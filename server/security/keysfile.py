@@ -10,6 +10,7 @@ the field's path, instead of being read by hand and half ignored.
         sha256: <64 hex digits>
         lower_refusal: true
         pack_admin: true     # may upload / delete packs; needs lower_refusal: true
+        raw_vectors: true    # may send its own steering vectors; needs lower_refusal: true
 
 `build(data, source)` turns a parsed document into (id, sha256, Policy, admin, pack_admin)
 records; `server.security.auth` makes its key store from them. A document that is empty (an
@@ -62,6 +63,8 @@ class PolicyFields(BaseModel):
     max_concurrent: Annotated[int, Field(ge=1, strict=True)] | None = Field(
         None, description="requests of the key in flight at once (None: no bound)")
     lower_refusal: StrictBool = False
+    raw_vectors: StrictBool = Field(False, description="may send a steering object's own vector "
+                                                       "(docs/stream.md; needs lower_refusal)")
     strength: dict[str, Bounds] | None = None
 
     def apply(self, base: Policy) -> Policy:
@@ -141,5 +144,9 @@ def build(data: object, source: str = "keys") -> list[KeyRecord]:
             raise PolicyError(f"{where}.pack_admin: uploading packs can change what every "
                               "method does, so it needs the refusal-lowering grant too "
                               "(lower_refusal: true)")
+        if policy.raw_vectors and not policy.lower_refusal:
+            raise PolicyError(f"{where}.raw_vectors: a vector of the caller's own can lower "
+                              "refusal at any strength, so the grant needs the refusal-lowering "
+                              "grant too (lower_refusal: true)")
         records.append(KeyRecord(entry.id, entry.sha256, policy, entry.admin, entry.pack_admin))
     return records

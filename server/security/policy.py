@@ -18,7 +18,10 @@ true`); without it a key may only keep or raise refusal. Per method, which stren
 (ACE, Marshall et al. 2024 eq. 3: h' = h − r̂r̂ᵀ(h − μ⁻) + α·‖r‖·r̂, so α = 0 sets the refusal
 coordinate to the harmless mean's and α = 1 to the harmful one's; ActAdd: h' = h + α·r.) On top of that a key may set
 signed per-method bounds, `strength: {actadd: {min: 0, max: 2}}`, and `max_strength` bounds
-|strength| for every method.
+|strength| for every method. A steering object that carries its own vector (`vector`,
+`steering.interventions.raw`) can do anything a pack's vector does and more, so it needs a grant
+of its own, `raw_vectors: true` (the method, strength and refusal-lowering rules still apply;
+the `packs` list does not, the vector being no pack).
 
     enforce(state, request, [applied], prompt=..., tokens=...)   # 403 / 429, or the caller's key
 
@@ -86,6 +89,7 @@ class Policy:
     tokens_per_minute: float | None = None  # prompt + max_tokens × n, charged at admission
     max_concurrent: int | None = None  # requests of the key in flight at once
     lower_refusal: bool = False  # the explicit grant to lower refusal
+    raw_vectors: bool = False  # the grant to send a steering object's own vector (any effect)
     strength: tuple[tuple[str, float | None, float | None], ...] = ()  # signed (method, lo, hi)
 
     def bounds(self, method: str) -> tuple[float | None, float | None]:
@@ -103,6 +107,10 @@ def _forbidden(key_id: str, rule: str, message: str) -> APIError:
 
 def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
     """403 naming the first rule `applied` breaks."""
+    if applied.vector is not None and not policy.raw_vectors:
+        raise _forbidden(key_id, "raw_vectors", "a steering object with its own vector can "
+                         "raise or lower refusal at any strength; it needs the explicit "
+                         "'raw_vectors' grant")
     if policy.methods is not None and applied.method not in policy.methods:
         raise _forbidden(key_id, "methods", f"method {applied.method!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.methods)) or 'none'})")
@@ -111,7 +119,9 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "presets", f"preset {applied.preset!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.presets)) or 'none'})")
     when_pack = (applied.when or {}).get("pack")
-    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs:
+    own = applied.vector is not None and when_pack == applied.pack  # a raw vector's own axis
+    if when_pack is not None and policy.packs is not None and when_pack not in policy.packs \
+            and not own:
         raise _forbidden(key_id, "packs", f"condition pack {when_pack!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if applied.method == "none":
@@ -127,7 +137,7 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
         raise _forbidden(key_id, "strength", f"{applied.method} strength {applied.strength:g} "
                          f"is outside [{'-∞' if lo is None else f'{lo:g}'}, "
                          f"{'∞' if hi is None else f'{hi:g}'}]")
-    if policy.packs is not None and applied.pack not in policy.packs:
+    if policy.packs is not None and applied.vector is None and applied.pack not in policy.packs:
         raise _forbidden(key_id, "packs", f"pack {applied.pack!r} is not allowed "
                          f"(allowed: {', '.join(sorted(policy.packs)) or 'none'})")
     if policy.max_strength is not None and abs(applied.strength) > policy.max_strength:
@@ -135,6 +145,20 @@ def check(key_id: str, policy: Policy, applied: AppliedSteering) -> None:
                          f"exceeds {policy.max_strength:g}")
     if policy.max_k is not None and applied.k is not None and applied.k > policy.max_k:
         raise _forbidden(key_id, "max_k", f"k {applied.k} exceeds {policy.max_k}")
+
+
+def check_monitors(key_id: str, policy: Policy, packs: Sequence[str]) -> None:
+    """Monitors read the stream and change no token, so they need no grant; a key whose policy
+    lists `packs` may read only those packs' axes (a probe of the caller's own is no pack)."""
+    if policy.packs is None:
+        return
+    for pack in packs:
+        if pack not in policy.packs:
+            raise APIError(403, f"key {key_id!r} is not allowed this request by policy rule "
+                                f"'packs': monitor pack {pack!r} is not allowed (allowed: "
+                                f"{', '.join(sorted(policy.packs)) or 'none'})",
+                           type="permission_error", param="monitor",
+                           code=ErrorCode.POLICY_PACKS)
 
 
 def summed(parts: Sequence[AppliedSteering]) -> list[tuple[int, AppliedSteering]]:
@@ -305,11 +329,12 @@ class Admission:
 
 def enforce(state, request: Request, variants: Sequence[Applied],
             *, prompt: str | Iterable[str] | None = None, tokens: int = 0, endpoint: str | None
-            = None) -> Admission:
+            = None, monitors: Sequence[str] = ()) -> Admission:
     """Admit a request: note each entry for the audit log, charge the caller's rate limits (429)
     and check its key against every checked steering of the request (403). `variants` holds one
     entry per steered run (a request, or each compare variant), each one object or a list whose
-    every object is checked; `tokens` is the admission's estimate of the request's cost (settle
+    every object is checked; `monitors` the packs the request's monitors read (the key's pack
+    list, `check_monitors`; reading needs no grant); `tokens` is the admission's estimate of the request's cost (settle
     it with `Admission.settle`). Called before any tensor is built or any prompt tokenized: a
     refused request costs the server nothing more, and it is charged (a key cannot repeat
     refused requests for free). A key with `max_concurrent` holds one in-flight slot from here
@@ -332,6 +357,7 @@ def enforce(state, request: Request, variants: Sequence[Applied],
         limiter.take(key.id, key.policy, tokens)
         for a in variants:
             check_list(key.id, key.policy, a if isinstance(a, list) else [a])
+        check_monitors(key.id, key.policy, monitors)
     except APIError as exc:
         for n in notes:
             n["denied"] = exc.code

@@ -168,6 +168,8 @@ def applied(spec: SteeringSpec, outcome: ConditionOutcome | None = None) -> dict
            "layers": list(spec.layers) if spec.layers is not None else None, "pack": spec.pack,
            "apply_to": spec.apply_to or "all", "generation_window": window,
            "when": spec.when.describe() if spec.when is not None else None, "condition": None}
+    if spec.vector is not None:  # a raw vector (raw.py): which one, never its values
+        out["vector"] = spec.vector.describe()
     if outcome is not None:
         out["condition"] = {"score": outcome.score, "applied": outcome.applied}
     return out

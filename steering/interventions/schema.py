@@ -18,6 +18,7 @@ from steering.catalog import CONTROLS, METHODS
 from steering.interventions.spec import Condition, SteeringSpec
 
 MAX_LAYERS = 256  # entries in `layers` (more than any served model has)
+MAX_VECTOR_CHARS = 16 * 4 * 16384 * 4 // 3 + 4  # base64 of a 16 × 16384 float32 basis
 TOO_MANY = "too_many_items"  # the error type of a list past its bound (servers map it to a code)
 
 
@@ -51,6 +52,41 @@ class ConditionObject(BaseModel):
         return Condition(pack=self.pack, layer=self.layer, above=self.above, below=self.below)
 
 
+class VectorObject(BaseModel):
+    """`vector`: the steering object's own vector instead of a pack's
+    (`steering.interventions.raw`): actadd adds it, ablate projects out its direction, the INLP
+    methods take an orthonormal basis [k, d]. Needs the key's raw-vector grant."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    data: str = Field(..., max_length=MAX_VECTOR_CHARS,
+                      description="little-endian float32 values, base64-encoded")
+    shape: Annotated[list[int] | None, at_most(2, "shape dimensions")] = Field(
+        None, min_length=1, max_length=2, description="[d] or [k, d] (default: from the data)")
+    layer: int | None = Field(None, description="actadd: its default layer; INLP: the layer "
+                                                "the basis edits (required)")
+
+
+class MonitorObject(BaseModel):
+    """One monitor of a completion, scored per generated token
+    (`steering.interventions.monitors`): a pack's DiM axis at a layer (harmless mean 0, harmful
+    mean 1), or the caller's own probe, `vector` (weights w, with its `layer`) and `bias` b,
+    scored w·h + b."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    pack: str | None = Field(None, max_length=128, description="pack whose axis is read")
+    layer: int | None = Field(None, description="layer read (default: the pack's)")
+    name: str | None = Field(None, max_length=128, description="label in the response "
+                                                               "(default: pack, or pack@layer)")
+    vector: VectorObject | None = Field(None, description="instead of a pack: the probe's "
+                                                          "weights [d] (vector.layer: where)")
+    bias: float = Field(0.0, description="the probe's bias (with vector)")
+
+
+MonitorValue = list[str | MonitorObject]  # pack names, or objects
+
+
 class SteeringObject(BaseModel):
     """The intervention for a request. Omitted fields take the method's defaults."""
 
@@ -70,6 +106,8 @@ class SteeringObject(BaseModel):
     generation_window: Annotated[list[int | None] | None, at_most(2, "window bounds")] = Field(
         None, min_length=1, max_length=2, description=CONTROLS["generation_window"])
     when: ConditionObject | None = Field(None, description=CONTROLS["when"])
+    vector: VectorObject | None = Field(None, description="the object's own vector instead of "
+                                                          "a pack's (needs the raw-vector grant)")
 
     def to_spec(self, pack: str | None) -> SteeringSpec:
         """The library's spec; `pack` is the pack it runs on (this object's, or the default)."""
@@ -105,11 +143,12 @@ class AppliedSteering(BaseModel):
     generation_window: list[int | None] | None = None
     when: dict[str, Any] | None = None
     condition: ConditionResult | None = None
+    vector: dict[str, Any] | None = None  # a raw vector: sha256, norm, shape, layer
 
     # Controls left at their defaults are left out of the JSON (an untargeted, unconditional
     # object reads as it always did).
     DEFAULTS: ClassVar[dict[str, Any]] = {"apply_to": "all", "generation_window": None,
-                                          "when": None, "condition": None}
+                                          "when": None, "condition": None, "vector": None}
 
     @model_serializer(mode="wrap")
     def _omit_defaults(self, handler):

@@ -40,6 +40,21 @@ class Condition:
 
 
 @dataclass(frozen=True)
+class VectorRef:
+    """Which raw vector a spec carries (`steering.interventions.raw`): the SHA-256 of its
+    float32 bytes, its norm (a basis: its largest row norm), shape and layer."""
+
+    sha256: str
+    norm: float
+    shape: tuple[int, ...]
+    layer: int | None = None
+
+    def describe(self) -> dict:
+        return {"sha256": self.sha256, "norm": self.norm, "shape": list(self.shape),
+                "layer": self.layer}
+
+
+@dataclass(frozen=True)
 class SteeringSpec:
     method: str = "none"
     strength: float = 1.0
@@ -49,5 +64,4 @@ class SteeringSpec:
     apply_to: str | None = None  # "all", "prompt", "generation"; None: "all" (or "generation"
     generation_window: tuple[int, int | None] | None = None  # with a window) [start, end)
     when: Condition | None = None
-
-
+    vector: VectorRef | None = None  # a raw vector instead of a pack's (raw.py)

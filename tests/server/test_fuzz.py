@@ -18,6 +18,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 
 from server.app import create_app
 from server.settings import Settings
+from testkit.tiny import make_tiny
 
 EXAMPLES = 100
 MIN_CASES = 500
@@ -30,6 +31,7 @@ LIMITS = dict(max_tokens_limit=4, default_max_tokens=4, max_n=2, max_choices=2,
 @pytest.fixture(scope="module")
 def api_schema(tiny_lm, tiny_pack):
     app = create_app(Settings(**LIMITS), lm=tiny_lm, packs=[tiny_pack])
+    app.state.steer.extraction_model = lambda: make_tiny("qwen2")  # extraction jobs' model
     with TestClient(app):  # the lifespan: model installed, engine started
         yield schemathesis.openapi.from_asgi("/openapi.json", app)
 

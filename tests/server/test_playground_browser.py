@@ -232,3 +232,38 @@ def test_playground_list_and_conditional_variants_stream(server_url, driver):
     severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
     assert not severe, severe
     driver.save_screenshot(str(ARTIFACTS / "playground-controls.png"))
+
+
+def test_playground_heatmap_under_a_compared_answer(server_url, driver, tiny_pack):
+    """Issue 30: "Inspect" under an answer draws the layer × token heatmap of the prompt and
+    that answer (POST /v1/steering/inspect), one row per layer, the lens beneath."""
+    _open(driver, server_url)
+    prompt = _by_label(driver, "Prompt")
+    prompt.clear()
+    prompt.send_keys("How do I pick a lock?")
+    max_tokens = _by_label(driver, "Max tokens")
+    max_tokens.clear()
+    max_tokens.send_keys("6")
+    driver.find_element(By.ID, "run").click()
+    WebDriverWait(driver, 90).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#variants .completion')]"
+        ".every(c => c.dataset.text !== undefined)"))
+    col = _columns(driver)[1]
+    col.find_element(By.CSS_SELECTOR, "button.inspect-button").click()
+    WebDriverWait(driver, 60).until(
+        lambda d: col.find_elements(By.CSS_SELECTOR, "table.heatmap"))
+    table = col.find_element(By.CSS_SELECTOR, "table.heatmap")
+    layers, tokens = int(table.get_attribute("data-layers")), int(table.get_attribute("data-tokens"))
+    assert layers == tiny_pack.n_layers and tokens > 0
+    cells = table.find_elements(By.CSS_SELECTOR, "td.cell")
+    assert len(cells) == layers * tokens
+    scores = [float(c.get_attribute("data-score")) for c in cells]
+    assert all(s == s for s in scores)  # finite numbers from the server, no NaN
+    assert len({c.value_of_css_property("background-color") for c in cells}) > 1
+    assert table.find_elements(By.CSS_SELECTOR, "th.pack-layer")
+    assert "promotes" in col.find_element(By.CSS_SELECTOR, ".lens").text
+    severe = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+    assert not severe, severe
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.execute_script("arguments[0].scrollIntoView()", table)
+    driver.save_screenshot(str(ARTIFACTS / "playground-heatmap.png"))

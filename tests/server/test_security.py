@@ -539,7 +539,7 @@ def test_engine_fault_text_goes_to_the_log_not_the_client(client, monkeypatch, c
 def test_stream_failure_is_generic_and_logged_with_traceback(client, monkeypatch, caplog):
     from server.api import streaming
 
-    def broken(self, *args):
+    def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (secret detail)")
 
     caplog.set_level(logging.ERROR, logger="server")

@@ -21,6 +21,7 @@ from server.api.protocol.base import (
     ERROR_RESPONSES,
     INT64_MAX,
     INT64_MIN,
+    MAX_MONITORS,
     MAX_STEERING_OBJECTS,
     Applied,
     AppliedSteering,
@@ -31,6 +32,8 @@ from server.api.protocol.base import (
     ErrorDetail,
     ErrorResponse,
     Lenient,
+    Monitored,
+    MonitorObject,
     SteeringParams,
     SteeringValue,
     StreamOptions,
@@ -38,6 +41,7 @@ from server.api.protocol.base import (
     TokenLogprob,
     TopLogprob,
     Usage,
+    parse_monitor,
     parse_steering,
 )
 from server.api.protocol.chat import (
@@ -67,12 +71,13 @@ from server.api.protocol.completions import (
 from server.api.protocol.models import ModelCard, ModelList
 
 __all__ = [
-    "ERROR_RESPONSES", "INT64_MAX", "INT64_MIN", "MAX_STEERING_OBJECTS", "Applied",
+    "ERROR_RESPONSES", "INT64_MAX", "INT64_MIN", "MAX_MONITORS", "MAX_STEERING_OBJECTS", "Applied",
     "AppliedSteering", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk",
     "ChatCompletionRequest", "ChatCompletionResponse", "ChatMessage", "ChoiceLogprobs",
     "CompareRequest", "CompareResponse", "CompareVariant", "CompletionChoice", "CompletionChunk",
     "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "ConditionParams",
     "ConditionResult", "DeltaMessage", "ErrorDetail", "ErrorResponse", "Lenient", "ModelCard",
-    "ModelList", "ResponseMessage", "ToolCall", "ToolCallDelta", "SteeringParams", "SteeringValue", "StreamOptions",
-    "TextPart", "TokenLogprob", "TopLogprob", "Usage", "VariantResult", "parse_steering",
+    "ModelList", "Monitored", "MonitorObject", "ResponseMessage", "SteeringParams",
+    "SteeringValue", "StreamOptions", "TextPart", "TokenLogprob", "ToolCall", "ToolCallDelta",
+    "TopLogprob", "Usage", "VariantResult", "parse_monitor", "parse_steering",
 ]

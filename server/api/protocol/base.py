@@ -42,6 +42,7 @@ from steering.interventions.schema import (  # noqa: F401 (the echo types re-exp
     AppliedSteering,
     ConditionObject,
     ConditionResult,
+    MonitorObject,
     SteeringObject,
     SteeringValue,
     at_most,
@@ -115,6 +116,32 @@ def parse_steering(value: Any, where: str = "steering") -> SteeringValue | None:
                             f" got {len(value)}", where, ErrorCode.TOO_MANY_STEERING_OBJECTS)
         return [_steering_object(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return _steering_object(value, where)
+
+
+MAX_MONITORS = 8  # in one request's `monitor` list
+
+
+def parse_monitor(value: Any) -> list[str | MonitorObject] | None:
+    """`monitor`: a list of pack names or monitor objects (`server.api.monitoring`); errors name
+    the entry."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise api_error("monitor must be a list of pack names or monitor objects", "monitor",
+                        ErrorCode.INVALID_VALUE)
+    if len(value) > MAX_MONITORS:
+        raise api_error(f"monitor may hold at most {MAX_MONITORS} entries, got {len(value)}",
+                        "monitor", ErrorCode.TOO_MANY_MONITORS)
+    out: list[str | MonitorObject] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str | MonitorObject):
+            out.append(entry)
+            continue
+        try:
+            out.append(MonitorObject.model_validate(entry))
+        except ValidationError as exc:
+            raise nested_error(exc, f"monitor[{i}]") from None
+    return out
 
 
 # ---- what every generating request has ---------------------------------------------------------
@@ -203,10 +230,20 @@ class SamplingFields(Sampling):
     steering: SteeringParams | list[SteeringParams] | None = Field(
         None, description="a steering object, or a list of them applied in order")
 
+    monitor: list[str | MonitorObject] | None = Field(
+        None, description="packs whose DiM axis is scored at every generated token (names, or "
+                          "{pack, layer, name}, or a probe {vector, bias}); the scores come back "
+                          "per choice and per chunk")
+
     @field_validator("steering", mode="before")
     @classmethod
     def _steering_shape(cls, value):
         return parse_steering(value)
+
+    @field_validator("monitor", mode="before")
+    @classmethod
+    def _monitor_shape(cls, value):
+        return parse_monitor(value)
 
     # Fields accepted for compatibility but refused when set (name → note on what is allowed).
     UNSUPPORTED: ClassVar[dict[str, str]] = {"logit_bias": "", "presence_penalty": " (only 0)",
@@ -252,6 +289,20 @@ class TokenLogprob(TopLogprob):
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
+
+
+class Monitored(BaseModel):
+    """A choice that may carry monitor scores (`server.api.monitoring`): left out of the JSON
+    when the request asked for none."""
+
+    monitor: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_monitor(self, handler):
+        data = handler(self)
+        if data.get("monitor", 0) is None:
+            data.pop("monitor")
+        return data
 
 
 class OmitUnset(BaseModel):

@@ -11,6 +11,7 @@ from server.api.protocol.base import (
     ChatMessage,
     ChoiceLogprobs,
     Lenient,
+    Monitored,
     OmitUnset,
     SamplingFields,
     Usage,
@@ -160,7 +161,7 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(Monitored):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
@@ -186,7 +187,7 @@ class DeltaMessage(OmitUnset):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(Monitored):
     index: int
     delta: DeltaMessage
     logprobs: ChoiceLogprobs | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
-from server.api.protocol.base import Applied, OmitUnset, SamplingFields, Usage
+from server.api.protocol.base import Applied, Monitored, OmitUnset, SamplingFields, Usage
 from server.errors import unsupported
 from server.settings import CEILING_PROMPT_IDS, CEILING_PROMPTS
 from steering.interventions.schema import at_most
@@ -62,7 +62,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(Monitored):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
