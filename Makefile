@@ -1,12 +1,14 @@
 # `make serve`: install into .venv (first time only) and start the server on the embedded model.
 # `make test`:  install into .venv (first time only) and run the whole test suite.
+# `make test-clients`: the outside programs (lm-evaluation-harness, guidellm) against the real
+#                server; each installs into its own venv on first use (docs/clients.md).
 # `make image-test`: build the CPU image with podman and test it in a real container
 #                (installs podman if needed; docs/deploy.md, "Building and testing the images here").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint image-test
+.PHONY: serve test test-clients lint image-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +23,11 @@ serve: $(STAMP)
 # embedded model) run after it, one at a time (scripts/test.sh).
 test: $(STAMP)
 	PY=$(PY) sh scripts/test.sh
+
+# Not in `make test`: their first run installs lm-eval and guidellm (~10 min, 2.3 GB) before
+# the runs themselves (docs/clients.md, "Cost").
+test-clients: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m clients
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit

@@ -276,16 +276,17 @@ async def single_streams(url: str, tokens: int, repeats: int,
 
 
 async def concurrent(url: str, clients: int, tokens: int, rng: random.Random,
-                     repeats: int) -> dict:
+                     repeats: int, pick=None) -> dict:
     """`clients` streams at once, `repeats` times: the median run's aggregate tokens/s, and
-    TTFT / ITL percentiles over all runs."""
+    TTFT / ITL percentiles over all runs. `pick(i, rng)` gives client i's steering (default:
+    a method at random)."""
+    pick = pick or (lambda i, r: method_steering(r.choice(METHODS)))
     rounds = []
     async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as c:
         for _ in range(repeats):
             t0 = time.perf_counter()
             runs = await asyncio.gather(*[
-                stream_one(c, url, method_steering(rng.choice(METHODS)),
-                           PROMPTS[i % len(PROMPTS)], tokens)
+                stream_one(c, url, pick(i, rng), PROMPTS[i % len(PROMPTS)], tokens)
                 for i in range(clients)])
             rounds.append((sum(r["tokens"] for r in runs) / (time.perf_counter() - t0), runs))
     runs = [r for _, rs in rounds for r in rs]

@@ -6,7 +6,8 @@
 #    gateway test, and any other listed in SIDE_VENVS) install in the background: mostly
 #    downloads, they overlap with
 # 3. the fast set (tiny models, in-process apps) on every core, then
-# 4. the tests on the real model (marked `real`: real server processes), one at a time.
+# 4. the tests on the real model (marked `real`: real server processes), one at a time — less
+#    those marked `clients` (lm-eval, guidellm: `make test-clients`, docs/clients.md).
 #
 # Exits non-zero if either test set fails; every install's log is printed.
 set -u
@@ -23,6 +24,6 @@ done
 fast=$?
 for pid in $pids; do wait "$pid"; done
 for name in $SIDE_VENVS; do cat "build/ensure-$name.log" >&2; done
-"$PY" -m pytest -q -m real --durations=15
+"$PY" -m pytest -q -m "real and not clients" --durations=15
 real=$?
 [ "$fast" -eq 0 ] && [ "$real" -eq 0 ]

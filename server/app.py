@@ -295,7 +295,7 @@ DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.js
 
 def _route_access(settings: Settings) -> tuple[frozenset[str], tuple[str, ...], frozenset[str]]:
     """The routes open without a key, open prefixes, and the routes turned off (404)."""
-    open_paths: set[str] = {"/healthz", "/readyz"}
+    open_paths: set[str] = {"/healthz", "/health", "/readyz"}
     prefixes: list[str] = []
     closed: set[str] = set()
     metrics_mode = "off" if settings.metrics_port else settings.metrics  # on its own port

@@ -10,6 +10,7 @@ the ASGI scope's `state`; every later layer reads and writes its typed fields in
 | `api_key` | auth | policy, audit |
 | `log_extra` | routes, errors, auth, drain | access log, audit |
 | `audit` | policy (`audit.note`) | audit |
+| `admission` | policy (`enforce`: what the rate limits were charged) | policy (`refund`, when the engine refuses the request) |
 | `json_body` | body checks (hardening) | the API routes (`server.api.routing`): parsed once |
 | `finalizers` | policy (a key's in-flight slot) | audit middleware: `finish()` once the response is sent |
 | `audit_salt`, `field_chars` | audit middleware (the settings) | audit lines |
@@ -40,6 +41,7 @@ class RequestContext:
     finalizers: list[Callable[[], None]] = field(default_factory=list)  # run by `finish`
     audit_salt: bytes = b""  # the audit log's prompt-hash key (set by the audit middleware)
     field_chars: int = 256  # the longest string a log or audit line carries
+    admission: Any = None  # policy.Admission: what the rate limits were charged (None: nothing)
 
     def take_json_body(self) -> Any:
         """The parsed body, handed over once (UNPARSED when there is none to hand over)."""

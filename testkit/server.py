@@ -41,8 +41,9 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None):
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()  # a given port: e.g. a restart in a stopped one's place
         self.url = f"http://127.0.0.1:{self.port}"
         steer = Path(sys.executable).with_name("steer")
         cmd = [str(steer), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
@@ -139,3 +140,17 @@ def load_script(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus counter's samples (at `url`/metrics) whose labels include
+    `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

@@ -33,6 +33,17 @@ def tiny_pack(tiny_lm):
     return extract_pack(tiny_lm, config=config, name="refusal")
 
 
+@pytest.fixture(scope="session")
+def outside_clients(request):
+    """Tests of outside programs (marker `clients`) run only when asked for — `make
+    test-clients` or `pytest -m clients` — as their first run installs lm-eval / guidellm into
+    their own venvs (minutes; docs/clients.md)."""
+    expr = request.config.option.markexpr or ""
+    if "clients" not in expr or "not clients" in expr:
+        pytest.skip("installs lm-eval / guidellm on first use: `make test-clients`, "
+                    "or pytest -m clients")
+
+
 def real_model_enabled() -> bool:
     return os.environ.get("STEERING_SKIP_REAL", "") not in {"1", "true", "yes"}
 

@@ -174,7 +174,11 @@ async def compare(body: CompareRequest, request: Request):
     ctx.log_extra.update({"variants": len(jobs), "user": body.user, "stream": body.stream,
                           "steering": [dump(j.resolved.applied) for j in jobs]})
 
-    handles = submit_all(state, jobs)  # one choice per variant: handle i is variant i
+    try:
+        handles = submit_all(state, jobs, request)  # one choice per variant: handle i is variant i
+    except APIError as exc:  # queue full, shutting down: counted once, as refused
+        state.metrics.requests.labels(COMPARE, "n/a", status_label(exc.status)).inc()
+        raise
     run = _Run(state, body, jobs, labels)
     if body.stream:
         return StreamingResponse(_stream(run, handles, request), media_type="text/event-stream",

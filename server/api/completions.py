@@ -28,7 +28,7 @@ from server.api.tracker import Tracker
 from server.api.validation import validate
 from server.context import request_context
 from server.errors import APIError
-from server.observability.metrics import status_label
+from server.observability.metrics import status_label, steering_label
 from server.state import ServerState, get_state
 
 router = APIRouter(route_class=CheckedBodyRoute)
@@ -41,7 +41,12 @@ SSE = {"text/event-stream": {"schema": {
 
 async def run_job(state: ServerState, job: Job, request: Request) -> Response:
     """Submit `job` and answer it: a JSON body, or a stream when the request asked for one."""
-    handles = submit(state, job)
+    try:
+        handles = submit(state, job, request)
+    except APIError as exc:  # queue full, shutting down: counted once, as refused
+        state.metrics.requests.labels(job.endpoint, steering_label(job.method),
+                                      status_label(exc.status)).inc()
+        raise
     tracker = Tracker(state, job)
     ctx = request_context(request)
     ctx.log_extra.update({"model": job.resolved.model, "n": job.n, "stream": job.stream,

@@ -1,7 +1,8 @@
 """Job submission and event merging, shared by chat, completions and compare.
 
-`submit(state, job)` hands the engine one request per choice (429 on a full queue, 503 while
-shutting down); `events(handles)` merges the handles' token events as `(choice, event)` in
+`submit(state, job, request)` hands the engine one request per choice (429 on a full queue, 503
+while shutting down: the request never ran, so its rate-limit charge is refunded and its audit and
+access lines carry the refusal's code as the outcome); `events(handles)` merges the handles' token events as `(choice, event)` in
 arrival order; `collect_until_disconnect(request, handles, on_event)` feeds them to `on_event`
 until every choice has finished, or cancels them all when the client goes away first.
 `choice_error` maps a choice's finish reason to the error its response must carry.
@@ -16,15 +17,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from fastapi import Request
 
 from server.api.prepare import Job
+from server.context import request_context
 from server.engine import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from server.errors import APIError, ErrorCode, bad_request
+from server.security.policy import refund
 from server.state import ServerState
 
 log = logging.getLogger("server")
 
 
-def submit(state: ServerState, job: Job) -> list:
-    """One engine request per choice; on failure none stays queued."""
+def submit(state: ServerState, job: Job, request: Request | None = None) -> list:
+    """One engine request per choice; on failure none stays queued (and, with `request`, the
+    key's rate limits get back what preparing it charged)."""
     engine = state.require_ready()
     handles: list = []
     try:
@@ -35,11 +39,13 @@ def submit(state: ServerState, job: Job) -> list:
                 monitors=job.monitors)))
     except QueueFull:
         cancel(handles)
+        _refused(state, request, ErrorCode.QUEUE_FULL)
         raise APIError(429, "the server is busy (request queue full); retry shortly",
                        type="rate_limit_error", code=ErrorCode.QUEUE_FULL,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except EngineStopped:
         cancel(handles)
+        _refused(state, request, ErrorCode.SHUTTING_DOWN)
         raise APIError(503, "the server is shutting down and admits no new requests",
                        type="service_unavailable", code=ErrorCode.SHUTTING_DOWN,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
@@ -52,12 +58,19 @@ def submit(state: ServerState, job: Job) -> list:
     return handles
 
 
-def submit_all(state: ServerState, jobs: Sequence[Job]) -> list:
+def _refused(state: ServerState, request: Request | None, code: ErrorCode) -> None:
+    """The engine refused a prepared request: refund its charge, note why."""
+    if request is not None:
+        refund(request)
+        request_context(request).log_extra["outcome"] = str(code)
+
+
+def submit_all(state: ServerState, jobs: Sequence[Job], request: Request | None = None) -> list:
     """Every job's handles, submitted back to back (the engine batches them together)."""
     handles: list = []
     try:
         for job in jobs:
-            handles.extend(submit(state, job))
+            handles.extend(submit(state, job, request))
     except BaseException:
         cancel(handles)
         raise

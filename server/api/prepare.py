@@ -23,6 +23,8 @@ from typing import Literal
 from fastapi import Request
 
 from server.api.resolve import Checked, Resolved
+from server.api.structured import json_constraint
+from server.api.tools import ToolPlan, plan, template_messages
 from server.api.validation import (
     CHAT,
     COMPARE,
@@ -61,6 +63,8 @@ class Job:
     echo: bool = False
     monitors: tuple = ()  # steering.interventions.monitors.Monitor per axis (server.api.monitoring)
     tenant: str | None = None  # the caller's key id (the engine queues keys fairly)
+    tools: ToolPlan | None = None  # chat with tools: the answer is parsed into tool calls
+    json_object: bool = False  # response_format json_object: decoding is constrained
 
     @property
     def method(self) -> str:
@@ -79,15 +83,28 @@ class Job:
 # ---- off the event loop ---------------------------------------------------------------------------
 
 
-def render_chat(state: ServerState, turns: list[dict[str, str]]) -> tuple[str, list[int]]:
-    """The conversation through the model's chat template: its text and token ids."""
+def render_chat(state: ServerState, turns: list[dict], tools: ToolPlan | None = None
+                ) -> tuple[str, list[int]]:
+    """The conversation through the model's chat template (with the tools, and the answer's
+    forced start when `tool_choice` asks for a call): its text and token ids."""
     tokenizer = state.lm.tokenizer
     try:
-        text = format_chat(tokenizer, turns)
+        text = format_chat(tokenizer, template_messages(turns), tools.tools if tools else None)
     except Exception as exc:  # the model's own template refuses this conversation
         raise bad_request(f"the chat template cannot render these messages: {exc}",
                           "messages", ErrorCode.INVALID_MESSAGES) from None
+    if tools is not None:
+        text += tools.forced_prefix
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def tool_plan(valid: ValidRequest) -> ToolPlan | None:
+    """A chat request's tools and tool_choice (None: none in play)."""
+    body = valid.body
+    if valid.kind != "chat" or not getattr(body, "tools", None):
+        return None
+    return plan([t.model_dump(exclude_none=True) for t in body.tools],
+                body.tool_choice_value(), body.parallel_tool_calls)
 
 
 def _tokenize(state: ServerState, valid: ValidRequest
@@ -98,7 +115,7 @@ def _tokenize(state: ServerState, valid: ValidRequest
     tok = state.lm.tokenizer
     for prompt in valid.prompts:
         if prompt.turns is not None:
-            text, ids = render_chat(state, prompt.turns)
+            text, ids = render_chat(state, prompt.turns, tool_plan(valid))
         elif prompt.text is not None:
             text, ids = prompt.text, list(tok(prompt.text)["input_ids"])
         else:
@@ -113,6 +130,19 @@ def _tokenize(state: ServerState, valid: ValidRequest
 def _build(checked: list[Checked]) -> list[Resolved]:
     """Every run's steering tensors (in a worker thread)."""
     return [c.build() for c in checked]
+
+
+async def _tools_and_json(state: ServerState, valid: ValidRequest, job: Job) -> None:
+    """A chat job's tool plan (a named call stops after its block) and, in JSON mode, one
+    grammar matcher per choice (server/api/structured.py)."""
+    job.tools = tool_plan(valid)
+    if job.tools is not None and job.tools.stop:
+        for sp in job.sampling:
+            sp.stop = [*sp.stop, *job.tools.stop]
+    job.json_object = bool(getattr(valid.body, "json_object", False))
+    if job.json_object:
+        for sp in job.sampling:
+            sp.constraint = await state.in_tokenizer_thread(json_constraint, state)
 
 
 # ---- the step -------------------------------------------------------------------------------------
@@ -149,6 +179,8 @@ async def prepare(state: ServerState, valid: ValidRequest, request_id: str,
                top_logprobs=top or 0, echo=getattr(body, "echo", False),
                monitors=valid.monitors,
                tenant=request_context(request).key_id if request is not None else None)
+    if valid.kind == "chat":
+        await _tools_and_json(state, valid, base)
     jobs = [base] if valid.endpoint != COMPARE else [
         replace(base, request_id=f"{request_id}-v{i}", resolved=r)
         for i, r in enumerate(resolved)]

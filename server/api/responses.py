@@ -18,7 +18,9 @@ from server.api.protocol import (
     CompletionChoice,
     CompletionResponse,
     ResponseMessage,
+    ToolCall,
 )
+from server.api.tools import parse_all
 from server.api.tracker import Tracker
 from server.context import request_context
 from server.state import ServerState
@@ -42,14 +44,24 @@ async def respond(state: ServerState, job: Job, tracker: Tracker, handles: list,
     return JSONResponse(build_response(job, tracker).model_dump(mode="json"))
 
 
+def chat_message(job: Job, ch) -> tuple[ResponseMessage, str | None]:
+    """A chat choice's message and finish reason (its tool calls parsed out when the request
+    has tools)."""
+    if job.tools is None:
+        return ResponseMessage(content=ch.text), ch.finish_reason
+    content, calls, reason = parse_all(job.tools, ch.text, ch.finish_reason)
+    return ResponseMessage(content=content, tool_calls=[
+        ToolCall(id=c["id"], function=c["function"]) for c in calls] or None), reason
+
+
 def build_response(job: Job, tracker: Tracker) -> ChatCompletionResponse | CompletionResponse:
     applied = job.resolved.echo(tracker.choices[0].steering)  # conditions decided
     if job.kind == "chat":
         choices = [ChatChoice(
-            index=ch.index, message=ResponseMessage(content=ch.text),
+            index=ch.index, message=message, finish_reason=reason,
             logprobs=ChoiceLogprobs(content=ch.chat_logprobs) if job.logprobs else None,
-            finish_reason=ch.finish_reason, monitor=summary(job.monitors, ch.monitor))
-            for ch in tracker.choices]
+            monitor=summary(job.monitors, ch.monitor))
+            for ch in tracker.choices for message, reason in [chat_message(job, ch)]]
         return ChatCompletionResponse(id=job.response_id, created=job.created,
                                       model=job.resolved.model, choices=choices,
                                       usage=tracker.usage(), steering=applied)

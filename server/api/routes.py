@@ -138,6 +138,7 @@ def controls(state: ServerState) -> dict:
 
 
 @router.get("/healthz")
+@router.get("/health", include_in_schema=False)  # vLLM's name: guidellm checks it by default
 async def healthz(request: Request):
     from server.lifecycle import engine_alive  # local: lifecycle imports api.errors
 

@@ -28,7 +28,9 @@ from server.api.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     DeltaMessage,
+    ToolCallDelta,
 )
+from server.api.tools import finish_reason, start
 from server.api.tracker import Choice, Tracker
 from server.context import RequestContext
 from server.errors import APIError, ErrorCode
@@ -58,10 +60,13 @@ class ChunkBuilder:
                    choices=choices, **extra)
 
     def _choice(self, c: int, text: str | None = None, *, role: bool = False,
-                logprobs=None, finish: str | None = None, monitor: dict | None = None):
+                logprobs=None, finish: str | None = None, monitor: dict | None = None,
+                calls: list[dict] | None = None):
         if self.job.kind == "chat":
             message = DeltaMessage(role="assistant", content="") if role else (
                 DeltaMessage(content=text) if text is not None else DeltaMessage())
+            if calls:
+                message.tool_calls = [ToolCallDelta(**call) for call in calls]
             return ChatChunkChoice(index=c, delta=message, logprobs=logprobs,
                                    finish_reason=finish, monitor=monitor)
         return CompletionChoice(index=c, text=text or "", logprobs=logprobs,
@@ -73,8 +78,10 @@ class ChunkBuilder:
         return self._chunk([self._choice(c, text, role=True)],
                            steering=job.resolved.applied).sse()
 
-    def piece(self, c: int, text: str, logprobs, monitor: dict | None = None) -> str:
-        return self._chunk([self._choice(c, text, logprobs=logprobs, monitor=monitor)]).sse()
+    def piece(self, c: int, text: str, logprobs, monitor: dict | None = None,
+              calls: list[dict] | None = None) -> str:
+        return self._chunk([self._choice(c, text, logprobs=logprobs, monitor=monitor,
+                                         calls=calls)]).sse()
 
     def closing(self, c: int, finish: str, decided=None, monitor: dict | None = None) -> str:
         extra = {}
@@ -115,6 +122,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                   ctx: RequestContext) -> AsyncIterator[str]:
     chunks = ChunkBuilder(job)
     status, outcome = "200", None
+    parsers = [start(job.tools) for _ in job.sampling] if job.tools is not None else None
     sent = [0] * len(job.sampling)  # per choice: tokens whose monitor scores went out
     try:
         for c in range(len(job.sampling)):  # an opening chunk per choice carries the steering
@@ -126,8 +134,15 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
             lp = None
             if job.logprobs and ev.token_id is not None and ev.logprob is not None:
                 lp = chunks.new_logprobs(ch, seen)
-            if ev.text or lp is not None:
-                yield chunks.piece(c, ev.text, lp, chunks.new_monitor(ch, sent))
+            text, calls, reason = ev.text, None, ch.finish_reason
+            if parsers is not None:  # tool calls: held back until their block closes
+                text, calls = parsers[c].feed(ev.text)
+                if ev.finish_reason is not None:
+                    rest, last = parsers[c].finish(ended=ev.finish_reason == "stop")
+                    text, calls = text + rest, calls + last
+                    reason = finish_reason(parsers[c], ch.finish_reason)
+            if text or lp is not None or calls:
+                yield chunks.piece(c, text, lp, chunks.new_monitor(ch, sent), calls)
             if ev.finish_reason is not None:
                 err = choice_error(job, ch.finish_reason, ch.error,
                                    state.settings.request_timeout_s)
@@ -135,8 +150,7 @@ async def _stream(state: ServerState, job: Job, tracker: Tracker, handles: list,
                     status, outcome = str(err.status), ev.finish_reason
                     yield error_event(err)
                     break
-                yield chunks.closing(c, ch.finish_reason, ch.steering,
-                                     chunks.new_monitor(ch, sent))
+                yield chunks.closing(c, reason, ch.steering, chunks.new_monitor(ch, sent))
         else:
             if job.include_usage:
                 yield chunks.usage(tracker)

@@ -21,7 +21,7 @@ A request passes, in order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from server.api.monitoring import resolve_monitors
 from server.api.protocol import (
@@ -55,7 +55,7 @@ class Prompt:
     """One prompt as the request gives it, before tokenization: chat turns, text or token ids."""
 
     param: str  # the field its errors name
-    turns: list[dict[str, str]] | None = None
+    turns: list[dict[str, Any]] | None = None
     text: str | None = None
     ids: list[int] | None = None
 
@@ -201,10 +201,19 @@ def message_text(i: int, message: ChatMessage) -> str:
     return "".join(texts)
 
 
-def chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The conversation as the chat template takes it (text content only)."""
-    return [{"role": ROLE_MAP.get(m.role, m.role), "content": message_text(i, m)}
-            for i, m in enumerate(messages)]
+def chat_turns(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as the chat template takes it (text content; an assistant turn's tool
+    calls and a tool turn's call id where given)."""
+    turns = []
+    for i, m in enumerate(messages):
+        turn: dict[str, Any] = {"role": ROLE_MAP.get(m.role, m.role),
+                                "content": message_text(i, m)}
+        if m.tool_calls:
+            turn["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            turn["tool_call_id"] = m.tool_call_id
+        turns.append(turn)
+    return turns
 
 
 def _text_prompts(req: CompletionRequest) -> list[Prompt]:

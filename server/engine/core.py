@@ -434,16 +434,20 @@ class Engine:
     def _sample_and_emit(self, slots: list[_Slot], logits: torch.Tensor,
                          monitor: list[list[float]] | None = None) -> list[int | None]:
         """Sample one token per row and send its event (with the row's monitor scores); None
-        where the request finished. A row that cannot be sampled (non-finite logits) fails
-        alone."""
+        where the request finished. A row that cannot be sampled (non-finite logits, or a
+        constraint that raised) fails alone."""
+        logits, failed = _constrain(slots, logits)
         draws = draw(logits, [_row_sampling(s) for s in slots])
         result: list[int | None] = []
         for i, (slot, d) in enumerate(zip(slots, draws, strict=True)):
-            if d.error is not None:
-                self._fail_one(slot, FloatingPointError(d.error), reset_hooks=False)
+            if i in failed or d.error is not None:
+                self._fail_one(slot, failed.get(i) or FloatingPointError(d.error),
+                               reset_hooks=False)
                 result.append(None)
                 continue
             result.append(self._emit(slot, d, monitor[i] if monitor else None))
+            if slot.request.sampling.constraint is not None:
+                slot.request.sampling.constraint.advance(d.token)
         return result
 
     def _emit(self, slot: _Slot, d: Draw, monitor: list[float] | None = None) -> int | None:
@@ -582,6 +586,27 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[axis] = missing
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=axis)
+
+
+def _constrain(slots: list[_Slot], logits: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Rows with a constraint (JSON mode): every token it does not allow set to the lowest
+    finite float (probability 0 after softmax; finite, so `draw`'s check for broken logits
+    still means what it says). A row whose constraint raises fails alone (by row index)."""
+    rows = [i for i, s in enumerate(slots) if s.request.sampling.constraint is not None]
+    failed: dict[int, Exception] = {}
+    if not rows:
+        return logits, failed
+    logits = logits.float().clone()
+    for i in rows:
+        try:
+            allowed = slots[i].request.sampling.constraint.allowed(logits.shape[-1])
+        except Exception as exc:  # the row fails, the batch goes on
+            failed[i] = exc
+            continue
+        if allowed is not None:
+            logits[i].masked_fill_(~allowed.to(logits.device), torch.finfo(logits.dtype).min)
+    return logits, failed
 
 
 def _row_sampling(slot: _Slot) -> RowSampling:

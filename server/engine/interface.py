@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from steering.interventions.methods import Steering
 from steering.interventions.monitors import MonitorSet
@@ -36,6 +37,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     logprobs_tokens: int | None = None  # logprobs for the first N generated tokens only (None: all)
+    # Constrained decoding (e.g. JSON mode): an object with `allowed(vocab) -> bool tensor
+    # [vocab] | None` (the tokens this step may take) and `advance(token)` (the one it took).
+    constraint: Any = None
 
 
 @dataclass

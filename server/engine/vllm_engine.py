@@ -160,11 +160,16 @@ class VllmEngine:
         if salt is not None:
             prompt["cache_salt"] = salt
         top = s.top_logprobs if s.logprobs else None
+        extra: dict[str, Any] = {}
+        if s.constraint is not None:  # JSON mode: vLLM's own structured outputs, same schema
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=s.constraint.schema)
         params = SamplingParams(
             max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
             stop=list(s.stop) or None, stop_token_ids=list(s.stop_token_ids) or None,
             ignore_eos=s.ignore_eos, logprobs=top, output_kind=RequestOutputKind.DELTA,
-            extra_args=wire.extra_args(request.steering) or None)
+            extra_args=wire.extra_args(request.steering) or None, **extra)
         return params, prompt
 
     async def _run(self, handle: _Handle, prompt: Any, params: Any) -> None:

@@ -80,7 +80,7 @@ class AccessLogMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.http_requests.labels(endpoint, http_method_label(scope["method"]),
                                               status_label(status["code"])).inc()
-            if self.enabled and not (endpoint in {"/healthz", "/metrics", "/readyz"}
+            if self.enabled and not (endpoint in {"/healthz", "/health", "/metrics", "/readyz"}
                                      and status["code"] < 400):
                 client = scope.get("client")
                 access_log.info("access", extra={"json": cap({

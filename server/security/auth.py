@@ -24,7 +24,7 @@ pydantic models of `server.security.keysfile`:
 Make a hash with `echo KEY | steer hash-key` or
 `python -c "import hashlib,sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())" KEY`.
 A missing or unknown key gets 401 with `WWW-Authenticate: Bearer`. Deny by default: every route
-needs a key except an explicit list of open routes (`/healthz`, `/readyz`, and `/metrics`, the
+needs a key except an explicit list of open routes (`/healthz` and its alias `/health`, `/readyz`, and `/metrics`, the
 docs and the playground where the settings leave them open), matched on the path the router
 routes — the request path less the ASGI `root_path`, so a `--root-path` or a mount in another app
 changes nothing. Routes turned off in the settings answer 404 to everyone. Authentication runs
@@ -48,7 +48,7 @@ from server.security.audit import route_path
 from server.security.keysfile import build
 from server.security.policy import Policy, PolicyError
 
-ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
+ALWAYS_OPEN = frozenset({"/healthz", "/health", "/readyz"})  # /health: /healthz's vLLM name
 
 
 def hash_key(key: str) -> str:

@@ -288,6 +288,16 @@ class RateLimiter:
             b = self._bucket(key_id, "tokens", policy.tokens_per_minute, time.monotonic())
             b.level = min(b.rate, b.level - tokens)
 
+    def refund(self, key_id: str, policy: Policy, tokens: float) -> None:
+        """Give back one request and `tokens` charged by `take` (capped at each bucket's rate)."""
+        now = time.monotonic()
+        with self._lock:
+            for kind, rate, cost in (("requests", policy.requests_per_minute, 1.0),
+                                     ("tokens", policy.tokens_per_minute, float(tokens))):
+                if rate is not None:
+                    b = self._bucket(key_id, kind, rate, now)
+                    b.level = min(b.rate, b.level + cost)
+
 
 # ---- the hook ----------------------------------------------------------------------------------
 
@@ -300,12 +310,21 @@ class Admission:
     state: object
     key: object | None  # server.security.auth.ApiKey
     estimate: int
+    refunded: bool = False
 
     def settle(self, tokens: int) -> None:
         """The request costs `tokens`: charge (or refund) the difference from the estimate."""
         if self.key is not None and tokens != self.estimate:
             _limiter(self.state).adjust(self.key.id, self.key.policy, tokens - self.estimate)
             self.estimate = tokens
+
+    def refund(self) -> None:
+        """Give the whole charge back (the request and its tokens): the engine refused the
+        request (queue full, shutting down), so it never ran and a client that retries it is
+        charged once. Policy refusals are not refunded (`enforce`)."""
+        if self.key is not None and not self.refunded:
+            _limiter(self.state).refund(self.key.id, self.key.policy, self.estimate)
+            self.refunded = True
 
 
 def enforce(state, request: Request, variants: Sequence[Applied],
@@ -345,7 +364,18 @@ def enforce(state, request: Request, variants: Sequence[Applied],
         audit.admission(request, notes, denied=exc)
         raise
     audit.admission(request, notes)
-    return Admission(state, key, tokens)
+    admission = request_context(request).admission = Admission(state, key, tokens)
+    return admission
+
+
+def refund(request: Request) -> None:
+    """Undo the admission's charge for a request the engine then refused (queue full, shutting
+    down); its audit lines then show nothing charged."""
+    ctx = request_context(request)
+    if ctx.admission is not None:
+        ctx.admission.refund()
+    for entry in ctx.audit:
+        entry["tokens_charged"] = 0
 
 
 def _limiter(state) -> RateLimiter:

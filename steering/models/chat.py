@@ -23,12 +23,15 @@ def as_messages(prompt: str | Sequence[Message]) -> list[Message]:
     return [dict(m) for m in prompt]
 
 
-def format_chat(tokenizer, prompt: str | Sequence[Message]) -> str:
-    """The model's own chat template with the generation prompt appended."""
+def format_chat(tokenizer, prompt: str | Sequence[Message],
+                tools: list[dict] | None = None) -> str:
+    """The model's own chat template with the generation prompt appended (and `tools`, the
+    OpenAI-style function list, where the template takes them)."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = FALLBACK_TEMPLATE
+    extra = {"tools": tools} if tools else {}
     return tokenizer.apply_chat_template(
-        as_messages(prompt), tokenize=False, add_generation_prompt=True
+        as_messages(prompt), tokenize=False, add_generation_prompt=True, **extra
     )
 
 

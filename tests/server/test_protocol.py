@@ -50,11 +50,11 @@ def test_unknown_fields_are_ignored_and_logged(client, caplog):
     caplog.set_level(logging.WARNING, logger="server.protocol")
     r = client.post("/v1/chat/completions", json={
         "model": MODEL, "max_tokens": 1, "frobnicate": 3,
-        "messages": [{"role": "user", "content": "Hi.", "tool_call_id": "x"}]})
+        "messages": [{"role": "user", "content": "Hi.", "audio_ref": "x"}]})
     assert r.status_code == 200, r.text
     logged = _ignored(caplog)
     assert any("ChatCompletionRequest" in m and "'frobnicate'" in m for m in logged), logged
-    assert any("ChatMessage" in m and "'tool_call_id'" in m for m in logged), logged
+    assert any("ChatMessage" in m and "'audio_ref'" in m for m in logged), logged
 
 
 def test_known_fields_log_nothing(client, caplog):

@@ -106,8 +106,9 @@ def test_missing_and_wrong_keys_get_401(client):
 
 
 def test_open_endpoints_stay_open(client):
-    for path in ("/healthz", "/readyz", "/metrics"):
+    for path in ("/healthz", "/health", "/readyz", "/metrics"):
         assert client.get(path).status_code == 200, path
+    assert client.get("/health").json() == client.get("/healthz").json()  # vLLM's name for it
 
 
 def test_default_policy_allows_more_refusal(client):

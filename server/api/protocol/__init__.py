@@ -52,6 +52,8 @@ from server.api.protocol.chat import (
     ChatCompletionResponse,
     DeltaMessage,
     ResponseMessage,
+    ToolCall,
+    ToolCallDelta,
 )
 from server.api.protocol.compare import (
     CompareRequest,
@@ -76,6 +78,6 @@ __all__ = [
     "CompletionLogprobs", "CompletionRequest", "CompletionResponse", "ConditionParams",
     "ConditionResult", "DeltaMessage", "ErrorDetail", "ErrorResponse", "Lenient", "ModelCard",
     "ModelList", "Monitored", "MonitorObject", "ResponseMessage", "SteeringParams",
-    "SteeringValue", "StreamOptions", "TextPart", "TokenLogprob", "TopLogprob", "Usage",
-    "VariantResult", "parse_monitor", "parse_steering",
+    "SteeringValue", "StreamOptions", "TextPart", "TokenLogprob", "ToolCall", "ToolCallDelta",
+    "TopLogprob", "Usage", "VariantResult", "parse_monitor", "parse_steering",
 ]

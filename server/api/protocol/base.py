@@ -157,10 +157,14 @@ class TextPart(Lenient):
 
 
 class ChatMessage(Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str | list[TextPart] | None,
                        at_most(CEILING_CONTENT_PARTS, "content parts")] = None
     name: str | None = None
+    # an assistant turn's calls (server.api.tools), and a tool turn's call id
+    tool_calls: Annotated[list[dict[str, Any]] | None,
+                          at_most(CEILING_CONTENT_PARTS, "tool calls")] = None
+    tool_call_id: str | None = None
 
 
 def some_messages(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:

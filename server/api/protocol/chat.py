@@ -4,53 +4,124 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.protocol.base import (
     Applied,
     ChatMessage,
     ChoiceLogprobs,
+    Lenient,
     Monitored,
     OmitUnset,
     SamplingFields,
     Usage,
     some_messages,
 )
-from server.errors import ErrorCode, api_error, unsupported
+from server.errors import ErrorCode, api_error
 from server.settings import CEILING_MAPPING, CEILING_MESSAGES
 from steering.interventions.schema import at_most
 
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Strict(BaseModel):
+    """Unknown fields are refused (a misspelt tool field must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FunctionDefinition(Lenient):
+    name: str = Field(..., pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolParam(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object"] = Field(
+        ..., description="json_object: constrained decoding to one JSON object (a 'json' word "
+                         "in the messages is required, as OpenAI requires)")
+
 
 class ChatCompletionRequest(SamplingFields):
-    UNSUPPORTED: ClassVar[dict[str, str]] = {**SamplingFields.UNSUPPORTED, "tools": ""}
+    # Fields of OpenAI's chat API this server has nothing behind: refused when set.
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        **SamplingFields.UNSUPPORTED, "audio": "", "prediction": "", "web_search_options": "",
+        "functions": " (use tools)", "function_call": " (use tool_choice)"}
 
     messages: Annotated[list[ChatMessage], at_most(CEILING_MESSAGES, "messages")]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    tools: Annotated[list[Any] | None, at_most(CEILING_MAPPING, "tools")] = None
-    tool_choice: Any | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[ToolParam] | None, at_most(CEILING_MAPPING, "tools")] = Field(
+        None, description="functions the model may call, given to the model's own chat "
+                          "template (server/api/tools.py)")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = None
+    audio: Any | None = None
+    prediction: Any | None = None
+    web_search_options: Any | None = None
+    functions: Any | None = None
+    function_call: Any | None = None
 
     @field_validator("messages")
     @classmethod
     def _some_messages(cls, value):
         return some_messages(value)
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value):
-        if value not in (None, "none"):
-            raise unsupported("tool_choice")
-        return value
+    @model_validator(mode="after")
+    def _tool_choice_needs_its_tool(self):
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return self
+        if not self.tools:
+            raise api_error("tool_choice other than 'none' or 'auto' needs tools", "tool_choice",
+                            ErrorCode.INVALID_COMBINATION)
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise api_error(f"tool_choice names {choice.function.name!r}, which is not among "
+                            "the tools", "tool_choice.function.name", ErrorCode.INVALID_VALUE)
+        return self
 
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value):
-        if value and value.get("type", "text") != "text":
-            raise unsupported("response_format", "only response_format {'type': 'text'} is "
-                                                 "supported")
-        return value
+    @model_validator(mode="after")
+    def _json_mode_says_json(self):
+        if self.response_format is None or self.response_format.type != "json_object":
+            return self
+        if self.tools and self.tool_choice != "none":
+            raise api_error("response_format json_object cannot be combined with tools",
+                            "response_format", ErrorCode.INVALID_COMBINATION)
+        texts = [m.content if isinstance(m.content, str) else " ".join(
+            p.text or "" for p in (m.content or [])) for m in self.messages]
+        if not any("json" in t.lower() for t in texts):
+            raise api_error("'messages' must contain the word 'json' in some form to use "
+                            "response_format of type json_object", "response_format",
+                            ErrorCode.INVALID_COMBINATION)
+        return self
+
+    def tool_choice_value(self) -> Any:
+        """tool_choice as plain data (a name object as a dict)."""
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, BaseModel) else choice
+
+    @property
+    def json_object(self) -> bool:
+        return self.response_format is not None and self.response_format.type == "json_object"
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -69,9 +140,25 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens, "max_tokens"
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Monitored):
@@ -93,10 +180,11 @@ class ChatCompletionResponse(BaseModel):
 
 
 class DeltaMessage(OmitUnset):
-    OMIT_UNSET: ClassVar[tuple[str, ...]] = ("role", "content")
+    OMIT_UNSET: ClassVar[tuple[str, ...]] = ("role", "content", "tool_calls")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(Monitored):
