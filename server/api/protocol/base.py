@@ -305,6 +305,21 @@ class Monitored(BaseModel):
         return data
 
 
+class Envelope(BaseModel):
+    """What every completion response and stream chunk carries, in OpenAI's order; each
+    endpoint narrows `object` and `choices` (and makes `usage`/`steering` required where a full
+    response always has them)."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    steering: Applied | None = None
+
+
 class OmitUnset(BaseModel):
     """A model whose `OMIT_UNSET` fields are left out of its JSON unless they were set (the
     wire format of OpenAI's stream chunks: `usage` only when asked for, `role` only once)."""

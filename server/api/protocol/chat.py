@@ -10,6 +10,7 @@ from server.api.protocol.base import (
     Applied,
     ChatMessage,
     ChoiceLogprobs,
+    Envelope,
     Lenient,
     Monitored,
     OmitUnset,
@@ -161,21 +162,20 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(Monitored):
+class _ChatChoiceBase(Monitored):
     index: int
-    message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatChoice(_ChatChoiceBase):
+    message: ResponseMessage
+
+
+class ChatCompletionResponse(Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
     steering: Applied
 
 
@@ -187,21 +187,12 @@ class DeltaMessage(OmitUnset):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(Monitored):
-    index: int
+class ChatChunkChoice(_ChatChoiceBase):
     delta: DeltaMessage
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None
 
 
-class ChatCompletionChunk(OmitUnset):
+class ChatCompletionChunk(OmitUnset, Envelope):
     OMIT_UNSET: ClassVar[tuple[str, ...]] = ("usage", "system_fingerprint", "steering")
 
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-    steering: Applied | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, model_validator
 
-from server.api.protocol.base import Applied, Monitored, OmitUnset, SamplingFields, Usage
+from server.api.protocol.base import Envelope, Monitored, OmitUnset, SamplingFields
 from server.errors import unsupported
 from server.settings import CEILING_PROMPT_IDS, CEILING_PROMPTS
 from steering.interventions.schema import at_most
@@ -69,15 +69,9 @@ class CompletionChoice(Monitored):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
-    id: str
+class CompletionResponse(Envelope):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-    steering: Applied | None = None
 
 
 class CompletionChunk(OmitUnset, CompletionResponse):
