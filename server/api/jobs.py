@@ -37,17 +37,15 @@ def submit(state: ServerState, job: Job, request: Request | None = None) -> list
                 prompt_ids=job.prompts[c // job.n], sampling=sp, steering=job.resolved.row,
                 request_id=f"{job.request_id}-{c}", tenant=job.tenant,
                 monitors=job.monitors)))
-    except QueueFull:
+    except (QueueFull, EngineStopped) as exc:
         cancel(handles)
-        _refused(state, request, ErrorCode.QUEUE_FULL)
-        raise APIError(429, "the server is busy (request queue full); retry shortly",
-                       type="rate_limit_error", code=ErrorCode.QUEUE_FULL,
-                       headers={"Retry-After": str(state.settings.retry_after_s)}) from None
-    except EngineStopped:
-        cancel(handles)
-        _refused(state, request, ErrorCode.SHUTTING_DOWN)
-        raise APIError(503, "the server is shutting down and admits no new requests",
-                       type="service_unavailable", code=ErrorCode.SHUTTING_DOWN,
+        full = isinstance(exc, QueueFull)
+        code = ErrorCode.QUEUE_FULL if full else ErrorCode.SHUTTING_DOWN
+        _refused(state, request, code)
+        raise APIError(429 if full else 503,
+                       "the server is busy (request queue full); retry shortly" if full
+                       else "the server is shutting down and admits no new requests",
+                       type="rate_limit_error" if full else "service_unavailable", code=code,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except ValueError as exc:
         cancel(handles)
