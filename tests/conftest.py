@@ -76,8 +76,10 @@ def serve_real(env: dict[str, str]):
         yield proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def real_server():
-    """The real server at fp32 (the figures the real tests assert were measured at fp32)."""
+    """The real server at fp32 (the figures the real tests assert were measured at fp32), one
+    for the whole run: the modules that use it only read (no pack changes, no policy), so one
+    start serves them all."""
     with serve_real({"STEER_DEVICE": "cpu", "STEER_DTYPE": "float32"}) as proc:
         yield proc
