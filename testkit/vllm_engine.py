@@ -48,6 +48,9 @@ def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | N
 
     env: dict[str, str | None] = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
         "VLLM_CPU_KVCACHE_SPACE", KV_GB)}
+    # A step on a loaded shared machine can outlast vLLM's 300 s step timeout.
+    env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = os.environ.get(
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     env["VLLM_PLUGINS"] = None if plugin else ""
     env.update(vllm_packs.environment(pack_paths or {}) if pack_paths else
                {vllm_packs.ENV: None})

@@ -64,12 +64,22 @@ def setup(real_lm, real_pack):
             "eos": eos_ids(real_lm.model.generation_config)}
 
 
+METHODS = ("actadd", "ablate", "ace", "inlp_null", "inlp_flip", "inlp_reflect")
+
+
+def _prompts(name, ids):
+    """Every method and the unsteered model on all 20 prompts; targeting and lists on the
+    first 5 harmful and 5 harmless ones (the native reference is the slow part)."""
+    return ids if name in ("none", *METHODS) else ids[:5] + ids[10:15]
+
+
 @pytest.fixture(scope="module")
 def native(real_lm, setup):
     ids = setup["ids"]
     out = {"none": native_tokens(real_lm, ids, None, N_TOKENS)}
     for name, row in setup["rows"].items():
-        out[name] = native_tokens(real_lm, ids, [row] * len(ids), N_TOKENS)
+        chosen = _prompts(name, ids)
+        out[name] = native_tokens(real_lm, chosen, [row] * len(chosen), N_TOKENS)
     return out
 
 
@@ -88,7 +98,8 @@ def eager(setup):
         out["none"] = [list(o.token_ids) for o in base]
         out["none_logprobs"] = [o.logprobs for o in base]
         for name, row in setup["rows"].items():
-            out[name] = tokens(llm, ids, [row] * len(ids), N_TOKENS)
+            chosen = _prompts(name, ids)
+            out[name] = tokens(llm, chosen, [row] * len(chosen), N_TOKENS)
         jobs = _mixed_jobs(setup)
         out["mixed"] = tokens(llm, [p for p, _ in jobs], [r for _, r in jobs], N_TOKENS)
         out["solo"] = [tokens(llm, [p], [r], N_TOKENS)[0] for p, r in jobs]
@@ -121,7 +132,7 @@ def test_unsteered_equals_vllm_without_the_plugin(eager, plain):
     assert eager["none_logprobs"] == plain["none_logprobs"]
 
 
-@pytest.mark.parametrize("name", ["ablate", "actadd", "inlp_flip", "list"])
+@pytest.mark.parametrize("name", ["ablate", "actadd", "inlp_flip"])
 def test_steered_rows_differ_eager(eager, name):
     assert _agree(eager[name], eager["none"]) < 20 - 5
 
@@ -136,14 +147,16 @@ def test_steered_rows_differ_compiled(compiled, eager):
 @pytest.mark.parametrize("name", ["none", *SPECS])
 def test_same_greedy_tokens_as_native(eager, native, setup, name):
     got = [t[:N_TOKENS] for t in eager[name]]
-    assert _agree(got, native[name]) >= AGREE, name
+    need = AGREE if len(got) == 20 else len(got) - 1  # 18 of 20; 9 of 10
+    assert _agree(got, native[name]) >= need, name
 
 
 def test_mixed_batch_equals_solo(eager):
     assert eager["mixed"] == eager["solo"]
 
 
-def test_generation_window_leaves_the_first_tokens(eager):
+def test_generation_window_leaves_the_first_tokens(eager, setup):
     """actadd from generated token 3 on: tokens 0–2 are the unsteered ones."""
-    for base, steered in zip(eager["none"], eager["actadd_window"]):
-        assert steered[:3] == base[:3]
+    base = _prompts("actadd_window", eager["none"])
+    for plain, steered in zip(base, eager["actadd_window"], strict=True):
+        assert steered[:3] == plain[:3]
