@@ -5,6 +5,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_VENV ?= .venv-vllm
+export VLLM_VENV
 
 .PHONY: serve test lint image-test
 
@@ -17,12 +19,15 @@ serve: $(STAMP)
 	$(VENV)/bin/steer serve
 
 # The fast set (tiny models, in-process apps) runs on every core; the tests on the real model
-# (marked `real`: real server processes, the embedded model) run after it, one at a time.
+# (marked `real`: real server processes, the embedded model) run after it, one at a time; last,
+# the vLLM engine's tests (tests/vllm_plugin) in vLLM's own virtualenv (scripts/ensure-vllm.sh).
 test: $(STAMP)
 	sh scripts/ensure-browser.sh
 	sh scripts/ensure-litellm.sh
+	sh scripts/ensure-vllm.sh
 	$(VENV)/bin/python -m pytest -q -n auto -m "not real"
 	$(VENV)/bin/python -m pytest -q -m real
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check steering server clients tests bench testkit

@@ -68,8 +68,9 @@ def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | N
 
 def greedy(llm: Any, prompts: Sequence[Sequence[int]],
            rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
-           ignore_eos: bool = False, logprobs: int | None = None) -> list[Any]:
-    """Greedy completions of token-id prompts, prompt i steered by rows[i]; vLLM's outputs."""
+           ignore_eos: bool = False, logprobs: int | None = None, **sampling: Any) -> list[Any]:
+    """Greedy completions of token-id prompts, prompt i steered by rows[i]; vLLM's outputs
+    (`sampling`: more `SamplingParams` fields, e.g. `logprob_token_ids`)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -83,7 +84,7 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]],
         inputs.append(prompt)
         params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                      ignore_eos=ignore_eos, logprobs=logprobs,
-                                     extra_args=wire.extra_args(row) or None))
+                                     extra_args=wire.extra_args(row) or None, **sampling))
     outs = llm.generate(inputs, params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
 
@@ -91,6 +92,47 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]],
 def tokens(llm: Any, prompts: Sequence[Sequence[int]],
            rows: Sequence[Steering | None] | None = None, max_tokens: int = 32) -> list[list[int]]:
     return [list(o.token_ids) for o in greedy(llm, prompts, rows, max_tokens)]
+
+
+def refusal_scores(llm: Any, prompts: Sequence[Sequence[int]],
+                   rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
+                   ) -> list[float]:
+    """The refusal score (log-odds of the refusal tokens, `steering.evaluation.refusal`) at the
+    first answer position of each prompt, from vLLM's log-probabilities of exactly those tokens
+    (`logprob_token_ids`: the raw log-softmax of the logits, no top-k cut)."""
+    import math
+
+    from steering.evaluation.refusal import EPS
+
+    outs = greedy(llm, prompts, rows, max_tokens=1, logprob_token_ids=list(token_ids))
+    scores = []
+    for o in outs:
+        first = o.logprobs[0]
+        r = min(max(sum(math.exp(first[t].logprob) for t in token_ids), 0.0), 1.0)
+        scores.append(math.log(r + EPS) - math.log(1 - r + EPS))
+    return scores
+
+
+def native_refusal_scores(lm: Any, prompts: Sequence[Sequence[int]],
+                          rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
+                          ) -> list[float]:
+    """The same scores from the library's path: one unpadded forward per prompt with the row's
+    hooks (`refusal_score` on the last position's logits)."""
+    import torch
+
+    from steering.evaluation.refusal import refusal_score
+
+    rows = list(rows) if rows is not None else [None] * len(prompts)
+    scores = []
+    for ids, row in zip(prompts, rows, strict=True):
+        lm.hooks.set_rows(None if row is None else [row], [len(ids)])
+        try:
+            with torch.inference_mode():
+                logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device)).logits
+        finally:
+            lm.hooks.set_rows(None)
+        scores.append(float(refusal_score(logits[:, -1].float(), list(token_ids))[0]))
+    return scores
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:

@@ -32,11 +32,17 @@ from typing import Any
 
 from server.engine.core import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from steering.interventions.conditions import pending
+from steering.interventions.methods import Steering, SteeringError
 from steering.models.loading import LoadedModel
 from steering.vllm import check_version, wire
 from steering.vllm.packs import environment
 
 log = logging.getLogger(__name__)
+
+
+def _field(steering: Steering, part: int) -> str:
+    """The request field of part `part`'s condition: `steering.when` or `steering[i].when`."""
+    return "steering.when" if len(steering.parts) == 1 else f"steering[{part}].when"
 
 
 class _Handle:
@@ -139,9 +145,11 @@ class VllmEngine:
             raise EngineStopped()
         if len(self._handles) >= self.max_batch + self.max_queue:
             raise QueueFull()
-        if pending(request.steering):
-            raise ValueError("conditional steering ('when') is not available on the vllm "
-                             "engine")
+        if conditional := pending(request.steering):
+            raise SteeringError("conditional steering ('when') is not available on the vllm "
+                                "engine (the native engine decides it from the prompt's score "
+                                "and re-prefills; vLLM's scheduler does not)",
+                                _field(request.steering, conditional[0]))
         params, prompt = self._vllm_request(request)
         self._counter += 1
         handle = _Handle(self, request, f"{request.request_id or 'req'}#{self._counter}")
