@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from steering.packs.store import default_pack_path  # noqa: E402
+from steering.extraction.store import default_pack_path  # noqa: E402
 
 from steering.data.prompts import load_instructions  # noqa: E402
 from steering.evaluation.refusal import refusal_token_ids  # noqa: E402
