@@ -24,10 +24,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from steering.extraction.store import default_pack_path  # noqa: E402
-
 from steering.data.prompts import load_instructions  # noqa: E402
 from steering.evaluation.refusal import refusal_token_ids  # noqa: E402
+from steering.extraction.store import default_pack_path  # noqa: E402
 from steering.interventions.methods import SteeringSpec, build_row, compose  # noqa: E402
 from steering.models.embedded import embedded_model_dir  # noqa: E402
 from testkit.vllm_engine import (  # noqa: E402
