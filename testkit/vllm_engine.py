@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import Steering, compose
 from steering.vllm import packs as vllm_packs
 from steering.vllm import wire
@@ -42,8 +43,10 @@ def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
 @contextmanager
 def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | None = None,
            dtype: str = "float32", enforce_eager: bool = True, max_num_seqs: int = 32,
-           max_model_len: int = 1024, **kwargs: Any) -> Iterator[Any]:
-    """An `LLM` on `model` (a checkpoint folder); `plugin=False` leaves the plugin out."""
+           max_model_len: int = 1024, environ: Mapping[str, str] | None = None,
+           **kwargs: Any) -> Iterator[Any]:
+    """An `LLM` on `model` (a checkpoint folder); `plugin=False` leaves the plugin out;
+    `environ`: more variables for vLLM's processes."""
     from vllm import LLM
 
     env: dict[str, str | None] = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
@@ -54,6 +57,7 @@ def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | N
     env["VLLM_PLUGINS"] = None if plugin else ""
     env.update(vllm_packs.environment(pack_paths or {}) if pack_paths else
                {vllm_packs.ENV: None})
+    env.update(environ or {})
     with _environ(env):
         llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, seed=0,
                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -64,6 +68,19 @@ def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | N
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+
+
+def cpu_binding(ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` CPU workers: this process's CPUs split into
+    `ranks` contiguous groups ("0|1" on two CPUs). vLLM's automatic binding wants one NUMA node
+    per rank; a small VM has one node."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise RuntimeError(f"{ranks} CPU workers need {ranks} CPUs; this process may use "
+                           f"{len(cpus)}")
+    size = len(cpus) // ranks
+    groups = [cpus[i * size:(i + 1) * size] for i in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
 
 
 def greedy(llm: Any, prompts: Sequence[Sequence[int]],
@@ -125,12 +142,12 @@ def native_refusal_scores(lm: Any, prompts: Sequence[Sequence[int]],
     rows = list(rows) if rows is not None else [None] * len(prompts)
     scores = []
     for ids, row in zip(prompts, rows, strict=True):
-        lm.hooks.set_rows(None if row is None else [row], [len(ids)])
+        hooks_of(lm).set_rows(None if row is None else [row], [len(ids)])
         try:
             with torch.inference_mode():
                 logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device)).logits
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         scores.append(float(refusal_score(logits[:, -1].float(), list(token_ids))[0]))
     return scores
 
@@ -170,8 +187,8 @@ def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         batch_rows = rows[s:s + len(chunk)]
         steered = any(r is not None for r in batch_rows)
-        lm.hooks.set_rows([r if r is not None else compose([]) for r in batch_rows]
-                          if steered else None, [len(p) for p in chunk])
+        hooks_of(lm).set_rows([r if r is not None else compose([]) for r in batch_rows]
+                              if steered else None, [len(p) for p in chunk])
         try:
             with torch.inference_mode():
                 gen = lm.model.generate(input_ids=ids.to(lm.device),
@@ -179,7 +196,7 @@ def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
                                         max_new_tokens=max_tokens, do_sample=False,
                                         pad_token_id=pad)
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
     return out
 

