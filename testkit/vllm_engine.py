@@ -171,7 +171,7 @@ def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
 
 def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
                   rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
-                  batch_size: int = 10) -> list[list[int]]:
+                  batch_size: int = 20) -> list[list[int]]:
     """The same greedy completions from the library's own path (transformers' `generate` with
     `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS."""
     import torch
