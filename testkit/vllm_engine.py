@@ -145,7 +145,9 @@ def native_refusal_scores(lm: Any, prompts: Sequence[Sequence[int]],
         hooks_of(lm).set_rows(None if row is None else [row], [len(ids)])
         try:
             with torch.inference_mode():
-                logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device)).logits
+                logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device),
+                                  position_ids=torch.arange(len(ids), device=lm.device)[None]
+                                  ).logits  # targeted rows read the token positions
         finally:
             hooks_of(lm).set_rows(None)
         scores.append(float(refusal_score(logits[:, -1].float(), list(token_ids))[0]))
