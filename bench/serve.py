@@ -4,6 +4,8 @@
 llama.cpp reference, the paired overhead rounds and the concurrency sweep.)
 
     .venv/bin/python bench/serve.py [--tokens 64] [--concurrency 1,4,8,16,32] [--precision auto]
+    .venv-vllm/bin/python bench/serve.py --engine vllm [...]   # vLLM beside the native engine:
+                                                               # bench/serve_vllm.py
 
 Side by side, on the same machine, one greedy stream of `--tokens` tokens each:
 1. llama.cpp (llama-cpp-python 0.3.36, 2 threads) on the same GGUF the embedded model ships as,
@@ -298,6 +300,16 @@ async def concurrent(url: str, clients: int, tokens: int, rng: random.Random,
 
 
 def main() -> int:
+    if "--engine" in sys.argv:  # --engine vllm: the vLLM comparison (bench/serve_vllm.py)
+        at = sys.argv.index("--engine")
+        engine = sys.argv[at + 1] if at + 1 < len(sys.argv) else ""
+        if engine == "vllm":
+            from bench.serve_vllm import main as vllm_main
+
+            return vllm_main(sys.argv[1:])
+        if engine != "native":
+            sys.exit(f"--engine must be native or vllm, got {engine!r}")
+        del sys.argv[at:at + 2]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)

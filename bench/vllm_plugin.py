@@ -111,7 +111,7 @@ def main() -> None:
     paths = pack_paths()
     if not paths:
         sys.exit("set STEERING_VLLM_PACKS to the embedded model's refusal pack "
-                 "(steering.packs.store.default_pack_path)")
+                 "(steering.extraction.store.default_pack_path)")
     pack = load_pack(next(iter(paths.values())), name="refusal")
     tok = AutoTokenizer.from_pretrained(folder)
     ids = [chat_ids(tok, PROMPTS[i % len(PROMPTS)] + f" ({i})") for i in range(args.streams)]

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM engine: GPUs per model")
     vllm_enforce_eager: bool = Field(False, description="vLLM engine: no torch.compile / CUDA "
                                                         "graphs (faster start)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM engine: pipeline stages "
+                                                             "(nodes × tensor parallel = GPUs)")
+    vllm_distributed_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM engine: mp (one machine) or ray (several machines, a running "
+                          "Ray cluster); default: vLLM's choice")
+    vllm_pack_dir: str | None = Field(None, description="vLLM engine: where the packs are "
+                                                        "written for vLLM's workers (a path every "
+                                                        "node mounts, across machines); default: "
+                                                        "a local temporary folder")
     max_batch: int = Field(16, ge=1, description="generations decoded together")
     max_queue: int = Field(64, ge=1, description="generations waiting for a batch slot (429 "
                                                  "beyond)")

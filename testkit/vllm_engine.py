@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import Steering, compose
 from steering.vllm import packs as vllm_packs
 from steering.vllm import wire
@@ -42,15 +43,21 @@ def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
 @contextmanager
 def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | None = None,
            dtype: str = "float32", enforce_eager: bool = True, max_num_seqs: int = 32,
-           max_model_len: int = 1024, **kwargs: Any) -> Iterator[Any]:
-    """An `LLM` on `model` (a checkpoint folder); `plugin=False` leaves the plugin out."""
+           max_model_len: int = 1024, environ: Mapping[str, str] | None = None,
+           **kwargs: Any) -> Iterator[Any]:
+    """An `LLM` on `model` (a checkpoint folder); `plugin=False` leaves the plugin out;
+    `environ`: more variables for vLLM's processes."""
     from vllm import LLM
 
     env: dict[str, str | None] = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
         "VLLM_CPU_KVCACHE_SPACE", KV_GB)}
+    # A step on a loaded shared machine can outlast vLLM's 300 s step timeout.
+    env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = os.environ.get(
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
     env["VLLM_PLUGINS"] = None if plugin else ""
     env.update(vllm_packs.environment(pack_paths or {}) if pack_paths else
                {vllm_packs.ENV: None})
+    env.update(environ or {})
     with _environ(env):
         llm = LLM(model=model, dtype=dtype, enforce_eager=enforce_eager, seed=0,
                   max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -63,10 +70,24 @@ def engine(model: str, *, plugin: bool = True, pack_paths: Mapping[str, str] | N
         gc.collect()
 
 
+def cpu_binding(ranks: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `ranks` CPU workers: this process's CPUs split into
+    `ranks` contiguous groups ("0|1" on two CPUs). vLLM's automatic binding wants one NUMA node
+    per rank; a small VM has one node."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < ranks:
+        raise RuntimeError(f"{ranks} CPU workers need {ranks} CPUs; this process may use "
+                           f"{len(cpus)}")
+    size = len(cpus) // ranks
+    groups = [cpus[i * size:(i + 1) * size] for i in range(ranks)]
+    return "|".join(",".join(str(c) for c in g) for g in groups)
+
+
 def greedy(llm: Any, prompts: Sequence[Sequence[int]],
            rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
-           ignore_eos: bool = False, logprobs: int | None = None) -> list[Any]:
-    """Greedy completions of token-id prompts, prompt i steered by rows[i]; vLLM's outputs."""
+           ignore_eos: bool = False, logprobs: int | None = None, **sampling: Any) -> list[Any]:
+    """Greedy completions of token-id prompts, prompt i steered by rows[i]; vLLM's outputs
+    (`sampling`: more `SamplingParams` fields, e.g. `logprob_token_ids`)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -80,7 +101,7 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]],
         inputs.append(prompt)
         params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens,
                                      ignore_eos=ignore_eos, logprobs=logprobs,
-                                     extra_args=wire.extra_args(row) or None))
+                                     extra_args=wire.extra_args(row) or None, **sampling))
     outs = llm.generate(inputs, params, use_tqdm=False)
     return [o.outputs[0] for o in outs]
 
@@ -88,6 +109,49 @@ def greedy(llm: Any, prompts: Sequence[Sequence[int]],
 def tokens(llm: Any, prompts: Sequence[Sequence[int]],
            rows: Sequence[Steering | None] | None = None, max_tokens: int = 32) -> list[list[int]]:
     return [list(o.token_ids) for o in greedy(llm, prompts, rows, max_tokens)]
+
+
+def refusal_scores(llm: Any, prompts: Sequence[Sequence[int]],
+                   rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
+                   ) -> list[float]:
+    """The refusal score (log-odds of the refusal tokens, `steering.evaluation.refusal`) at the
+    first answer position of each prompt, from vLLM's log-probabilities of exactly those tokens
+    (`logprob_token_ids`: the raw log-softmax of the logits, no top-k cut)."""
+    import math
+
+    from steering.evaluation.refusal import EPS
+
+    outs = greedy(llm, prompts, rows, max_tokens=1, logprob_token_ids=list(token_ids))
+    scores = []
+    for o in outs:
+        first = o.logprobs[0]
+        r = min(max(sum(math.exp(first[t].logprob) for t in token_ids), 0.0), 1.0)
+        scores.append(math.log(r + EPS) - math.log(1 - r + EPS))
+    return scores
+
+
+def native_refusal_scores(lm: Any, prompts: Sequence[Sequence[int]],
+                          rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
+                          ) -> list[float]:
+    """The same scores from the library's path: one unpadded forward per prompt with the row's
+    hooks (`refusal_score` on the last position's logits)."""
+    import torch
+
+    from steering.evaluation.refusal import refusal_score
+
+    rows = list(rows) if rows is not None else [None] * len(prompts)
+    scores = []
+    for ids, row in zip(prompts, rows, strict=True):
+        hooks_of(lm).set_rows(None if row is None else [row], [len(ids)])
+        try:
+            with torch.inference_mode():
+                logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device),
+                                  position_ids=torch.arange(len(ids), device=lm.device)[None]
+                                  ).logits  # targeted rows read the token positions
+        finally:
+            hooks_of(lm).set_rows(None)
+        scores.append(float(refusal_score(logits[:, -1].float(), list(token_ids))[0]))
+    return scores
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -109,7 +173,7 @@ def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
 
 def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
                   rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
-                  batch_size: int = 10) -> list[list[int]]:
+                  batch_size: int = 20) -> list[list[int]]:
     """The same greedy completions from the library's own path (transformers' `generate` with
     `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS."""
     import torch
@@ -125,8 +189,8 @@ def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         batch_rows = rows[s:s + len(chunk)]
         steered = any(r is not None for r in batch_rows)
-        lm.hooks.set_rows([r if r is not None else compose([]) for r in batch_rows]
-                          if steered else None, [len(p) for p in chunk])
+        hooks_of(lm).set_rows([r if r is not None else compose([]) for r in batch_rows]
+                              if steered else None, [len(p) for p in chunk])
         try:
             with torch.inference_mode():
                 gen = lm.model.generate(input_ids=ids.to(lm.device),
@@ -134,7 +198,7 @@ def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
                                         max_new_tokens=max_tokens, do_sample=False,
                                         pad_token_id=pad)
         finally:
-            lm.hooks.set_rows(None)
+            hooks_of(lm).set_rows(None)
         out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
     return out
 

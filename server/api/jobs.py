@@ -49,7 +49,8 @@ def submit(state: ServerState, job: Job, request: Request | None = None) -> list
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except ValueError as exc:
         cancel(handles)
-        raise bad_request(str(exc), None, ErrorCode.INVALID_VALUE) from None
+        raise bad_request(str(exc), getattr(exc, "param", None),  # SteeringError names it
+                          ErrorCode.INVALID_VALUE) from None
     except BaseException:
         cancel(handles)
         raise

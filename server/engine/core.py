@@ -69,7 +69,11 @@ from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.hooks import hooks_of
+<<<<<<< HEAD
 from steering.interventions.monitors import monitors_of
+=======
+from steering.models.cache_arg import cache_kwargs
+>>>>>>> vllm2
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
@@ -374,7 +378,8 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=torch.ones(1, end, dtype=torch.long, device=device),
                 position_ids=torch.arange(start, end, device=device)[None],
-                cache=slot.prefill_cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1,
+                **cache_kwargs(self.lm.model, slot.prefill_cache))
         slot.prefilled = end
         if key is not None:
             self.prefixes.store(key, slot.prefill_cache)
@@ -406,7 +411,8 @@ class Engine:
                                [len(s.request.prompt_ids) for s in self._rows])
         watch = self._watch(self._rows)
         out = self.lm.model(input_ids=self._next_tokens[:, None], attention_mask=self._mask,
-                            position_ids=positions, cache=self._cache, use_cache=True)
+                            position_ids=positions, use_cache=True,
+                            **cache_kwargs(self.lm.model, self._cache))
         self._failing = True  # past the forward: a failure now is not one row's
         for s in self._rows:
             s.position += 1
@@ -508,7 +514,7 @@ class Engine:
                 hooks_of(self.lm).set_rows([slot.request.steering], [len(slot.request.prompt_ids)])
                 self.lm.model(input_ids=self._next_tokens[i:i + 1, None], attention_mask=mask,
                               position_ids=torch.tensor([[slot.position]], device=device),
-                              cache=solo, use_cache=True)
+                              use_cache=True, **cache_kwargs(self.lm.model, solo))
             except Exception as row_exc:
                 bad.append(i)
                 self._fail_one(slot, row_exc)

@@ -52,9 +52,13 @@ def model_path(model: str) -> str:
     return model
 
 
-def write_packs(packs: dict[str, Any]) -> dict[str, str]:
-    """Save the server's packs where vLLM's workers can load them: {name: path}."""
-    folder = Path(tempfile.mkdtemp(prefix="steer-vllm-packs-"))
+def write_packs(packs: dict[str, Any], folder: str | None = None) -> dict[str, str]:
+    """Save the server's packs where vLLM's workers can load them: {name: path}. Across
+    machines `folder` must be a path every node mounts (default: a local temporary folder)."""
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="steer-vllm-packs-")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     return {name: str(pack.save(folder / name)) for name, pack in packs.items()}
 
 
@@ -74,8 +78,11 @@ def build(state: Any) -> Any:
              "eager" if s.vllm_enforce_eager else "compiled")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(
         state.lm.precision, "auto")
-    return VllmEngine(state.lm, model_path(s.model), write_packs(state.packs),
+    engine_args: dict[str, Any] = {"pipeline_parallel_size": s.pipeline_parallel_size}
+    if s.vllm_distributed_backend is not None:
+        engine_args["distributed_executor_backend"] = s.vllm_distributed_backend
+    return VllmEngine(state.lm, model_path(s.model), write_packs(state.packs, s.vllm_pack_dir),
                       max_batch=s.max_batch, max_queue=s.max_queue,
                       request_timeout_s=s.request_timeout_s, dtype=dtype,
                       enforce_eager=s.vllm_enforce_eager,
-                      tensor_parallel_size=s.tensor_parallel_size)
+                      tensor_parallel_size=s.tensor_parallel_size, engine_args=engine_args)

@@ -32,11 +32,19 @@ from typing import Any
 
 from server.engine.core import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from steering.interventions.conditions import pending
+from steering.interventions.methods import Steering, SteeringError
 from steering.models.loading import LoadedModel
-from steering.vllm import check_version, wire
+from steering.vllm import check_version, graphs, wire
+from steering.vllm.packs import ENV as PACKS_ENV
 from steering.vllm.packs import environment
 
 log = logging.getLogger(__name__)
+RAY_COPY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"  # vLLM: more variables for Ray workers (comma list)
+
+
+def _field(steering: Steering, part: int) -> str:
+    """The request field of part `part`'s condition: `steering.when` or `steering[i].when`."""
+    return "steering.when" if len(steering.parts) == 1 else f"steering[{part}].when"
 
 
 class _Handle:
@@ -102,10 +110,19 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.update(environment(self.pack_paths))  # inherited by vLLM's processes
+        # vLLM's Ray executor copies only the variables it is told of to workers on other nodes.
+        extra = [v for v in os.environ.get(RAY_COPY, "").split(",") if v.strip()]
+        os.environ[RAY_COPY] = ",".join(dict.fromkeys([*extra, PACKS_ENV]))
+        extra = dict(self.engine_args)
+        import torch
+
+        if torch.cuda.is_available() and not self.enforce_eager:
+            # CUDA graphs must not capture the steering ops (steering/vllm/graphs.py).
+            extra.setdefault("compilation_config", graphs.compilation_config())
         args = AsyncEngineArgs(model=self.model_path, dtype=self.dtype, seed=0,
                                max_num_seqs=self.max_batch, enforce_eager=self.enforce_eager,
                                tensor_parallel_size=self.tensor_parallel_size,
-                               max_model_len=self.max_model_len, **self.engine_args)
+                               max_model_len=self.max_model_len, **extra)
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
     @property
@@ -139,9 +156,11 @@ class VllmEngine:
             raise EngineStopped()
         if len(self._handles) >= self.max_batch + self.max_queue:
             raise QueueFull()
-        if pending(request.steering):
-            raise ValueError("conditional steering ('when') is not available on the vllm "
-                             "engine")
+        if conditional := pending(request.steering):
+            raise SteeringError("conditional steering ('when') is not available on the vllm "
+                                "engine (the native engine decides it from the prompt's score "
+                                "and re-prefills; vLLM's scheduler does not)",
+                                _field(request.steering, conditional[0]))
         params, prompt = self._vllm_request(request)
         self._counter += 1
         handle = _Handle(self, request, f"{request.request_id or 'req'}#{self._counter}")

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 from steering.evaluation.refusal import is_refusal
 from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import RowSteering
+from steering.models.cache_arg import cache_kwargs
 from steering.models.chat import format_chat, shared_prefix_length
 from steering.models.loading import LoadedModel
 
@@ -93,7 +94,8 @@ def judge(lm: LoadedModel, prompts: Sequence[str], rows: Sequence[RowSteering | 
                 r if r is not None else _NONE for r in batch_rows]
             enc = _layout([ids[i] for i in index], shared, pad, lm.device)
             if prefixes is not None:
-                enc["cache"] = prefixes.for_rows(steer or [None] * len(index))
+                enc.update(cache_kwargs(lm.model, prefixes.for_rows(
+                    steer or [None] * len(index))))
             hooks_of(lm).set_rows(steer)
             try:
                 out = lm.model.generate(**enc, max_new_tokens=n_tokens, do_sample=False,
@@ -148,8 +150,8 @@ class _PrefixCache:
             self.computing = True
             try:
                 cache = DynamicCache(config=self.lm.model.config)
-                self.lm.model(input_ids=self.ids, cache=cache, use_cache=True,
-                              logits_to_keep=1)
+                self.lm.model(input_ids=self.ids, use_cache=True, logits_to_keep=1,
+                              **cache_kwargs(self.lm.model, cache))
             finally:
                 self.computing = False
                 hooks_of(self.lm).set_rows(None)

@@ -12,6 +12,7 @@ the engine core and each tensor-parallel worker):
 | `plan` | per-step plan: which flat tokens each site edits, with what per-token kernel parameters |
 | `packs` | the steering packs a worker resolves requests against (named by an environment variable) |
 | `wire` | a request's steering as it rides in `SamplingParams.extra_args`, and its prefix-cache salt |
+| `graphs` | on CUDA: piecewise CUDA graphs split at the steering ops (a captured op would not steer) |
 
 The edit itself is `steering.interventions.kernel.apply_edit`, the native engine's kernel, applied
 to the scheduled tokens as rows (one token per row, its request's parameters gathered per token).

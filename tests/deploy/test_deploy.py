@@ -245,12 +245,18 @@ def test_probes_resources_and_security(overlay):
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     # the image: the overlay's, the CPU build on cpu and the CUDA build on gpu
     repo, _, tag = c["image"].rpartition(":")
-    assert repo != IMAGE_NAME and tag == {"cpu": "cpu", "gpu": "cuda"}[name]
+    assert repo != IMAGE_NAME and tag == {"cpu": "cpu", "gpu": "cuda",
+                                          "gpu-vllm-tp2": "cuda-vllm"}[name]
     requests, limits = c["resources"]["requests"], c["resources"].get("limits", {})
     assert "cpu" in requests and "memory" in requests and "memory" in limits
     env = {e["name"]: e.get("value") for e in c.get("env", [])}
-    if name == "gpu":
-        assert limits.get("nvidia.com/gpu") == requests.get("nvidia.com/gpu") == "1"
+    if name.startswith("gpu"):
+        gpus = {"gpu": "1", "gpu-vllm-tp2": "2"}[name]  # tensor parallel 2: two per replica
+        assert limits.get("nvidia.com/gpu") == requests.get("nvidia.com/gpu") == gpus
+        if name == "gpu-vllm-tp2":
+            assert env.get("STEER_ENGINE") == "vllm" and env["STEER_TENSOR_PARALLEL_SIZE"] == "2"
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/dev/shm" in mounts  # NCCL between the ranks
         assert env.get("STEER_DEVICE") == "cuda"
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
     else:
@@ -700,7 +706,7 @@ def test_server_settings_accept_the_deployed_values(monkeypatch):
         docs = kustomize(DEPLOY / "overlays" / name)
         env = dict(_manifest_env(docs))["steering/server"]
         contexts.append((f"kubernetes {name}",
-                         {**images[".cuda" if name == "gpu" else ".cpu"], **env}))
+                         {**images[".cuda" if name.startswith("gpu") else ".cpu"], **env}))
     for where, env in contexts:
         for key in [k for k in os.environ if k.startswith("STEER_")]:
             monkeypatch.delenv(key)

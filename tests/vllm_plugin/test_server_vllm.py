@@ -2,6 +2,11 @@
 
 Runs under the vLLM virtual environment (skipped where vLLM is not importable). One server start
 (its own fp32 copy of the model for tokenization and packs, and vLLM's engine processes).
+
+What holds, and is asserted: steering changes answers (plain and streamed alike); concurrent
+requests with different steering (methods, a list, token targeting, none) share vLLM's batch and
+each equals its solo answer; `generation_window` leaves the first tokens unsteered; what the vLLM
+engine cannot do (conditions, `when`) is a 400 naming the field, never a 500.
 """
 
 from __future__ import annotations
@@ -71,7 +76,76 @@ def test_streaming_over_vllm(server):
     assert streamed == whole.json()["choices"][0]["message"]["content"]
 
 
-def test_conditional_steering_is_refused_with_400(server):
-    r = _chat(server, HARMLESS, {"method": "actadd", "when": {"above": 0.5}})
+def _text(response):
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def _tokens(response):
+    assert response.status_code == 200, response.text
+    return [t["token"] for t in response.json()["choices"][0]["logprobs"]["content"]]
+
+
+MIXED = [  # one batch: each request its own steering (prompt, steering)
+    (HARMFUL, None),
+    (HARMFUL, {"method": "ablate"}),
+    (HARMLESS, {"method": "actadd", "strength": 1.5}),
+    (HARMLESS, [{"method": "ablate"}, {"method": "actadd", "strength": 1.0,
+                                       "generation_window": [2, None]}]),
+    (HARMFUL, {"method": "inlp_flip", "k": 2}),
+    (HARMLESS, {"method": "actadd", "apply_to": "prompt"}),
+    (HARMLESS, None),
+]
+
+
+def test_per_request_steering_in_one_batch_equals_solo(server):
+    """Seven concurrent requests, each with its own steering (none, methods, a list, token
+    targeting), run in vLLM's batch; each answer equals the same request sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(job):
+        return _text(_chat(server, job[0], job[1], max_tokens=16))
+
+    with ThreadPoolExecutor(len(MIXED)) as pool:
+        together = list(pool.map(ask, MIXED))
+    alone = [ask(job) for job in MIXED]
+    assert together == alone
+    assert together[0] != together[1]  # ablation changed the harmful answer
+    assert together[2] != together[6]  # actadd changed the harmless answer
+
+
+def test_list_and_token_targeting_over_vllm(server):
+    kw = {"max_tokens": 16, "logprobs": True}
+    plain = _tokens(_chat(server, HARMLESS, **kw))
+    window = _tokens(_chat(server, HARMLESS, {"method": "actadd", "strength": 1.5,
+                                              "generation_window": [3, None]}, **kw))
+    assert window[:3] == plain[:3] and window != plain  # steered from generated token 3 on
+    # Prompt-only steering edits the prompt's KV: the answer's first log-probability moves
+    # (the greedy poem itself may not change).
+    first = [_chat(server, HARMLESS, s, **kw).json()["choices"][0]["logprobs"]["content"][0]
+             ["logprob"] for s in (None, {"method": "actadd", "strength": 1.5,
+                                           "apply_to": "prompt"})]
+    assert abs(first[0] - first[1]) > 1e-4, first
+    ablate = _tokens(_chat(server, HARMLESS, {"method": "ablate"}, **kw))
+    both = _chat(server, HARMLESS, [{"method": "ablate"}, {"method": "actadd", "strength": 1.5}],
+                 **kw)
+    assert _tokens(both) != ablate  # the list's second part acts on top of the first
+    assert [s["method"] for s in both.json()["steering"]] == ["ablate", "actadd"]
+
+
+@pytest.mark.parametrize("steering, field", [
+    ({"method": "actadd", "when": {"above": 0.5}}, "steering.when"),
+    ([{"method": "ablate"}, {"method": "actadd", "when": {"below": 0.0}}], "steering[1].when"),
+])
+def test_conditional_steering_is_refused_with_400(server, steering, field):
+    r = _chat(server, HARMLESS, steering)
     assert r.status_code == 400, r.text
-    assert "when" in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert error["param"] == field and "when" in error["message"]
+    assert _text(_chat(server, HARMLESS, max_tokens=4))  # the server still serves
+
+
+def test_invalid_steering_is_a_400_over_vllm(server):
+    r = _chat(server, HARMLESS, {"method": "actadd", "layers": [99]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("steering")

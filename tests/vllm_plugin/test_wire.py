@@ -81,3 +81,22 @@ def test_version_check():
     assert check_version("0.32.0") == "0.32.0"
     with pytest.raises(RuntimeError, match="supports vLLM 0.32.x"):
         check_version("0.33.1")
+
+
+def test_cuda_graph_settings_split_at_the_steering_ops():
+    """On CUDA the engine runs piecewise graphs split at the steering ops (graphs.py); the names
+    are those the ops are registered under, and vLLM's config accepts the settings."""
+    import torch
+
+    CompilationConfig = pytest.importorskip("vllm.config").CompilationConfig
+
+    from steering.vllm import graphs, ops
+
+    ops.register()
+    for name in graphs.STEERING_OPS:
+        namespace, _, op = name.partition("::")
+        assert hasattr(getattr(torch.ops, namespace), op)
+    config = CompilationConfig(**graphs.compilation_config())
+    assert str(config.cudagraph_mode).endswith("PIECEWISE")
+    assert set(graphs.STEERING_OPS) <= set(config.splitting_ops)
+    assert "vllm::unified_attention_with_output" in config.splitting_ops
