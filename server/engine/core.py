@@ -69,11 +69,8 @@ from server.engine.sampling import Draw, RowSampling, draw
 from server.engine.threads import ThreadTuner
 from steering.interventions.conditions import ConditionGate
 from steering.interventions.hooks import hooks_of
-<<<<<<< HEAD
 from steering.interventions.monitors import monitors_of
-=======
 from steering.models.cache_arg import cache_kwargs
->>>>>>> vllm2
 from steering.models.chat import template_opening
 from steering.models.loading import LoadedModel
 
