@@ -1,6 +1,6 @@
 """The batching engine: owns the model and decodes many requests together (continuous batching).
 
-(Why one ~590-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
+(Why one ~620-line module: `Engine` is one state machine — the batch, its KV cache, the slots —
 whose steps all read and write that state on one thread; the pieces with a job of their own are
 apart: the interface types (`interface`), KV surgery (`kv`), the prefix cache (`prefix`),
 sampling, detokenization, attention, thread tuning, model calls between steps (`calls`).)
