@@ -111,12 +111,13 @@ def audit_lines(server) -> list[dict]:
     return [json.loads(line) for line in server.audit_path.read_text().splitlines()]
 
 
-def new_audit_lines(server, before: int, count: int = 1) -> list[dict]:
-    """The lines written after the first `before`, once there are `count` of them (a line is
-    written when the response has been sent, so it may land just after the client has it)."""
+def new_audit_lines(server, before: int, count: int = 1, event: str | None = None) -> list[dict]:
+    """The lines written after the first `before`, once there are `count` of them (of `event`,
+    if given). A steered request writes an admission line, then its completion line once the
+    response has been sent: that one may land just after the client has the response."""
     for _ in range(300):
         lines = audit_lines(server)[before:]
-        if len(lines) >= count:
+        if len([x for x in lines if event is None or x["event"] == event]) >= count:
             return lines
         time.sleep(0.1)
     return audit_lines(server)[before:]
@@ -137,7 +138,8 @@ def test_gateway_keys_decide_who_may_lower_refusal(server, gateway, keys):
     assert len(audit_lines(server)) == before  # refused at the gateway: the server saw nothing
     r = chat(gateway, granted, f"{BASE}+no-refusal")
     assert r.status_code == 200, r.text
-    steered = [x for x in new_audit_lines(server, before) if x["event"] == "steered_request"]
+    steered = [x for x in new_audit_lines(server, before, event="steered_request")
+               if x["event"] == "steered_request"]
     assert [(x["key_id"], x["preset"], x["status"]) for x in steered] == \
         [("gateway-no-refusal", "no-refusal", 200)]
     before = len(audit_lines(server))
