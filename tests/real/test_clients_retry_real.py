@@ -182,8 +182,12 @@ def test_async_sdk_retries_queue_full_once_each(tiny_queue_server):
     assert metric(url, "steer_prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
     assert metric(url, "steer_requests_total", status="429") == refusals
 
-    lines = [json.loads(x) for x in Path(server.audit_path).read_text().splitlines()]
-    done = [x for x in lines if x.get("status") == 200]
+    for _ in range(300):  # a completion line is written once its response has been sent
+        lines = [json.loads(x) for x in Path(server.audit_path).read_text().splitlines()]
+        done = [x for x in lines if x.get("status") == 200]
+        if len(done) >= N_REQUESTS:
+            break
+        time.sleep(0.1)
     assert sorted(x["client_request_id"] for x in done) == [f"q{i}" for i in range(N_REQUESTS)]
     refused = [x for x in lines if x.get("status") == 429]
     assert len(refused) == refusals
