@@ -13,6 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("steering", "server", "clients")
 LINT = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
@@ -95,3 +97,13 @@ def test_one_serving_module_per_seam():
                and (node.module or "").startswith("server") for alias in node.names
                if alias.name.startswith("_")]
     assert private == []
+
+
+def test_no_merge_conflict_markers_are_committed():
+    """A merge left unresolved (`<<<<<<< `/`>>>>>>> ` lines) never reaches a tracked file."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    found = subprocess.run(["git", "grep", "-n", "-I", "-E", "^(<<<<<<<|>>>>>>>) "], cwd=root,
+                           capture_output=True, text=True)
+    assert found.returncode == 1, found.stdout[:2000]  # 1: no match
