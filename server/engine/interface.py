@@ -70,23 +70,19 @@ class TokenEvent:
     monitor: list[float] | None = None  # the request's monitor scores for this token
 
 
-class _Handle:
-    """What `submit` returns: an async iterator of TokenEvents, and cancel()."""
+class EventStream:
+    """What an engine's `submit` returns: an async iterator of a request's TokenEvents, ending
+    with the one that has a `finish_reason`, and `cancel()` (each engine says how it cancels).
+    A consumer that stops early (a disconnected client) cancels the request."""
 
-    def __init__(self, engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request: GenerationRequest):
         self.request = request
-        self._engine = engine
-        self._loop = loop
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.cancelled = False
         self.done = False
 
     def cancel(self) -> None:
-        self.cancelled = True
-        self._engine._wake()
-
-    def _push(self, event: TokenEvent) -> None:  # called from the engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        raise NotImplementedError
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._events()
@@ -102,3 +98,19 @@ class _Handle:
         finally:
             if not self.done:  # the consumer went away (client disconnected)
                 self.cancel()
+
+
+class _Handle(EventStream):
+    """The native engine's stream: events pushed from the engine thread."""
+
+    def __init__(self, engine, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        super().__init__(request)
+        self._engine = engine
+        self._loop = loop
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._engine._wake()
+
+    def _push(self, event: TokenEvent) -> None:  # called from the engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)

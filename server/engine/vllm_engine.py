@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from server.engine.core import EngineStopped, GenerationRequest, QueueFull, TokenEvent
+from server.engine.interface import EventStream
 from steering.interventions.conditions import pending
 from steering.interventions.methods import Steering, SteeringError
 from steering.models.loading import LoadedModel
@@ -47,14 +48,13 @@ def _field(steering: Steering, part: int) -> str:
     return "steering.when" if len(steering.parts) == 1 else f"steering[{part}].when"
 
 
-class _Handle:
+class _Handle(EventStream):
+    """A vLLM request's stream: events put by the task that reads `AsyncLLM.generate`."""
+
     def __init__(self, engine: VllmEngine, request: GenerationRequest, request_id: str):
-        self.request = request
+        super().__init__(request)
         self.request_id = request_id
         self._engine = engine
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.cancelled = False
-        self.done = False
         self.task: asyncio.Task | None = None
 
     def cancel(self) -> None:
@@ -63,21 +63,6 @@ class _Handle:
         self.cancelled = True
         if self.task is not None and not self.task.done():
             self.task.cancel()
-
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[TokenEvent]:
-        try:
-            while True:
-                event = await self._queue.get()
-                yield event
-                if event.finish_reason is not None:
-                    self.done = True
-                    return
-        finally:
-            if not self.done:
-                self.cancel()
 
 
 class VllmEngine:
