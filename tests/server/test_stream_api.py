@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 
@@ -320,6 +321,10 @@ def test_extraction_job_cancel_and_quotas(client):
 
     positive = load_instructions("harmful_train")[:40]
     negative = load_instructions("harmless_train")[:40]
+    # the job's model loads only once the cancel has been sent: on the tiny model the whole
+    # extraction could otherwise finish before the DELETE arrives
+    release = threading.Event()
+    client.app.state.steer.extraction_model = lambda: (release.wait(60), make_tiny("qwen2"))[1]
     r = client.post("/v1/steering/packs/extract", headers=ROOT, json={
         "name": "slow", "positive": positive, "negative": negative})
     assert r.status_code == 202
@@ -327,6 +332,7 @@ def test_extraction_job_cancel_and_quotas(client):
         "name": "other", "dataset": "refusal", "n": 8})
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "extraction_busy"
     cancelled = client.delete(f"/v1/steering/packs/extract/{r.json()['id']}", headers=ROOT)
+    release.set()
     assert cancelled.status_code == 200 and cancelled.json()["cancel"] == "cancelling"
     done = _wait(client, r.json()["id"])
     assert done["status"] == "cancelled" and not done["served"]
