@@ -19,6 +19,8 @@ import threading
 import numpy as np
 import torch
 
+from steering.models.loading import eos_ids
+
 OBJECT = {"type": "object"}  # the schema, as another engine's structured outputs take it (vLLM)
 SCHEMA = {**OBJECT, "x-guidance": {"whitespace_flexible": False,
                                            "item_separator": ", ", "key_separator": ": "}}
@@ -69,18 +71,3 @@ def json_constraint(state) -> JsonObjectConstraint:
     vocab = int(lm.model.config.vocab_size)
     eos = sorted(eos_ids(lm))
     return JsonObjectConstraint(lm.tokenizer, vocab, eos)
-
-
-def eos_ids(lm) -> set[int]:
-    """The ids that end an answer: the tokenizer's EOS and the generation config's."""
-    ids = set()
-    tok_eos = lm.tokenizer.eos_token_id
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    cfg = getattr(lm.model, "generation_config", None)
-    gen = getattr(cfg, "eos_token_id", None)
-    if isinstance(gen, int):
-        ids.add(gen)
-    elif gen:
-        ids.update(int(x) for x in gen)
-    return ids

@@ -72,7 +72,7 @@ from steering.interventions.hooks import hooks_of
 from steering.interventions.monitors import monitors_of
 from steering.models.cache_arg import cache_kwargs
 from steering.models.chat import template_opening
-from steering.models.loading import LoadedModel
+from steering.models.loading import LoadedModel, eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ class Engine:
         self._accepting = False
         self._stopping = False
         self._failing: bool | None = None  # set once a decode step is past its forward
-        eos = lm.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self._eos = {int(e) for e in [*eos, lm.tokenizer.eos_token_id] if e is not None}
+        self._eos = eos_ids(lm)
 
     # ---- public ---------------------------------------------------------------------------------
 

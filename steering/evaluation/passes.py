@@ -13,7 +13,7 @@ from steering.interventions.activations import encode_chats, with_positions
 from steering.interventions.hooks import hooks_of
 from steering.interventions.methods import RowSteering
 from steering.models.chat import format_chat
-from steering.models.loading import LoadedModel
+from steering.models.loading import LoadedModel, eos_ids
 
 GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
               "no_repeat_ngram_size": 0, "length_penalty": 1.0}
@@ -21,17 +21,6 @@ GENERATION = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0,
 
 def _rows(row: RowSteering | None, n: int) -> list[RowSteering] | None:
     return [row] * n if row is not None else None
-
-
-def _eos_ids(lm: LoadedModel) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(lm.model, "generation_config", None), lm.tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif eos:
-            ids.update(int(x) for x in eos)
-    return ids
 
 
 def _length_order(lengths: Sequence[int]) -> list[int]:
@@ -54,7 +43,7 @@ def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | 
     with `row` steering every prompt, and the first answer position's logits [N, vocab].
 
     Prompts are batched by length (less padding); results come back in the prompts' order."""
-    eos = _eos_ids(lm)
+    eos = eos_ids(lm)
     texts = [format_chat(lm.tokenizer, p) for p in prompts]
     lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = _length_order(lengths)
