@@ -26,6 +26,15 @@ from server.state import ServerState
 log = logging.getLogger("server")
 
 
+# The engine's refusals to admit a generation: (status, message, error type, code).
+_NOT_ADMITTED = {
+    QueueFull: (429, "the server is busy (request queue full); retry shortly",
+                "rate_limit_error", ErrorCode.QUEUE_FULL),
+    EngineStopped: (503, "the server is shutting down and admits no new requests",
+                    "service_unavailable", ErrorCode.SHUTTING_DOWN),
+}
+
+
 def submit(state: ServerState, job: Job, request: Request | None = None) -> list:
     """One engine request per choice; on failure none stays queued (and, with `request`, the
     key's rate limits get back what preparing it charged)."""
@@ -39,13 +48,9 @@ def submit(state: ServerState, job: Job, request: Request | None = None) -> list
                 monitors=job.monitors)))
     except (QueueFull, EngineStopped) as exc:
         cancel(handles)
-        full = isinstance(exc, QueueFull)
-        code = ErrorCode.QUEUE_FULL if full else ErrorCode.SHUTTING_DOWN
+        status, message, kind, code = _NOT_ADMITTED[type(exc)]
         _refused(state, request, code)
-        raise APIError(429 if full else 503,
-                       "the server is busy (request queue full); retry shortly" if full
-                       else "the server is shutting down and admits no new requests",
-                       type="rate_limit_error" if full else "service_unavailable", code=code,
+        raise APIError(status, message, type=kind, code=code,
                        headers={"Retry-After": str(state.settings.retry_after_s)}) from None
     except ValueError as exc:
         cancel(handles)
