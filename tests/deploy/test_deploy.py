@@ -908,10 +908,13 @@ def test_gateway_image_is_a_pinned_vetted_litellm():
     assert tuple(int(p) for p in pinned.split(".")) >= (1, 84, 0)
 
 
+@pytest.mark.real  # runs after scripts/test.sh has waited for the LiteLLM install, never beside it
 def test_gateway_refuses_placeholder_keys(tmp_path):
     """The shipped placeholders never serve: gateway_auth.py refuses to load with them."""
-    python = ROOT / ".venv-litellm" / "bin" / "python"
-    if not python.is_file():
+    venv = ROOT / ".venv-litellm"
+    python = venv / "bin" / "python"
+    # the version file is written last: a virtualenv without it is still being installed
+    if not (venv / ".litellm-version").is_file():
         pytest.skip("LiteLLM's virtualenv is not installed (scripts/ensure-litellm.sh)")
     files = _generator().generate(placeholder=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STEER", "GATEWAY"))}
