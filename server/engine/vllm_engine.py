@@ -14,8 +14,14 @@ streamed deltas back into `TokenEvent`s, one per generated token.
     await engine.shutdown()
 
 Differences from the native engine, by construction:
-- conditional steering (`when`) is refused (ValueError → 400): the native engine decides it from
-  the prompt's unsteered residual and re-prefills, which vLLM's scheduler does not offer;
+- conditional steering (`when`): the native engine decides it during its own prefill (unsteered
+  until the condition's position, then redone from the first edited position); vLLM's scheduler
+  has no such re-prefill, so this adapter decides it before submitting, with one unsteered
+  forward of the prompt through the server's own copy of the model
+  (`steering.interventions.conditions.decide_on_prompt`, the same residual and score), one
+  request at a time on a worker thread; vLLM then gets the decided steering, prompt edits
+  included. The cost is that extra prefill on the server's device; the decisions are the native
+  engine's (at the server model's precision);
 - `max_batch` is vLLM's `max_num_seqs`; requests beyond it wait in vLLM's own queue, and this
   adapter bounds running + waiting at `max_batch + max_queue` (QueueFull beyond);
 - a row is not bit-exact with its solo run: vLLM's kernels are not batch-invariant (the steering
@@ -25,14 +31,16 @@ Differences from the native engine, by construction:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from server.engine.core import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from server.engine.interface import EventStream
-from steering.interventions.conditions import pending
+from steering.interventions.conditions import decide_on_prompt, pending
 from steering.interventions.methods import Steering, SteeringError
 from steering.models.loading import LoadedModel
 from steering.vllm import check_version, graphs, wire
@@ -41,11 +49,6 @@ from steering.vllm.packs import environment
 
 log = logging.getLogger(__name__)
 RAY_COPY = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"  # vLLM: more variables for Ray workers (comma list)
-
-
-def _field(steering: Steering, part: int) -> str:
-    """The request field of part `part`'s condition: `steering.when` or `steering[i].when`."""
-    return "steering.when" if len(steering.parts) == 1 else f"steering[{part}].when"
 
 
 class _Handle(EventStream):
@@ -84,6 +87,7 @@ class VllmEngine:
         self._handles: set[_Handle] = set()
         self._stopping = False
         self._counter = 0
+        self._deciding = threading.Lock()  # one condition forward at a time through `lm`
 
     # ---- life ----------------------------------------------------------------------------------
 
@@ -141,17 +145,19 @@ class VllmEngine:
             raise EngineStopped()
         if len(self._handles) >= self.max_batch + self.max_queue:
             raise QueueFull()
-        if conditional := pending(request.steering):
-            raise SteeringError("conditional steering ('when') is not available on the vllm "
-                                "engine (the native engine decides it from the prompt's score "
-                                "and re-prefills; vLLM's scheduler does not)",
-                                _field(request.steering, conditional[0]))
-        params, prompt = self._vllm_request(request)
+        conditional = bool(pending(request.steering))
+        if not conditional:
+            self._vllm_request(request)  # unsupported steering raises here, before a handle
         self._counter += 1
         handle = _Handle(self, request, f"{request.request_id or 'req'}#{self._counter}")
-        handle.task = asyncio.create_task(self._run(handle, prompt, params))
+        handle.task = asyncio.create_task(self._run(handle))
         self._handles.add(handle)
         return handle
+
+    def _decide(self, request: GenerationRequest) -> Steering:
+        """The request's steering with its conditions decided on its prompt (module docstring)."""
+        with self._deciding:
+            return decide_on_prompt(self.lm, request.prompt_ids, request.steering)
 
     def _vllm_request(self, request: GenerationRequest) -> tuple[Any, Any]:
         from vllm import SamplingParams
@@ -176,12 +182,16 @@ class VllmEngine:
             extra_args=wire.extra_args(request.steering) or None, **extra)
         return params, prompt
 
-    async def _run(self, handle: _Handle, prompt: Any, params: Any) -> None:
+    async def _run(self, handle: _Handle) -> None:
         submitted = time.monotonic()
         first = True
         sent = 0
         try:
             async with asyncio.timeout(self.request_timeout_s):
+                if pending(handle.request.steering):
+                    decided = await asyncio.to_thread(self._decide, handle.request)
+                    handle.request = dataclasses.replace(handle.request, steering=decided)
+                params, prompt = self._vllm_request(handle.request)
                 async for out in self._llm.generate(prompt, params, handle.request_id):
                     comp = out.outputs[0]
                     events = self._events(handle, comp, sent)

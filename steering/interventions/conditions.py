@@ -12,6 +12,8 @@ Conditional Activation Steering": a condition vector gates the behaviour vector 
 Two ways to decide:
 
 - `resolve_conditions` (library, batched): one extra forward up to the condition layer.
+- `decide_on_prompt` (one tokenized prompt, one unsteered forward of it): for an engine that
+  cannot gate its own prefill (vLLM's: the server decides before it submits the request).
 - `ConditionGate` (the serving engine, one prompt during its prefill): the prefill first runs
   unsteered while the gate captures the residual; at the end of the prompt the conditions are
   decided and, when the decided row edits a prompt position, the prefill is redone from the first
@@ -149,3 +151,17 @@ class ConditionGate:
                   for j in self._pending}
         decided = decide(self.steering, scores)
         return decided, first_edited_prompt_position(decided, self.prompt_length)
+
+
+@torch.inference_mode()
+def decide_on_prompt(lm: LoadedModel, prompt_ids: Sequence[int], steering: Steering) -> Steering:
+    """`steering` with its pending conditions decided on one tokenized prompt: one unsteered
+    forward of the prompt through `lm` (the same residuals `ConditionGate` captures during the
+    serving engine's own prefill, so the same decisions)."""
+    gate = ConditionGate.open(steering, len(prompt_ids))
+    if gate is None:
+        return steering
+    ids = torch.tensor([list(prompt_ids)], device=lm.device)
+    with gate.capture(lm, 0, len(prompt_ids)):
+        lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return gate.decide()[0]

@@ -38,14 +38,15 @@ def encode(steering: Steering | None) -> list[dict[str, Any]] | None:
     """The wire form of a resolved steering (None when it edits nothing)."""
     if steering is None:
         return None
-    parts = [p for p in steering.parts if p.spec.method != "none"]
+    if any(p.condition is not None and p.outcome is None for p in steering.parts):
+        raise ValueError("decide the conditions first (server.engine.vllm_engine): the plugin "
+                         "applies parts, it does not score prompts")
+    # a part whose condition did not hold is not sent; one that held is sent as a plain part
+    parts = [p for p in steering.parts if p.spec.method != "none" and p.active]
     if not parts:
         return None
     out = []
     for part in parts:
-        if part.condition is not None:
-            raise SteeringError("conditional steering ('when') is not available on the vllm "
-                                "engine", "steering.when")
         s = part.spec
         out.append({
             "method": s.method, "strength": float(s.strength), "k": s.k,

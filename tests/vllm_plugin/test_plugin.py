@@ -15,7 +15,8 @@ tokens, fp32 on both sides:
 - in a mixed batch each request equals its solo run;
 - a steered request differs from the unsteered one, with `enforce_eager` and compiled (the
   pitfall: a hook added after compilation is silently ignored).
-Conditions (`when`) are refused on the vLLM engine (tests/vllm_plugin/test_server_vllm.py).
+Conditions (`when`) are decided by the server before vLLM runs a request
+(tests/vllm_plugin/test_server_vllm.py).
 """
 
 from __future__ import annotations

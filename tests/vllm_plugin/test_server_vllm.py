@@ -5,8 +5,8 @@ Runs under the vLLM virtual environment (skipped where vLLM is not importable). 
 
 What holds, and is asserted: steering changes answers (plain and streamed alike); concurrent
 requests with different steering (methods, a list, token targeting, none) share vLLM's batch and
-each equals its solo answer; `generation_window` leaves the first tokens unsteered; what the vLLM
-engine cannot do (conditions, `when`) is a 400 naming the field, never a 500.
+each equals its solo answer; `generation_window` leaves the first tokens unsteered; conditions
+(`when`) decide per prompt as on the native engine; bad steering is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -133,16 +133,29 @@ def test_list_and_token_targeting_over_vllm(server):
     assert [s["method"] for s in both.json()["steering"]] == ["ablate", "actadd"]
 
 
-@pytest.mark.parametrize("steering, field", [
-    ({"method": "actadd", "when": {"above": 0.5}}, "steering.when"),
-    ([{"method": "ablate"}, {"method": "actadd", "when": {"below": 0.0}}], "steering[1].when"),
-])
-def test_conditional_steering_is_refused_with_400(server, steering, field):
-    r = _chat(server, HARMLESS, steering)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert error["param"] == field and "when" in error["message"]
-    assert _text(_chat(server, HARMLESS, max_tokens=4))  # the server still serves
+def test_conditions_decide_per_prompt_over_vllm(server):
+    """`when` over vLLM: decided on each prompt's unsteered residual before vLLM runs it
+    (server/engine/vllm_engine.py). The response reports the score; a condition that holds
+    answers as the unconditional object, one that does not as the unsteered model — as on the
+    native engine (tests/real/test_controls_real.py)."""
+    kw = {"max_tokens": 16}
+    applied = []
+    for prompt in (HARMFUL, HARMLESS):
+        r = _chat(server, prompt, {"method": "actadd", "strength": 1.5, "when": {"above": 0.5}},
+                  **kw)
+        c = r.json()["steering"]["condition"]
+        assert c["applied"] == (c["score"] > 0.5)
+        want = {"method": "actadd", "strength": 1.5} if c["applied"] else None
+        assert _text(r) == _text(_chat(server, prompt, want, **kw)), c
+        applied.append(c["applied"])
+    assert applied == [True, False], applied  # the refusal axis tells the two prompts apart
+    both = _chat(server, HARMLESS, [{"method": "ablate"},
+                                    {"method": "actadd", "strength": 1.5, "when": {"below": 0.5}}],
+                 **kw)
+    assert both.json()["steering"][1]["condition"]["applied"]
+    assert _text(both) == _text(_chat(server, HARMLESS, [{"method": "ablate"},
+                                                         {"method": "actadd", "strength": 1.5}],
+                                      **kw))
 
 
 def test_invalid_steering_is_a_400_over_vllm(server):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from steering.interventions.conditions import decide
 from steering.interventions.methods import (
     Condition,
     SteeringError,
@@ -55,11 +56,19 @@ def test_salt_follows_the_settings(tiny_pack):
     assert wire.cache_salt(a) == wire.cache_salt(b) != wire.cache_salt(c)
 
 
-def test_conditions_are_refused(tiny_pack):
-    row = build_row(SteeringSpec(method="actadd", when=Condition(above=0.5)), tiny_pack)
-    with pytest.raises(SteeringError) as exc:
+def test_conditions_travel_decided(tiny_pack):
+    """The server decides conditions before vLLM sees the request (vllm_engine.py): an undecided
+    one never goes on the wire, a part that held goes as a plain part, one that did not is not
+    sent at all."""
+    row = compose([build_row(SteeringSpec(method="ablate"), tiny_pack),
+                   build_row(SteeringSpec(method="actadd", when=Condition(above=0.5)), tiny_pack)])
+    with pytest.raises(ValueError, match="decide the conditions first"):
         wire.encode(row)
-    assert exc.value.param == "steering.when"
+    held = decide(row, {1: 0.9})
+    assert [p["method"] for p in wire.encode(held)] == ["ablate", "actadd"]
+    missed = decide(row, {1: 0.1})
+    assert [p["method"] for p in wire.encode(missed)] == ["ablate"]
+    assert wire.cache_salt(missed) == wire.cache_salt(compose([row.parts[0]]))
 
 
 def test_worker_resolver_loads_named_packs_and_caches(tiny_pack, tmp_path):
