@@ -66,3 +66,16 @@ async def asgi_client(app, after_start=None, **client_kwargs) -> AsyncIterator:
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60,
                                      **client_kwargs) as client:
             yield client
+
+
+def post_greedy(client, path: str, body: dict, max_tokens: int):
+    """POST `body` to the in-process app's `path`, filling in the tiny model, its chat (unless a
+    `prompt` is given), `max_tokens` and greedy decoding where the body leaves them out."""
+    from testkit.tiny import HELLO, MODEL
+
+    body.setdefault("model", MODEL)
+    if "prompt" not in body:
+        body.setdefault("messages", HELLO)
+    body.setdefault("max_tokens", max_tokens)
+    body.setdefault("temperature", 0)
+    return client.post(path, json=body)

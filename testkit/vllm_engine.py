@@ -24,20 +24,19 @@ KV_GB = "1"  # VLLM_CPU_KVCACHE_SPACE: KV cache size in GiB (CPU build)
 
 @contextmanager
 def _environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    def put(settings: Mapping[str, str | None]) -> None:  # None: unset
+        for k, v in settings.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        put(old)
 
 
 @contextmanager

@@ -41,7 +41,7 @@ from typing import Any
 from server.engine.core import EngineStopped, GenerationRequest, QueueFull, TokenEvent
 from server.engine.interface import EventStream
 from steering.interventions.conditions import decide_on_prompt, pending
-from steering.interventions.methods import Steering, SteeringError
+from steering.interventions.methods import Steering
 from steering.models.loading import LoadedModel
 from steering.vllm import check_version, graphs, wire
 from steering.vllm.packs import ENV as PACKS_ENV

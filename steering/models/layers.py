@@ -58,16 +58,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma2": _GEMMA2_LIKE,
     "gemma3_text": _GEMMA2_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gpt2": Architecture(
-        blocks="transformer.h",
-        final_norm="transformer.ln_f",
-        embedding="transformer.wte",
-        attn_writer="attn",
-        mlp_writer="mlp",
-        attn_out_proj="attn.c_proj",
-        mlp_out_proj="mlp.c_proj",
-        extra_writers=("transformer.wpe",),
-    ),
+    "gpt2": Architecture(blocks="transformer.h", final_norm="transformer.ln_f",
+                         embedding="transformer.wte", attn_writer="attn", mlp_writer="mlp",
+                         attn_out_proj="attn.c_proj", mlp_out_proj="mlp.c_proj",
+                         extra_writers=("transformer.wpe",)),
 }
 
 

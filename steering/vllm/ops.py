@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.library import Library
 
-from steering.vllm.plan import StepPlan
+from steering.vllm.plan import SitePlan, StepPlan
 
 NAMESPACE = "steering_vllm"
 _lib: Library | None = None  # keeps the ops registered for the life of the process
@@ -37,25 +37,24 @@ class _Current:
 CURRENT = _Current()
 
 
-def steer_write_(hidden: torch.Tensor, site: int) -> None:
+def _site(site: int) -> tuple[StepPlan, SitePlan, torch.Tensor | slice] | None:
+    """This step's plan for `site` and its tokens' flat indices (None: nothing to edit here)."""
     plan = CURRENT.plan
-    if plan is None:
+    sp = None if plan is None else plan.sites.get(site)
+    return None if sp is None else (plan, sp, sp.tokens)
+
+
+def steer_write_(hidden: torch.Tensor, site: int) -> None:
+    if (found := _site(site)) is None:
         return
-    sp = plan.sites.get(site)
-    if sp is None:
-        return
-    sel = sp.tokens
+    plan, sp, sel = found
     hidden[sel] = sp.apply(hidden[sel], plan.masks).to(hidden.dtype)
 
 
 def steer_stream_(hidden: torch.Tensor, residual: torch.Tensor, site: int) -> None:
-    plan = CURRENT.plan
-    if plan is None:
+    if (found := _site(site)) is None:
         return
-    sp = plan.sites.get(site)
-    if sp is None:
-        return
-    sel = sp.tokens
+    plan, sp, sel = found
     stream = hidden[sel] + residual[sel]
     residual[sel] = sp.apply(stream, plan.masks).to(residual.dtype)
     hidden[sel] = 0

@@ -8,25 +8,14 @@ import math
 import pytest
 
 from steering.evaluation.refusal import is_refusal
-from testkit.live import app_client
+from testkit.live import post_greedy
 from testkit.tiny import HELLO, MODEL
 
 LIMITS = dict(max_tokens_limit=64, strength_min=-4.0, strength_max=4.0, max_compare_variants=4)
 
 
-@pytest.fixture(scope="module")
-def client(tiny_lm, tiny_pack):
-    with app_client(tiny_lm, tiny_pack, **LIMITS) as c:
-        yield c
-
-
 def compare(client, **body):
-    body.setdefault("model", MODEL)
-    if "prompt" not in body:
-        body.setdefault("messages", HELLO)
-    body.setdefault("max_tokens", 8)
-    body.setdefault("temperature", 0)
-    return client.post("/v1/steering/compare", json=body)
+    return post_greedy(client, "/v1/steering/compare", body, max_tokens=8)
 
 
 def single(client, model=MODEL, steering=None, **extra):

@@ -16,25 +16,15 @@ from server.engine import QueueFull
 from server.settings import Settings
 from steering.interventions.methods import METHODS
 from steering.models.chat import format_chat
-from testkit.live import app_client
+from testkit.live import post_greedy
 from testkit.tiny import HELLO, MODEL
 
 LIMITS = dict(max_tokens_limit=64, strength_min=-4.0, strength_max=4.0, max_n=4, max_stop=4,
               max_top_logprobs=5, retry_after_s=3)
 
 
-@pytest.fixture(scope="module")
-def client(tiny_lm, tiny_pack):
-    with app_client(tiny_lm, tiny_pack, **LIMITS) as c:
-        yield c
-
-
 def chat(client, **body):
-    body.setdefault("model", MODEL)
-    body.setdefault("messages", HELLO)
-    body.setdefault("max_tokens", 6)
-    body.setdefault("temperature", 0)
-    return client.post("/v1/chat/completions", json=body)
+    return post_greedy(client, "/v1/chat/completions", body, max_tokens=6)
 
 
 def sse_events(response) -> list:
