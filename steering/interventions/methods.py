@@ -50,6 +50,17 @@ boundary (nearest-mean rule; the pack stores Qᵀm as `boundary`). With z = Qᵀ
   more than the faithful forms, but read by hand their outputs mostly deflect or confabulate
   instead of answering (the three-way rates in docs/report/judge.md).
 
+ACE's reference point is the **harmless mean** μ⁻_l, as Marshall et al. 2024 define it
+(v' = v − proj_r(v) + proj_r(μ⁻) + α·r: strength 0 puts every activation at the harmless mean's
+coordinate along r̂, strength 1 at the harmful mean's). EleutherAI's `steering-llama3` code, by
+some of the same authors, does it differently: a `concept_erasure.LeaceEraser` fitted on both
+classes pooled, whose offset is the pooled mean (x − P(x − E[x])), then + m·(μ⁺ − μ⁻). With
+balanced classes the pooled mean is the midpoint, so its multiplier m is our strength m + ½; and
+with its default LEACE fit (not `orth`) P is the covariance-whitened oblique projection, which
+moves other coordinates too. We keep the paper's form: its strengths read as "where along the
+harmless→harmful axis", independent of the training set's class balance, and the edit stays a
+rank-one orthogonal projection of the one kernel.
+
 Every INLP edit runs at every position of the chosen layer(s) with the reference of the pack's
 position (the class means exist only at the template positions).
 
