@@ -49,7 +49,8 @@ def test_pass_at_1_on_a_tiny_model(tiny_lm):
 
 def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path):
     """bench/capability.py --url: two problems through a real HTTP server on the tiny model,
-    unsteered and with a conditional setting; the replies are the library's greedy ones."""
+    unsteered, steered and with a conditional setting; the replies are the library's greedy
+    ones."""
     from bench.capability import main, steering_of
     from steering import build_row
     from steering.evaluation.capability import prompt_for
@@ -58,7 +59,7 @@ def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path
     from testkit.live import app_url
 
     out, replies = tmp_path / "cap.json", tmp_path / "replies.jsonl"
-    settings = ["none", "actadd calibrated above 0.5 generation"]
+    settings = ["none", "actadd calibrated", "ablate below 0.415"]
     with app_url(tiny_lm, tiny_pack, max_tokens_limit=64) as url:
         assert main(["--url", url, "--problems", "2", "--settings", ",".join(settings),
                      "--max-new-tokens", "6", "--concurrency", "2", "--out", str(out),
@@ -72,12 +73,14 @@ def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path
     for row in rows.values():
         assert row["n"] == 2 and set(row["per_task"]) == {"HumanEval/0", "HumanEval/1"}
         assert 0.0 <= row["ci"][0] <= row["pass_at_1"] <= row["ci"][1]
-    assert rows["actadd calibrated above 0.5 generation"]["steering"]["strength"] == calibrated
-    assert 0 <= rows["actadd calibrated above 0.5 generation"]["condition_applied"] <= 2
+    assert rows["actadd calibrated"]["steering"] == {"method": "actadd", "strength": calibrated}
+    assert rows["ablate below 0.415"]["condition_applied"] == 2  # tiny pack: scores below 0
     assert "condition_applied" not in rows["none"]
 
     lines = [json.loads(line) for line in replies.read_text().splitlines()]
-    assert len(lines) == 4
+    assert len(lines) == 6 and all(x["condition"]["score"] < 0.415 for x in lines[4:])
+    by_setting = {n: [x["content"] for x in lines if x["setting"] == n] for n in settings}
+    assert by_setting["actadd calibrated"] != by_setting["none"]  # the steering reached the model
     problems = humaneval_problems(limit=2)
     prompts = [prompt_for(p) for p in problems]
     for name in settings:
@@ -86,7 +89,9 @@ def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path
             SteeringObject.model_validate(steering).to_spec(None), tiny_pack)
         expected = generate(tiny_lm, prompts, [row] * 2 if row is not None else None,
                             max_new_tokens=6, batch_size=2)
-        assert [x["content"] for x in lines if x["setting"] == name] == expected, name
+        # the server holds back a trailing incomplete UTF-8 character (the tiny model's random
+        # tokens end in one); the library decodes it as U+FFFD
+        assert by_setting[name] == [e.rstrip("\ufffd") for e in expected], name
 
 
 def test_every_setting_is_a_valid_steering_object(tiny_pack):
