@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -101,54 +100,108 @@ class ServerRun:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
         return response.json()
 
-    def replies(self, prompts: Sequence[str], steering: dict | None, desc: str
-                ) -> list[dict]:
-        """One response per prompt, in prompt order: content, finish reason, condition."""
+    def replies(self, prompts: dict[str, str], steering: dict | None, desc: str,
+                on_reply) -> None:
+        """Ask every prompt (task id → user turn); `on_reply(task_id, reply)` as each arrives,
+        the reply being its content, finish reason and condition."""
         from tqdm.auto import tqdm
 
-        out: list[dict] = [{}] * len(prompts)
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = {pool.submit(self.complete, p, steering): i for i, p in enumerate(prompts)}
+            futures = {pool.submit(self.complete, p, steering): t for t, p in prompts.items()}
             for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
                 data = future.result()
                 choice = data["choices"][0]
                 applied = data.get("steering")
                 applied = applied[0] if isinstance(applied, list) and applied else applied
                 condition = (applied or {}).get("condition") if isinstance(applied, dict) else None
-                out[futures[future]] = {"content": choice["message"]["content"] or "",
-                                        "finish_reason": choice.get("finish_reason"),
-                                        "condition": condition}
-        return out
+                on_reply(futures[future], {"content": choice["message"]["content"] or "",
+                                           "finish_reason": choice.get("finish_reason"),
+                                           "condition": condition})
+
+
+def saved_replies(path: str | None) -> dict[str, dict[str, dict]]:
+    """setting → task id → reply, from a --replies file (the last line of a task wins)."""
+    out: dict[str, dict[str, dict]] = {}
+    if path and Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out.setdefault(rec["setting"], {})[rec["task_id"]] = rec
+    return out
+
+
+def score_setting(name: str, steering: dict | None, problems: list[dict],
+                  replies: dict[str, dict], seconds: float | None) -> dict:
+    """The setting's record over the problems `replies` holds (all of them: complete)."""
+    from steering.evaluation.capability import score_replies
+
+    asked = [p for p in problems if p["task_id"] in replies]
+    got = [replies[p["task_id"]] for p in asked]
+    rec = score_replies(asked, [g["content"] for g in got]).record()
+    rec.update(setting=name, steering=steering, complete=len(asked) == len(problems),
+               seconds=None if seconds is None else round(seconds, 1),
+               finish_length=sum(g.get("finish_reason") == "length" for g in got))
+    conditions = [g["condition"] for g in got if g.get("condition") is not None]
+    if conditions:
+        rec["condition_applied"] = sum(bool(c.get("applied")) for c in conditions)
+    return rec
 
 
 def run_server(args, problems: list[dict], names: list[str], done: list[dict]) -> dict:
-    from steering.evaluation.capability import prompt_for, score_replies
+    from steering.evaluation.capability import prompt_for
 
     server = ServerRun(args.url, args.api_key, args.concurrency, args.max_new_tokens)
-    prompts = [prompt_for(p) for p in problems]
     meta = {"mode": "server", "model": server.model, "pack": server.pack.get("id"),
             "pack_created": server.pack.get("created"), "calibrated_actadd": server.calibrated,
             "concurrency": args.concurrency}
+    saved = saved_replies(args.replies) if args.resume else {}
     rows = list(done)
     for name in names:
         steering = steering_of(name, server.calibrated)
+        have = saved.get(name, {})  # a setting cut off earlier resumes where it stopped
+        todo = {p["task_id"]: prompt_for(p) for p in problems if p["task_id"] not in have}
+
+        def keep(task_id: str, reply: dict, name: str = name, have: dict = have) -> None:
+            have[task_id] = reply
+            if args.replies:
+                with open(args.replies, "a") as f:
+                    f.write(json.dumps({"setting": name, "task_id": task_id, **reply}) + "\n")
+
         t0 = time.perf_counter()
-        got = server.replies(prompts, steering, name)
-        seconds = time.perf_counter() - t0
-        rec = score_replies(problems, [g["content"] for g in got]).record()
-        conditions = [g["condition"] for g in got if g["condition"] is not None]
-        rec.update(setting=name, steering=steering, seconds=round(seconds, 1),
-                   finish_length=sum(g["finish_reason"] == "length" for g in got))
-        if conditions:
-            rec["condition_applied"] = sum(bool(c.get("applied")) for c in conditions)
+        server.replies(todo, steering, name, keep)
+        rec = score_setting(name, steering, problems, have, time.perf_counter() - t0)
+        rec["resumed_replies"] = len(problems) - len(todo)
         rows.append(rec)
         _report_row(rec)
         _write(args, problems, meta, rows)
-        if args.replies:
-            with open(args.replies, "a") as f:
-                for p, g in zip(problems, got, strict=True):
-                    f.write(json.dumps({"setting": name, "task_id": p["task_id"],
-                                        "status": rec["per_task"][p["task_id"]], **g}) + "\n")
+    return _write(args, problems, meta, rows)
+
+
+def score_saved(args, problems: list[dict], names: list[str]) -> dict:
+    """--score-replies: score what the --replies file holds per setting, complete or not; a
+    setting cut off short also gets the unsteered pass count on the same tasks (paired)."""
+    saved = saved_replies(args.replies)
+    previous = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() \
+        else {}
+    meta = {k: previous[k] for k in ("mode", "model", "pack", "pack_created",
+                                     "calibrated_actadd", "concurrency") if k in previous}
+    old = {r["setting"]: r for r in previous.get("rows", [])}
+    calibrated = meta.get("calibrated_actadd", 1.0)
+    rows = []
+    for name in [n for n in names if n in saved]:
+        seconds = old[name]["seconds"] if name in old and old[name].get("complete", True) \
+            else None
+        rec = score_setting(name, steering_of(name, calibrated), problems, saved[name], seconds)
+        if not rec["complete"] and "none" in saved:
+            base = [saved["none"].get(t) for t in rec["per_task"]]
+            if all(base):
+                unsteered = score_setting("none", None, [p for p in problems
+                                                         if p["task_id"] in rec["per_task"]],
+                                          saved["none"], None)
+                rec["unsteered_same_tasks"] = {"passed": unsteered["passed"],
+                                               "n": unsteered["n"]}
+        rows.append(rec)
+        _report_row(rec)
     return _write(args, problems, meta, rows)
 
 
@@ -189,7 +242,9 @@ def run_library(args, problems: list[dict], names: list[str], done: list[dict]) 
 
 def _report_row(rec: dict) -> None:
     print(f"| {rec['setting']} | {rec['passed']}/{rec['n']} | {rec['pass_at_1']:.1%} | "
-          f"[{rec['ci'][0]:.1%}, {rec['ci'][1]:.1%}] | {rec['seconds']:.0f} s |", flush=True)
+          f"[{rec['ci'][0]:.1%}, {rec['ci'][1]:.1%}] | "
+          f"{'' if rec['seconds'] is None else format(rec['seconds'], '.0f') + ' s'} |",
+          flush=True)
 
 
 def _write(args, problems: list[dict], meta: dict, rows: list[dict]) -> dict:
@@ -221,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the settings --out already holds and run the others")
     parser.add_argument("--replies", default=None, help="server mode: append every reply "
-                                                        "(JSON lines) to this file")
+                        "(JSON lines) to this file as it arrives; with --resume, replies already "
+                        "there are not asked again")
+    parser.add_argument("--score-replies", action="store_true",
+                        help="ask nothing: score what --replies holds per setting, complete or "
+                             "not (a cut-off setting: with the unsteered count on its tasks)")
     args = parser.parse_args(argv)
 
     from steering.evaluation.capability import humaneval_problems
@@ -240,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     for rec in done:
         _report_row(rec)
+    if args.score_replies:
+        print(json.dumps(score_saved(args, problems, names)))
+        return 0
     run = run_server if args.url else run_library
     print(json.dumps(run(args, problems, names, done)))
     return 0

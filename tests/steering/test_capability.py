@@ -60,10 +60,18 @@ def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path
 
     out, replies = tmp_path / "cap.json", tmp_path / "replies.jsonl"
     settings = ["none", "actadd calibrated", "ablate below 0.415"]
+    args = ["--problems", "2", "--settings", ",".join(settings), "--max-new-tokens", "6",
+            "--concurrency", "2", "--replies", str(replies)]
     with app_url(tiny_lm, tiny_pack, max_tokens_limit=64) as url:
-        assert main(["--url", url, "--problems", "2", "--settings", ",".join(settings),
-                     "--max-new-tokens", "6", "--concurrency", "2", "--out", str(out),
-                     "--replies", str(replies)]) == 0
+        assert main(["--url", url, *args, "--out", str(out)]) == 0
+        # cut off: the last reply lost; --resume asks only for it, and scores the same
+        kept = replies.read_text().splitlines()
+        replies.write_text("\n".join(kept[:-1]) + "\n")
+        again = tmp_path / "again.json"
+        assert main(["--url", url, *args, "--out", str(again), "--resume"]) == 0
+        resumed = json.loads(again.read_text())["rows"]
+        assert [r["resumed_replies"] for r in resumed] == [2, 2, 1]
+        assert json.loads(replies.read_text().splitlines()[-1]) == json.loads(kept[-1])
     record = json.loads(out.read_text())
     assert record["mode"] == "server" and record["problems"] == 2
     calibrated = tiny_pack.calibrated_strength("actadd") or 1.0
@@ -78,6 +86,17 @@ def test_server_mode_end_to_end_matches_the_library(tiny_lm, tiny_pack, tmp_path
     assert "condition_applied" not in rows["none"]
 
     lines = [json.loads(line) for line in replies.read_text().splitlines()]
+    assert [r["per_task"] for r in resumed] == [rows[n]["per_task"] for n in settings]
+    assert main(["--problems", "2", "--settings", ",".join(settings), "--replies", str(replies),
+                 "--score-replies", "--out", str(tmp_path / "rescored.json")]) == 0
+    rescored = json.loads((tmp_path / "rescored.json").read_text())["rows"]
+    assert [r["per_task"] for r in rescored] == [rows[n]["per_task"] for n in settings]
+    replies.write_text("\n".join(replies.read_text().splitlines()[:-1]) + "\n")
+    assert main(["--problems", "2", "--settings", ",".join(settings), "--replies", str(replies),
+                 "--score-replies", "--out", str(tmp_path / "partial.json")]) == 0
+    partial = json.loads((tmp_path / "partial.json").read_text())["rows"][-1]
+    assert partial["complete"] is False and partial["n"] == 1
+    assert partial["unsteered_same_tasks"]["n"] == 1
     assert len(lines) == 6 and all(x["condition"]["score"] < 0.415 for x in lines[4:])
     by_setting = {n: [x["content"] for x in lines if x["setting"] == n] for n in settings}
     assert by_setting["actadd calibrated"] != by_setting["none"]  # the steering reached the model
