@@ -72,15 +72,29 @@ def humaneval_pass_at_1(lm: LoadedModel, row: Steering | None, problems: Sequenc
                         max_new_tokens: int = 384, batch_size: int = 8, timeout: float = 10.0,
                         desc: str | None = None) -> PassAt1:
     """Greedy pass@1 of `problems` with `row` steering every prompt (None: unsteered)."""
-    prompts = [INSTRUCTION.format(prompt=p["prompt"]) for p in problems]
+    prompts = [prompt_for(p) for p in problems]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = generate(lm, [prompts[i] for i in order],
                        [row] * len(order) if row is not None else None,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    result = PassAt1(0, len(problems))
+    by_problem = [""] * len(problems)
     for i, reply in zip(order, replies, strict=True):
-        run = run_sandboxed(program_for(problems[i], reply), timeout=timeout)
-        result.per_task[problems[i]["task_id"]] = run.status
+        by_problem[i] = reply
+    return score_replies(problems, by_problem, timeout)
+
+
+def prompt_for(problem: dict) -> str:
+    """The user turn that asks for `problem` (the library's and the server's runs alike)."""
+    return INSTRUCTION.format(prompt=problem["prompt"])
+
+
+def score_replies(problems: Sequence[dict], replies: Sequence[str],
+                  timeout: float = 10.0) -> PassAt1:
+    """Greedy pass@1 of one reply per problem: each reply's program run in the sandbox."""
+    result = PassAt1(0, len(problems))
+    for problem, reply in zip(problems, replies, strict=True):
+        run = run_sandboxed(program_for(problem, reply), timeout=timeout)
+        result.per_task[problem["task_id"]] = run.status
         result.passed += run.passed
         result.isolation = run.isolation
     return result
