@@ -61,25 +61,25 @@ def steering_of(name: str, calibrated: float) -> dict | None:
 
 
 class ServerRun:
-    """Chat completions against a running server, `concurrency` requests in flight."""
+    """Chat completions against a running server through the project's client
+    (`clients.steering_client.SteeringClient`), `concurrency` requests in flight."""
 
     def __init__(self, url: str, api_key: str | None, concurrency: int, max_tokens: int,
                  timeout_s: float = 3600.0):
         import httpx
 
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers,
-                                   timeout=httpx.Timeout(timeout_s, connect=30.0),
-                                   limits=httpx.Limits(max_connections=concurrency))
-        self.concurrency, self.max_tokens = concurrency, max_tokens
-        self.model = self._get("/v1/models")["data"][0]["id"]
-        packs = [p for p in self._get("/v1/steering/packs")["data"] if p.get("default")]
-        self.pack = packs[0] if packs else {}
+        from clients.steering_client import SteeringClient
 
-    def _get(self, path: str) -> dict:
-        response = self.client.get(path)
-        response.raise_for_status()
-        return response.json()
+        http = httpx.Client(base_url=url.rstrip("/"),
+                            headers={"authorization": f"Bearer {api_key}"} if api_key else {},
+                            timeout=httpx.Timeout(timeout_s, connect=30.0),
+                            limits=httpx.Limits(max_connections=concurrency))
+        self.client = SteeringClient(url, http=http)
+        self.concurrency, self.max_tokens = concurrency, max_tokens
+        self.model = self.client.model()
+        packs = [p for p in self.client._send("GET", "/v1/steering/packs")["data"]
+                 if p.get("default")]
+        self.pack = packs[0] if packs else {}
 
     @property
     def calibrated(self) -> float:
@@ -87,18 +87,25 @@ class ServerRun:
         return (self.pack.get("calibrated_strengths") or {}).get("actadd") or 1.0
 
     def complete(self, prompt: str, steering: dict | None) -> dict:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": self.max_tokens, "temperature": 0}
-        if steering is not None:
-            body["steering"] = steering
+        """One greedy chat completion (retried on a full queue or a drain, as Retry-After
+        says); its content, finish reason and condition outcome."""
+        from clients.steering_client import SteeringServerError
+
         for attempt in range(5):
-            response = self.client.post("/v1/chat/completions", json=body)
-            if response.status_code not in (429, 503) or attempt == 4:
+            try:
+                result = self.client.chat([{"role": "user", "content": prompt}],
+                                          steering=steering, max_tokens=self.max_tokens,
+                                          temperature=0)
                 break
-            time.sleep(float(response.headers.get("retry-after", 2)))
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
-        return response.json()
+            except SteeringServerError as exc:
+                if exc.status not in (429, 503) or attempt == 4:
+                    raise
+                time.sleep(2.0)
+        applied = result.steering
+        applied = applied[0] if isinstance(applied, list) and applied else applied
+        condition = applied.get("condition") if isinstance(applied, dict) else None
+        return {"content": result.text, "finish_reason": result.finish_reason,
+                "condition": condition}
 
     def replies(self, prompts: dict[str, str], steering: dict | None, desc: str,
                 on_reply) -> None:
@@ -109,14 +116,7 @@ class ServerRun:
         with ThreadPoolExecutor(self.concurrency) as pool:
             futures = {pool.submit(self.complete, p, steering): t for t, p in prompts.items()}
             for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
-                data = future.result()
-                choice = data["choices"][0]
-                applied = data.get("steering")
-                applied = applied[0] if isinstance(applied, list) and applied else applied
-                condition = (applied or {}).get("condition") if isinstance(applied, dict) else None
-                on_reply(futures[future], {"content": choice["message"]["content"] or "",
-                                           "finish_reason": choice.get("finish_reason"),
-                                           "condition": condition})
+                on_reply(futures[future], future.result())
 
 
 def saved_replies(path: str | None) -> dict[str, dict[str, dict]]:

@@ -145,12 +145,11 @@ class VllmEngine:
             raise EngineStopped()
         if len(self._handles) >= self.max_batch + self.max_queue:
             raise QueueFull()
-        conditional = bool(pending(request.steering))
-        if not conditional:
-            self._vllm_request(request)  # unsupported steering raises here, before a handle
+        # unsupported steering raises here, before a handle; conditions are decided in `_run`
+        built = None if pending(request.steering) else self._vllm_request(request)
         self._counter += 1
         handle = _Handle(self, request, f"{request.request_id or 'req'}#{self._counter}")
-        handle.task = asyncio.create_task(self._run(handle))
+        handle.task = asyncio.create_task(self._run(handle, built))
         self._handles.add(handle)
         return handle
 
@@ -182,16 +181,17 @@ class VllmEngine:
             extra_args=wire.extra_args(request.steering) or None, **extra)
         return params, prompt
 
-    async def _run(self, handle: _Handle) -> None:
+    async def _run(self, handle: _Handle, built: tuple[Any, Any] | None) -> None:
         submitted = time.monotonic()
         first = True
         sent = 0
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                if pending(handle.request.steering):
+                if built is None:  # conditional: decide, then build the vLLM request
                     decided = await asyncio.to_thread(self._decide, handle.request)
                     handle.request = dataclasses.replace(handle.request, steering=decided)
-                params, prompt = self._vllm_request(handle.request)
+                    built = self._vllm_request(handle.request)
+                params, prompt = built
                 async for out in self._llm.generate(prompt, params, handle.request_id):
                     comp = out.outputs[0]
                     events = self._events(handle, comp, sent)

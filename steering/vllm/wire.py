@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from steering.interventions.conditions import pending
 from steering.interventions.methods import (
     RowSteering,
     Steering,
@@ -38,7 +39,7 @@ def encode(steering: Steering | None) -> list[dict[str, Any]] | None:
     """The wire form of a resolved steering (None when it edits nothing)."""
     if steering is None:
         return None
-    if any(p.condition is not None and p.outcome is None for p in steering.parts):
+    if pending(steering):
         raise ValueError("decide the conditions first (server.engine.vllm_engine): the plugin "
                          "applies parts, it does not score prompts")
     # a part whose condition did not hold is not sent; one that held is sent as a plain part
@@ -69,8 +70,7 @@ def cache_salt(steering: Steering | None) -> str | None:
     wire = encode(steering)
     if wire is None:
         return None
-    text = json.dumps(wire, sort_keys=True, separators=(",", ":"))
-    return "steering:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return "steering:" + hashlib.sha256(canonical(wire).encode()).hexdigest()[:32]
 
 
 def canonical(wire: Sequence[Mapping[str, Any]]) -> str:
