@@ -24,7 +24,7 @@ def server(server_process):
 
 @pytest.fixture(scope="module")
 def server_process(tmp_path_factory):
-    from conftest import real_model_enabled
+    from tests.conftest import real_model_enabled
 
     if not real_model_enabled():
         pytest.skip("STEERING_SKIP_REAL set")

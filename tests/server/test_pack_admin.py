@@ -136,27 +136,40 @@ def test_uploads_get_the_start_up_validation(client, tiny_pack, tmp_path):
     assert r.status_code == 404 and r.json()["error"]["param"] == "name"
 
 
-def test_a_running_request_finishes_on_the_pack_it_started_with(client, tiny_pack, tmp_path):
+def test_a_running_request_finishes_on_the_pack_it_started_with(client, tiny_lm, tiny_pack,
+                                                                tmp_path):
     first, second = variant(tiny_pack, "tone", 3.0), variant(tiny_pack, "tone", 0.2)
     assert client.post("/v1/steering/packs", headers=ROOT,
                        json=upload_body(first, tmp_path)).status_code == 201
     n = 48
     reference = complete(client, "tone", max_tokens=n).json()["choices"][0]["text"]
     engine = client.app.state.steer.engine
+    # hold the engine thread inside its second forward (the first decode step) until the pack
+    # has been replaced and deleted, so the request is surely mid-decode whatever the machine
+    forwards, decoding, release = [0], threading.Event(), threading.Event()
+
+    def hold(_module, _args):
+        if threading.current_thread().name == "engine":
+            forwards[0] += 1
+            if forwards[0] == 2:
+                decoding.set()
+                release.wait(60)
+
+    handle = tiny_lm.model.register_forward_pre_hook(hold)
     out: dict = {}
     worker = threading.Thread(target=lambda: out.update(r=complete(client, "tone", max_tokens=n)))
-    worker.start()
-    deadline = time.monotonic() + 60
-    while engine.stats()["running"] == 0 and worker.is_alive() \
-            and time.monotonic() < deadline:
-        time.sleep(0.002)
-    # replace the pack, then delete it, while the request decodes
-    (tmp_path / "v2").mkdir()
-    r = client.post("/v1/steering/packs", headers=ROOT,
-                    json=upload_body(second, tmp_path / "v2", replace=True))
-    assert r.status_code == 201
-    assert engine.stats()["running"] == 1  # the request was still decoding
-    assert client.delete("/v1/steering/packs/tone", headers=ROOT).status_code == 200
+    try:
+        worker.start()
+        assert decoding.wait(60)
+        (tmp_path / "v2").mkdir()
+        r = client.post("/v1/steering/packs", headers=ROOT,
+                        json=upload_body(second, tmp_path / "v2", replace=True))
+        assert r.status_code == 201
+        assert engine.stats()["running"] == 1  # the request is still decoding
+        assert client.delete("/v1/steering/packs/tone", headers=ROOT).status_code == 200
+    finally:
+        release.set()
+        handle.remove()
     worker.join(120)
     assert out["r"].status_code == 200
     assert out["r"].json()["choices"][0]["text"] == reference
