@@ -1,24 +1,27 @@
 """`bench/serve.py --engine vllm`: the server over vLLM beside the native engine, in one run.
 
     .venv-vllm/bin/python bench/serve.py --engine vllm [--streams 1,8,32] [--tokens 64]
-        [--repeats 3] [--vllm-precision bf16] [--native-precision auto] [--vllm-eager]
-        [--skip-llama-cpp]
+        [--repeats 4] [--vllm-precision bf16] [--native-precision auto] [--vllm-eager]
+        [--skip-native] [--skip-llama-cpp]
 
-Run under vLLM's virtualenv (scripts/ensure-vllm.sh). One server process at a time on the
-embedded model, each phase serving `--streams` concurrent streaming clients (a ~40-token prompt,
-`--tokens` greedy tokens, ignore_eos):
-1. the native engine (`--engine native`, `--native-precision`, default the server's own: int8 on
-   CPU): unsteered, one actadd vector at every layer for all requests, 16 distinct configurations
-   in the batch (request i gets configuration i mod 16: six methods × strengths);
-2. vLLM without the plugin (`VLLM_PLUGINS` empty): unsteered — the reference row;
-3. vLLM with the plugin: on and idle (unsteered), every layer, 16 configurations.
-Rows are issue 27's (after the vLLM activation-steering RFC's matrix). Within a phase the rows
-alternate round by round (`--repeats` rounds), so a drifting machine moves them alike; the cell
-is the median round's aggregate output tokens/s, TTFT p50/p99 over all its requests. The vLLM rows
-are given as % of plugin-off, the native rows as % of native unsteered, and native ÷ vLLM per
-stream count. llama.cpp (one stream, the same GGUF; bench/serve.py's child process) is measured
-between the phases. Phases run one after the other (two engines do not fit beside other work on a
-24 GB machine), so cross-phase ratios carry the machine's drift: the table says which run it is.
+Run under vLLM's virtualenv (scripts/ensure-vllm.sh). Three servers on the embedded model are
+started and kept loaded together, each serving `--streams` concurrent streaming clients (a
+~40-token prompt, `--tokens` greedy tokens, ignore_eos) while the others sit idle:
+- vLLM without the plugin (`VLLM_PLUGINS` empty): unsteered, the reference row;
+- vLLM with the plugin: on and idle (unsteered), one actadd vector at every layer for all
+  requests, 16 distinct configurations in the batch (request i gets configuration i mod 16: six
+  methods × strengths);
+- the native engine (`--native-precision`, default the server's own: int8 on CPU): the same
+  three rows.
+Rows are issue 27's (after the vLLM activation-steering RFC's matrix). Every (server, row) cell
+of a stream count runs once per round, in an order that reverses every other round (ABBA…), so
+that a drift of the shared machine moves all rows alike and an order effect cancels over an
+even number of rounds; the cell is the median round's aggregate output tokens/s, TTFT p50/p99
+over all its requests. The table also gives each row's per-round ratio to the reference's run
+of the same round (median, min–max), which is what the targets are read from. The CPU time the
+idle servers used while another was measured is printed (it should be ~0: an idle server that
+spins would bias the others). llama.cpp (one stream, the same GGUF; bench/serve.py's child
+process) joins the 1-stream rotation when it is available.
 """
 
 from __future__ import annotations
@@ -61,31 +64,64 @@ async def level(url: str, clients: int, tokens: int, bodies: list | None) -> dic
             "ttft": [r["ttft"] for r in runs]}
 
 
-def phase(name: str, env: dict[str, str], row_bodies: dict[str, list | None],
-          streams: list[int], tokens: int, repeats: int) -> dict:
-    """One server: every (row, streams) cell, rows alternating round by round."""
-    log = f"/tmp/bench-serve-{name}.log"
+def cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU seconds of the server's whole process tree (vLLM runs an engine-core
+    and worker processes beside the front end)."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(server.proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def start(name: str, env: dict[str, str]) -> tuple[ServerProcess, float]:
     started = time.perf_counter()
-    with ServerProcess(env={"PYTHONPATH": str(ROOT), **env}, log_path=log) as server:
+    server = ServerProcess(env={"PYTHONPATH": str(ROOT), **env},
+                           log_path=f"/tmp/bench-serve-{name}.log")
+    try:
         server.wait_ready()
-        load_s = time.perf_counter() - started
-        MODEL["id"] = server.served_model()
-        asyncio.run(level(server.url, 2, 8, None))  # warm-up
-        cells: dict[tuple[str, int], list[dict]] = {}
-        for _ in range(repeats):
-            for n in streams:
-                for row, bodies in row_bodies.items():
-                    cells.setdefault((row, n), []).append(
-                        asyncio.run(level(server.url, n, tokens, bodies)))
-    out = {"load_s": round(load_s, 1), "cells": {}}
-    for (row, n), runs in cells.items():
-        ttft = [t for r in runs for t in r["ttft"]]
-        out["cells"][f"{row}@{n}"] = {
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-            "ttft_p50_ms": 1000 * pct(ttft, 50), "ttft_p99_ms": 1000 * pct(ttft, 99),
-            "runs": [round(r["tokens_per_s"], 2) for r in runs]}
-    print(f"  {name}: loaded in {load_s:.0f} s, {len(cells)} cells", flush=True)
-    return out
+    except BaseException:
+        server.stop()
+        raise
+    load_s = time.perf_counter() - started
+    model = server.served_model()
+    if MODEL.setdefault("id", model) != model:
+        raise SystemExit(f"{name} serves {model!r}, the others {MODEL['id']!r}")
+    asyncio.run(level(server.url, 2, 8, None))  # warm-up
+    print(f"  {name}: ready in {load_s:.0f} s", flush=True)
+    return server, load_s
+
+
+def measure(servers: dict[str, ServerProcess], plan: dict[str, dict[str, list | None]],
+            streams: list[int], tokens: int, repeats: int, llama=None) -> dict:
+    """Every (server, row) cell at every stream count, once a round, the order of a round's
+    cells reversed every other round. Returns cells["server/row@n"] = [run, ...] and the
+    idle servers' CPU seconds during the runs."""
+    cells: dict[str, list[dict]] = {}
+    idle_cpu: list[float] = []
+    order = [(name, row, bodies) for name, rows in plan.items() for row, bodies in rows.items()]
+    for r in range(repeats):
+        for n in streams:
+            items = order if r % 2 == 0 else order[::-1]
+            if llama is not None and n == 1:
+                items = [*items, ("llama.cpp", "unsteered", None)]
+            for name, row, bodies in items:
+                others = [s for k, s in servers.items() if k != name]
+                before = [cpu_seconds(s) for s in others]
+                if name == "llama.cpp":
+                    run = {"tokens_per_s": llama.rate(), "ttft": []}
+                else:
+                    run = asyncio.run(level(servers[name].url, n, tokens, bodies))
+                idle_cpu.append(sum(cpu_seconds(s) - b for s, b in zip(others, before)))
+                cells.setdefault(f"{name}/{row}@{n}", []).append(run)
+            print(f"  round {r + 1}/{repeats}, {n} streams done", flush=True)
+    return {"cells": cells, "idle_cpu_s": idle_cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="vllm")
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4, help="rounds (even: ABBA balanced)")
     ap.add_argument("--vllm-precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--native-precision", default=None)
     ap.add_argument("--vllm-eager", action="store_true", help="enforce_eager (no torch.compile)")
@@ -113,73 +149,105 @@ def main(argv: list[str] | None = None) -> int:
                 "STEER_MAX_BATCH": max_batch, "STEER_MAX_QUEUE": max_batch,
                 "STEER_VLLM_ENFORCE_EAGER": "1" if args.vllm_eager else "0",
                 "VLLM_CPU_KVCACHE_SPACE": args.kv_gb}
-    results: dict[str, dict] = {}
+    envs: dict[str, dict[str, str]] = {"vllm_off": {**vllm_env, "VLLM_PLUGINS": ""},
+                                       "vllm_on": vllm_env}
+    plan: dict[str, dict[str, list | None]] = {"vllm_off": {"unsteered": None},
+                                               "vllm_on": all_rows}
     if not args.skip_native:
-        native_env = {"STEER_ENGINE": "native", "STEER_MAX_BATCH": max_batch,
-                      "STEER_MAX_QUEUE": max_batch}
+        envs["native"] = {"STEER_ENGINE": "native", "STEER_MAX_BATCH": max_batch,
+                          "STEER_MAX_QUEUE": max_batch}
         if args.native_precision:
-            native_env["STEER_PRECISION"] = args.native_precision
-        results["native"] = phase("native", native_env, all_rows, streams, args.tokens,
-                                  args.repeats)
+            envs["native"]["STEER_PRECISION"] = args.native_precision
+        plan["native"] = all_rows
+    servers: dict[str, ServerProcess] = {}
+    load_s: dict[str, float] = {}
     llama = None
-    if not args.skip_llama_cpp:
-        lc = LlamaCpp(args.tokens)
-        if lc.error is None:
-            try:
-                llama = statistics.median(lc.rate() for _ in range(args.repeats))
-            finally:
-                lc.close()
-        else:
-            print(f"llama.cpp: not measured: {lc.error}")
-    results["vllm_off"] = phase("vllm-plugin-off", {**vllm_env, "VLLM_PLUGINS": ""},
-                                {"unsteered": None}, streams, args.tokens, args.repeats)
-    results["vllm_on"] = phase("vllm-plugin-on", vllm_env, all_rows, streams, args.tokens,
-                               args.repeats)
-    report(args, streams, results, llama)
+    try:
+        for name, env in envs.items():  # started one at a time: starts are CPU-heavy
+            servers[name], load_s[name] = start(name, env)
+        if not args.skip_llama_cpp:
+            llama = LlamaCpp(args.tokens)
+            if llama.error is not None:
+                print(f"llama.cpp: not measured: {llama.error}")
+                llama = None
+        result = measure(servers, plan, streams, args.tokens, args.repeats, llama)
+    finally:
+        for server in servers.values():
+            server.stop()
+        if llama is not None:
+            llama.close()
+    report(args, streams, result, load_s)
     return 0
 
 
-def report(args, streams, results, llama) -> None:
+def _ratios(cells: dict, row: str, ref: str) -> list[float]:
+    """Per-round ratio of a cell's runs to the reference cell's runs of the same rounds."""
+    return [a["tokens_per_s"] / b["tokens_per_s"]
+            for a, b in zip(cells[row], cells[ref], strict=True)]
+
+
+def report(args, streams, result, load_s) -> None:
+    cells = result["cells"]
     mode = "eager" if args.vllm_eager else "compiled"
     print(f"\nvLLM ({args.vllm_precision}, {mode}) vs the native engine "
           f"({args.native_precision or 'its default'}), embedded model, {args.tokens} tokens, "
-          f"{args.repeats} rounds; output tokens/s (median round), TTFT ms p50/p99")
-    head = "".join(f"{f'{n} streams':>30}" for n in streams)
+          f"{args.repeats} rounds, all servers loaded together; output tokens/s (median round), "
+          f"% of the reference (median per-round ratio, min-max), TTFT ms p50/p99")
+    head = "".join(f"{f'{n} streams':>36}" for n in streams)
     print(f"{'row':<30}{head}")
-    off = results["vllm_off"]["cells"]
     table: dict[str, dict] = {}
 
-    def line(label, cells, row, ref_row, ref_cells):
+    def line(label: str, row: str, ref: str) -> None:
         parts, entry = [], {}
         for n in streams:
-            c = cells[f"{row}@{n}"]
-            ratio = c["tokens_per_s"] / ref_cells[f"{ref_row}@{n}"]["tokens_per_s"]
-            parts.append(f"{c['tokens_per_s']:>8.1f} {100 * ratio:>5.0f}% "
-                         f"{c['ttft_p50_ms']:>6.0f}/{c['ttft_p99_ms']:<6.0f}")
-            entry[n] = {**{k: round(v, 2) for k, v in c.items() if k != "runs"},
-                        "runs": c["runs"], "vs_reference": round(ratio, 3)}
+            runs = cells[f"{row}@{n}"]
+            rates = [r["tokens_per_s"] for r in runs]
+            ratios = _ratios(cells, f"{row}@{n}", f"{ref}@{n}")
+            ttft = [t for r in runs for t in r["ttft"]]
+            p50, p99 = (1000 * pct(ttft, 50), 1000 * pct(ttft, 99)) if ttft else (0.0, 0.0)
+            mid = statistics.median(ratios)
+            parts.append(f"{statistics.median(rates):>7.1f} {100 * mid:>4.0f}% "
+                         f"[{100 * min(ratios):.0f}-{100 * max(ratios):.0f}] "
+                         f"{p50:>5.0f}/{p99:<5.0f}")
+            entry[n] = {"tokens_per_s": round(statistics.median(rates), 2),
+                        "runs": [round(x, 2) for x in rates],
+                        "vs_reference": round(mid, 3),
+                        "vs_reference_runs": [round(x, 3) for x in ratios],
+                        "ttft_p50_ms": round(p50, 1), "ttft_p99_ms": round(p99, 1)}
         table[label] = entry
-        print(f"{label:<30}" + "".join(f"{p:>30}" for p in parts))
+        print(f"{label:<30}" + "".join(f"{p:>36}" for p in parts))
 
-    line("vllm plugin off", off, "unsteered", "unsteered", off)
-    on = results["vllm_on"]["cells"]
-    line("vllm plugin on, idle", on, "unsteered", "unsteered", off)
-    line("vllm 1 vector, every layer", on, "all_layers", "unsteered", off)
-    line("vllm 16 distinct configs", on, "distinct16", "unsteered", off)
-    if "native" in results:
-        nat = results["native"]["cells"]
-        line("native unsteered", nat, "unsteered", "unsteered", nat)
-        line("native 1 vector, every layer", nat, "all_layers", "unsteered", nat)
-        line("native 16 distinct configs", nat, "distinct16", "unsteered", nat)
-        ratios = {n: nat[f"unsteered@{n}"]["tokens_per_s"] / off[f"unsteered@{n}"]["tokens_per_s"]
-                  for n in streams}
-        print("native unsteered ÷ vLLM plugin off: "
-              + ", ".join(f"{n} streams {r:.2f}×" for n, r in ratios.items()))
-    if llama is not None:
-        print(f"llama.cpp, 2 threads, 1 stream: {llama:.1f} tokens/s")
+    line("vllm plugin off", "vllm_off/unsteered", "vllm_off/unsteered")
+    line("vllm plugin on, idle", "vllm_on/unsteered", "vllm_off/unsteered")
+    line("vllm 1 vector, every layer", "vllm_on/all_layers", "vllm_off/unsteered")
+    line("vllm 16 distinct configs", "vllm_on/distinct16", "vllm_off/unsteered")
+    if f"native/unsteered@{streams[0]}" in cells:
+        line("native unsteered", "native/unsteered", "native/unsteered")
+        line("native 1 vector, every layer", "native/all_layers", "native/unsteered")
+        line("native 16 distinct configs", "native/distinct16", "native/unsteered")
+        line("native ÷ vllm plugin off", "native/unsteered", "vllm_off/unsteered")
+    if "llama.cpp/unsteered@1" in cells:
+        line_l = statistics.median(r["tokens_per_s"] for r in cells["llama.cpp/unsteered@1"])
+        print(f"llama.cpp, 1 stream: {line_l:.1f} tokens/s (median round)")
+        table["llama.cpp"] = {1: {"tokens_per_s": round(line_l, 2)}}
+    idle = result["idle_cpu_s"]
+    print(f"idle servers' CPU while another was measured: median {statistics.median(idle):.2f} s, "
+          f"max {max(idle):.2f} s per cell")
+    targets = []
+    n = max(streams)
+    idle_r = table["vllm plugin on, idle"][n]["vs_reference_runs"]
+    targets.append(("plugin on, idle within noise of off (rounds' ratios span 100%)",
+                    min(idle_r) <= 1.0 <= max(idle_r)))
+    targets.append((f"1 vector at every layer >= 90% of off at {n} streams",
+                    table["vllm 1 vector, every layer"][n]["vs_reference"] >= 0.90))
+    targets.append((f"16 distinct configs >= 80% of off at {n} streams",
+                    table["vllm 16 distinct configs"][n]["vs_reference"] >= 0.80))
+    for text, met in targets:
+        print(f"target: {text}: {'met' if met else 'NOT met'}")
     print("(% columns: of vLLM plugin off for vLLM rows, of native unsteered for native rows; "
-          "shared machine: phases ran one after the other)")
+          "'native ÷ vllm': the native engine's unsteered throughput over vLLM's)")
     print(json.dumps({"bench": "serve", "engine": "vllm", "vllm_precision": args.vllm_precision,
                       "vllm_mode": mode, "tokens": args.tokens, "repeats": args.repeats,
-                      "load_s": {k: v["load_s"] for k, v in results.items()},
-                      "llama_cpp_1_stream_tokens_per_s": llama, "table": table}))
+                      "load_s": {k: round(v, 1) for k, v in load_s.items()},
+                      "idle_cpu_s_max": round(max(idle), 2), "table": table,
+                      "targets": {t: m for t, m in targets}}))
