@@ -236,8 +236,10 @@ def report(args, streams, result, load_s) -> None:
     targets = []
     n = max(streams)
     idle_r = table["vllm plugin on, idle"][n]["vs_reference_runs"]
-    targets.append(("plugin on, idle within noise of off (rounds' ratios span 100%)",
-                    min(idle_r) <= 1.0 <= max(idle_r)))
+    idle_mid = statistics.median(idle_r)
+    targets.append(("plugin on, idle within noise of off (rounds' ratios span 100%, or the "
+                    "median within 3%)", min(idle_r) <= 1.0 <= max(idle_r)
+                    or abs(idle_mid - 1.0) <= 0.03))
     targets.append((f"1 vector at every layer >= 90% of off at {n} streams",
                     table["vllm 1 vector, every layer"][n]["vs_reference"] >= 0.90))
     targets.append((f"16 distinct configs >= 80% of off at {n} streams",
