@@ -205,6 +205,10 @@ def _library_verbs(sub) -> None:
     p.add_argument("--n-geometry", type=int, default=None,
                    help="prompts per class for the geometry (default 24)")
     p.add_argument("--out", default="docs/report", help="output folder")
+    p.add_argument("--capability", default=None, metavar="JSON",
+                   help="HumanEval pass@1 per setting from a `bench/capability.py --url` run "
+                        "through the server (its --out JSON) instead of measuring it here; "
+                        "matched to the report's settings by their resolved steering")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: write the pages again from the folder's results.json "
                         "(claims judged again; notes.md and inlp_reference.json read again)")

@@ -224,6 +224,9 @@ def cmd_report(args) -> int:
     precision = None if args.precision == "auto" else args.precision
     lm = load_model(args.model, args.device, args.dtype, precision=precision)
     pack = ensure_pack(lm, args.pack)
+    if args.capability:
+        config.capability_file = args.capability
+        config.eval.humaneval = 0
     summary = run_report(lm, pack, args.out, config, started=started)
     _print_claims(summary)
     print(json.dumps({"out": args.out, "wall_seconds": summary["wall_seconds"]}))

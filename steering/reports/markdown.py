@@ -132,6 +132,28 @@ def _selection_slice(pack: dict) -> str:
     return f"`{data.get('source', 'harmless_val')}`"
 
 
+def _capability_lines(result: dict) -> list[str]:
+    """Where the HumanEval column comes from (this run, or a server run's JSON)."""
+    src = result.get("capability_source")
+    if src:
+        other = "; ".join(
+            f"{o['setting']} {o['pass_at_1']:.1%} ({o['passed']}/{o['n']})"
+            + (f", condition applied on {o['condition_applied']}/{o['n']}"
+               if o.get("condition_applied") is not None else "")
+            for o in src["other_settings"])
+        return [f"- HumanEval pass@1 (greedy, {src['max_new_tokens']} tokens, code run in a "
+                f"sandbox): measured through the server ({src['precision']} weights) by "
+                f"`bench/capability.py --url`, read from `{src['file']}` and put on the rows "
+                "with the same steering (the server's defaults resolved against this pack: "
+                f"{', '.join(f'{a} = {b}' for a, b in src['matched'].items())}); "
+                "the other rows were not measured."
+                + (f" Settings without a row here: {other}." if other else "")]
+    if any(r.get("capability") for r in result["results"]):
+        return ["- HumanEval pass@1 (greedy, code run in a sandbox): measured in this run, "
+                f"{result['settings'].get('humaneval')} problems per setting."]
+    return []
+
+
 def _selection_section(pack: dict) -> list[str]:
     sel = pack.get("selection_full") or {}
     if not sel:
@@ -272,6 +294,7 @@ def build_markdown(result: dict, geo: dict | None, claims: list[dict], images: d
         f"{result['refusal_token_ids']} at the first answer position.",
         "- KL: mean KL(unsteered ‖ steered) of the next-token distribution at the first answer "
         "position of the harmless prompts.",
+        *_capability_lines(result),
         "",
         *_selection_section(pack),
         *_reference_section(result.get("inlp_reference")),

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,6 +67,9 @@ class ReportConfig:
     eval: EvalConfig = field(default_factory=report_eval_config)
     n_geometry: int = 24  # harmful and harmless evaluation prompts each, for the geometry
     command: str = "steer report"
+    # HumanEval pass@1 measured through the server (`bench/capability.py --url`'s JSON) instead
+    # of in this run; None: the run measures it itself (`eval.humaneval` problems)
+    capability_file: str | None = None
 
 
 def report_grid(pack: SteeringPack, ks: tuple[int, ...] = (1, 2, 3, 4)) -> list[SteeringSpec]:
@@ -113,6 +116,43 @@ def preset_labels(pack: SteeringPack) -> dict[str, list[str]]:
     return out
 
 
+def attach_capability(results: list[dict], run: dict, pack: SteeringPack, source: str) -> dict:
+    """Put a server HumanEval run's pass@1 (`bench/capability.py --url`) on the report rows
+    with the same steering: each of the run's settings is resolved against `pack` (the
+    server's defaults: INLP k = the pack's maximum) to the report's label. Conditional settings
+    (`when`) have no report row; they are returned with the rest of the run's provenance."""
+    from steering.evaluation.evaluate import spec_label
+    from steering.interventions.methods import check_spec
+    from steering.interventions.schema import SteeringObject
+
+    by_label = {r["label"]: r for r in results}
+    matched, unmatched = {}, []
+    for row in run["rows"]:
+        steering = row.get("steering")
+        record = {k: row[k] for k in ("benchmark", "passed", "n", "pass_at_1", "ci")}
+        record["source"] = "server"
+        if steering is not None and steering.get("when"):
+            unmatched.append({"setting": row["setting"], **record,
+                              "condition_applied": row.get("condition_applied")})
+            continue
+        if steering is None:
+            label = "none"
+        else:  # the server's defaults: k the pack's maximum; the label keeps layers as given
+            spec = SteeringObject.model_validate(steering).to_spec(pack.name)
+            label = spec_label(replace(spec, k=check_spec(spec, pack).k))
+        if label in by_label:
+            by_label[label]["capability"] = record
+            matched[row["setting"]] = label
+        else:
+            unmatched.append({"setting": row["setting"], **record})
+    if run.get("pack_created") != (pack.meta or {}).get("created"):
+        log.warning("the HumanEval run %s used a pack created %s; this report's: %s", source,
+                    run.get("pack_created"), (pack.meta or {}).get("created"))
+    return {"file": source, "precision": run.get("precision"), "mode": run.get("mode"),
+            "max_new_tokens": run.get("max_new_tokens"), "pack_created": run.get("pack_created"),
+            "matched": matched, "other_settings": unmatched}
+
+
 # ---- the whole report -------------------------------------------------------------------------------
 
 def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
@@ -132,6 +172,10 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
     presets = preset_labels(pack)
     for r in result["results"]:
         r["presets"] = presets.get(r["label"], [])
+    if config.capability_file:
+        result["capability_source"] = attach_capability(
+            result["results"], json.loads(Path(config.capability_file).read_text()), pack,
+            config.capability_file)
     meta = pack.meta or {}
     result["pack"] = {**(result["pack"] or {}), "dim_in_inlp_span": dim_in_inlp_span(pack),
                       "inlp_zero_position": inlp_zero_position(pack),

@@ -436,3 +436,33 @@ def test_inlp_zero_position_is_where_the_raw_origin_variant_puts_the_harmful_mea
     for qi, t in zip(q, zero["positions"]):
         gap = abs(float(qi @ (mu_h - mu_l)))
         assert abs(float(qi @ (mu_l + t * (mu_h - mu_l)))) < 1e-2 * gap
+
+
+def test_a_server_humaneval_run_lands_on_the_rows_with_the_same_steering(tiny_pack):
+    """`steer report --capability FILE`: the server run's settings resolve against the pack
+    (INLP k defaults to the pack's maximum) to the report's labels; conditional settings have
+    no row and are kept beside."""
+    from steering.evaluation.evaluate import spec_label
+    from steering.reports.report import attach_capability, report_grid
+
+    k_max = tiny_pack.max_k()
+    results = [{"label": "none"}] + [{"label": spec_label(s)} for s in report_grid(tiny_pack)]
+
+    def row(setting, steering, passed, **extra):
+        return {"setting": setting, "steering": steering, "benchmark": "HumanEval",
+                "passed": passed, "n": 10, "pass_at_1": passed / 10, "ci": [0.0, 1.0], **extra}
+
+    run = {"precision": "int8", "mode": "server", "max_new_tokens": 384, "rows": [
+        row("none", None, 5), row("inlp_flip", {"method": "inlp_flip", "strength": 1.0}, 6),
+        row("actadd s=1", {"method": "actadd", "strength": 1.0}, 3),
+        row("ablate below", {"method": "ablate", "strength": 1.0, "when": {"below": 0.4}}, 5,
+            condition_applied=10)]}
+    src = attach_capability(results, run, tiny_pack, "cap.json")
+    by = {r["label"]: r for r in results}
+    assert by["none"]["capability"]["passed"] == 5
+    assert by[f"inlp_flip s=1 k={k_max}"]["capability"]["pass_at_1"] == 0.6
+    assert by["actadd s=1"]["capability"]["source"] == "server"
+    assert "capability" not in by["ablate s=1"]
+    assert src["matched"] == {"none": "none", "inlp_flip": f"inlp_flip s=1 k={k_max}",
+                              "actadd s=1": "actadd s=1"}
+    assert [o["setting"] for o in src["other_settings"]] == ["ablate below"]
