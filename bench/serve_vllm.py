@@ -30,7 +30,9 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -80,10 +82,11 @@ def cpu_seconds(server: ServerProcess) -> float:
     return total
 
 
-def start(name: str, env: dict[str, str]) -> tuple[ServerProcess, float]:
+def start(name: str, env: dict[str, str], python: str | None = None
+          ) -> tuple[ServerProcess, float]:
     started = time.perf_counter()
     server = ServerProcess(env={"PYTHONPATH": str(ROOT), **env},
-                           log_path=f"/tmp/bench-serve-{name}.log")
+                           log_path=f"/tmp/bench-serve-{name}.log", python=python)
     try:
         server.wait_ready()
     except BaseException:
@@ -135,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-eager", action="store_true", help="enforce_eager (no torch.compile)")
     ap.add_argument("--kv-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--skip-native", action="store_true")
+    ap.add_argument("--native-python", default=str(ROOT / ".venv/bin/python"),
+                    help="the interpreter that runs the native server (default: the project's "
+                         ".venv, as `make serve` runs it: vLLM's virtualenv pins an older "
+                         "transformers); '' for this one")
     ap.add_argument("--skip-llama-cpp", action="store_true")
     args = ap.parse_args(argv)
     streams = [int(x) for x in args.streams.split(",")]
@@ -163,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     load_s: dict[str, float] = {}
     llama = None
     try:
+        native_python = args.native_python if args.native_python and \
+            Path(args.native_python).is_file() else None
+        args.native_python_used = native_python or sys.executable
         for name, env in envs.items():  # started one at a time: starts are CPU-heavy
-            servers[name], load_s[name] = start(name, env)
+            servers[name], load_s[name] = start(
+                name, env, native_python if name == "native" else None)
         if not args.skip_llama_cpp:
             llama = LlamaCpp(args.tokens)
             if llama.error is not None:
@@ -251,5 +262,6 @@ def report(args, streams, result, load_s) -> None:
     print(json.dumps({"bench": "serve", "engine": "vllm", "vllm_precision": args.vllm_precision,
                       "vllm_mode": mode, "tokens": args.tokens, "repeats": args.repeats,
                       "load_s": {k: round(v, 1) for k, v in load_s.items()},
-                      "idle_cpu_s_max": round(max(idle), 2), "table": table,
+                      "idle_cpu_s_max": round(max(idle), 2),
+                      "native_python": getattr(args, "native_python_used", None), "table": table,
                       "targets": {t: m for t, m in targets}}))

@@ -42,10 +42,12 @@ def wait_ready(url: str, timeout_s: float, alive: Callable[[], bool] = lambda: T
 
 class ServerProcess:
     def __init__(self, *args: str, env: dict | None = None, log_path: str | None = None,
-                 port: int | None = None):
+                 port: int | None = None, python: str | None = None):
+        """`python`: the interpreter whose `steer` script runs the server (default: this one's;
+        e.g. the main virtualenv's while a bench runs under vLLM's)."""
         self.port = port or free_port()  # a given port: e.g. a restart in a stopped one's place
         self.url = f"http://127.0.0.1:{self.port}"
-        steer = Path(sys.executable).with_name("steer")
+        steer = Path(python or sys.executable).with_name("steer")
         cmd = [str(steer), "serve", "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.log_path = log_path
         self._log = open(log_path or os.devnull, "wb")
