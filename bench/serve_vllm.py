@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vllm-eager", action="store_true", help="enforce_eager (no torch.compile)")
     ap.add_argument("--kv-gb", default="2", help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--skip-native", action="store_true")
+    ap.add_argument("--reverse-start", action="store_true",
+                    help="start the servers in the reverse order (a start-order effect shows as "
+                         "a change between runs)")
     ap.add_argument("--native-python", default=str(ROOT / ".venv/bin/python"),
                     help="the interpreter that runs the native server (default: the project's "
                          ".venv, as `make serve` runs it: vLLM's virtualenv pins an older "
@@ -173,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         native_python = args.native_python if args.native_python and \
             Path(args.native_python).is_file() else None
         args.native_python_used = native_python or sys.executable
-        for name, env in envs.items():  # started one at a time: starts are CPU-heavy
+        order = list(envs)[::-1] if args.reverse_start else list(envs)
+        for name in order:  # started one at a time: starts are CPU-heavy
+            env = envs[name]
             servers[name], load_s[name] = start(
                 name, env, native_python if name == "native" else None)
         if not args.skip_llama_cpp:
