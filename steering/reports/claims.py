@@ -48,7 +48,11 @@ HISTORY = (
     "validation prompts were deduplicated against the test split, the precision gate moved to "
     "validation data, the three-way judge was chosen on hand labels of validation outputs, and "
     "these criteria (intervals, one disturbance bar, k = 1…4, strength 1 beside calibrated) "
-    "were written. Every test-split figure in this report comes after those choices.")
+    "were written. On 2026-12-07, still before any test-split run, the judges that read the "
+    "embedded model were measured on the same hand labels and `relevance` became the default "
+    "(docs/report/judge.md), and HumanEval was run through the server on all 164 problems "
+    "(no split: capability only). Every test-split figure in this report comes after those "
+    "choices; nothing was changed after this report's test-split run.")
 
 
 # ---- reading a result row -------------------------------------------------------------------
