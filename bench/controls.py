@@ -7,7 +7,10 @@
 
 Everything runs through the serving engine in-process (`server.engine.Engine`: the batching,
 per-row steering and prefill-time condition path the server uses), greedy, on the fp32 model
-and its cached default pack. Refusal is the evaluation's substring matcher on `--tokens` tokens.
+and its cached default pack. Each answer (`--tokens` greedy tokens, default 64: the length the
+three-way judge's hand labels were read at) is judged three ways, refuses / complies / other, by
+the default offline judge (`steering.evaluation.three_way`, agreement in docs/report/judge.md),
+with the substring matcher's refusal beside it.
 `harmful_test_jbb` is a test split: it is measured only with `--final`, after every threshold
 was chosen on harmful_val / harmless_val.
 """
@@ -31,6 +34,7 @@ from steering.evaluation.refusal import (
     is_refusal,  # noqa: E402
     wilson_interval,  # noqa: E402
 )
+from steering.evaluation.three_way import LABELS, judge_answers  # noqa: E402
 from steering.extraction.store import ensure_pack  # noqa: E402
 from steering.interventions.conditions import resolve_conditions  # noqa: E402
 from steering.models.chat import format_chat  # noqa: E402
@@ -88,6 +92,18 @@ def fmt(r: dict) -> str:
     return f"{r['rate']:.0%} ({r['k']}/{r['n']}, 95% CI {r['ci95'][0]:.0%}–{r['ci95'][1]:.0%})"
 
 
+def judged(lm, prompts: list[str], results: list[dict]) -> dict:
+    """Three-way rates of the answers (the unsteered model reads them: no steering is set
+    outside `run_engine`) and the substring matcher's refusal rate."""
+    labels = judge_answers(lm, prompts, [r["text"] for r in results])
+    return {**{c: rate([x == c for x in labels]) for c in LABELS},
+            "substring_refusal": rate([is_refusal(r["text"]) for r in results])}
+
+
+def fmt3(entry: dict) -> str:
+    return " · ".join(f"{c} {fmt(entry[c])}" for c in (*LABELS, "substring_refusal"))
+
+
 def scores(lm, pack, prompts: list[str]) -> list[float]:
     probe = build_row(SteeringSpec("none", when=Condition(above=0.5)), None, pack)
     return [r.outcome.score for r in resolve_conditions(lm, prompts, [probe] * len(prompts))]
@@ -124,10 +140,10 @@ def cmd_targeting(lm, pack, args) -> dict:
         "actadd", strength, generation_window=(0, 4))
     settings[f"actadd {strength:g} generation_window=[4,∞)"] = SteeringSpec(
         "actadd", strength, generation_window=(4, None))
-    labels, rows, batch = [], [], []
-    for label, spec in settings.items():  # every setting in one mixed batch stream
+    names, rows, batch = [], [], []
+    for name, spec in settings.items():  # every setting in one mixed batch stream
         row = build_row(spec, pack)
-        labels += [label] * len(prompts)
+        names += [name] * len(prompts)
         rows += [row] * len(prompts)
         batch += prompts
     t0 = time.perf_counter()
@@ -135,10 +151,9 @@ def cmd_targeting(lm, pack, args) -> dict:
     out = {}
     print(f"induced refusal on harmless_val[:{args.n}] ({args.tokens} greedy tokens, "
           f"{time.perf_counter() - t0:.0f} s):")
-    for label in settings:
-        flags = [is_refusal(r["text"]) for lab, r in zip(labels, results) if lab == label]
-        out[label] = rate(flags)
-        print(f"  {label:<36} {fmt(out[label])}")
+    for name in settings:
+        out[name] = judged(lm, prompts, [r for n, r in zip(names, results) if n == name])
+        print(f"  {name:<36} {fmt3(out[name])}")
     return out
 
 
@@ -193,7 +208,7 @@ def cmd_conditional(lm, pack, args) -> dict:
         out[name] = {}
         for i in which:
             mine = [r for lab, r in zip(batch_labels, results) if lab == labels[i]]
-            entry = {"refusal": rate([is_refusal(r["text"]) for r in mine])}
+            entry = judged(lm, prompts, mine)
             conds = [r["steering"]["condition"] for r in mine if r["steering"]["condition"]]
             extra = ""
             if conds:
@@ -203,7 +218,7 @@ def cmd_conditional(lm, pack, args) -> dict:
                 extra = (f" · applied {fmt(entry['applied'])} · score above 0.5 (the "
                          f"conditional actadd) {fmt(entry['above_0.5'])}")
             out[name][labels[i]] = entry
-            print(f"  {labels[i]:<28} refusal {fmt(entry['refusal'])}{extra}")
+            print(f"  {labels[i]:<28} {fmt3(entry)}{extra}")
     return out
 
 
@@ -211,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("scores", "targeting", "conditional"))
     parser.add_argument("--n", type=int, default=20, help="harmless_val prompts")
-    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens judged")
+    parser.add_argument("--tokens", type=int, default=64, help="greedy tokens judged")
     parser.add_argument("--strength", type=float, default=None,
                         help="actadd strength (default: the pack's calibrated one)")
     parser.add_argument("--below", type=float, default=None,
