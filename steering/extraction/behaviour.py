@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from steering.data.contrastive import Example
 from steering.evaluation.passes import decode, generate_greedy, sequence_nll
-from steering.interventions.methods import RowSteering
+from steering.interventions.methods import RowSteering, SteeringSpec, build_row
 from steering.models.chat import format_chat
 from steering.models.loading import LoadedModel
 
@@ -101,6 +101,9 @@ class LoglikGap:
     def __call__(self, row: RowSteering) -> float:
         return self.gap(row) - self.base
 
+    def evaluate(self, rows: Sequence[RowSteering]) -> list[float]:
+        return [self(row) for row in rows]
+
     def record(self) -> dict:
         return {"measure": "loglik_gap", "split": "negative_val", "n": len(self.pairs),
                 "base": self.base,
@@ -110,24 +113,36 @@ class LoglikGap:
 
 @dataclass
 class ScoredAnswers:
-    """The scorer on greedy answers to `prompts` under a steering row, minus unsteered."""
+    """The scorer on greedy answers to `prompts` under a steering row, minus unsteered.
+
+    `evaluate` generates the unsteered answers and every row's in one batched generation (the
+    kernel steers each batch row by its own settings): decoding a small model on a CPU is bound
+    by reading the weights once per step, so one pass of `tokens` steps for every candidate
+    costs little more than one candidate's."""
 
     lm: LoadedModel
     prompts: list[str]
     scorer: Scorer
     tokens: int = 24
-    batch_size: int = 16
-    base: float = field(init=False)
+    batch_size: int = 64
+    base: float | None = None
 
-    def __post_init__(self) -> None:
-        self.base = float(self.scorer(self.answers(None)))
+    def answers(self, rows: Sequence[RowSteering | None]) -> list[list[str]]:
+        """Greedy answers to every prompt, per row (None: unsteered)."""
+        none = build_row(SteeringSpec("none"), None)
+        per_prompt = [none if row is None else row for row in rows for _ in self.prompts]
+        ids, _ = generate_greedy(self.lm, self.prompts * len(rows), per_prompt, self.tokens,
+                                 self.batch_size)
+        texts, n = decode(self.lm, ids), len(self.prompts)
+        return [texts[i * n:(i + 1) * n] for i in range(len(rows))]
 
-    def answers(self, row: RowSteering | None) -> list[str]:
-        ids, _ = generate_greedy(self.lm, self.prompts, row, self.tokens, self.batch_size)
-        return decode(self.lm, ids)
+    def evaluate(self, rows: Sequence[RowSteering]) -> list[float]:
+        base, *steered = [float(self.scorer(t)) for t in self.answers([None, *rows])]
+        self.base = base
+        return [score - base for score in steered]
 
     def __call__(self, row: RowSteering) -> float:
-        return float(self.scorer(self.answers(row))) - self.base
+        return self.evaluate([row])[0]
 
     def record(self) -> dict:
         name = getattr(self.scorer, "__qualname__", type(self.scorer).__name__)
@@ -142,9 +157,9 @@ def measure(lm: LoadedModel, pos_val: Sequence[Example], neg_val: Sequence[Examp
             paired: bool, scorer: Scorer | None, n_prompts: int, tokens: int,
             batch_size: int) -> LoglikGap | ScoredAnswers | None:
     """The behavioural measure for these examples (module table), or None: prompt-only examples
-    without a scorer have none."""
+    without a scorer have none. `evaluate(rows)` scores rows (steered minus unsteered)."""
     if neg_val[0].completion is not None:
         return LoglikGap(lm, validation_pairs(pos_val, neg_val, paired, n_prompts), batch_size)
     if scorer is None:
         return None
-    return ScoredAnswers(lm, [e.prompt for e in neg_val][:n_prompts], scorer, tokens, batch_size)
+    return ScoredAnswers(lm, [e.prompt for e in neg_val][:n_prompts], scorer, tokens)

@@ -260,9 +260,12 @@ def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequ
     scorer = measure(lm, pos_val, neg_val, paired, behaviour, config.behaviour_prompts,
                      config.behaviour_tokens, config.batch_size)
     if scorer is not None:
-        for s in tqdm(ranked[: config.kl_candidates], desc="behaviour", leave=False):
+        checked, rows = ranked[: config.kl_candidates], []
+        for s in checked:
             scratch.layer, scratch.position = s["layer"], s["position"]
-            s["behaviour"] = scorer(build_row(SteeringSpec("actadd", 1.0), scratch))
+            rows.append(build_row(SteeringSpec("actadd", 1.0), scratch))
+        for s, value in zip(checked, scorer.evaluate(rows)):
+            s["behaviour"] = value
         choice = (f"behaviour ({scorer.record()['measure']}): highest score among the KL-passing "
                   "candidates at the best held-out accuracy, then Fisher ratio")
         behaviour_record = {**scorer.record(),

@@ -10,7 +10,8 @@ import torch
 
 from steering import SteeringSpec, build_row, load_pack
 from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
-from steering.extraction.behaviour import LoglikGap, Pair, validation_pairs
+from steering.evaluation.passes import decode, generate_greedy
+from steering.extraction.behaviour import LoglikGap, Pair, ScoredAnswers, validation_pairs
 from steering.extraction.concept import (
     NO_BEHAVIOUR,
     ConceptConfig,
@@ -214,6 +215,20 @@ def test_paired_completions_are_split_together_and_scored_by_likelihood(tiny_lm)
     best = max(checked, key=lambda s: (s["behaviour"], s["fisher"]))
     assert (sel["chosen"]["layer"], sel["chosen"]["position"]) == (best["layer"],
                                                                    best["position"])
+
+
+def test_scored_answers_batch_every_row_as_if_alone(tiny_pack, tiny_lm):
+    """The prompt-only score generates the unsteered and every candidate's answers in one batch;
+    each row's answers are those it gets alone."""
+    prompts = [e.prompt for e in _register(3)[1]]
+    rows = [build_row(SteeringSpec("actadd", s), tiny_pack) for s in (1.0, -2.0)]
+    measure = ScoredAnswers(tiny_lm, prompts, lambda texts: float(len("".join(texts))), 8)
+    together = measure.answers([None, *rows])
+    alone = [decode(tiny_lm, generate_greedy(tiny_lm, prompts, row, 8)[0])
+             for row in (None, *rows)]
+    assert together == alone and together[1] != together[0]
+    assert measure.evaluate(rows) == [len("".join(t)) - len("".join(alone[0]))
+                                      for t in alone[1:]]
 
 
 def test_prompt_only_choice_follows_the_scorer(tiny_lm):
