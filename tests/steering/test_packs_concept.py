@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from steering import SteeringSpec, build_row, load_pack
-from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
+from steering.data.contrastive import (
+    SHIPPED_CONCEPTS,
+    Example,
+    load_examples,
+    shipped_behaviour,
+)
+from steering.data.register import mean_casual_score
 from steering.evaluation.passes import decode, generate_greedy
 from steering.extraction.behaviour import LoglikGap, Pair, ScoredAnswers, validation_pairs
 from steering.extraction.concept import (
@@ -62,6 +68,9 @@ def test_the_shipped_register_sets_pair_up():
     pos, neg = load_examples(concept.positive), load_examples(concept.negative)
     assert len(pos) == len(neg) >= 60
     assert len({e.prompt for e in pos} | {e.prompt for e in neg}) == len(pos) + len(neg)
+    # its scorer goes with the two sets (steer extract given them chooses by it), not with others
+    assert shipped_behaviour(concept.positive, concept.negative) is mean_casual_score
+    assert shipped_behaviour(concept.negative, concept.positive) is None
 
 
 # ---- selection --------------------------------------------------------------------------------
@@ -308,6 +317,8 @@ def test_shipped_concept_pack_is_extracted_once_and_cached(tiny_lm, tmp_path, mo
                         lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     [pack] = shipped_concept_packs(tiny_lm, "casual, ,")
     assert calls == ["casual"] and pack.meta["concept"]["positive"] == "package:register_casual"
+    assert pack.meta["selection"]["behaviour"]["scorer"] == (
+        "steering.data.register.mean_casual_score")
     assert all(p.is_file() for p in pack_paths(store.default_pack_path(tiny_lm, "casual")))
     [again] = shipped_concept_packs(tiny_lm, "casual")
     assert calls == ["casual"] and torch.equal(again.dim(), pack.dim())  # from the cache
