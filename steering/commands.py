@@ -46,7 +46,7 @@ def cmd_extract(args) -> int:
 
 
 def _extract_concept(args) -> int:
-    from steering.data.contrastive import load_examples
+    from steering.data.contrastive import load_examples, shipped_behaviour
     from steering.extraction.concept import ConceptConfig, extract_concept, summary
     from steering.extraction.store import default_pack_path
     from steering.models.loading import load_model
@@ -60,7 +60,8 @@ def _extract_concept(args) -> int:
     config = ConceptConfig(val_fraction=args.val_fraction, positions=args.positions,
                            max_layer_fraction=args.max_layer_fraction)
     pack = extract_concept(lm, positive, negative, args.name, config,
-                           sources=(str(args.positive), str(args.negative)))
+                           sources=(str(args.positive), str(args.negative)),
+                           behaviour=shipped_behaviour(args.positive, args.negative))
     out = pack.save(args.out or default_pack_path(lm, args.name))
     print(summary(pack), file=sys.stderr)
     print(json.dumps({"pack": str(out), "concept": pack.concept, "layer": pack.layer,

@@ -19,9 +19,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from steering.data.register import mean_casual_score
 
 PROMPT_KEYS = ("prompt", "instruction", "question", "input", "text")
 COMPLETION_KEYS = ("completion", "response", "output", "answer")
@@ -89,6 +92,9 @@ class ShippedConcept:
     positive: str
     negative: str
     description: str
+    # texts → how much of the concept they show: the concept pack's choice of layer is made by
+    # it on held-out prompts (steering.extraction.concept, step 5)
+    behaviour: Callable[[list[str]], float] | None = None
 
 
 # Concepts whose packs are extracted at first use for a model and served besides refusal.
@@ -96,5 +102,12 @@ SHIPPED_CONCEPTS = {
     "casual": ShippedConcept(
         "package:register_casual", "package:register_formal",
         "casual (positive) vs formal (negative) register of the user's request and the answer "
-        "it asks for; 64 + 64 prompts written for this project (data/README.md)"),
+        "it asks for; 64 + 64 prompts written for this project (data/README.md)",
+        mean_casual_score),
 }
+
+
+def shipped_behaviour(positive: str, negative: str) -> Callable[[list[str]], float] | None:
+    """The scorer of the shipped concept whose example sets these are (None for other files)."""
+    return next((c.behaviour for c in SHIPPED_CONCEPTS.values()
+                 if (c.positive, c.negative) == (str(positive), str(negative))), None)

@@ -36,11 +36,13 @@ def _unsort(values: list, order: list[int]) -> list:
 
 
 @torch.inference_mode()
-def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | None,
-                    max_new_tokens: int, batch_size: int = 16, desc: str | None = None
+def generate_greedy(lm: LoadedModel, prompts: Sequence[str],
+                    row: RowSteering | Sequence[RowSteering] | None, max_new_tokens: int,
+                    batch_size: int = 16, desc: str | None = None
                     ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy completions (token ids, cut after the first end-of-turn token) of chat `prompts`
-    with `row` steering every prompt, and the first answer position's logits [N, vocab].
+    with `row` steering every prompt (or a list: one row per prompt), and the first answer
+    position's logits [N, vocab].
 
     Prompts are batched by length (less padding); results come back in the prompts' order."""
     eos = eos_ids(lm)
@@ -51,10 +53,12 @@ def generate_greedy(lm: LoadedModel, prompts: Sequence[str], row: RowSteering | 
     first: list[torch.Tensor] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False) if desc else starts:
-        chunk = [prompts[i] for i in order[start:start + batch_size]]
+        index = order[start:start + batch_size]
+        chunk = [prompts[i] for i in index]
         enc = encode_chats(lm, chunk)
         enc.pop("position_ids")  # generate derives them from the attention mask
-        hooks_of(lm).set_rows(_rows(row, len(chunk)))
+        hooks_of(lm).set_rows([row[i] for i in index] if isinstance(row, list | tuple)
+                              else _rows(row, len(chunk)))
         try:
             out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, **GENERATION,
                                     pad_token_id=lm.tokenizer.pad_token_id,

@@ -1,7 +1,8 @@
 """A pack for any concept from two sets of contrastive examples (no refusal judge involved).
 
 1. **Split.** Each class is shuffled (seeded) and split into train and validation
-   (`val_fraction`, at least 2 validation examples per class).
+   (`val_fraction`, at least 2 validation examples per class). Prompt/completion pairs over the
+   same prompts are split together (a prompt's two completions land in the same split).
 2. **Activations.** Prompt-only examples: the residual stream entering every block at the last
    `positions` post-instruction tokens (as for refusal). Prompt/completion pairs: the mean over
    the completion's tokens (the answer the model is made to give, as repeng reads it); the pack
@@ -15,17 +16,24 @@
    the concept costs where it is absent; filter: < `kl_threshold`, 0.2 — Arditi et al.'s criterion
    with their 0.1 widened, see ConceptConfig)
    and under actadd at strength 1 (how far adding moves them; recorded).
-5. **Choice**: among candidates passing the KL filter (else all, said so) with the highest
-   held-out accuracy, the one whose addition moves the model most (kl_add), then the higher
-   Fisher ratio.
-6. **ACE** reference points are the negative-class means (kept for every layer); **INLP** runs on
+5. **Behaviour** of the same KL-checked candidates, on the validation split (steering.extraction.
+   behaviour): actadd at strength 1, steered minus unsteered. Prompt/completion examples: the
+   per-token mean log-likelihood gap between the positive and the negative completions (Rimsky
+   et al. 2024's CAA measure), on `behaviour_prompts` held-out pairs. Prompt-only examples: the
+   concept's scorer (`behaviour`, texts → score; the shipped `casual` concept passes
+   `mean_casual_score`) on greedy answers of `behaviour_tokens` tokens to `behaviour_prompts`
+   negative-class validation prompts; without a scorer there is no behavioural score.
+6. **Choice**: among candidates passing the KL filter (else all, said so) with the highest
+   held-out accuracy, the highest behavioural score, then the higher Fisher ratio. Without a
+   behavioural score: the one whose addition moves the model most (kl_add), then Fisher.
+7. **ACE** reference points are the negative-class means (kept for every layer); **INLP** runs on
    the train activations at the chosen position, at the chosen layer and its neighbours.
 
 | step | output in the sidecar |
 |---|---|
-| split | `data.{positive,negative}_{train,val}`: source, n, sha256 |
-| separation, KL | `selection.candidates[]`: layer, position, val_accuracy, fisher, kl_ablate, kl_add |
-| choice | `selection.chosen`, `selection.filters` |
+| split | `data.{positive,negative}_{train,val}`: source, n, sha256; `concept.paired` (pairs split together) |
+| separation, KL, behaviour | `selection.candidates[]`: layer, position, val_accuracy, fisher, kl_ablate, kl_add, behaviour |
+| choice | `selection.chosen`, `selection.filters`, `selection.choice` (the rule used), `selection.behaviour` (measure, split, n, unsteered base, seconds) |
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -43,6 +51,7 @@ from tqdm.auto import tqdm
 from steering import __version__
 from steering.data.contrastive import Example
 from steering.data.prompts import prompts_hash
+from steering.extraction.behaviour import is_paired, measure
 from steering.extraction.extract import EXTRACT_VERSION, _kl
 from steering.extraction.inlp import InlpConfig, inlp
 from steering.interventions.activations import collect_residuals, last_logits, with_positions
@@ -58,7 +67,11 @@ log = logging.getLogger(__name__)
 
 # Bumped whenever concept extraction changes what a pack holds or how it is chosen; cached
 # concept packs of another version are extracted again (steering.extraction.store).
-CONCEPT_VERSION = 3  # 3: kl_threshold 0.1 → 0.2, choice by kl_add (see choose)
+# 3: kl_threshold 0.1 → 0.2, choice by kl_add; 4: choice by a behavioural score on held-out
+# prompts (kl_add only without one), paired completion files split together.
+CONCEPT_VERSION = 4
+
+NO_BEHAVIOUR = "kl_add (no behavioural score for prompt-only examples without a scorer)"
 
 
 @dataclass
@@ -75,6 +88,8 @@ class ConceptConfig:
     # choice from layer 13 (actadd at 2 on neutral requests: casual score 1.27 -> 6.21) to
     # layer 6 (-> 0.84). 0.2 still excludes the layers whose ablation breaks the model.
     kl_threshold: float = 0.2
+    behaviour_prompts: int = 8  # held-out prompts (pairs) for the behavioural score
+    behaviour_tokens: int = 24  # prompt-only examples: greedy answer length for the scorer
     inlp_layers_around: int = 1
     inlp: InlpConfig = field(default_factory=InlpConfig)
     batch_size: int = 16
@@ -158,9 +173,20 @@ def separation(pos_train: torch.Tensor, neg_train: torch.Tensor, pos_val: torch.
             "dim_norm": float(r.norm())}
 
 
+def paired_split(positive: Sequence[Example], negative: Sequence[Example], fraction: float,
+                 seed: int) -> tuple[list[Example], list[Example], list[Example], list[Example]]:
+    """(pos_train, pos_val, neg_train, neg_val) of prompt/completion pairs over the same prompts:
+    the positives split as `split` does, each negative following its prompt's positive."""
+    pos_train, pos_val = split(positive, fraction, seed)
+    by_prompt = {e.prompt: e for e in negative}
+    return (pos_train, pos_val, [by_prompt[e.prompt] for e in pos_train],
+            [by_prompt[e.prompt] for e in pos_val])
+
+
 def choose(scores: list[dict], kl_threshold: float) -> tuple[dict, str]:
-    """Step 5: among the candidates whose ablation KL is below the threshold (without one, the
-    KL-checked ones) at the best held-out accuracy, the largest kl_add, then Fisher."""
+    """Step 6: among the candidates whose ablation KL is below the threshold (without one, the
+    KL-checked ones) at the best held-out accuracy, the highest behavioural score where every
+    one of them has one (else the largest kl_add), then Fisher."""
     checked = [s for s in scores if s.get("kl_ablate") is not None]
     for s in checked:
         s["passes"] = {"kl": s["kl_ablate"] < kl_threshold}
@@ -170,23 +196,36 @@ def choose(scores: list[dict], kl_threshold: float) -> tuple[dict, str]:
     # candidate of the embedded model's casual pack separates perfectly and their Fisher ratios
     # are within noise of each other (45-51 over layers 6, 12, 13 in two extractions), but
     # actadd at 2 moved the casual score 1.27 -> 0.84 at layer 6 and -> 6.21 at layer 13.
+    # Concept extraction v4 ranks by a behavioural score on held-out prompts instead (what
+    # adding the direction does to the concept, not only how much it moves the first token).
     top = max(s["val_accuracy"] for s in pool)
-    chosen = max((s for s in pool if s["val_accuracy"] >= top),
-                 key=lambda s: (s.get("kl_add") or 0.0, s["fisher"]))
+    best = [s for s in pool if s["val_accuracy"] >= top]
+    if all(s.get("behaviour") is not None for s in best):
+        chosen = max(best, key=lambda s: (s["behaviour"], s["fisher"]))
+    else:
+        chosen = max(best, key=lambda s: (s.get("kl_add") or 0.0, s["fisher"]))
     return chosen, "kl" if passing else "none"
 
 
 def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequence[Example],
                     name: str, config: ConceptConfig | None = None,
-                    sources: tuple[str, str] = ("positive", "negative")) -> SteeringPack:
-    """A pack whose DiM points from `negative` to `positive` (module docstring for the steps)."""
+                    sources: tuple[str, str] = ("positive", "negative"),
+                    behaviour: Callable[[list[str]], float] | None = None) -> SteeringPack:
+    """A pack whose DiM points from `negative` to `positive` (module docstring for the steps).
+    `behaviour` scores answers (texts → score, higher = more of the concept): prompt-only
+    examples are then chosen by it (step 5); completion examples use their likelihoods."""
     config = config or ConceptConfig()
     t0 = time.perf_counter()
     if {e.completion is None for e in positive} != {e.completion is None for e in negative}:
         raise ValueError("both classes must be prompt-only, or both prompt/completion pairs")
     completions = positive[0].completion is not None
-    pos_train, pos_val = split(positive, config.val_fraction, config.seed)
-    neg_train, neg_val = split(negative, config.val_fraction, config.seed + 1)
+    paired = is_paired(positive, negative)
+    if paired:
+        pos_train, pos_val, neg_train, neg_val = paired_split(positive, negative,
+                                                              config.val_fraction, config.seed)
+    else:
+        pos_train, pos_val = split(positive, config.val_fraction, config.seed)
+        neg_train, neg_val = split(negative, config.val_fraction, config.seed + 1)
     n_pos = 1 if completions else min(config.positions, post_instruction_length(lm.tokenizer))
     positions = list(range(-n_pos, 0))
     acts = {key: _activations(lm, part, n_pos, config, f"{key} activations")
@@ -202,7 +241,7 @@ def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequ
         s = separation(*(acts[k][:, layer, p] for k in ("pos_train", "neg_train", "pos_val",
                                                          "neg_val")))
         scores.append({"layer": layer, "position": positions[p], **s,
-                       "kl_ablate": None, "kl_add": None})
+                       "kl_ablate": None, "kl_add": None, "behaviour": None})
 
     # KL on negative-class validation prompts for the best-separating candidates.
     scratch = SteeringPack(name=name, mean_harmful=mean_pos, mean_harmless=mean_neg,
@@ -215,6 +254,24 @@ def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequ
         for method, key in (("ablate", "kl_ablate"), ("actadd", "kl_add")):
             row = build_row(SteeringSpec(method, 1.0), scratch)
             s[key] = _kl(base, last_logits(lm, kl_prompts, hooks_of(lm), row, config.batch_size))
+
+    # The behavioural score of the same candidates on the validation split (step 5).
+    t_behaviour = time.perf_counter()
+    scorer = measure(lm, pos_val, neg_val, paired, behaviour, config.behaviour_prompts,
+                     config.behaviour_tokens, config.batch_size)
+    if scorer is not None:
+        checked, rows = ranked[: config.kl_candidates], []
+        for s in checked:
+            scratch.layer, scratch.position = s["layer"], s["position"]
+            rows.append(build_row(SteeringSpec("actadd", 1.0), scratch))
+        for s, value in zip(checked, scorer.evaluate(rows)):
+            s["behaviour"] = value
+        choice = (f"behaviour ({scorer.record()['measure']}): highest score among the KL-passing "
+                  "candidates at the best held-out accuracy, then Fisher ratio")
+        behaviour_record = {**scorer.record(),
+                            "seconds": round(time.perf_counter() - t_behaviour, 1)}
+    else:
+        choice, behaviour_record = NO_BEHAVIOUR, None
     chosen, filters = choose(scores, config.kl_threshold)
     if filters != "kl":
         log.warning("no candidate kept the ablation KL below %s; chose by separation alone",
@@ -243,15 +300,17 @@ def extract_concept(lm: LoadedModel, positive: Sequence[Example], negative: Sequ
         "concept_version": CONCEPT_VERSION,
         "concept": {"name": name, "kind": "contrastive", "positive": sources[0],
                     "negative": sources[1],
-                    "read": "completion_mean" if completions else "post_instruction"},
+                    "read": "completion_mean" if completions else "post_instruction",
+                    "paired": paired},
         "model": {"id": lm.model_id, "name": lm.name},
         "fingerprint": fingerprint(lm.model),
         "chat_template_hash": template_hash(lm.tokenizer),
         "hook": hook_layout(lm.model),
         "selection": {"chosen": chosen, "filters": filters, "candidates": scores,
-                      "kl_threshold": config.kl_threshold,
-                      "rule": "max held-out accuracy along r̂ (then Fisher ratio) among "
-                              "candidates with ablation KL on negative prompts < threshold"},
+                      "kl_threshold": config.kl_threshold, "choice": choice,
+                      "behaviour": behaviour_record,
+                      "rule": "max held-out accuracy along r̂ among candidates with ablation KL "
+                              "on negative prompts < threshold; then " + choice},
         "inlp": {"layers": sorted(inlp_sets), "default_layer": layer, "position": position,
                  "n_train": {"positive": len(pos_train), "negative": len(neg_train)}},
         "data": {"positive_train": data(pos_train, sources[0]),
@@ -272,8 +331,9 @@ def summary(pack: SteeringPack) -> str:
     lines = [f"concept {pack.concept!r}: layer {pack.layer}, position {pack.position} "
              f"(filters: {sel['filters']}); INLP layers {pack.inlp_layers}, k_max "
              f"{pack.max_k()}",
+             f"choice: {sel.get('choice', 'kl_add')}",
              f"{'layer':>5} {'pos':>4} {'val acc':>8} {'fisher':>8} {'KL abl':>8} "
-             f"{'KL add':>8}"]
+             f"{'KL add':>8} {'behav':>8}"]
     for s in sel["candidates"]:
         mark = " *" if (s["layer"], s["position"]) == (pack.layer, pack.position) else ""
 
@@ -281,5 +341,6 @@ def summary(pack: SteeringPack) -> str:
             return f"{v:8.3f}" if v is not None else f"{'–':>8}"
 
         lines.append(f"{s['layer']:>5} {s['position']:>4} {s['val_accuracy']:8.3f} "
-                     f"{s['fisher']:8.2f} {num(s['kl_ablate'])} {num(s['kl_add'])}{mark}")
+                     f"{s['fisher']:8.2f} {num(s['kl_ablate'])} {num(s['kl_add'])} "
+                     f"{num(s.get('behaviour'))}{mark}")
     return "\n".join(lines)

@@ -56,10 +56,12 @@ def _split_sizes(n: int, fraction: float) -> tuple[int, int]:
 
 
 def planned_forwards(n_layers: int, n_positive: int, n_negative: int,
-                     config: ConceptConfig) -> _Plan:
-    """The forwards `extract_concept` runs (prompt-only or completion examples alike): one per
-    batch of each split's activations; for the KL check, the base logits of the validation
-    prompts, then ablate and actadd for each of the best-separating candidates."""
+                     config: ConceptConfig, completions: bool = False) -> _Plan:
+    """The forwards `extract_concept` runs: one per batch of each split's activations; for the
+    KL check, the base logits of the validation prompts, then ablate and actadd for each of the
+    best-separating candidates; with completions, the behavioural score's log-likelihoods of
+    both sides' held-out completions, unsteered and with each candidate. (A job passes no
+    scorer, so prompt-only examples get no behavioural score.)"""
     bs = config.batch_size
     pos_train, pos_val = _split_sizes(n_positive, config.val_fraction)
     neg_train, neg_val = _split_sizes(n_negative, config.val_fraction)
@@ -68,13 +70,17 @@ def planned_forwards(n_layers: int, n_positive: int, n_negative: int,
     lo = max(1, int(config.min_layer_fraction * n_layers))
     hi = max(lo + 1, int(config.max_layer_fraction * n_layers))
     candidates = len(range(lo, hi, config.layer_stride)) * max(1, config.positions)
-    return _Plan(acts, kl_batches * (1 + 2 * min(config.kl_candidates, candidates)))
+    checked = min(config.kl_candidates, candidates)
+    behaviour = (2 * (1 + checked) * math.ceil(min(config.behaviour_prompts, neg_val) / bs)
+                 if completions else 0)
+    return _Plan(acts, kl_batches * (1 + 2 * checked) + behaviour)
 
 
 @dataclass
 class _Plan:
     activations: int  # forwards reading the four splits' activations
     kl: int  # forwards of the KL check (base logits, then ablate and actadd per candidate)
+    # and of the behavioural score
 
     @property
     def total(self) -> int:
@@ -180,7 +186,7 @@ class ExtractionJob:
             self.stage = "loading"
             lm = self.load()
             self.plan = planned_forwards(lm.n_layers, len(self.positive), len(self.negative),
-                                         self.config)
+                                         self.config, self.positive[0].completion is not None)
             self.stage = "activations"
             handles = self._watch(lm)
             try:

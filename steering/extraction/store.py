@@ -116,6 +116,7 @@ def ensure_concept_pack(lm: LoadedModel, name: str) -> SteeringPack:
     elif not pack_paths(target)[0].is_file():
         log.info("no %r concept pack at %s: extracting one", name, target)
     pack = extract_concept(lm, load_examples(shipped.positive), load_examples(shipped.negative),
-                           name, sources=(shipped.positive, shipped.negative))
+                           name, sources=(shipped.positive, shipped.negative),
+                           behaviour=shipped.behaviour)
     pack.save(target)
     return pack

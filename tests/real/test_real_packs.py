@@ -69,9 +69,9 @@ def test_actadd_makes_neutral_answers_casual(real_server):
     assert steered > base + MARGIN
 
 
-@pytest.mark.xfail(strict=False, reason="depends on the layer selection picks: 4.72 -> 2.24 at "
-                   "layer 15 (chosen by kl_add, concept extraction v3), but 4.72 -> 4.07 / 8.46 "
-                   "at layers 6 / 13 (docs/packs.md)")
+@pytest.mark.xfail(strict=False, reason="depends on the layer selection picks: 4.72 -> 8.46 at "
+                   "layer 13 (chosen by the behavioural score, concept extraction v4), 4.72 -> "
+                   "2.24 at layer 15 (v3's kl_add choice), 4.07 at layer 6 (docs/packs.md)")
 def test_ablate_makes_casual_answers_less_casual(real_server):
     prompts = HELD_OUT["casual"][:N_PROMPTS]
     base = mean_score(answers(real_server, prompts, None))

@@ -9,16 +9,27 @@ import pytest
 import torch
 
 from steering import SteeringSpec, build_row, load_pack
-from steering.data.contrastive import SHIPPED_CONCEPTS, Example, load_examples
+from steering.data.contrastive import (
+    SHIPPED_CONCEPTS,
+    Example,
+    load_examples,
+    shipped_behaviour,
+)
+from steering.data.register import mean_casual_score
+from steering.evaluation.passes import decode, generate_greedy
+from steering.extraction.behaviour import LoglikGap, Pair, ScoredAnswers, validation_pairs
 from steering.extraction.concept import (
+    NO_BEHAVIOUR,
     ConceptConfig,
     choose,
     extract_concept,
+    paired_split,
     separation,
     split,
     summary,
 )
 from steering.extraction.inlp import InlpConfig
+from steering.models.chat import format_chat
 from steering.packs.format import pack_paths
 
 FAST = ConceptConfig(kl_candidates=2, kl_prompts=4, batch_size=8,
@@ -57,6 +68,9 @@ def test_the_shipped_register_sets_pair_up():
     pos, neg = load_examples(concept.positive), load_examples(concept.negative)
     assert len(pos) == len(neg) >= 60
     assert len({e.prompt for e in pos} | {e.prompt for e in neg}) == len(pos) + len(neg)
+    # its scorer goes with the two sets (steer extract given them chooses by it), not with others
+    assert shipped_behaviour(concept.positive, concept.negative) is mean_casual_score
+    assert shipped_behaviour(concept.negative, concept.positive) is None
 
 
 # ---- selection --------------------------------------------------------------------------------
@@ -92,6 +106,23 @@ def test_choose_filters_on_ablation_kl_then_falls_back():
     assert chosen["layer"] == 1 and filters == "none"
 
 
+def test_choose_ranks_by_behaviour_then_fisher_else_kl_add():
+    def cand(layer, acc, fisher, kl_add, behaviour, kl_ablate=0.01):
+        return {"layer": layer, "position": -1, "val_accuracy": acc, "fisher": fisher,
+                "kl_ablate": kl_ablate, "kl_add": kl_add, "behaviour": behaviour}
+
+    scores = [cand(1, 1.0, 9.0, 0.9, 0.1), cand(2, 1.0, 3.0, 0.1, 0.7),
+              cand(3, 0.9, 1.0, 0.5, 5.0),  # better behaviour, worse held-out accuracy
+              cand(4, 1.0, 8.0, 0.2, 9.0, kl_ablate=0.5)]  # fails the KL filter
+    assert choose(scores, 0.2)[0]["layer"] == 2
+    scores[0]["behaviour"] = 0.7  # a tie: Fisher decides
+    assert choose(scores, 0.2)[0]["layer"] == 1
+    for s in scores:
+        s["behaviour"] = None  # no behavioural score: the one adding moves most
+    scores[1]["kl_add"] = 2.0
+    assert choose(scores, 0.2)[0]["layer"] == 2
+
+
 # ---- extraction on the tiny model -----------------------------------------------------------
 
 
@@ -104,6 +135,10 @@ def test_prompt_concept_pack_holds_every_method(tiny_lm, tmp_path):
     pos, neg = _register(12)
     pack = extract_concept(tiny_lm, pos, neg, "casual", FAST, sources=("p.json", "n.json"))
     assert pack.concept == "casual" and pack.meta["concept"]["read"] == "post_instruction"
+    # prompt-only without a scorer: no behavioural score, the choice by kl_add (said so)
+    assert pack.meta["selection"]["choice"] == NO_BEHAVIOUR
+    assert pack.meta["selection"]["behaviour"] is None
+    assert all(s["behaviour"] is None for s in pack.meta["selection"]["candidates"])
     assert set(pack.methods) >= {"actadd", "ablate", "ace"}
     sel = pack.meta["selection"]
     lo, hi = int(0.25 * tiny_lm.n_layers), int(0.75 * tiny_lm.n_layers)
@@ -131,6 +166,103 @@ def test_completion_concept_pack_reads_the_completion(tiny_lm):
     assert pack.dim().norm() > 0
     with pytest.raises(ValueError, match="both classes"):
         extract_concept(tiny_lm, pos, [Example("x")] * 8, "tone", FAST)
+
+
+CASUAL = ["Sure thing, buddy! Here it is.", "Yeah, totally, here you go!",
+          "Oh cool, gotcha! Lots of stuff.", "Hey, no problem at all!"]
+FORMAL = ["Certainly. Please find it below.", "Kindly note the following details.",
+          "It is recommended to proceed as follows.", "Accordingly, the answer is given below."]
+
+
+def _pairs(n: int = 12):
+    return ([Example(f"Say something about topic {i}", CASUAL[i % 4]) for i in range(n)],
+            [Example(f"Say something about topic {i}", FORMAL[i % 4]) for i in range(n)])
+
+
+def _mean_logprob(lm, pairs: list[Pair], side: str) -> float:
+    """Per-token mean log p(completion | chat prompt), pooled, from plain unbatched forwards."""
+    tok = lm.tokenizer
+    total, count = 0.0, 0
+    for p in pairs:
+        head = tok(format_chat(tok, p.prompt), add_special_tokens=False)["input_ids"]
+        body = tok(getattr(p, side), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([head + body])).logits[0].float()
+        logp = torch.log_softmax(logits[len(head) - 1:-1], -1)
+        total += float(logp.gather(1, torch.tensor(body)[:, None]).sum())
+        count += len(body)
+    return total / count
+
+
+def test_paired_completions_are_split_together_and_scored_by_likelihood(tiny_lm):
+    pos, neg = _pairs()
+    pos_train, pos_val, neg_train, neg_val = paired_split(pos, neg, 0.25, 0)
+    assert [e.prompt for e in pos_val] == [e.prompt for e in neg_val]
+    assert [e.prompt for e in pos_train] == [e.prompt for e in neg_train]
+    pairs = validation_pairs(pos_val, neg_val, True, 8)
+    assert [(p.positive in CASUAL, p.negative in FORMAL) for p in pairs] == [(True, True)] * 3
+    # the unsteered gap is the log-likelihood difference of the two completions
+    gap = LoglikGap(tiny_lm, pairs, batch_size=2)
+    plus, minus = _mean_logprob(tiny_lm, pairs, "positive"), _mean_logprob(tiny_lm, pairs,
+                                                                           "negative")
+    assert gap.mean_logprobs(None) == pytest.approx((plus, minus), abs=1e-4)
+    assert gap.base == pytest.approx(plus - minus, abs=1e-4)
+
+    pack = extract_concept(tiny_lm, pos, neg, "tone", FAST)
+    sel = pack.meta["selection"]
+    assert pack.meta["concept"]["paired"] and sel["behaviour"]["measure"] == "loglik_gap"
+    assert sel["choice"].startswith("behaviour (loglik_gap)")
+    assert sel["behaviour"]["base"] == pytest.approx(gap.base, abs=1e-6)
+    checked = [s for s in sel["candidates"] if s["kl_ablate"] is not None]
+    assert len(checked) == 2 and all(s["behaviour"] is not None for s in checked)
+    for s in checked:
+        pack.layer = s["layer"]
+        up = gap(build_row(SteeringSpec("actadd", 1.0), pack))
+        assert up == pytest.approx(s["behaviour"], abs=1e-6)  # what the sidecar recorded
+        down = gap(build_row(SteeringSpec("actadd", -1.0), pack))
+        assert up * down < 0  # the negated direction moves the gap the other way
+    best = max(checked, key=lambda s: (s["behaviour"], s["fisher"]))
+    assert (sel["chosen"]["layer"], sel["chosen"]["position"]) == (best["layer"],
+                                                                   best["position"])
+
+
+def test_scored_answers_batch_every_row_as_if_alone(tiny_pack, tiny_lm):
+    """The prompt-only score generates the unsteered and every candidate's answers in one batch;
+    each row's answers are those it gets alone."""
+    prompts = [e.prompt for e in _register(3)[1]]
+    rows = [build_row(SteeringSpec("actadd", s), tiny_pack) for s in (1.0, -2.0)]
+    measure = ScoredAnswers(tiny_lm, prompts, lambda texts: float(len("".join(texts))), 8)
+    together = measure.answers([None, *rows])
+    alone = [decode(tiny_lm, generate_greedy(tiny_lm, prompts, row, 8)[0])
+             for row in (None, *rows)]
+    assert together == alone and together[1] != together[0]
+    assert measure.evaluate(rows) == [len("".join(t)) - len("".join(alone[0]))
+                                      for t in alone[1:]]
+
+
+def test_prompt_only_choice_follows_the_scorer(tiny_lm):
+    pos, neg = _register(12)  # both candidates separate equally well (0.83) on the tiny model
+    config = ConceptConfig(kl_candidates=2, kl_prompts=2, batch_size=8, kl_threshold=1e9,
+                           behaviour_prompts=3, behaviour_tokens=8,
+                           inlp=InlpConfig(max_directions=1, chance_margin=0.0, p_value=1.0))
+    seen: list[list[str]] = []
+    pack = extract_concept(tiny_lm, pos, neg, "casual", config,
+                           behaviour=lambda texts: seen.append(texts) or 0.0)
+    candidates = pack.meta["selection"]["candidates"]
+    top = max(s["val_accuracy"] for s in candidates)
+    at_top = {s["layer"] for s in candidates if s["val_accuracy"] == top}
+    assert len(seen) == 3 and len(at_top) == 2  # the unsteered answers, then one per candidate
+    assert seen[1] != seen[2] and seen[0] not in seen[1:]
+    chosen = set()
+    for target in seen[1:]:  # a scorer that rewards one candidate's answers picks it
+        pack = extract_concept(tiny_lm, pos, neg, "casual", config,
+                               behaviour=lambda texts, t=target: float(texts == t))
+        sel = pack.meta["selection"]
+        assert sel["behaviour"]["measure"] == "scorer" and sel["behaviour"]["base"] == 0.0
+        assert sel["chosen"]["behaviour"] == 1.0 and sel["choice"].startswith("behaviour")
+        assert sorted(s["behaviour"] for s in sel["candidates"]) == [0.0, 1.0]
+        chosen.add(pack.layer)
+    assert chosen == at_top
 
 
 # ---- the command line -------------------------------------------------------------------------
@@ -185,6 +317,8 @@ def test_shipped_concept_pack_is_extracted_once_and_cached(tiny_lm, tmp_path, mo
                         lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     [pack] = shipped_concept_packs(tiny_lm, "casual, ,")
     assert calls == ["casual"] and pack.meta["concept"]["positive"] == "package:register_casual"
+    assert pack.meta["selection"]["behaviour"]["scorer"] == (
+        "steering.data.register.mean_casual_score")
     assert all(p.is_file() for p in pack_paths(store.default_pack_path(tiny_lm, "casual")))
     [again] = shipped_concept_packs(tiny_lm, "casual")
     assert calls == ["casual"] and torch.equal(again.dim(), pack.dim())  # from the cache

@@ -256,6 +256,19 @@ def test_extraction_job_runs_with_progress_and_share():
     assert job._slept == pytest.approx(job._forward_time, rel=1e-6)
 
 
+def test_extraction_job_plans_the_behavioural_forwards_of_completions():
+    """Completion examples add the held-out log-likelihood passes of the behavioural score."""
+    prompts = load_instructions("harmless_train")[:6]
+    positive = [Example(p, "Sure thing, buddy!") for p in prompts]
+    negative = [Example(p, "Certainly. Please find it below.") for p in prompts]
+    job = ExtractionJob("tone", positive, negative, load=lambda: make_tiny("qwen2"),
+                        config=CONFIG, share=1.0, nice=0).start()
+    assert job.wait(120) and job.status == "succeeded", job.progress()
+    assert job.pack.meta["selection"]["behaviour"]["measure"] == "loglik_gap"
+    assert job.forwards == job.plan.total == planned_forwards(4, 6, 6, CONFIG, True).total
+    assert job.plan.total > planned_forwards(4, 6, 6, CONFIG).total
+
+
 def test_extraction_job_cancels_at_the_next_forward():
     positive, negative = _examples()
     started = []
