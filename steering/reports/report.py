@@ -118,14 +118,14 @@ def preset_labels(pack: SteeringPack) -> dict[str, list[str]]:
 
 def attach_capability(results: list[dict], run: dict, pack: SteeringPack, source: str) -> dict:
     """Put a server HumanEval run's pass@1 (`bench/capability.py --url`) on the report rows
-    with the same steering: each of the run's settings is resolved against `pack` (the
+    (the unsteered baseline included) with the same steering: each of the run's settings is resolved against `pack` (the
     server's defaults: INLP k = the pack's maximum) to the report's label. Conditional settings
     (`when`) have no report row; they are returned with the rest of the run's provenance."""
     from steering.evaluation.evaluate import spec_label
     from steering.interventions.methods import check_spec
     from steering.interventions.schema import SteeringObject
 
-    by_label = {r["label"]: r for r in results}
+    by_label = {"none" if r["label"] == "unsteered" else r["label"]: r for r in results}
     matched, unmatched = {}, []
     for row in run["rows"]:
         steering = row.get("steering")
@@ -174,8 +174,8 @@ def run_report(lm: LoadedModel, pack: SteeringPack, out_dir: str | Path,
         r["presets"] = presets.get(r["label"], [])
     if config.capability_file:
         result["capability_source"] = attach_capability(
-            result["results"], json.loads(Path(config.capability_file).read_text()), pack,
-            config.capability_file)
+            [result["baseline"], *result["results"]],
+            json.loads(Path(config.capability_file).read_text()), pack, config.capability_file)
     meta = pack.meta or {}
     result["pack"] = {**(result["pack"] or {}), "dim_in_inlp_span": dim_in_inlp_span(pack),
                       "inlp_zero_position": inlp_zero_position(pack),

@@ -446,7 +446,8 @@ def test_a_server_humaneval_run_lands_on_the_rows_with_the_same_steering(tiny_pa
     from steering.reports.report import attach_capability, report_grid
 
     k_max = tiny_pack.max_k()
-    results = [{"label": "none"}] + [{"label": spec_label(s)} for s in report_grid(tiny_pack)]
+    results = [{"label": "unsteered"}] + [{"label": spec_label(s)}
+                                          for s in report_grid(tiny_pack)]
 
     def row(setting, steering, passed, **extra):
         return {"setting": setting, "steering": steering, "benchmark": "HumanEval",
@@ -459,7 +460,7 @@ def test_a_server_humaneval_run_lands_on_the_rows_with_the_same_steering(tiny_pa
             condition_applied=10)]}
     src = attach_capability(results, run, tiny_pack, "cap.json")
     by = {r["label"]: r for r in results}
-    assert by["none"]["capability"]["passed"] == 5
+    assert by["unsteered"]["capability"]["passed"] == 5
     assert by[f"inlp_flip s=1 k={k_max}"]["capability"]["pass_at_1"] == 0.6
     assert by["actadd s=1"]["capability"]["source"] == "server"
     assert "capability" not in by["ablate s=1"]
