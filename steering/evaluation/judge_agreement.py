@@ -6,6 +6,12 @@ halves with Cohen's κ, writes the table (docs/report/judge.md) and the chosen j
 (steering/data/judge_params.json):
 
     python -m steering.evaluation.judge_agreement --out docs/report/judge.md
+
+The committed table comes from saved features, so a test can reproduce it without the model:
+
+    python -m steering.evaluation.judge_agreement --shard 0/1 \
+        --features docs/report/judge_features.json          # the model reads every row
+    python -m steering.evaluation.judge_agreement --features docs/report/judge_features.json
 """
 
 from __future__ import annotations
@@ -82,6 +88,24 @@ def measure_judges(lm: LoadedModel | None, rows: Sequence[dict] | None = None,
             "hand_labels_by_setting": by_setting, "rubric": RUBRIC, "not_measured": skipped,
             "model": {"name": lm.name if lm else None,
                       "precision": getattr(lm, "precision", None)}}
+
+
+def saved_features(rows: Sequence[dict], paths: Sequence[str]) -> Features:
+    """The model-read features of `rows` from `--shard` files (each: ids, fluency, relevance,
+    rubric); the model-free ones are computed. docs/report/judge_features.json is the file
+    behind the committed table (one shard holding every row)."""
+    from pathlib import Path
+
+    by_id = {}
+    for path in paths:
+        d = json.loads(Path(path).read_text())
+        for j, rid in enumerate(d["ids"]):
+            by_id[rid] = (d["fluency"][j], d["relevance"][j], d["rubric"][j])
+    feats = features(None, [r["prompt"] for r in rows], [r["output"] for r in rows])
+    feats.fluency = [by_id[r["id"]][0] for r in rows]
+    feats.relevance = [by_id[r["id"]][1] for r in rows]
+    feats.rubric = [by_id[r["id"]][2] for r in rows]
+    return feats
 
 
 def judge_markdown(m: dict) -> str:
@@ -169,16 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rubric": f.rubric, "precision": args.precision, "model": lm.name}))
         return 0
     if args.features:
-        by_id = {}
-        for path in args.features:
-            d = json.loads(Path(path).read_text())
-            for j, rid in enumerate(d["ids"]):
-                by_id[rid] = (d["fluency"][j], d["relevance"][j], d["rubric"][j])
-        lm = None
-        feats = features(None, [r["prompt"] for r in rows], [r["output"] for r in rows])
-        feats.fluency = [by_id[r["id"]][0] for r in rows]
-        feats.relevance = [by_id[r["id"]][1] for r in rows]
-        feats.rubric = [by_id[r["id"]][2] for r in rows]
+        lm, feats = None, saved_features(rows, args.features)
     elif args.no_model:
         lm, feats = None, None
     else:

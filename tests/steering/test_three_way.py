@@ -80,7 +80,8 @@ def test_the_committed_agreement_table_is_reproduced():
     from pathlib import Path
 
     rows = ja.labelled_set()
-    m = ja.measure_judges(None, rows)
+    m = ja.measure_judges(None, rows, feats=ja.saved_features(
+        rows, ["docs/report/judge_features.json"]))
     committed = json.loads(Path("docs/report/judge.json").read_text())
     assert m["default"] == committed["default"] == {k: tw.default_params()[k]
                                                     for k in ("judge", "params")}
