@@ -201,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         feats = None
     m = measure_judges(lm, rows, feats=feats)
     m["model"]["precision"] = None if args.no_model else args.precision
+    if args.features:  # the model that read them
+        m["model"]["name"] = json.loads(Path(args.features[0]).read_text()).get("model")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(judge_markdown(m))
