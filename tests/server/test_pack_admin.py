@@ -11,7 +11,6 @@ import json
 import logging
 import pickle
 import threading
-import time
 
 import pytest
 import torch
