@@ -180,6 +180,10 @@ class ExtractionJob:
         self.status = "running"
         _lower_priority(self.nice)
         lm = None
+        # The terminal status is published with `done`, in `finally`: a client that sees
+        # "cancelled" or "failed" may submit again at once, and the job must no longer count
+        # as running then (the memory is freed first, which takes a while under load).
+        outcome: tuple[str, str | None] = ("failed", "the extraction thread was interrupted")
         try:
             if self._cancel.is_set():
                 raise Cancelled
@@ -196,16 +200,17 @@ class ExtractionJob:
                 for h in handles:
                     h.remove()
             self.pack = pack
-            self.stage, self.status = "done", "succeeded"
+            outcome = ("succeeded", None)
         except Cancelled:
-            self.status, self.stage = "cancelled", "done"
+            outcome = ("cancelled", None)
         except Exception as exc:  # reported by the job's status; the traceback to the log
             log.exception("extraction job %s failed", self.id)
-            self.status, self.stage, self.error = "failed", "done", f"{type(exc).__name__}: {exc}"
+            outcome = ("failed", f"{type(exc).__name__}: {exc}")
         finally:
             lm = None
             gc.collect()  # the model copy's modules and hooks form cycles: free it now
             self.finished = time.time()
+            self.stage, (self.status, self.error) = "done", outcome
             self._done.set()
             if self.on_done is not None:
                 try:
