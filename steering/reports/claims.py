@@ -52,7 +52,8 @@ HISTORY = (
     "embedded model were measured on the same hand labels and `relevance` became the default "
     "(docs/report/judge.md), and HumanEval was run through the server on all 164 problems "
     "(no split: capability only). Every test-split figure in this report comes after those "
-    "choices; nothing was changed after this report's test-split run.")
+    "choices; after this report's test-split run no method, default, criterion or prompt set "
+    "changed (one fix to how the page attaches the HumanEval column: its notes).")
 
 
 # ---- reading a result row -------------------------------------------------------------------
