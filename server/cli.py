@@ -211,7 +211,8 @@ def _library_verbs(sub) -> None:
                         "matched to the report's settings by their resolved steering")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: write the pages again from the folder's results.json "
-                        "(claims judged again; notes.md and inlp_reference.json read again)")
+                        "(claims judged again; notes.md and inlp_reference.json read again; "
+                        "with --capability, that HumanEval run is attached again)")
     p.set_defaults(handler="steering.commands:cmd_report")
 
     p = sub.add_parser("precision-gate", help="does a reduced precision keep the steering "

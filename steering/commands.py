@@ -208,7 +208,16 @@ def cmd_report(args) -> int:
     )
 
     if args.render_only:
-        summary = render_again(args.out)
+        pack = None
+        if args.capability:  # the pack resolves the run's settings to the report's labels
+            from steering.extraction.store import pack_cached
+
+            lm = load_model(args.model, args.device, args.dtype)
+            if not pack_cached(lm, args.pack):
+                raise SystemExit("steer report --render-only --capability: no pack to resolve "
+                                 "the run's settings with (give the report's --pack)")
+            pack = ensure_pack(lm, args.pack)
+        summary = render_again(args.out, args.capability, pack)
         _print_claims(summary)
         return 0
     started = time.perf_counter()

@@ -227,15 +227,30 @@ def _write_pages(out: Path, summary: dict, geo: dict, pngs: dict[str, bytes]) ->
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
-def render_again(out_dir: str | Path) -> dict:
+def render_again(out_dir: str | Path, capability_file: str | None = None,
+                 pack: SteeringPack | None = None) -> dict:
     """Write the pages again from a finished run's `results.json` and plots, without measuring:
     the claims are judged again (the same rules on the same numbers) and `notes.md` and
-    `inlp_reference.json` in the folder are read again."""
+    `inlp_reference.json` in the folder are read again. `capability_file`: a server HumanEval
+    run attached again (`attach_capability`, replacing the column) with `pack`, which must be
+    the pack the run was made with (its creation time is checked)."""
     out = Path(out_dir)
     summary = json.loads((out / "results.json").read_text())
     if "claims" not in summary:
         raise ValueError(f"{out / 'results.json'} is not a finished report run")
     result, geo = summary["evaluation"], summary["geometry"]
+    if capability_file is not None:
+        if pack is None:
+            raise ValueError("attaching a HumanEval run needs the report's pack")
+        made = (result.get("pack") or {}).get("created")
+        if made != (pack.meta or {}).get("created"):
+            raise ValueError(f"the pack given was created {(pack.meta or {}).get('created')}; "
+                             f"the report in {out} was made with one created {made}")
+        rows = [result["baseline"], *result["results"]]
+        for r in rows:
+            r.pop("capability", None)
+        result["capability_source"] = attach_capability(
+            rows, json.loads(Path(capability_file).read_text()), pack, capability_file)
     ref_path = out / "inlp_reference.json"
     if ref_path.is_file():
         result["inlp_reference"] = json.loads(ref_path.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -420,6 +421,19 @@ def test_report_renders_again_from_its_results(tiny_lm, tiny_pack, tmp_path):
     assert again["claims"] == first["claims"]
     assert json.loads((out / "results.json").read_text())["wall_seconds"] == \
         first["wall_seconds"]
+    # --render-only --capability: a server HumanEval run attached to the finished run's rows
+    cap = tmp_path / "cap.json"
+    cap.write_text(json.dumps({"precision": "int8", "rows": [
+        {"setting": "none", "steering": None, "benchmark": "HumanEval", "passed": 4, "n": 8,
+         "pass_at_1": 0.5, "ci": [0.2, 0.8]}]}))
+    attached = render_again(out, str(cap), tiny_pack)
+    assert attached["evaluation"]["baseline"]["capability"]["passed"] == 4
+    assert attached["evaluation"]["capability_source"]["matched"] == {"none": "none"}
+    assert "capability" in json.loads((out / "results.json").read_text())["evaluation"][
+        "baseline"]
+    other = dataclasses.replace(tiny_pack, meta={**(tiny_pack.meta or {}), "created": "x"})
+    with pytest.raises(ValueError, match="created"):
+        render_again(out, str(cap), other)
 
 
 def test_inlp_zero_position_is_where_the_raw_origin_variant_puts_the_harmful_mean(tiny_pack):
