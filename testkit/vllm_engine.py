@@ -110,47 +110,19 @@ def tokens(llm: Any, prompts: Sequence[Sequence[int]],
     return [list(o.token_ids) for o in greedy(llm, prompts, rows, max_tokens)]
 
 
-def refusal_scores(llm: Any, prompts: Sequence[Sequence[int]],
-                   rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
-                   ) -> list[float]:
-    """The refusal score (log-odds of the refusal tokens, `steering.evaluation.refusal`) at the
-    first answer position of each prompt, from vLLM's log-probabilities of exactly those tokens
-    (`logprob_token_ids`: the raw log-softmax of the logits, no top-k cut)."""
-    import math
+def tokens_and_scores(llm: Any, prompts: Sequence[Sequence[int]],
+                      rows: Sequence[Steering | None] | None, max_tokens: int,
+                      token_ids: Sequence[int]) -> tuple[list[list[int]], list[float]]:
+    """Greedy completions and, from the same requests, the refusal score (log-odds of the
+    refusal tokens, `steering.evaluation.refusal`) at the first answer position: vLLM's
+    log-probabilities of exactly those tokens (`logprob_token_ids`: the raw log-softmax of the
+    logits, no top-k cut) at the first generated step."""
+    from steering.evaluation.refusal import refusal_score_from_logprobs
 
-    from steering.evaluation.refusal import EPS
-
-    outs = greedy(llm, prompts, rows, max_tokens=1, logprob_token_ids=list(token_ids))
-    scores = []
-    for o in outs:
-        first = o.logprobs[0]
-        r = min(max(sum(math.exp(first[t].logprob) for t in token_ids), 0.0), 1.0)
-        scores.append(math.log(r + EPS) - math.log(1 - r + EPS))
-    return scores
-
-
-def native_refusal_scores(lm: Any, prompts: Sequence[Sequence[int]],
-                          rows: Sequence[Steering | None] | None, token_ids: Sequence[int]
-                          ) -> list[float]:
-    """The same scores from the library's path: one unpadded forward per prompt with the row's
-    hooks (`refusal_score` on the last position's logits)."""
-    import torch
-
-    from steering.evaluation.refusal import refusal_score
-
-    rows = list(rows) if rows is not None else [None] * len(prompts)
-    scores = []
-    for ids, row in zip(prompts, rows, strict=True):
-        hooks_of(lm).set_rows(None if row is None else [row], [len(ids)])
-        try:
-            with torch.inference_mode():
-                logits = lm.model(input_ids=torch.tensor([list(ids)], device=lm.device),
-                                  position_ids=torch.arange(len(ids), device=lm.device)[None]
-                                  ).logits  # targeted rows read the token positions
-        finally:
-            hooks_of(lm).set_rows(None)
-        scores.append(float(refusal_score(logits[:, -1].float(), list(token_ids))[0]))
-    return scores
+    outs = greedy(llm, prompts, rows, max_tokens, logprob_token_ids=list(token_ids))
+    scores = [refusal_score_from_logprobs({t: o.logprobs[0][t].logprob for t in token_ids},
+                                          list(token_ids))[0] for o in outs]
+    return [list(o.token_ids) for o in outs], scores
 
 
 def chat_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -170,17 +142,33 @@ def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
     return out
 
 
-def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
-                  rows: Sequence[Steering | None] | None = None, max_tokens: int = 32,
-                  batch_size: int = 20) -> list[list[int]]:
+def native_tokens_and_scores(lm: Any, prompts: Sequence[Sequence[int]],
+                             rows: Sequence[Steering | None] | None, max_tokens: int,
+                             token_ids: Sequence[int] | None = None, batch_size: int = 20
+                             ) -> tuple[list[list[int]], list[float] | None]:
     """The same greedy completions from the library's own path (transformers' `generate` with
-    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS."""
+    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS; and,
+    with `token_ids`, the refusal score of the first answer position (`refusal_score` on the
+    logits of the first generated step, which are the prompt's last position's)."""
     import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from steering.evaluation.refusal import refusal_score
+
+    class FirstStepScore(LogitsProcessor):
+        def __init__(self) -> None:
+            self.scores: list[float] | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.scores is None:
+                self.scores = refusal_score(scores, list(token_ids)).tolist()
+            return scores
 
     rows = list(rows) if rows is not None else [None] * len(prompts)
     eos = eos_ids(lm.model.generation_config)
     pad = lm.tokenizer.pad_token_id
     out: list[list[int]] = []
+    scores: list[float] = []
     for s in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[s:s + batch_size]]
         width = max(len(p) for p in chunk)
@@ -188,18 +176,20 @@ def native_tokens(lm: Any, prompts: Sequence[Sequence[int]],
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         batch_rows = rows[s:s + len(chunk)]
         steered = any(r is not None for r in batch_rows)
+        first = FirstStepScore()
         hooks_of(lm).set_rows([r if r is not None else compose([]) for r in batch_rows]
                               if steered else None, [len(p) for p in chunk])
         try:
             with torch.inference_mode():
-                gen = lm.model.generate(input_ids=ids.to(lm.device),
-                                        attention_mask=mask.to(lm.device),
-                                        max_new_tokens=max_tokens, do_sample=False,
-                                        pad_token_id=pad)
+                gen = lm.model.generate(
+                    input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                    max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
+                    logits_processor=LogitsProcessorList([first] if token_ids else []))
         finally:
             hooks_of(lm).set_rows(None)
         out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
-    return out
+        scores.extend(first.scores or [])
+    return out, (scores if token_ids else None)
 
 
 def eos_ids(generation_config: Any) -> set[int]:

