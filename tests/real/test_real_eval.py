@@ -1,8 +1,8 @@
 """`steer eval` on the embedded model: a small grid on a handful of validation prompts.
 
-About a minute of CPU on a quiet 2-core machine: two settings (none, ablate) plus the unsteered
-baseline on six harmful and two harmless prompts, with short completions.
-"""
+Under a minute of CPU on a quiet 2-core machine: two settings (none, ablate) plus the unsteered
+baseline on six harmful, two harmless and two over-refusal prompts, with short completions,
+judged three ways by the default offline judge."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def real_eval(real_lm, real_pack, tmp_path_factory):
-    config = EvalConfig(n_harmful=6, n_harmless=2, completion_tokens=12, n_general=2,
-                        general_tokens=32, max_new_tokens=12, batch_size=8,
+    config = EvalConfig(n_harmful=6, n_harmless=2, n_overrefusal=2, completion_tokens=12,
+                        n_general=2, general_tokens=32, max_new_tokens=12, batch_size=8,
                         methods=("none", "ablate"),
                         cache_dir=str(tmp_path_factory.mktemp("eval-cache")))
     return evaluate(real_lm, real_pack, config)
@@ -39,6 +39,10 @@ def test_shape_and_finite_numbers(real_eval):
         assert 1.0 <= row["ppl_completions"] < 1e4
         assert 1.0 <= row["ppl_general"] < 1e4
         assert row["kl_harmless"] >= 0
+        for prefix, n in (("harmful", 6), ("harmless", 2), ("overrefusal", 2)):
+            assert row[f"{prefix}_n3"] == n, (row["label"], prefix)
+            assert sum(row[f"{prefix}_{c}"]["count"] for c in ("refuses", "complies", "other")
+                       ) == n
     json.dumps(result)
     assert markdown_table(result).count("\n") == 2 + 3
 
