@@ -71,6 +71,7 @@ def build(state: Any) -> Any:
 
         return Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
                       request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache,
+                      tune_threads=s.tune_threads,
                       max_queue_per_tenant=s.max_queue_per_key or max(1, s.max_queue // 2))
     from server.engine.vllm_engine import VllmEngine
 

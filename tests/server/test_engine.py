@@ -330,6 +330,19 @@ def test_thread_tuner_keeps_the_faster_thread_count():
     assert not ThreadTuner(max_threads=1).active
 
 
+@pytest.mark.parametrize("tune", [False, True])
+def test_the_tune_threads_setting_reaches_the_engine(tiny_lm, tune):
+    """`STEER_TUNE_THREADS` / `steer serve --tune-threads`: the native engine measures its
+    thread count only when the setting asks for it."""
+    from types import SimpleNamespace
+
+    from server.engine.select import build
+    from server.settings import Settings
+
+    engine = build(SimpleNamespace(settings=Settings(tune_threads=tune), lm=tiny_lm, packs={}))
+    assert (engine._threads is not None) == tune
+
+
 def test_decode_logits_in_a_padded_batch_are_bit_identical_to_solo():
     """Row-exact attention: a row decoding in a left-padded batch runs the same attention call
     as alone (no mask over its own keys), so its logits match bit for bit — at int8 an ulp of
