@@ -2,7 +2,7 @@
 vs on, on idle cores and beside a CPU hog (a 2-thread fp32 matmul loop at nice 10, as a
 neighbouring job would be).
 
-    .venv/bin/python bench/tune_threads.py [--rounds 3] [--reverse-start]
+    .venv/bin/python bench/tune_threads.py [--rounds 3] [--reverse-start] [--neighbour CMD]
 
 Both servers (the default int8 model) stay loaded; each round measures off and on in turn (the
 order alternates), at 1 stream × 64 tokens and 8 streams × 48 tokens (`ignore_eos`). Prints a
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +49,11 @@ def tokens_per_s(server: ServerProcess, streams: int, tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=3.0,
+                    help="seconds between starting the neighbour and measuring")
+    ap.add_argument("--neighbour", default=None, metavar="CMD",
+                    help="the busy phase's neighbour, a shell command run at nice 10 "
+                         "(default: the 2-thread matmul loop)")
     ap.add_argument("--reverse-start", action="store_true",
                     help="start the tuned server first (a later-started server can run a few "
                          "percent faster: run both orders and average)")
@@ -63,8 +70,11 @@ def main() -> None:
         for load in ("idle", "hog"):
             hog = None
             if load == "hog":
-                hog = subprocess.Popen(["nice", "-n", "10", sys.executable, "-c", HOG])
-                time.sleep(3)
+                cmd = ["sh", "-c", args.neighbour] if args.neighbour else [sys.executable,
+                                                                           "-c", HOG]
+                hog = subprocess.Popen(["nice", "-n", "10", *cmd], start_new_session=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(args.settle)
             try:
                 for rnd in range(args.rounds):
                     for name in (("off", "on") if rnd % 2 == 0 else ("on", "off")):
@@ -74,7 +84,7 @@ def main() -> None:
                                 round(value, 1))
             finally:
                 if hog is not None:
-                    hog.kill()
+                    os.killpg(hog.pid, signal.SIGKILL)  # the neighbour and its children
     finally:
         for proc in servers.values():
             proc.__exit__(None, None, None)
@@ -89,6 +99,7 @@ def main() -> None:
             print(f"| {load} | {streams} | {statistics.median(off)} {off} | "
                   f"{statistics.median(on)} {on} | {ratio:.2f} |")
     print(json.dumps({"bench": "tune_threads", "rounds": args.rounds,
+                      "neighbour": args.neighbour or "matmul loop",
                       "started_first": "on" if args.reverse_start else "off", "runs": runs,
                       "on_over_off": ratios}))
 
