@@ -114,11 +114,13 @@ class Settings(BaseSettings):
     event_loop_nice: int = Field(10, ge=0, le=19, description="on CPU, the HTTP event loop "
                                  "thread's niceness once the engine runs (0: leave it), so the "
                                  "decode step's matmul threads win the cores (docs/engine.md)")
-    tune_threads: bool = Field(False, description="on CPU, let the native engine measure decode "
-                               "steps at 1 thread and at all of them every 128 steps and keep "
-                               "the faster (for cores shared with other work; fp32 results may "
-                               "then differ in the last bits between runs; "
-                               "server/engine/threads.py)")
+    tune_threads: bool | None = Field(None, description="on CPU, let the native engine time "
+                                      "decode steps at 1 thread and at all of them every 128 "
+                                      "steps and keep the faster: 2-3x on cores shared with "
+                                      "other work (bench/tune_threads.py). none: on at int8, "
+                                      "whose results do not depend on the thread count; off at "
+                                      "float precisions, where they can differ in the last bits "
+                                      "(server/engine/threads.py)")
 
     # Input hardening (4xx beyond these; see server/security/hardening.py).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body (413)")

@@ -62,6 +62,13 @@ def write_packs(packs: dict[str, Any], folder: str | None = None) -> dict[str, s
     return {name: str(pack.save(folder / name)) for name, pack in packs.items()}
 
 
+def tune_threads(setting: bool | None, precision: str) -> bool:
+    """`STEER_TUNE_THREADS`, its default resolved: on at int8, where fbgemm's integer GEMMs make
+    a step's result independent of the thread count (batched = solo holds while the tuner
+    switches: tests/real/test_server_real_batching.py), off at float precisions."""
+    return setting if setting is not None else precision == "int8"
+
+
 def build(state: Any) -> Any:
     """The engine `state.settings` asks for, over `state.lm` and `state.packs`."""
     s = state.settings
@@ -71,7 +78,7 @@ def build(state: Any) -> Any:
 
         return Engine(state.lm, max_batch=s.max_batch, max_queue=s.max_queue,
                       request_timeout_s=s.request_timeout_s, prefix_cache=s.prefix_cache,
-                      tune_threads=s.tune_threads,
+                      tune_threads=tune_threads(s.tune_threads, state.lm.precision),
                       max_queue_per_tenant=s.max_queue_per_key or max(1, s.max_queue // 2))
     from server.engine.vllm_engine import VllmEngine
 

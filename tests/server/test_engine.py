@@ -330,17 +330,19 @@ def test_thread_tuner_keeps_the_faster_thread_count():
     assert not ThreadTuner(max_threads=1).active
 
 
-@pytest.mark.parametrize("tune", [False, True])
+@pytest.mark.parametrize("tune", [False, True, None])
 def test_the_tune_threads_setting_reaches_the_engine(tiny_lm, tune):
     """`STEER_TUNE_THREADS` / `steer serve --tune-threads`: the native engine measures its
-    thread count only when the setting asks for it."""
+    thread count when the setting asks for it; unset, at int8 only (the tiny model is fp32)."""
     from types import SimpleNamespace
 
-    from server.engine.select import build
+    from server.engine.select import build, tune_threads
     from server.settings import Settings
 
     engine = build(SimpleNamespace(settings=Settings(tune_threads=tune), lm=tiny_lm, packs={}))
-    assert (engine._threads is not None) == tune
+    assert (engine._threads is not None) == bool(tune)
+    assert tune_threads(None, "int8") and not tune_threads(None, "fp32")
+    assert not tune_threads(False, "int8") and tune_threads(True, "bf16")
 
 
 def test_decode_logits_in_a_padded_batch_are_bit_identical_to_solo():
