@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -60,13 +61,12 @@ def main() -> None:
     args = ap.parse_args()
     servers: dict[str, ServerProcess] = {}
     runs: dict[str, list[float]] = {}
-    try:
+    with ExitStack() as stack:  # both servers stop at the end, or on any failure
         order = (("off", "0"), ("on", "1"))
         for name, tune in (order[::-1] if args.reverse_start else order):
-            proc = ServerProcess(env={"STEER_TUNE_THREADS": tune, "STEER_CONCEPT_PACKS": ""})
-            proc.__enter__()
-            servers[name] = proc
-            proc.wait_ready()
+            servers[name] = stack.enter_context(ServerProcess(
+                env={"STEER_TUNE_THREADS": tune, "STEER_CONCEPT_PACKS": ""}))
+            servers[name].wait_ready()
         for load in ("idle", "hog"):
             hog = None
             if load == "hog":
@@ -85,9 +85,6 @@ def main() -> None:
             finally:
                 if hog is not None:
                     os.killpg(hog.pid, signal.SIGKILL)  # the neighbour and its children
-    finally:
-        for proc in servers.values():
-            proc.__exit__(None, None, None)
     print("| load | streams | tune off tok/s (rounds) | tune on tok/s (rounds) | on ÷ off |")
     print("|---|---|---|---|---|")
     ratios = {}

@@ -144,11 +144,11 @@ def until_eos(ids: Sequence[int], eos: set[int]) -> list[int]:
 
 def native_tokens_and_scores(lm: Any, prompts: Sequence[Sequence[int]],
                              rows: Sequence[Steering | None] | None, max_tokens: int,
-                             token_ids: Sequence[int] | None = None, batch_size: int = 20
-                             ) -> tuple[list[list[int]], list[float] | None]:
+                             token_ids: Sequence[int], batch_size: int = 20
+                             ) -> tuple[list[list[int]], list[float]]:
     """The same greedy completions from the library's own path (transformers' `generate` with
-    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS; and,
-    with `token_ids`, the refusal score of the first answer position (`refusal_score` on the
+    `SteeringHooks`, as `steering.interventions.generate` runs it), ended at the first EOS, and
+    the refusal score of the first answer position (`refusal_score` on the
     logits of the first generated step, which are the prompt's last position's)."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -184,12 +184,12 @@ def native_tokens_and_scores(lm: Any, prompts: Sequence[Sequence[int]],
                 gen = lm.model.generate(
                     input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                     max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
-                    logits_processor=LogitsProcessorList([first] if token_ids else []))
+                    logits_processor=LogitsProcessorList([first]))
         finally:
             hooks_of(lm).set_rows(None)
         out.extend(until_eos(g[width:].tolist(), eos) for g in gen)
         scores.extend(first.scores or [])
-    return out, (scores if token_ids else None)
+    return out, scores
 
 
 def eos_ids(generation_config: Any) -> set[int]:

@@ -118,9 +118,10 @@ def preset_labels(pack: SteeringPack) -> dict[str, list[str]]:
 
 def attach_capability(results: list[dict], run: dict, pack: SteeringPack, source: str) -> dict:
     """Put a server HumanEval run's pass@1 (`bench/capability.py --url`) on the report rows
-    (the unsteered baseline included) with the same steering: each of the run's settings is resolved against `pack` (the
-    server's defaults: INLP k = the pack's maximum) to the report's label. Conditional settings
-    (`when`) have no report row; they are returned with the rest of the run's provenance."""
+    (the unsteered baseline included) with the same steering: each of the run's settings is
+    resolved against `pack` (the server's defaults: INLP k = the pack's maximum) to the report's
+    label. Conditional settings (`when`) have no report row; they are returned with the rest of
+    the run's provenance."""
     from steering.evaluation.evaluate import spec_label
     from steering.interventions.methods import check_spec
     from steering.interventions.schema import SteeringObject
